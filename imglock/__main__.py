@@ -1,0 +1,5 @@
+"""``python -m imglock``: the same as the ``imglock`` command."""
+
+from imglock.cli import main
+
+main()

@@ -1,0 +1,362 @@
+"""The library API: claim images (with their backing chains), release, inspect.
+
+    with imglock.claim("vm.qcow2"):               # exclusive, backing files shared
+        ...
+    c = imglock.claim("base.qcow2", mode="shared", wait=10)
+    c.release()
+
+A claim of several images is all or nothing, like QEMU's old
+``bdrv_claim_all``: on any failure everything already taken is released.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Final, Self
+
+from imglock import faults, records
+from imglock.chain import open_chain
+from imglock.errors import LockConflict, UsageError
+from imglock.formats.base import OpenImage
+from imglock.holders import Holder, LocalLocks, Survey, survey
+from imglock.identity import Owner
+from imglock.lockspace import attach
+from imglock.protocol import Layer, Mode, ProtocolConflict
+
+#: Backoff between attempts while waiting: first delay and cap, in seconds.
+#: Racing claimers can both lose, so the delay is jittered to break the tie.
+BACKOFF_FIRST: Final = 0.001
+BACKOFF_CAP: Final = 0.05
+
+
+def as_mode(mode: Mode | str) -> Mode:
+    try:
+        return Mode(mode)
+    except ValueError:
+        raise UsageError(None, f"unknown claim mode {mode!r} (exclusive or shared)") from None
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimSpec:
+    """One image to claim, and how."""
+
+    path: str
+    mode: Mode = Mode.EXCLUSIVE
+    #: None probes the format; a name turns probing off.
+    format: str | None = None
+
+
+@dataclass(slots=True)
+class _Member:
+    """One file of a claim: an open image and the mode it is claimed in."""
+
+    image: OpenImage
+    mode: Mode
+    record_dir: str = ""
+    record_name: str = ""
+    recorded: bool = False
+
+
+@dataclass(slots=True)
+class Claim:
+    """A claim on one or more images and everything they depend on.
+
+    Created unclaimed; :meth:`acquire` takes it (all or nothing), and
+    :meth:`release` gives it back and closes every descriptor.  As a context
+    manager it acquires on entry if needed and releases on exit.
+    """
+
+    specs: Sequence[ClaimSpec]
+    wait: float = 0.0
+    layers: Layer = Layer.IMGLOCK | Layer.QEMU
+    lockspace: str | None = None
+    record: bool = True
+    #: The pid the lock offset names; default: this process.
+    owner_pid: int | None = None
+    #: The command line written to holder records; default: this process's.
+    command: list[str] | None = None
+    members: list[_Member] = field(default_factory=list)
+    #: True while the locks are held.
+    held: bool = False
+
+    @property
+    def fds(self) -> list[int]:
+        """Every descriptor that carries a lock of this claim (for a child to inherit)."""
+        return [m.image.lock_target[0] for m in self.members]
+
+    @property
+    def images(self) -> list[tuple[str, Mode]]:
+        """(filename, mode) of every file claimed, top images first."""
+        return [(m.image.filename, m.mode) for m in self.members]
+
+    def open(self) -> Self:
+        """Open every image (and its chain) without claiming anything yet.
+
+        ``imglock run`` opens first, so that the command it starts inherits
+        the descriptors the claim is then taken on.
+        """
+        if not self.members:
+            self.members = self._open_members()
+        return self
+
+    def acquire(self) -> Self:
+        """Claim every image, waiting up to :attr:`wait` seconds; raise LockConflict if not."""
+        if self.held:
+            return self
+        opened_here = not self.members
+        self.open()
+        deadline = time.monotonic() + max(self.wait, 0.0)
+        delay = BACKOFF_FIRST
+        try:
+            while True:
+                try:
+                    self._claim_all()
+                    return self
+                except LockConflict:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise
+                    time.sleep(min(remaining, delay * random.uniform(0.5, 1.5)))
+                    delay = min(delay * 2, BACKOFF_CAP)
+        except BaseException:
+            if opened_here:
+                self.close()
+            raise
+
+    def _claim_all(self) -> None:
+        owner = Owner.current(self.owner_pid)
+        taken: list[_Member] = []
+        try:
+            for member in self.members:
+                try:
+                    member.image.driver.claim(member.image, member.mode, self.layers, owner)
+                except ProtocolConflict as exc:
+                    raise _named_conflict(member, exc) from None
+                taken.append(member)
+        except BaseException:
+            for member in taken:
+                member.image.driver.release(member.image)
+            raise
+        faults.point("claim:taken")
+        self.held = True
+        if self.record:
+            self._write_records(owner)
+            faults.point("claim:recorded")
+
+    def _open_members(self) -> list[_Member]:
+        """Open every image of every chain once, with the strongest mode asked of it."""
+        by_file: dict[tuple[int, int], _Member] = {}
+        try:
+            for spec in self.specs:
+                for image, mode in _chain_modes(spec):
+                    key = (image.st.st_dev, image.st.st_ino)
+                    known = by_file.get(key)
+                    if known is None:
+                        by_file[key] = _Member(image, mode)
+                        self._attach_lockspace(by_file[key])
+                        continue
+                    image.close()  # a second open would conflict with the first
+                    if mode is Mode.EXCLUSIVE:
+                        known.mode = Mode.EXCLUSIVE
+        except BaseException:
+            for member in by_file.values():
+                member.image.close()
+            raise
+        return list(by_file.values())
+
+    def _attach_lockspace(self, member: _Member) -> None:
+        member.record_dir, member.record_name = attach(member.image, self.lockspace)
+
+    def _write_records(self, owner: Owner) -> None:
+        for member in self.members:
+            record = records.make_record(
+                member.image.filename, owner, member.mode.value, self.command
+            )
+            member.recorded = records.write(member.record_dir, member.record_name, record) is None
+
+    def verify(self) -> None:
+        """Raise LockLost if any lock of this claim is gone (see protocol.verify)."""
+        from imglock import protocol
+
+        for member in self.members:
+            fd, filename = member.image.lock_target
+            held = member.image.held
+            if held is not None:
+                protocol.verify(fd, filename, held)
+
+    def release(self, *, close: bool = True) -> None:
+        """Release every lock, and (unless *close* is false) close every descriptor.
+
+        Idempotent.  ``close=False`` keeps the descriptors for a later
+        :meth:`acquire` (a migration source that may have to take its image back).
+        """
+        held, self.held = self.held, False
+        try:
+            for member in self.members if held else ():
+                owner = member.image.held.owner if member.image.held else None
+                try:
+                    member.image.driver.release(member.image)
+                    faults.point("release:unlocked")
+                finally:
+                    if member.recorded and owner is not None:
+                        records.remove(member.record_dir, member.record_name, owner)
+                        member.recorded = False
+        finally:
+            if close:
+                self.close()
+
+    def close(self) -> None:
+        """Close every descriptor (which drops any lock still on them)."""
+        members, self.members = self.members, []
+        self.held = False
+        for member in members:
+            member.image.close()
+
+    def __enter__(self) -> Self:
+        return self.acquire()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        # A claim dropped without release must not leak descriptors (and so locks).
+        for member in self.members:
+            member.image.close()
+
+
+def _chain_modes(spec: ClaimSpec) -> Iterable[tuple[OpenImage, Mode]]:
+    """The images of *spec*'s chain with their modes: top as asked, backing files shared.
+
+    An external data file is claimed like the image it belongs to.
+    """
+    chain = open_chain(spec.path, spec.format)
+    for link in chain.links:
+        if link.role == "backing":
+            yield link.image, Mode.SHARED
+        else:
+            yield link.image, spec.mode if link.depth == 0 else Mode.SHARED
+
+
+def _named_conflict(member: _Member, exc: ProtocolConflict) -> LockConflict:
+    """Turn a bare conflict into one that names who holds the image."""
+    fd, filename = member.image.lock_target
+    found = survey(
+        fd,
+        filename,
+        os.fstat(fd),
+        record_dir=member.record_dir,
+        record_name=member.record_name,
+    ).holders
+    image = member.image.filename
+    if not found:
+        return LockConflict(image, f"cannot claim {member.mode.value}: held by another process")
+    first = _blocking_holder(found, member.mode)
+    more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+    return LockConflict(
+        image, f"cannot claim {member.mode.value}: held {first.describe()}{more}", found
+    )
+
+
+def _blocking_holder(found: list[Holder], mode: Mode) -> Holder:
+    """The holder most worth naming: a writer first."""
+    for holder in found:
+        if holder.mode == Mode.EXCLUSIVE.value or "write" in holder.perms:
+            return holder
+    return found[0]
+
+
+def claim(
+    path: str | os.PathLike[str],
+    mode: Mode | str = Mode.EXCLUSIVE,
+    *,
+    wait: float = 0.0,
+    format: str | None = None,
+    qemu_locks: bool = True,
+    lockspace: str | None = None,
+    record: bool = True,
+) -> Claim:
+    """Claim *path* (and its backing chain) and return the held :class:`Claim`.
+
+    *mode* is "exclusive" (one writer) or "shared" (readers); backing files
+    are always claimed shared.  *wait* is how long to keep trying while
+    someone else holds it.  With *qemu_locks*, QEMU's own lock bytes are held
+    too, so that qemu-img and qemu-system refuse the image meanwhile.
+    Raises LockConflict (with ``.holders``) if the image stays held,
+    FormatError/ImageError/ChainError if it cannot be read.
+    """
+    layers = Layer.IMGLOCK | (Layer.QEMU if qemu_locks else Layer(0))
+    spec = ClaimSpec(os.fspath(path), as_mode(mode), format)
+    return Claim([spec], wait=wait, layers=layers, lockspace=lockspace, record=record).acquire()
+
+
+@dataclass(frozen=True, slots=True)
+class ImageReport:
+    """What ``imglock status`` knows about one image."""
+
+    filename: str
+    format: str | None
+    holders: list[Holder]
+    stale_records: list[records.Record]
+    #: qcow2's dirty bit (None for formats without one).
+    dirty: bool | None = None
+    corrupt: bool | None = None
+    backing_filename: str | None = None
+
+    @property
+    def not_closed_cleanly(self) -> bool:
+        """A dirty qcow2 that no one holds: its last writer died without closing it."""
+        return bool(self.dirty) and not self.holders
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "filename": self.filename,
+            "format": self.format,
+            "backing-filename": self.backing_filename,
+            "holders": [h.to_json() for h in self.holders],
+            "stale-records": [r.to_json() for r in self.stale_records],
+            "dirty-flag": self.dirty,
+            "corrupt": self.corrupt,
+            "not-closed-cleanly": self.not_closed_cleanly,
+        }
+
+
+def inspect(
+    path: str | os.PathLike[str],
+    *,
+    lockspace: str | None = None,
+    local: LocalLocks | None = None,
+) -> ImageReport:
+    """Who holds *path*, and the header facts that matter for it; takes no lock."""
+    from imglock.formats import open_image
+
+    filename = os.fspath(path)
+    image = open_image(filename)
+    try:
+        facts = image.driver.info(image)
+        record_dir, record_name = attach(image, lockspace)
+        fd, target = image.lock_target
+        found: Survey = survey(
+            fd, target, os.fstat(fd), record_dir=record_dir, record_name=record_name, local=local
+        )
+    finally:
+        image.close()
+    specific = facts.get("format-specific", {}).get("data", {})
+    return ImageReport(
+        filename=filename,
+        format=image.format,
+        holders=found.holders,
+        stale_records=found.stale_records,
+        dirty=facts.get("dirty-flag"),
+        corrupt=specific.get("corrupt"),
+        backing_filename=facts.get("backing-filename"),
+    )

@@ -1,0 +1,63 @@
+"""The ``imglock`` command: a thin shell over the library.
+
+Subcommands live in their own modules and are imported only when run, so
+``imglock info`` does not pay for what ``imglock run`` needs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import Any
+
+import click
+
+from imglock import __version__
+
+#: subcommand name -> (module, attribute, one-line help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "info": ("imglock.cli.info", "info", "Show an image's format, size and backing chain."),
+    "status": ("imglock.cli.status", "status", "Show who holds images, and how."),
+    "run": ("imglock.cli.run", "run", "Run a command with its images claimed."),
+}
+
+
+class LazyGroup(click.Group):
+    """A group whose subcommands are imported when first used."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        entry = COMMANDS.get(cmd_name)
+        if entry is None:
+            return None
+        module = importlib.import_module(entry[0])
+        command: click.Command = getattr(module, entry[1])
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Help lists one line per command without importing every module.
+        rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="imglock")
+def cli() -> None:
+    """Advisory locks for VM disk images on shared filesystems."""
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Console-script entry point."""
+    if "IMGLOCK_FAULTS" in os.environ:
+        from imglock import faults
+
+        faults.install_from_environment()
+    return cli.main(args=argv, prog_name="imglock")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

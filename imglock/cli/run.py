@@ -1,0 +1,125 @@
+"""``imglock run``: run a command with its images claimed (flock(1) for VM images)."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+import click
+
+from imglock.errors import EX_TEMPFAIL
+
+
+def _signal_number(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
+    name = value.upper()
+    name = name if name.startswith("SIG") else "SIG" + name
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise click.BadParameter(f"unknown signal {value!r}") from None
+
+
+@click.command(
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False}
+)
+@click.option(
+    "--image",
+    "images",
+    multiple=True,
+    type=click.Path(),
+    help="Claim PATH exclusive (its backing files shared). Repeatable.",
+)
+@click.option(
+    "--shared",
+    "shared",
+    multiple=True,
+    type=click.Path(),
+    help="Claim PATH shared (read-only use). Repeatable.",
+)
+@click.option(
+    "-w",
+    "--wait",
+    "--timeout",
+    "wait",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Seconds to keep trying while another holder has an image.",
+)
+@click.option(
+    "-E",
+    "--conflict-exit-code",
+    type=click.IntRange(0, 255),
+    default=EX_TEMPFAIL,
+    show_default=True,
+    help="Exit status when an image is held by someone else.",
+)
+@click.option(
+    "--qemu-locks",
+    type=click.Choice(["auto", "on", "off"]),
+    default="auto",
+    show_default=True,
+    help="Also hold QEMU's lock bytes (auto: unless COMMAND is QEMU itself).",
+)
+@click.option(
+    "--handoff-timeout",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="On a migration destination, seconds to wait for the source to release.",
+)
+@click.option(
+    "--lockspace",
+    type=click.Path(file_okay=False),
+    help="Keep the locks on files in this shared directory instead of the images.",
+)
+@click.option(
+    "--check-interval",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    help="Seconds between re-checks of the locks while COMMAND runs (0: never).",
+)
+@click.option(
+    "--lock-lost-signal",
+    default="STOP",
+    show_default=True,
+    callback=_signal_number,
+    help="Signal sent to a non-QEMU COMMAND when its lock is lost.",
+)
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def run(
+    images: tuple[str, ...],
+    shared: tuple[str, ...],
+    wait: float,
+    conflict_exit_code: int,
+    qemu_locks: str,
+    handoff_timeout: float,
+    lockspace: str | None,
+    check_interval: float,
+    lock_lost_signal: int,
+    command: tuple[str, ...],
+) -> None:
+    """Claim the images, run COMMAND while holding them, release when it exits.
+
+    Without --image/--shared, a QEMU command line is read for its images
+    (-drive, -blockdev, -hda..-hdd, -cdrom).  Exits with COMMAND's status
+    (128+N if killed by signal N), or the -E status on a conflict.
+    """
+    from imglock.cli.common import reported_errors
+    from imglock.launch import Launch, launch
+
+    with reported_errors():
+        plan = Launch(
+            argv=list(command),
+            images=list(images),
+            shared=list(shared),
+            wait=wait,
+            conflict_exit=conflict_exit_code,
+            qemu_locks=qemu_locks,
+            handoff_timeout=handoff_timeout,
+            lockspace=lockspace,
+            check_interval=check_interval,
+            lock_lost_signal=lock_lost_signal,
+        )
+        sys.exit(launch(plan))

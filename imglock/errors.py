@@ -1,0 +1,106 @@
+"""The exception hierarchy of imglock.
+
+Every error imglock raises on purpose is an :class:`ImglockError`.  Its
+``str()`` is one line that names the file and what is wrong, so the CLI can
+print it as it is, and its :attr:`exit_status` is the documented status of
+the command that met it (see imglock(1), EXIT STATUS).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from imglock.holders import Holder
+
+# Exit statuses, from sysexits.h where one fits.
+EX_OK = 0
+EX_HELD = 1  # `status`: some image is held
+EX_USAGE = 2  # click's status for a bad option
+EX_DATAERR = 65  # a malformed image or an unusable backing chain
+EX_NOINPUT = 66  # an image that cannot be opened, or is not a file one may open
+EX_SOFTWARE = 70  # an internal error: a bug in imglock
+EX_OSERR = 71  # the system refused something else (fork, a socket)
+EX_IOERR = 74  # a lock or read failed with an I/O error (EIO, ENOLCK)
+EX_TEMPFAIL = 75  # a conflict, or a wait that ran out
+EX_NOEXEC = 126  # `run`: COMMAND found but not executable
+EX_NOTFOUND = 127  # `run`: COMMAND not found
+
+
+class ImglockError(Exception):
+    """Base class: a one-line message naming the file, and an exit status."""
+
+    exit_status: ClassVar[int] = EX_SOFTWARE
+
+    def __init__(self, filename: str | os.PathLike[str] | None, message: str) -> None:
+        self.filename = os.fspath(filename) if filename is not None else None
+        self.message = message
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        text = " ".join(self.message.split())
+        return f"{self.filename}: {text}" if self.filename is not None else text
+
+
+class UsageError(ImglockError):
+    """A request that makes no sense (bad mode, no image to claim...)."""
+
+    exit_status = EX_USAGE
+
+
+class ImageError(ImglockError):
+    """The image cannot be opened: missing, unreadable, not a regular file or block device."""
+
+    exit_status = EX_NOINPUT
+
+
+class FormatError(ImageError):
+    """The image's header is malformed or uses something imglock cannot read."""
+
+    exit_status = EX_DATAERR
+
+
+class ChainError(ImageError):
+    """The backing chain cannot be followed: a loop, too deep, or not a local file."""
+
+    exit_status = EX_DATAERR
+
+
+class LockError(ImglockError):
+    """A lock operation failed for a reason other than a conflict (ENOLCK, EIO...)."""
+
+    exit_status = EX_IOERR
+
+    def __init__(
+        self,
+        filename: str | os.PathLike[str] | None,
+        message: str,
+        errno: int | None = None,
+    ) -> None:
+        self.errno = errno
+        super().__init__(filename, message)
+
+
+class LockConflict(LockError):
+    """Someone else holds the image in a way that excludes the claim asked for.
+
+    :attr:`holders` lists who was seen holding it (possibly empty when the
+    rival vanished between the conflict and the look-up).
+    """
+
+    exit_status = EX_TEMPFAIL
+
+    def __init__(
+        self,
+        filename: str | os.PathLike[str] | None,
+        message: str,
+        holders: Sequence[Holder] = (),
+    ) -> None:
+        self.holders: tuple[Holder, ...] = tuple(holders)
+        super().__init__(filename, message)
+
+
+class LockLost(LockError):
+    """A lock that was held is gone (NFS lease lost, EIO on re-check)."""

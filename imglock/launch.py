@@ -1,0 +1,113 @@
+"""What ``imglock run`` claims for a command, and how it watches a QEMU.
+
+This is the policy between the CLI and the runner: which images a command
+uses (named with --image/--shared, or read from a QEMU command line), which
+lock layers to hold (``--qemu-locks``), and, for QEMU, the private QMP
+monitor through which a live migration hands the claim over.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import tempfile
+from dataclasses import dataclass, field
+
+from imglock.api import Claim, ClaimSpec
+from imglock.errors import EX_TEMPFAIL, UsageError
+from imglock.protocol import Layer, Mode
+from imglock.runner import RunConfig, Runner, run_command
+
+
+@dataclass
+class Launch:
+    """The options of ``imglock run``."""
+
+    argv: list[str]
+    images: list[str] = field(default_factory=list)
+    shared: list[str] = field(default_factory=list)
+    wait: float = 0.0
+    conflict_exit: int = EX_TEMPFAIL
+    qemu_locks: str = "auto"
+    handoff_timeout: float = 30.0
+    lockspace: str | None = None
+    check_interval: float = 5.0
+    lock_lost_signal: int = signal.SIGSTOP
+
+
+def layers_for(qemu_locks: str, command_is_qemu: bool) -> Layer:
+    """The lock layers to hold for a command (see ``--qemu-locks``)."""
+    if qemu_locks == "off":
+        return Layer.IMGLOCK
+    if qemu_locks == "on":
+        if command_is_qemu:
+            raise UsageError(
+                None,
+                "--qemu-locks on with a QEMU command would make QEMU refuse its own images; "
+                "use auto (QEMU takes its own lock bytes)",
+            )
+        return Layer.IMGLOCK | Layer.QEMU
+    # auto: QEMU holds its own bytes once it runs; test them before it starts.
+    return Layer.IMGLOCK | (Layer.QEMU_TEST if command_is_qemu else Layer.QEMU)
+
+
+def specs_for(plan: Launch, command_is_qemu: bool) -> list[ClaimSpec]:
+    """The images to claim: named ones, else those of a QEMU command line."""
+    specs = [ClaimSpec(p, Mode.EXCLUSIVE) for p in plan.images]
+    specs += [ClaimSpec(p, Mode.SHARED) for p in plan.shared]
+    if specs:
+        return specs
+    if not command_is_qemu:
+        raise UsageError(
+            plan.argv[0],
+            "not a QEMU command line; name the images to claim with --image or --shared",
+        )
+    from imglock.qemu.cmdline import find_images
+
+    for drive in find_images(plan.argv):
+        if drive.filename is None:
+            continue  # not a local file (nbd:, iscsi:...): its server does the locking
+        mode = Mode.SHARED if drive.shared else Mode.EXCLUSIVE
+        specs.append(ClaimSpec(drive.filename, mode, drive.format))
+    if not specs:
+        raise UsageError(plan.argv[0], "the QEMU command line opens no local image to claim")
+    return specs
+
+
+def launch(plan: Launch) -> int:
+    """Run *plan*; return the wrapper's exit status."""
+    from imglock.qemu.cmdline import is_qemu
+
+    command_is_qemu = is_qemu(plan.argv)
+    claim = Claim(
+        specs_for(plan, command_is_qemu),
+        wait=plan.wait,
+        layers=layers_for(plan.qemu_locks, command_is_qemu),
+        lockspace=plan.lockspace,
+    )
+    config = RunConfig(
+        argv=plan.argv,
+        claim=claim,
+        conflict_exit=plan.conflict_exit,
+        check_interval=plan.check_interval,
+        lock_lost_signal=plan.lock_lost_signal,
+    )
+    if not command_is_qemu:
+        return run_command(config)
+    return _launch_qemu(plan, config)
+
+
+def _launch_qemu(plan: Launch, config: RunConfig) -> int:
+    """Run QEMU with a private QMP monitor that hands the claim over on migration."""
+    from imglock.handoff import Handoff
+
+    private = tempfile.mkdtemp(prefix="imglock-")  # mode 0700: only we can reach the socket
+    try:
+        handoff = Handoff.for_command(plan.argv, private, plan.handoff_timeout)
+        config.argv = handoff.argv
+        config.claim_at_start = not handoff.incoming
+        runner = Runner(config)
+        handoff.attach(runner)
+        return run_command(config, runner)
+    finally:
+        shutil.rmtree(private, ignore_errors=True)

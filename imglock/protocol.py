@@ -1,0 +1,223 @@
+"""The imglock lock protocol: which bytes stand for a claim, and how conflicts are decided.
+
+Two layers of byte-range read locks live on an image (see imglock(7)):
+
+* the **imglock layer**, far past any data an image can hold: a holder
+  read-locks one byte, ``IMGLOCK_EXCLUSIVE_BASE + owner_id`` for an
+  exclusive claim or ``IMGLOCK_SHARED_BASE + owner_id`` for a shared one.
+  The offset names the holder to anyone who tests the range, on any host.
+* the **QEMU layer**, QEMU's own permission bytes (``file-posix``): a holder
+  read-locks ``QEMU_PERM_BASE + perm`` for each permission it uses and
+  ``QEMU_SHARED_BASE + perm`` for each it refuses to share, exactly as a
+  QEMU writer (exclusive) or reader (shared) would, so that qemu-img and
+  qemu-system refuse what imglock holds and the other way round.
+
+Every claim first takes its own bytes, then tests the bytes that would
+conflict with F_WRLCK, and rolls back if any other open file description
+holds one.  Two racing claimers may therefore both fail; callers that wait
+retry with jittered backoff (:mod:`imglock.api`).  Bytes 0 (libvirt's
+virtlockd), 100-163 and 200-263 (QEMU) are never locked by the imglock layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Final
+
+from imglock import fcntl_locks
+from imglock.errors import LockConflict, LockLost
+from imglock.identity import OWNER_BITS, Owner
+
+# The imglock layer: two adjacent regions of 2**56 bytes starting at 2**62,
+# far beyond any image (and any QEMU or virtlockd byte), below OFFSET_MAX.
+IMGLOCK_REGION_SIZE: Final = 1 << OWNER_BITS
+IMGLOCK_EXCLUSIVE_BASE: Final = 1 << 62
+IMGLOCK_SHARED_BASE: Final = IMGLOCK_EXCLUSIVE_BASE + IMGLOCK_REGION_SIZE
+IMGLOCK_END: Final = IMGLOCK_SHARED_BASE + IMGLOCK_REGION_SIZE
+
+# QEMU's layer (block/file-posix.c: RAW_LOCK_PERM_BASE, RAW_LOCK_SHARED_BASE).
+QEMU_PERM_BASE: Final = 100
+QEMU_SHARED_BASE: Final = 200
+#: QEMU reserves 64 bits for each set; only the first five have ever been used.
+QEMU_PERM_SLOTS: Final = 64
+
+#: BlockPermission bits in QEMU's order, with the names its messages use.
+QEMU_PERM_NAMES: Final = (
+    "consistent read",
+    "write",
+    "write unchanged",
+    "resize",
+    "change children",  # QEMU <= 6.1 only
+)
+PERM_CONSISTENT_READ: Final = 0
+PERM_WRITE: Final = 1
+PERM_RESIZE: Final = 3
+
+#: What a running QEMU writer holds on its top image, and what it refuses to share.
+QEMU_WRITER_PERMS: Final = (PERM_CONSISTENT_READ, PERM_WRITE, PERM_RESIZE)
+QEMU_WRITER_UNSHARED: Final = (PERM_WRITE, PERM_RESIZE)
+#: ... and on a backing file it only reads.
+QEMU_READER_PERMS: Final = (PERM_CONSISTENT_READ,)
+QEMU_READER_UNSHARED: Final = (PERM_WRITE, PERM_RESIZE)
+
+
+class Mode(enum.StrEnum):
+    """How an image is claimed."""
+
+    #: One writer, and no one else: the top image of a running VM.
+    EXCLUSIVE = "exclusive"
+    #: Any number of readers, and no writer: a backing file, a CD-ROM.
+    SHARED = "shared"
+
+
+class Layer(enum.Flag):
+    """Which lock layers a claim takes."""
+
+    IMGLOCK = enum.auto()
+    QEMU = enum.auto()
+    #: Test QEMU's bytes as a QEMU writer (or reader) would, without taking
+    #: them: for wrapping QEMU itself, which takes its own bytes once it runs.
+    QEMU_TEST = enum.auto()
+
+
+Layers = Layer
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """What one descriptor holds for one claim: enough to release or verify it."""
+
+    mode: Mode
+    layers: Layer
+    owner: Owner
+    #: (start, length) of every byte range taken.
+    ranges: tuple[tuple[int, int], ...] = field(default=())
+
+
+def imglock_byte(mode: Mode, owner: Owner) -> int:
+    """The byte a holder locks in the imglock layer."""
+    base = IMGLOCK_EXCLUSIVE_BASE if mode is Mode.EXCLUSIVE else IMGLOCK_SHARED_BASE
+    return base + owner.id
+
+
+def _imglock_rivals(mode: Mode) -> tuple[int, int]:
+    """The range whose other holders conflict with a claim in *mode*."""
+    if mode is Mode.EXCLUSIVE:
+        return IMGLOCK_EXCLUSIVE_BASE, IMGLOCK_END - IMGLOCK_EXCLUSIVE_BASE
+    return IMGLOCK_EXCLUSIVE_BASE, IMGLOCK_REGION_SIZE
+
+
+def qemu_bytes(mode: Mode) -> tuple[list[int], list[int]]:
+    """(bytes to take, bytes to test) for the QEMU layer of a claim in *mode*."""
+    perms, unshared = (
+        (QEMU_WRITER_PERMS, QEMU_WRITER_UNSHARED)
+        if mode is Mode.EXCLUSIVE
+        else (QEMU_READER_PERMS, QEMU_READER_UNSHARED)
+    )
+    take = [QEMU_PERM_BASE + p for p in perms] + [QEMU_SHARED_BASE + p for p in unshared]
+    # A permission we use conflicts with anyone refusing to share it, and a
+    # permission we refuse to share conflicts with anyone using it.
+    test = [QEMU_SHARED_BASE + p for p in perms] + [QEMU_PERM_BASE + p for p in unshared]
+    return take, test
+
+
+def _ranges_for(mode: Mode, layers: Layer, owner: Owner) -> tuple[list[int], list[tuple[int, int]]]:
+    take: list[int] = []
+    test: list[tuple[int, int]] = []
+    if Layer.IMGLOCK in layers:
+        take.append(imglock_byte(mode, owner))
+        test.append(_imglock_rivals(mode))
+    if layers & (Layer.QEMU | Layer.QEMU_TEST):
+        qemu_take, qemu_test = qemu_bytes(mode)
+        take += qemu_take if Layer.QEMU in layers else []
+        test += [(byte, 1) for byte in qemu_test]
+    return take, test
+
+
+def _first_conflict(
+    fd: int, filename: str, tests: Iterable[tuple[int, int]]
+) -> fcntl_locks.RangeLock | None:
+    for start, length in tests:
+        lock = fcntl_locks.conflicting(fd, start, length, filename)
+        if lock is not None:
+            return lock
+    return None
+
+
+class ProtocolConflict(LockConflict):
+    """A claim lost to another holder; :attr:`lock` is the lock that was in the way."""
+
+    def __init__(self, filename: str, mode: Mode, lock: fcntl_locks.RangeLock) -> None:
+        self.lock = lock
+        super().__init__(filename, f"cannot claim {mode.value}: held by another process")
+
+
+def acquire(
+    fd: int,
+    filename: str,
+    mode: Mode,
+    layers: Layer = Layer.IMGLOCK,
+    owner: Owner | None = None,
+) -> Held:
+    """Claim the image open on *fd* in *mode*; on conflict hold nothing and raise.
+
+    Raises :class:`ProtocolConflict` (a LockConflict) when another open file
+    description holds a conflicting byte, LockError when the system refuses
+    the lock itself (ENOLCK, EIO...).
+    """
+    owner = owner or Owner.current()
+    take, tests = _ranges_for(mode, layers, owner)
+    taken: list[tuple[int, int]] = []
+    try:
+        for byte in take:
+            if not fcntl_locks.try_read_lock(fd, byte, 1, filename):
+                lock = fcntl_locks.conflicting(fd, byte, 1, filename)
+                raise ProtocolConflict(
+                    filename, mode, lock or fcntl_locks.RangeLock(fcntl_locks.F_WRLCK, byte, 1, -1)
+                )
+            taken.append((byte, 1))
+        lock = _first_conflict(fd, filename, tests)
+        if lock is not None:
+            raise ProtocolConflict(filename, mode, lock)
+    except BaseException:
+        _unlock_quietly(fd, filename, taken)
+        raise
+    return Held(mode, layers, owner, tuple(taken))
+
+
+def _unlock_quietly(fd: int, filename: str, ranges: Iterable[tuple[int, int]]) -> None:
+    # Rolling back after a failure must not hide the failure itself; an
+    # unlock that fails leaves a lock that dies with the descriptor anyway.
+    for start, length in ranges:
+        with contextlib.suppress(Exception):
+            fcntl_locks.unlock(fd, start, length, filename)
+
+
+def release(fd: int, filename: str, held: Held) -> None:
+    """Drop every range of *held*.  Unlocking what is not held is harmless."""
+    for start, length in held.ranges:
+        fcntl_locks.unlock(fd, start, length, filename)
+
+
+def verify(fd: int, filename: str, held: Held) -> None:
+    """Check that *held* is still ours and unchallenged; raise LockLost if not.
+
+    Re-taking a held read lock is a no-op for the kernel but a round trip to
+    the lock manager on NFS, where a lost lease shows up as EIO or ENOLCK.
+    A rival that holds a conflicting byte means the lock was lost silently.
+    """
+    try:
+        for start, length in held.ranges:
+            if not fcntl_locks.try_read_lock(fd, start, length, filename):
+                raise LockLost(filename, "lock lost: a conflicting lock now covers it")
+        # Once running, a wrapped QEMU holds its own bytes: not a rival.
+        _take, tests = _ranges_for(held.mode, held.layers & ~Layer.QEMU_TEST, held.owner)
+        if _first_conflict(fd, filename, tests) is not None:
+            raise LockLost(filename, "lock lost: another process now holds the image")
+    except LockLost:
+        raise
+    except fcntl_locks.LockError as exc:
+        raise LockLost(filename, f"lock lost: {exc.message}", exc.errno) from None

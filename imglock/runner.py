@@ -1,0 +1,239 @@
+"""Running a command with its images claimed, like flock(1) for VM images.
+
+The order of events is what makes the lock trustworthy:
+
+1. open every image (and its chain) — bad images fail here, before anything runs;
+2. fork the child, which waits at a gate before it execs COMMAND, so the
+   descriptors exist in both processes while the claim is taken;
+3. claim on those descriptors, naming the *child's* pid as the owner, so
+   ``imglock status`` names the VM, not the wrapper;
+4. open the gate: the child execs COMMAND holding the OFD locks through
+   its inherited descriptors.  If the wrapper dies (even by SIGKILL), the
+   locks live on with the VM and vanish with it;
+5. wait for the child, forwarding signals, re-checking the locks now and
+   then and pausing the guest if they are lost.
+
+A conflict closes the gate unopened: the child exits without running
+anything, and the wrapper exits with the conflict status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Final, Protocol
+
+from imglock import faults
+from imglock.api import Claim
+from imglock.errors import (
+    EX_NOEXEC,
+    EX_NOTFOUND,
+    EX_TEMPFAIL,
+    ImglockError,
+    LockConflict,
+    LockLost,
+)
+
+#: Signals the wrapper passes on to COMMAND.
+FORWARDED: Final = (
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+#: si_code of a signal the kernel sent to a whole process group (a terminal's
+#: ^C): COMMAND, in the same group, got it already and must not get it twice.
+SI_KERNEL: Final = 0x80
+_GATE_GO: Final = b"g"
+
+Say = Callable[[str], None]
+
+
+def _say(message: str) -> None:
+    print(f"imglock: {message}", file=sys.stderr, flush=True)
+
+
+class GuestControl(Protocol):
+    """How to stop a guest from writing when its lock is lost."""
+
+    def pause(self, reason: str) -> str:
+        """Stop the guest; return a phrase saying how (for the message)."""
+        ...
+
+
+@dataclass
+class SignalGuest:
+    """Any command: pause it with a signal (SIGSTOP by default)."""
+
+    pid: int
+    signo: int = signal.SIGSTOP
+
+    def pause(self, reason: str) -> str:
+        try:
+            os.kill(self.pid, self.signo)
+        except ProcessLookupError:
+            return "the command had already exited"
+        return f"sent {signal.Signals(self.signo).name} to pid {self.pid}"
+
+
+@dataclass
+class RunConfig:
+    """What ``imglock run`` was asked to do."""
+
+    argv: Sequence[str]
+    claim: Claim
+    conflict_exit: int = EX_TEMPFAIL
+    #: Seconds between lock re-checks while COMMAND runs (0: never).
+    check_interval: float = 5.0
+    lock_lost_signal: int = signal.SIGSTOP
+    #: Claim at start (False on a migration destination: the handoff claims).
+    claim_at_start: bool = True
+    say: Say = _say
+
+
+@dataclass
+class Runner:
+    """Runs one command under a claim; :meth:`run` returns its exit status."""
+
+    config: RunConfig
+    #: Serialises the claim between the main loop and a handoff thread.
+    claim_lock: threading.Lock = field(default_factory=threading.Lock)
+    child: int = -1
+    guest: GuestControl | None = None
+    #: Set by a migration handoff once the claim is deliberately not held.
+    lock_expected: bool = True
+    lost: bool = False
+    on_started: Callable[[Runner], None] | None = None
+
+    def run(self) -> int:
+        claim = self.config.claim
+        claim.open()
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, *FORWARDED})
+        try:
+            return self._run(claim, old_mask)
+        finally:
+            claim.release()
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+    def _run(self, claim: Claim, old_mask: set[signal.Signals]) -> int:
+        gate_r, gate_w = os.pipe()
+        err_r, err_w = os.pipe()  # both O_CLOEXEC: EOF on err_r means exec succeeded
+        self.child = os.fork()
+        if self.child == 0:  # pragma: no cover - the child execs or exits
+            os.close(gate_w)
+            os.close(err_r)
+            _child(self.config.argv, claim.fds, gate_r, err_w, old_mask)
+        os.close(gate_r)
+        os.close(err_w)
+        try:
+            claim.owner_pid = self.child
+            claim.command = list(self.config.argv)
+            if self.config.claim_at_start:
+                claim.acquire()
+            self.lock_expected = self.config.claim_at_start
+            faults.point("run:claimed")
+            os.write(gate_w, _GATE_GO)
+        except BaseException:
+            os.close(gate_w)
+            os.close(err_r)
+            _reap(self.child)
+            raise
+        os.close(gate_w)
+        failed = _read_exec_error(err_r)
+        if failed is not None:
+            _reap(self.child)
+            self.config.say(f"{self.config.argv[0]}: {os.strerror(failed)}")
+            return EX_NOTFOUND if failed == errno.ENOENT else EX_NOEXEC
+        faults.point("run:started")
+        self.guest = self.guest or SignalGuest(self.child, self.config.lock_lost_signal)
+        if self.on_started is not None:
+            self.on_started(self)
+        return self._wait()
+
+    def _wait(self) -> int:
+        interval = self.config.check_interval or None
+        watched = {signal.SIGCHLD, *FORWARDED}
+        while True:
+            info = (
+                signal.sigtimedwait(watched, interval) if interval else signal.sigwaitinfo(watched)
+            )
+            if info is None:
+                self.check_lock()
+                continue
+            if info.si_signo == signal.SIGCHLD:
+                pid, status = os.waitpid(self.child, os.WNOHANG)
+                if pid == self.child:
+                    code = os.waitstatus_to_exitcode(status)
+                    return code if code >= 0 else 128 - code  # 128+N for signal N
+                continue
+            if info.si_code != SI_KERNEL:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.child, info.si_signo)
+
+    def check_lock(self) -> None:
+        """Re-check the claim; on loss pause the guest and say so loudly."""
+        with self.claim_lock:
+            if not self.lock_expected or self.lost:
+                return
+            try:
+                self.config.claim.verify()
+            except LockLost as exc:
+                self.lost = True
+                assert self.guest is not None
+                how = self.guest.pause(str(exc))
+                self.config.say(f"{exc}; guest paused ({how}); it will not be resumed by imglock")
+
+
+def _child(
+    argv: Sequence[str], fds: list[int], gate: int, err: int, mask: set[signal.Signals]
+) -> None:  # pragma: no cover - runs in the forked child
+    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        # Python ignores SIGPIPE; COMMAND should get the default, as from a shell.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        for fd in fds:
+            os.set_inheritable(fd, True)
+        go = os.read(gate, 1)
+        if go != _GATE_GO:
+            os._exit(EX_TEMPFAIL)
+        os.close(gate)
+        os.execvp(argv[0], list(argv))
+    except OSError as exc:
+        os.write(err, str(exc.errno or errno.EIO).encode())
+    finally:
+        os._exit(EX_NOTFOUND)
+
+
+def _read_exec_error(fd: int) -> int | None:
+    try:
+        data = b""
+        while chunk := os.read(fd, 16):
+            data += chunk
+    finally:
+        os.close(fd)
+    return int(data) if data else None
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+def run_command(config: RunConfig, runner: Runner | None = None) -> int:
+    """Run *config*; return the exit status for the wrapper (flock(1)'s conventions)."""
+    try:
+        return (runner or Runner(config)).run()
+    except LockConflict as exc:
+        config.say(str(exc))
+        return config.conflict_exit
+    except ImglockError as exc:
+        config.say(str(exc))
+        return exc.exit_status

@@ -1,0 +1,90 @@
+"""Fixtures shared by the whole suite.
+
+QEMU-dependent tests ask for the ``qemu_img`` or ``qemu_system`` fixture.
+On a machine without QEMU they are skipped with a reason, except where
+``IMGLOCK_REQUIRE_QEMU=1`` is set (as ``.ci/run`` does): there a missing
+QEMU is an error, so a CI run can never pass by skipping them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+REQUIRE_QEMU = os.environ.get("IMGLOCK_REQUIRE_QEMU") == "1"
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        if REQUIRE_QEMU:
+            pytest.fail(f"{name} is required (IMGLOCK_REQUIRE_QEMU=1) but not installed")
+        pytest.skip(f"{name} is not installed")
+    return path
+
+
+@pytest.fixture(scope="session")
+def qemu_img_path() -> str:
+    return _tool("qemu-img")
+
+
+@pytest.fixture(scope="session")
+def qemu_system_path() -> str:
+    return _tool("qemu-system-x86_64")
+
+
+QemuImg = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture(scope="session")
+def qemu_img(qemu_img_path: str) -> QemuImg:
+    """Run qemu-img with the given arguments; raise with its stderr if it fails."""
+
+    def run(*args: str | os.PathLike[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [qemu_img_path, *map(os.fspath, args)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"qemu-img {' '.join(map(str, args))} failed: {proc.stderr}")
+        return proc
+
+    return run
+
+
+ImglockCli = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture(scope="session")
+def imglock_cli() -> ImglockCli:
+    """Run the real ``imglock`` command in a subprocess (``python -m imglock``)."""
+
+    def run(
+        *args: str | os.PathLike[str], timeout: float = 30, **kwargs: object
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(  # type: ignore[call-overload, no-any-return]
+            [sys.executable, "-m", "imglock", *map(os.fspath, args)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            **kwargs,
+        )
+
+    return run
+
+
+@pytest.fixture
+def raw_image(tmp_path: Path) -> Path:
+    """A 1 MiB raw image."""
+    path = tmp_path / "disk.raw"
+    with path.open("wb") as f:
+        f.truncate(1 << 20)
+    return path
