@@ -21,8 +21,8 @@ _LAZY: dict[str, str] = {
     "claim": "imglock.api",
     "Claim": "imglock.api",
     "inspect": "imglock.api",
-    "holders": "imglock.holders",
-    "Holder": "imglock.holders",
+    "holders": "imglock.discovery",
+    "Holder": "imglock.discovery",
     "Mode": "imglock.protocol",
     "ImglockError": "imglock.errors",
     "UsageError": "imglock.errors",
@@ -64,7 +64,7 @@ if TYPE_CHECKING:
         LockLost,
         UsageError,
     )
-    from imglock.holders import Holder, holders
+    from imglock.discovery import Holder, holders
     from imglock.protocol import Mode
 
 

@@ -23,7 +23,7 @@ from imglock import faults, records
 from imglock.chain import open_chain
 from imglock.errors import LockConflict, UsageError
 from imglock.formats.base import OpenImage
-from imglock.holders import Holder, LocalLocks, Survey, survey
+from imglock.discovery import Holder, LocalLocks, Survey, survey
 from imglock.identity import Owner
 from imglock.lockspace import attach
 from imglock.protocol import Layer, Mode, ProtocolConflict

@@ -16,6 +16,7 @@ for more than the caller wants, and a short result means end of file.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -26,6 +27,9 @@ from imglock.errors import EX_IOERR, FormatError, ImageError
 #: Flags every image is opened with: read only, never blocking on open,
 #: never acquiring a controlling terminal, never leaking into children.
 OPEN_FLAGS: Final = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+#: The unit st_blocks counts in, and the sector QEMU sizes disks in.
+SECTOR_SIZE: Final = 512
 
 #: The largest single read imglock ever needs (a qcow2 header cluster is
 #: at most 2 MiB); a bigger request is a bug, not something to attempt.
@@ -162,9 +166,12 @@ def image_size(fd: int, st: os.stat_result, filename: str) -> int:
     raise ImageError(filename, _type_complaint(st.st_mode) or "is not an image")
 
 
+def allocated_bytes(st: os.stat_result) -> int:
+    """Bytes the file occupies on disk (what qemu-img calls ``actual-size``)."""
+    return st.st_blocks * SECTOR_SIZE
+
+
 def close_quietly(fd: int) -> None:
     """Close *fd*, ignoring errors: used on paths that already report one."""
-    try:
+    with contextlib.suppress(OSError):
         os.close(fd)
-    except OSError:
-        pass

@@ -10,9 +10,15 @@ one fails for the single reason the test is about.
 from __future__ import annotations
 
 import dataclasses
+import os
 import struct
+import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+#: The ``qemu_img`` fixture's type: run qemu-img with these arguments.
+QemuImg = Callable[..., subprocess.CompletedProcess[str]]
 
 MAGIC = 0x514649FB
 EXT_END = 0
@@ -84,10 +90,11 @@ def crypto_ext(offset: int, length: int) -> bytes:
 
 
 def _default_l1_size(spec: Qcow2Spec) -> int:
+    """Just enough L1 entries for the virtual size (within what the field holds)."""
+    cluster_bits = spec.cluster_size.bit_length() - 1
     extended = spec.incompatible_features & (1 << 4)
-    l2_bits = spec.cluster_bits - (4 if extended else 3)
-    shift = spec.cluster_bits + l2_bits
-    return max(1, (spec.size + (1 << shift) - 1) >> shift)
+    shift = 2 * cluster_bits - (4 if extended else 3)
+    return min(max(1, (spec.size + (1 << shift) - 1) >> shift), 0xFFFFFFFF)
 
 
 def header_bytes(spec: Qcow2Spec) -> bytes:
@@ -140,7 +147,8 @@ def header_bytes(spec: Qcow2Spec) -> bytes:
     # Place the extensions at header_length, as a reader finds them.
     out = bytearray(cs)
     out[: len(fixed)] = fixed
-    ext_at = max(header_length, 0)
+    # A header_length shorter than the fields written cannot move them.
+    ext_at = max(header_length, len(fixed))
     out[ext_at : ext_at + len(ext_area)] = ext_area
     if spec.backing_name and 0 < backing_offset < len(out):
         out[backing_offset : backing_offset + len(spec.backing_name)] = spec.backing_name
@@ -172,3 +180,45 @@ def write(path: Path, spec: Qcow2Spec | None = None, **changes: object) -> Path:
     spec = (spec or Qcow2Spec()).replace(**changes)
     path.write_bytes(build(spec))
     return path
+
+
+# --- Comparing with qemu-img ------------------------------------------------
+
+#: What qemu-img reports that imglock leaves out, because it lies past the
+#: header cluster (snapshot table, bitmap directory, LUKS header); imglock
+#: reports the counts instead.
+QEMU_ONLY = ("snapshots", "format-specific.data.bitmaps", "format-specific.data.encrypt.")
+#: imglock's own keys, checked against qemu-img separately.
+IMGLOCK_ONLY = ("snapshot-count", "format-specific.data.bitmap-count")
+
+
+def _flatten(value: object, prefix: str = "") -> dict[str, object]:
+    if isinstance(value, dict):
+        flat: dict[str, object] = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: value}
+
+
+def assert_matches_qemu(ours: dict[str, object], qemu: dict[str, object]) -> None:
+    """Every key both report agrees, and every key of either is accounted for."""
+    mine, theirs = _flatten(ours), _flatten(qemu)
+    encrypt_format = "format-specific.data.encrypt.format"
+    for key, value in theirs.items():
+        if key.startswith(QEMU_ONLY) and key != encrypt_format:
+            continue
+        assert key in mine, f"imglock lacks {key!r} (qemu-img: {value!r})"
+        assert mine[key] == value, f"{key}: imglock {mine[key]!r} != qemu-img {value!r}"
+    for key in mine:
+        if key not in IMGLOCK_ONLY:
+            assert key in theirs, f"imglock reports {key!r}, qemu-img does not"
+    assert ours.get("snapshot-count", 0) == len(qemu.get("snapshots", []))  # type: ignore[arg-type]
+    specific = qemu.get("format-specific", {})
+    bitmaps = specific.get("data", {}).get("bitmaps", [])  # type: ignore[union-attr]
+    assert mine.get("format-specific.data.bitmap-count", 0) == len(bitmaps)
+
+
+def open_fd_count() -> int:
+    """How many descriptors this process has open (for leak checks)."""
+    return len(os.listdir("/proc/self/fd"))

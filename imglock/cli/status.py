@@ -28,7 +28,7 @@ def status(as_json: bool, lockspace: str | None, images: tuple[str, ...]) -> Non
     """
     from imglock.api import inspect
     from imglock.errors import EX_HELD, EX_OK, ImglockError
-    from imglock.holders import LocalLocks
+    from imglock.discovery import LocalLocks
 
     local = LocalLocks()
     reports: list[ImageReport] = []

@@ -14,7 +14,6 @@ Like QEMU, bytes past the end of a short file read as zeros.
 from __future__ import annotations
 
 import os
-import stat
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from typing import Any, Final
 
 from imglock.errors import FormatError
 from imglock.formats.base import Child, FormatDriver, OpenImage
-from imglock.safeio import image_size, read_at
+from imglock.safeio import SECTOR_SIZE, allocated_bytes, read_at
 
 QCOW2_MAGIC: Final = 0x514649FB  # "QFI\xfb"
 QCOW2_MAGIC_BYTES: Final = b"QFI\xfb"
@@ -166,7 +165,8 @@ class Qcow2Header:
     backing_file: str | None = None
     #: The backing format extension, or None.
     backing_format: str | None = None
-    #: The external data file name extension, or None.
+    #: The external data file name extension, or None.  Without the data
+    #: file feature bit QEMU reports a name but never opens it.
     data_file: str | None = None
     feature_names: tuple[FeatureName, ...] = ()
     #: The bitmaps extension, when the autoclear bit says it is valid.
@@ -242,8 +242,9 @@ class _HeaderCluster:
         self._filename = filename
         self._buf = bytearray()
         self._eof = False
-        # Until the cluster size is known, the largest legal cluster bounds reads.
-        self.limit = 1 << QCOW2_MAX_CLUSTER_BITS
+        # Until the cluster size is known, only the fixed header may be read
+        # (it fits in the smallest cluster).
+        self.limit = QCOW2_HEADER_STRUCT_SIZE
 
     def read(self, offset: int, length: int) -> bytes:
         end = offset + length
@@ -251,7 +252,8 @@ class _HeaderCluster:
             # The parser checks every bound first; this is the last guard.
             raise FormatError(self._filename, "qcow2 header reaches past the first cluster")
         if end > len(self._buf):
-            want = min(self.limit, max(end, len(self._buf) + self._CHUNK))
+            # Grow to the next chunk boundary, or further if asked to.
+            want = min(self.limit, max(end, (len(self._buf) // self._CHUNK + 1) * self._CHUNK))
             have = len(self._buf)
             data = b"" if self._eof else self._fetch(have, want - have)
             if len(data) < want - have:
@@ -305,7 +307,9 @@ class _Parser:
             snapshots_offset,
         ) = _V2_FIELDS.unpack_from(fixed)
         if magic != QCOW2_MAGIC:
-            raise self.fail(f"not a qcow2 image (magic 0x{magic:08x}, expected 0x{QCOW2_MAGIC:08x})")
+            raise self.fail(
+                f"not a qcow2 image (magic 0x{magic:08x}, expected 0x{QCOW2_MAGIC:08x})"
+            )
         if not QCOW2_MIN_VERSION <= version <= QCOW2_MAX_VERSION:
             raise self.fail(f"Unsupported qcow2 version {version} (imglock reads versions 2 and 3)")
         if not QCOW2_MIN_CLUSTER_BITS <= cluster_bits <= QCOW2_MAX_CLUSTER_BITS:
@@ -360,10 +364,11 @@ class _Parser:
 
         if incompat & QCOW2_INCOMPAT_EXTL2:
             subcluster = cluster_size // QCOW2_EXTL2_SUBCLUSTERS
+            smallest = QCOW2_EXTL2_SUBCLUSTERS << QCOW2_MIN_CLUSTER_BITS
             if subcluster < 1 << QCOW2_MIN_CLUSTER_BITS:
                 raise self.fail(
                     f"Unsupported subcluster size: {subcluster} (extended L2 entries need "
-                    f"clusters of at least {QCOW2_EXTL2_SUBCLUSTERS << QCOW2_MIN_CLUSTER_BITS} bytes)"
+                    f"clusters of at least {smallest} bytes)"
                 )
         if refcount_order > 6:
             raise self.fail(
@@ -445,8 +450,7 @@ class _Parser:
             compression_type=compression_type,
             backing_file=backing_file,
             backing_format=ext.backing_format,
-            # Without the incompatible bit QEMU ignores a stray name, and so do we.
-            data_file=ext.data_file if incompat & QCOW2_INCOMPAT_DATA_FILE else None,
+            data_file=ext.data_file,
             feature_names=ext.feature_names,
             bitmaps=ext.bitmaps,
             encryption=ext.encryption,
@@ -469,10 +473,10 @@ class _Parser:
     def _unsupported_features(mask: int, table: tuple[FeatureName, ...]) -> str:
         named: list[str] = []
         for feature in table:
-            if feature.type == QCOW2_FEATURE_TYPE_INCOMPATIBLE and feature.bit < 64:
-                if mask & (1 << feature.bit):
-                    named.append(feature.name)
-                    mask &= ~(1 << feature.bit)
+            bit = 1 << feature.bit
+            if feature.type == QCOW2_FEATURE_TYPE_INCOMPATIBLE and mask & bit:
+                named.append(feature.name)
+                mask &= ~bit
         if mask:
             named.append(f"Unknown incompatible feature: {mask:x}")
         return "Unsupported qcow2 feature(s): " + ", ".join(named)
@@ -553,7 +557,8 @@ class _Parser:
             found.backing_format = _decode(payload) or None
         elif ext_type == QCOW2_EXT_FEATURE_NAME_TABLE:
             entries: list[FeatureName] = []
-            for at in range(0, length - QCOW2_FEATURE_NAME_ENTRY_SIZE + 1, QCOW2_FEATURE_NAME_ENTRY_SIZE):
+            step = QCOW2_FEATURE_NAME_ENTRY_SIZE
+            for at in range(0, length - step + 1, step):
                 kind, bit, name = _FEATURE_ENTRY.unpack_from(payload, at)
                 if name[0] == 0:
                     break  # an entry with an empty name ends the table
@@ -604,8 +609,7 @@ class _Parser:
             raise self.fail("bitmaps extension with zero bitmaps")
         if dir_offset % self.cluster_size:
             raise self.fail(
-                f"bitmaps extension: bitmap directory offset {dir_offset} is not "
-                "cluster-aligned"
+                f"bitmaps extension: bitmap directory offset {dir_offset} is not cluster-aligned"
             )
         if dir_size > QCOW2_MAX_BITMAP_DIRECTORY_SIZE:
             raise self.fail(
@@ -620,8 +624,7 @@ class _Parser:
         limit = min(QCOW2_MAX_BACKING_FILE_NAME, cluster_size - offset)
         if size > limit:
             raise self.fail(
-                f"Backing file name too long: {size} bytes at offset {offset} "
-                f"(at most {limit} fit)"
+                f"Backing file name too long: {size} bytes at offset {offset} (at most {limit} fit)"
             )
         # An empty name (or one starting with NUL) means no backing file.
         return _decode(self.cluster.read(offset, size)) or None
@@ -707,7 +710,10 @@ class Qcow2Driver(FormatDriver):
         return 0
 
     def open(self, filename: str, fd: int, st: os.stat_result) -> OpenImage:
-        header = parse_header(lambda offset, length: read_at(fd, offset, length, filename), filename)
+        def fetch(offset: int, length: int) -> bytes:
+            return read_at(fd, offset, length, filename)
+
+        header = parse_header(fetch, filename)
         return OpenImage(filename=filename, fd=fd, st=st, driver=self, header=header)
 
     def children(self, image: OpenImage) -> list[Child]:
@@ -722,7 +728,7 @@ class Qcow2Driver(FormatDriver):
                     format=header.backing_format,
                 )
             )
-        if header.data_file is not None:
+        if header.data_file is not None and header.has_data_file:
             children.append(
                 Child(
                     role="data-file",
@@ -737,12 +743,10 @@ class Qcow2Driver(FormatDriver):
         info: dict[str, Any] = {
             "filename": image.filename,
             "format": self.name,
-            "virtual-size": header.size,
+            # QEMU counts the disk in whole 512-byte sectors, rounding down.
+            "virtual-size": header.size // SECTOR_SIZE * SECTOR_SIZE,
+            "actual-size": allocated_bytes(image.st),
         }
-        if os.path.stat.S_ISREG(image.st.st_mode):
-            info["actual-size"] = image.st.st_blocks * 512
-        else:
-            info["actual-size"] = image_size(image.fd, image.st, image.filename)
         info["cluster-size"] = header.cluster_size
         if header.crypt_method:
             info["encrypted"] = True
@@ -754,22 +758,27 @@ class Qcow2Driver(FormatDriver):
                 info["backing-filename-format"] = header.backing_format
         info["dirty-flag"] = header.dirty
         info["snapshot-count"] = header.nb_snapshots
+        # Keys in the order qemu-img prints them.
         data: dict[str, Any] = {
             "compat": header.compat,
             "compression-type": header.compression_type_name,
-            "refcount-bits": header.refcount_bits,
         }
         if header.version >= 3:
             data["lazy-refcounts"] = header.lazy_refcounts
-            data["corrupt"] = header.corrupt
-            data["extended-l2"] = header.extended_l2
-        if header.data_file is not None:
-            data["data-file"] = header.data_file
-            data["data-file-raw"] = header.data_file_raw
         if header.bitmaps is not None:
+            # The bitmaps themselves are listed past the header cluster; the
+            # extension gives their number.
             data["bitmap-count"] = header.bitmaps.nb_bitmaps
+        data["refcount-bits"] = header.refcount_bits
         if header.crypt_method:
             data["encrypt"] = {"format": CRYPT_METHOD_NAMES[header.crypt_method]}
+        if header.data_file is not None:
+            data["data-file"] = header.data_file
+        if header.has_data_file:
+            data["data-file-raw"] = header.data_file_raw
+        if header.version >= 3:
+            data["corrupt"] = header.corrupt
+            data["extended-l2"] = header.extended_l2
         info["format-specific"] = {"type": self.name, "data": data}
         return info
 

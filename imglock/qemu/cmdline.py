@@ -483,6 +483,10 @@ _BOOL_TRUE: Final = frozenset({"on", "yes", "true", "y"})
 _BOOL_FALSE: Final = frozenset({"off", "no", "false", "n"})
 
 
+#: What a block driver name (a QAPI enum value) can look like.
+_DRIVER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+-]*")
+
+
 def path_has_protocol(filename: str) -> bool:
     """Whether QEMU reads ``filename`` as ``protocol:rest``: a ``:`` before any ``/``."""
     end = _strcspn(filename, 0, ":/")
@@ -551,6 +555,9 @@ class _Root:
     node: dict[str, Any]
     snapshot: bool = False
     cdrom: bool = False
+    #: JSON -blockdev: QEMU checks member types strictly (a boolean must be
+    #: a JSON boolean); keyval and -drive values are strings.
+    strict_types: bool = False
 
 
 @dataclass
@@ -669,11 +676,17 @@ class _Graph:
 
     def images(self) -> list[DriveImage]:
         found: list[DriveImage] = []
+        self.visited: set[int] = set()
         for root in self.roots:
             name = root.node.get("node-name")
             if isinstance(name, str) and name in self.referenced:
                 continue  # reached from the node that uses it
             self._walk(root.node, _Context(root), found, ())
+        for root in self.roots:
+            # Referenced, yet not reached from any unreferenced node: only
+            # nodes that refer to each other in a circle are left.
+            if id(root.node) not in self.visited:
+                self._walk(root.node, _Context(root), found, ())
         return found
 
     def _walk(
@@ -699,17 +712,23 @@ class _Graph:
         if id(node) in path:
             raise _RootError(ctx.root, "the block nodes refer to each other in a loop")
         path = (*path, id(node))
+        self.visited.add(id(node))
         read_only = ctx.read_only
         if "read-only" in node:
+            flag = node["read-only"]
+            if ctx.root.strict_types and not isinstance(flag, bool):
+                raise _RootError(
+                    ctx.root, "Invalid parameter type for 'read-only', expected: boolean"
+                )
             try:
-                read_only = _option_bool(node["read-only"], "read-only") or read_only
+                read_only = _option_bool(flag, "read-only") or read_only
             except ValueError as exc:
                 raise _RootError(ctx.root, str(exc)) from None
         driver = node.get("driver")
         if driver is None and "filename" in node:
             driver = "file"  # a dict's filename takes no protocol prefix
-        if driver is not None and not isinstance(driver, str):
-            raise _RootError(ctx.root, f"Invalid parameter type for 'driver': {driver!r}")
+        if driver is not None and not (isinstance(driver, str) and _DRIVER_NAME.fullmatch(driver)):
+            raise _RootError(ctx.root, f"Invalid parameter value for 'driver': {driver!r}")
         if driver in LOCAL_PROTOCOL_DRIVERS:
             filename = node.get("filename")
             if not isinstance(filename, str):
@@ -868,7 +887,7 @@ def find_images(argv: Sequence[str]) -> list[DriveImage]:
                 raise QemuOptionError(option, value, str(exc)) from None
             if not isinstance(node.get("driver"), str):
                 raise QemuOptionError(option, value, "Parameter 'driver' is missing")
-            root = _Root(option, value, arg.index, node)
+            root = _Root(option, value, arg.index, node, strict_types=value.startswith("{"))
             blockdevs.append(root)
             order.append(root)
         elif arg.name == "-set":

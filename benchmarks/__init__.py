@@ -1,0 +1,1 @@
+"""imglock's benchmarks: each figure a median beside a floor or a peer measured in the same run."""

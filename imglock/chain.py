@@ -1,0 +1,196 @@
+"""Following an image's backing chain, and its data files, to the last file.
+
+:func:`open_chain` opens the top image, then the backing file it names,
+then that file's backing file, and so on, each read-only and through the
+same checks as the top.  A qcow2 external data file is opened (as raw) right
+after the image that owns it: it holds that image's data, so a claim on the
+image must cover it too.
+
+The chain ends with an error, and with every descriptor it opened closed,
+when a backing file is missing, malformed, not a local file (``nbd://``,
+``json:{...}``), a format imglock does not read, when the chain loops back
+on a file it already holds (compared by device and inode, so hard links
+and different spellings of one path count as the same file), or when it
+is deeper than ``max_depth`` images.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Final, Literal
+
+from imglock.errors import ChainError, ImageError, UsageError
+from imglock.formats import FORMAT_NAMES, Child, OpenImage, open_image
+
+ChainRole = Literal["top", "backing", "data-file"]
+
+#: The deepest backing chain followed: the top image and 255 backing files.
+#: QEMU itself sets no limit, but every image of a claimed chain keeps a
+#: descriptor open for its locks; 256 leaves room for data files under the
+#: usual limit of 1024 open files, far beyond chains seen in practice.
+MAX_CHAIN_DEPTH: Final = 256
+
+
+@dataclass(frozen=True, slots=True)
+class ChainLink:
+    """One file of a chain, and how it got there."""
+
+    role: ChainRole
+    image: OpenImage
+    #: The image that names this file; None for the top image.
+    parent: OpenImage | None = None
+    #: The name as the parent stores it; None for the top image.
+    name: str | None = None
+    #: Backing steps from the top: 0 for the top image and its data file,
+    #: 1 for its backing file and that file's data file, and so on.
+    depth: int = 0
+
+
+class Chain:
+    """The open files of a backing chain, top first, each data file after its owner.
+
+    Closing the chain (or leaving its ``with`` block) closes every file.
+    """
+
+    def __init__(self, links: list[ChainLink]) -> None:
+        if not links or links[0].role != "top":
+            raise ValueError("a chain starts with its top image")
+        self.links: list[ChainLink] = links
+
+    @property
+    def top(self) -> OpenImage:
+        return self.links[0].image
+
+    @property
+    def images(self) -> list[OpenImage]:
+        """Every open file: images and data files, top first."""
+        return [link.image for link in self.links]
+
+    @property
+    def backing_chain(self) -> list[OpenImage]:
+        """The top image and its backing files, without data files (qemu-img's chain)."""
+        return [link.image for link in self.links if link.role != "data-file"]
+
+    def data_file_of(self, image: OpenImage) -> OpenImage | None:
+        """The external data file opened for *image*, if it has one."""
+        for link in self.links:
+            if link.role == "data-file" and link.parent is image:
+                return link.image
+        return None
+
+    def close(self) -> None:
+        """Close every file of the chain (dropping any locks on them).  Idempotent."""
+        for link in self.links:
+            link.image.close()
+
+    def __enter__(self) -> Chain:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[ChainLink]:
+        return iter(self.links)
+
+    def __len__(self) -> int:
+        return len(self.links)
+
+
+class _Opener:
+    """The state of one :func:`open_chain` call: what is open, and where."""
+
+    def __init__(self) -> None:
+        self.links: list[ChainLink] = []
+        self.seen: dict[tuple[int, int], str] = {}
+
+    def add(self, link: ChainLink) -> None:
+        """Record *link*, or close it and raise if its file is already in the chain."""
+        key = (link.image.st.st_dev, link.image.st.st_ino)
+        earlier = self.seen.get(key)
+        if earlier is not None:
+            link.image.close()
+            assert link.parent is not None  # the top image cannot repeat anything
+            what = "backing file" if link.role == "backing" else "data file"
+            raise ChainError(
+                link.parent.filename,
+                f"{what} '{link.name}' creates a loop: it is '{earlier}' again",
+            )
+        self.seen[key] = link.image.filename
+        self.links.append(link)
+
+    def open_child(self, parent: OpenImage, child: Child, format: str | None) -> OpenImage:
+        what = "backing file" if child.role == "backing" else "data file"
+        if child.filename is None:
+            raise ChainError(parent.filename, f"{what} '{child.name}' is not a local file")
+        if format is not None and format not in FORMAT_NAMES:
+            raise ChainError(
+                parent.filename,
+                f"{what} '{child.name}' has format '{format}', which imglock cannot read",
+            )
+        try:
+            return open_image(child.filename, format)
+        except ImageError as exc:
+            if type(exc) is not ImageError:
+                raise  # a malformed backing file, or a read error: say so as it is
+            raise ChainError(
+                parent.filename, f"cannot open {what} '{child.filename}': {exc.message}"
+            ) from None
+
+    def close_all(self) -> None:
+        for link in self.links:
+            link.image.close()
+
+
+def open_chain(
+    path: str | os.PathLike[str],
+    format: str | None = None,
+    max_depth: int = MAX_CHAIN_DEPTH,
+) -> Chain:
+    """Open the image at *path* and everything it depends on, read-only.
+
+    *format* applies to the top image only (None or "auto" probes it); each
+    backing file is opened with the format its parent records for it, or
+    probed when none is recorded, as QEMU does.  At most *max_depth* images
+    (the top included) are followed.  Raises ImageError, FormatError or
+    ChainError with every file it opened closed again.
+    """
+    if max_depth < 1:
+        raise UsageError(None, f"max_depth must be at least 1, not {max_depth}")
+    opener = _Opener()
+    try:
+        current = open_image(path, format)
+        opener.add(ChainLink("top", current))
+        depth = 1
+        while True:
+            backing: Child | None = None
+            for child in current.children():
+                if child.role == "data-file":
+                    # A data file holds raw guest data whatever its contents look like.
+                    data = opener.open_child(current, child, "raw")
+                    opener.add(ChainLink("data-file", data, current, child.name, depth - 1))
+                else:
+                    backing = child
+            if backing is None:
+                break
+            if depth >= max_depth:
+                raise ChainError(
+                    opener.links[0].image.filename,
+                    f"backing chain is deeper than {max_depth} images "
+                    f"(at backing file '{backing.name}' of '{current.filename}')",
+                )
+            image = opener.open_child(current, backing, backing.format)
+            opener.add(ChainLink("backing", image, current, backing.name, depth))
+            current = image
+            depth += 1
+    except BaseException:
+        opener.close_all()
+        raise
+    return Chain(opener.links)

@@ -1,0 +1,101 @@
+"""The image formats imglock reads, and how an image's format is found.
+
+:data:`DRIVERS` lists one driver per format, in probing order.  Probing
+follows QEMU: every driver scores the first bytes of the file and the
+highest score wins; raw answers 1 for anything and so is the fallback.
+Naming a format turns probing off, as ``qemu-img -f`` does.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Final
+
+from imglock.errors import FormatError, UsageError
+from imglock.formats.base import Child, FormatDriver, OpenImage
+from imglock.formats.qcow2 import Qcow2Driver
+from imglock.formats.raw import RawDriver
+from imglock.safeio import close_quietly, open_image_fd, read_at
+
+__all__ = [
+    "DRIVERS",
+    "FORMAT_NAMES",
+    "PROBE_SIZE",
+    "Child",
+    "FormatDriver",
+    "OpenImage",
+    "driver_for",
+    "open_image",
+    "probe",
+]
+
+#: Every format imglock reads, in probing order.
+DRIVERS: Final[tuple[FormatDriver, ...]] = (Qcow2Driver(), RawDriver())
+FORMAT_NAMES: Final = tuple(driver.name for driver in DRIVERS)
+
+#: How many leading bytes probing looks at (QEMU's probe buffer size).
+PROBE_SIZE: Final = 2048
+
+# Formats QEMU would recognise but imglock does not read: (offset, bytes,
+# QEMU's name).  Probing one of them as raw would claim the image without
+# the files it depends on, so such an image is refused instead.
+_FOREIGN_SIGNATURES: Final = (
+    (0, b"QFI\xfb\x00\x00\x00\x01", "qcow"),
+    (0, b"QED\x00", "qed"),
+    (0, b"KDMV", "vmdk"),
+    (0, b"# Disk DescriptorFile", "vmdk"),
+    (0, b"conectix", "vpc"),
+    (0, b"vhdxfile", "vhdx"),
+    (0, b"LUKS\xba\xbe", "luks"),
+    (0x40, b"\x7f\x10\xda\xbe", "vdi"),
+    (0, b"WithoutFreeSpace", "parallels"),
+    (0, b"WithouFreSpacExt", "parallels"),
+)
+
+
+def driver_for(name: str) -> FormatDriver:
+    """The driver of format *name*; UsageError for a format imglock does not read."""
+    for driver in DRIVERS:
+        if driver.name == name:
+            return driver
+    raise UsageError(
+        None, f"unknown image format '{name}' (imglock reads {', '.join(FORMAT_NAMES)})"
+    )
+
+
+def probe(head: bytes, filename: str) -> FormatDriver:
+    """The format of the file whose first bytes are *head* (the best score wins).
+
+    Raises FormatError for a format QEMU knows but imglock cannot read
+    (vmdk, qcow version 1, LUKS...), rather than treating it as raw.
+    """
+    best = max(DRIVERS, key=lambda driver: driver.probe(head, filename))
+    if best.name == "raw":
+        for offset, signature, foreign in _FOREIGN_SIGNATURES:
+            if head[offset : offset + len(signature)] == signature:
+                raise FormatError(
+                    filename,
+                    f"is a {foreign} image; imglock reads only {' and '.join(FORMAT_NAMES)} "
+                    "(name the format raw to treat it as plain data)",
+                )
+    return best
+
+
+def open_image(path: str | os.PathLike[str], format: str | None = None) -> OpenImage:
+    """Open the image at *path* read-only and parse its header.
+
+    *format* None (or "auto") probes the file; a format name uses that
+    driver without probing.  Raises ImageError (cannot open), FormatError
+    (bad header) or UsageError (unknown format name).  The caller closes
+    the returned image.
+    """
+    filename = os.fspath(path)
+    # An unknown format name is refused before the file is touched.
+    named = driver_for(format) if format is not None and format != "auto" else None
+    fd, st = open_image_fd(filename)
+    try:
+        driver = named or probe(read_at(fd, 0, PROBE_SIZE, filename), filename)
+        return driver.open(filename, fd, st)
+    except BaseException:
+        close_quietly(fd)
+        raise

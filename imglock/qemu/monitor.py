@@ -1,0 +1,772 @@
+"""A small QMP client for handing disk images over during a live migration.
+
+``imglock run`` starts QEMU with a private QMP monitor (see
+:func:`imglock.qemu.cmdline.with_extra_args`) and uses it to follow the
+VM's life:
+
+* **Source side** (:func:`watch_source`): when an outgoing migration
+  completes, QEMU has already inactivated the images (it flushed them and
+  will not write again), and the VM ends in the ``postmigrate`` run state.
+  Only then is the claim released, so the destination can take it.  A
+  failed or cancelled migration leaves the source running with its images
+  active: the claim is kept.  Should the VM be resumed after the handoff
+  (an operator's ``cont`` once the destination gave up), the claim is taken
+  back, and the VM is stopped if that fails.
+* **Destination side** (:func:`watch_destination`): QEMU runs with
+  ``-incoming`` and ``-S``, so the guest cannot start on its own.  When
+  the incoming migration has completed, the claim is taken (waiting for
+  the source to release it is the claim's business), and only then is the
+  guest resumed with ``cont``.
+
+The lock library stays out of this module: the watchers take ``claim``,
+``release`` and ``reclaim`` callables.  Plain functions run in a worker
+thread (a claim may wait for seconds), coroutine functions are awaited.
+
+Behaviour of QEMU 7.2 this relies on (measured by tests/test_qemu_monitor.py):
+
+* ``MIGRATION`` events are only sent after ``migrate-set-capabilities``
+  with ``events: true``; the capability is per QEMU and may be set on a
+  destination before or during ``inmigrate``.
+* Source: ``setup``, ``active``, then ``STOP`` (entering
+  ``finish-migrate``), ``completed``, and the run state becomes
+  ``postmigrate`` slightly after the ``completed`` event.  The images are
+  inactivated before ``completed`` is announced.  A failed or cancelled
+  migration resumes a source that was running (``RESUME``); one that was
+  paused ends in ``postmigrate`` too, so that state alone proves nothing:
+  only a ``completed`` status does.
+* Destination: run state ``inmigrate`` throughout; at completion QEMU
+  activates the images (taking its own locks) *even with* ``-S``, unless
+  the ``late-block-activate`` capability is set, then sets the run state
+  (``paused`` with ``-S``, ``running`` without, or the source's own state
+  when the source was not running) and only then announces ``completed``.
+  Both signals come from one step of QEMU's main loop, so a
+  ``query-status`` reply that shows the run state has left ``inmigrate``
+  is always preceded by the ``completed`` event (when events are on).
+  A failed incoming migration makes the destination QEMU exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import inspect
+import os
+import threading
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Protocol, TypeVar
+
+from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, QMPClient, QMPError
+from qemu.qmp import Runstate as SessionState
+from qemu.qmp.message import Message
+
+from imglock.errors import EX_OSERR, ImglockError
+
+T = TypeVar("T")
+
+# Run states (qapi/run-state.json, RunState).
+RUNSTATE_RUNNING: Final = "running"
+RUNSTATE_PAUSED: Final = "paused"
+RUNSTATE_PRELAUNCH: Final = "prelaunch"
+RUNSTATE_INMIGRATE: Final = "inmigrate"
+RUNSTATE_FINISH_MIGRATE: Final = "finish-migrate"
+RUNSTATE_POSTMIGRATE: Final = "postmigrate"
+
+# Migration statuses (qapi/migration.json, MigrationStatus).
+MIGRATION_NONE: Final = "none"
+MIGRATION_COMPLETED: Final = "completed"
+MIGRATION_FAILED: Final = "failed"
+MIGRATION_CANCELLED: Final = "cancelled"
+MIGRATION_TERMINAL: Final = frozenset({MIGRATION_COMPLETED, MIGRATION_FAILED, MIGRATION_CANCELLED})
+
+# Events (qapi/run-state.json, qapi/migration.json).
+EVENT_MIGRATION: Final = "MIGRATION"
+EVENT_STOP: Final = "STOP"
+EVENT_RESUME: Final = "RESUME"
+EVENT_SHUTDOWN: Final = "SHUTDOWN"
+WATCHED_EVENTS: Final = frozenset({EVENT_MIGRATION, EVENT_STOP, EVENT_RESUME, EVENT_SHUTDOWN})
+
+# Migration capabilities (qapi/migration.json, MigrationCapability).
+CAPABILITY_EVENTS: Final = "events"
+CAPABILITY_LATE_BLOCK_ACTIVATE: Final = "late-block-activate"
+
+#: How often connect() retries while QEMU has not created its socket yet.
+CONNECT_RETRY_INTERVAL: Final = 0.02
+#: How often run states are polled where QEMU sends no event for a change.
+POLL_INTERVAL: Final = 0.01
+#: How long a source may take from ``completed`` to ``postmigrate``.
+SETTLE_TIMEOUT: Final = 10.0
+
+
+# --------------------------------------------------------------------------
+# Errors
+
+
+class MonitorError(ImglockError):
+    """The QMP monitor cannot be reached or used; names the socket."""
+
+    exit_status = EX_OSERR
+
+
+class MonitorClosed(MonitorError):
+    """QEMU closed the monitor (it exited, or was killed)."""
+
+
+class CommandFailed(MonitorError):
+    """QEMU answered a QMP command with an error.
+
+    :attr:`command` is the command, :attr:`error_class` QEMU's error class
+    (``"GenericError"``...), :attr:`description` its message.
+    """
+
+    def __init__(self, path: str, command: str, error_class: str, description: str) -> None:
+        self.command = command
+        self.error_class = error_class
+        self.description = description
+        super().__init__(path, f"QMP {command} failed: {description}")
+
+
+# --------------------------------------------------------------------------
+# Results
+
+
+@dataclass(frozen=True)
+class RunState:
+    """What ``query-status`` says: whether the guest runs, and the run state name."""
+
+    running: bool
+    status: str
+
+
+@dataclass(frozen=True)
+class MigrationOutcome:
+    """How a migration ended, as seen from one side.
+
+    :attr:`status` is ``completed``, ``failed`` or ``cancelled``;
+    :attr:`runstate` is the VM's run state once it settled;
+    :attr:`error` is QEMU's ``error-desc`` for a failure, when it gives one.
+    """
+
+    status: str
+    runstate: RunState
+    error: str | None = None
+
+    @property
+    def completed(self) -> bool:
+        """Whether the VM now lives on the other side."""
+        return self.status == MIGRATION_COMPLETED
+
+
+@dataclass(frozen=True)
+class Event:
+    """A QMP event as received: name, data, and QEMU's timestamp (seconds)."""
+
+    name: str
+    data: Mapping[str, Any]
+    timestamp: float
+
+    @classmethod
+    def from_message(cls, msg: Message) -> Event:
+        stamp = msg.get("timestamp")
+        seconds = 0.0
+        if isinstance(stamp, dict):
+            seconds = float(stamp.get("seconds", 0)) + float(stamp.get("microseconds", 0)) / 1e6
+        data = msg.get("data")
+        return cls(
+            name=str(msg.get("event")),
+            data=data if isinstance(data, dict) else {},
+            timestamp=seconds,
+        )
+
+    @property
+    def migration_status(self) -> str | None:
+        """The ``status`` of a MIGRATION event, else None."""
+        if self.name != EVENT_MIGRATION:
+            return None
+        status = self.data.get("status")
+        return status if isinstance(status, str) else None
+
+
+class ProcessLike(Protocol):
+    """What connect() needs of the QEMU process: ``subprocess.Popen`` fits."""
+
+    @property
+    def pid(self) -> int: ...
+
+    def poll(self) -> int | None: ...
+
+
+Hook = Callable[[], object]
+"""A claim/release callable: a plain function (run in a worker thread) or a
+coroutine function (awaited)."""
+
+
+async def _call_hook(hook: Hook) -> None:
+    if inspect.iscoroutinefunction(hook):
+        await hook()
+        return
+    result = await asyncio.to_thread(hook)
+    if inspect.isawaitable(result):
+        await result
+
+
+# --------------------------------------------------------------------------
+# The monitor
+
+
+class Monitor:
+    """One QMP session with one QEMU, with the events ``imglock run`` cares about.
+
+    Make one with :meth:`connect`.  From the moment it is connected it
+    records every STOP, RESUME, SHUTDOWN and MIGRATION event (in
+    :attr:`history`, and in a queue that :meth:`next_event` consumes), so
+    nothing sent between two waits is missed.
+    """
+
+    def __init__(self, client: QMPClient, path: str) -> None:
+        self._client = client
+        self.path = path
+        self._listener = EventListener(names=sorted(WATCHED_EVENTS))
+        client.register_listener(self._listener)
+        self._gone = asyncio.Event()
+        self._gone_task = asyncio.create_task(self._watch_session())
+
+    # -- connection ---------------------------------------------------------
+
+    @classmethod
+    async def connect(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        timeout: float = 10.0,
+        process: ProcessLike | None = None,
+    ) -> Monitor:
+        """Connect to QEMU's QMP unix socket, waiting for QEMU to create it.
+
+        Retries every :data:`CONNECT_RETRY_INTERVAL` seconds until
+        ``timeout``.  With ``process`` (the QEMU child), gives up as soon
+        as it has exited, saying with which status, instead of waiting out
+        the timeout.  Raises :class:`MonitorError`.
+        """
+        path = os.fspath(path)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        last_error = "no socket yet"
+        while True:
+            if process is not None:
+                status = process.poll()
+                if status is not None:
+                    raise MonitorError(
+                        path, f"QEMU (pid {process.pid}) exited with {_describe_status(status)} "
+                        "before its QMP monitor was ready",
+                    )  # fmt: skip
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise MonitorError(
+                    path, f"QEMU's QMP monitor did not answer within {timeout:g} s ({last_error})"
+                )
+            if not os.path.exists(path):
+                # Not created yet: skip an attempt that qemu.qmp would log.
+                await asyncio.sleep(min(CONNECT_RETRY_INTERVAL, remaining))
+                continue
+            client = QMPClient("imglock")
+            try:
+                # A socket that exists but whose QEMU is hung (or busy with
+                # another client) accepts and then says nothing: bound it.
+                await asyncio.wait_for(client.connect(path), remaining)
+            except (TimeoutError, QMPError, OSError) as exc:
+                last_error = _describe_exception(exc)
+                await _quietly_disconnect(client)
+                await asyncio.sleep(min(CONNECT_RETRY_INTERVAL, max(0.0, remaining)))
+                continue
+            return cls(client, path)
+
+    async def close(self) -> None:
+        """Close the session (QEMU keeps running)."""
+        self._gone_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._gone_task
+        await _quietly_disconnect(self._client)
+        self._gone.set()
+
+    async def __aenter__(self) -> Monitor:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    @property
+    def closed(self) -> bool:
+        """Whether the session is over (QEMU exited or :meth:`close` was called)."""
+        return self._gone.is_set()
+
+    async def _watch_session(self) -> None:
+        while self._client.runstate == SessionState.RUNNING:
+            await self._client.runstate_changed()
+        self._gone.set()
+
+    # -- commands -----------------------------------------------------------
+
+    async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
+        """Run a QMP command and return its ``return`` value.
+
+        Raises :class:`CommandFailed` when QEMU reports an error and
+        :class:`MonitorClosed` when QEMU has gone away.
+        """
+        if self.closed:
+            raise MonitorClosed(self.path, f"cannot run QMP {command}: QEMU closed its monitor")
+        try:
+            return await self._client.execute(command, arguments)
+        except ExecuteError as exc:
+            raise CommandFailed(self.path, command, exc.error_class, str(exc)) from None
+        except (ExecInterruptedError, QMPError, OSError, EOFError) as exc:
+            raise MonitorClosed(
+                self.path, f"QMP {command} interrupted: QEMU closed its monitor "
+                f"({_describe_exception(exc)})",
+            ) from None  # fmt: skip
+
+    async def query_status(self) -> RunState:
+        """The VM's run state (``query-status``)."""
+        reply = await self.execute("query-status")
+        return RunState(running=bool(reply["running"]), status=str(reply["status"]))
+
+    async def stop(self) -> None:
+        """Pause the guest (``stop``); harmless when it is already paused."""
+        await self.execute("stop")
+
+    async def cont(self) -> None:
+        """Resume the guest (``cont``); this also activates images still inactive."""
+        await self.execute("cont")
+
+    async def query_migrate(self) -> Mapping[str, Any]:
+        """``query-migrate``: on a destination it describes the incoming migration."""
+        reply = await self.execute("query-migrate")
+        return reply if isinstance(reply, dict) else {}
+
+    async def migration_status(self) -> str:
+        """The current migration status, ``"none"`` if there never was one."""
+        status = (await self.query_migrate()).get("status", MIGRATION_NONE)
+        return str(status)
+
+    async def set_migration_capabilities(self, **capabilities: bool) -> None:
+        """Set migration capabilities; keyword names use ``_`` for ``-``."""
+        await self.execute(
+            "migrate-set-capabilities",
+            {
+                "capabilities": [
+                    {"capability": name.replace("_", "-"), "state": state}
+                    for name, state in capabilities.items()
+                ]
+            },
+        )
+
+    async def migration_capabilities(self) -> dict[str, bool]:
+        """Every migration capability and whether it is on."""
+        reply = await self.execute("query-migrate-capabilities")
+        return {str(item["capability"]): bool(item["state"]) for item in reply}
+
+    async def enable_migration_events(self) -> None:
+        """Turn on MIGRATION events (``migrate-set-capabilities events``).
+
+        Does nothing when they are on already: QEMU refuses to change
+        capabilities while an outgoing migration runs (at start-up, when
+        ``imglock run`` calls this, none can be running).
+        """
+        if not (await self.migration_capabilities()).get(CAPABILITY_EVENTS, False):
+            await self.set_migration_capabilities(events=True)
+
+    # -- events -------------------------------------------------------------
+
+    async def next_event(
+        self, names: Collection[str] | None = None, *, timeout: float | None = None
+    ) -> Event:
+        """The next recorded event (of ``names``, others are dropped).
+
+        Raises :class:`MonitorClosed` once QEMU has gone and no event is
+        left, and TimeoutError after ``timeout`` seconds.
+        """
+        async with asyncio.timeout(timeout):
+            while True:
+                event = await self._get_event()
+                if names is None or event.name in names:
+                    return event
+
+    def pending_events(self) -> list[Event]:
+        """Take every event already received without waiting."""
+        return [Event.from_message(msg) for msg in self._listener.clear()]
+
+    @property
+    def history(self) -> list[Event]:
+        """Every watched event received since connecting, consumed or not."""
+        return [Event.from_message(msg) for msg in self._listener.history]
+
+    async def _get_event(self) -> Event:
+        if not self._listener.empty():
+            return Event.from_message(await self._listener.get())
+        if self.closed:
+            raise MonitorClosed(self.path, "QEMU closed its monitor")
+        getter = asyncio.ensure_future(self._listener.get())
+        gone = asyncio.ensure_future(self._gone.wait())
+        try:
+            await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not getter.done():
+                getter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            if getter.done() and not getter.cancelled():
+                return Event.from_message(getter.result())
+        raise MonitorClosed(self.path, "QEMU closed its monitor")
+
+    # -- waiting ------------------------------------------------------------
+
+    async def wait_runstate(
+        self,
+        states: Collection[str],
+        *,
+        timeout: float | None = None,
+        poll_interval: float = POLL_INTERVAL,
+    ) -> RunState:
+        """Poll ``query-status`` until the run state is one of ``states``.
+
+        Polling, because QEMU sends no event for most run state changes
+        (``finish-migrate`` → ``postmigrate``, ``inmigrate`` → ``paused``).
+        """
+        async with asyncio.timeout(timeout):
+            while True:
+                state = await self.query_status()
+                if state.status in states:
+                    return state
+                await asyncio.sleep(poll_interval)
+
+    async def wait_runstate_not(
+        self,
+        states: Collection[str],
+        *,
+        timeout: float | None = None,
+        poll_interval: float = POLL_INTERVAL,
+    ) -> RunState:
+        """Poll ``query-status`` until the run state is none of ``states``."""
+        async with asyncio.timeout(timeout):
+            while True:
+                state = await self.query_status()
+                if state.status not in states:
+                    return state
+                await asyncio.sleep(poll_interval)
+
+    async def wait_migration(self, *, timeout: float | None = None) -> MigrationOutcome:
+        """Wait for the next MIGRATION event with a terminal status (source side).
+
+        Needs MIGRATION events on (:meth:`enable_migration_events`) before
+        the migration starts.  For ``completed`` it then waits for the run
+        state to leave ``finish-migrate`` (it becomes ``postmigrate``); for
+        a failure it waits for the source to settle back (``running`` when
+        it was running).
+        """
+        async with asyncio.timeout(timeout):
+            while True:
+                event = await self.next_event({EVENT_MIGRATION})
+                if event.migration_status in MIGRATION_TERMINAL:
+                    break
+        status = event.migration_status or ""
+        return await self._settle(status)
+
+    async def _settle(self, status: str) -> MigrationOutcome:
+        try:
+            state = await self.wait_runstate_not({RUNSTATE_FINISH_MIGRATE}, timeout=SETTLE_TIMEOUT)
+        except TimeoutError:
+            raise MonitorError(
+                self.path, f"migration {status} but the VM stayed in "
+                f"{RUNSTATE_FINISH_MIGRATE} for {SETTLE_TIMEOUT:g} s",
+            ) from None  # fmt: skip
+        error = None
+        if status != MIGRATION_COMPLETED:
+            desc = (await self.query_migrate()).get("error-desc")
+            error = desc if isinstance(desc, str) else None
+        return MigrationOutcome(status, state, error)
+
+    async def wait_incoming(self, *, timeout: float | None = None) -> MigrationOutcome:
+        """Wait until the incoming migration has completed (destination side).
+
+        The signal is the run state leaving ``inmigrate``, confirmed by
+        ``query-migrate`` saying ``completed``: it is seen even when the
+        migration finished before this monitor was connected, and it does
+        not depend on MIGRATION events.  The ``completed`` event QEMU sends
+        just before that reply (when events are on) is consumed here, so
+        that a later :func:`watch_source` does not take it for an outgoing
+        migration.  Raises :class:`MonitorClosed` when QEMU exits (which is
+        what QEMU 7.2 does when an incoming migration fails).
+        """
+        try:
+            state = await self._wait_not_inmigrate(timeout)
+        except MonitorClosed:
+            raise MonitorClosed(
+                self.path, "QEMU exited before the incoming migration completed "
+                "(QEMU ends when an incoming migration fails)",
+            ) from None  # fmt: skip
+        status = await self.migration_status()
+        while not self._listener.empty():
+            event = Event.from_message(await self._listener.get())
+            if event.migration_status == MIGRATION_COMPLETED:
+                status = MIGRATION_COMPLETED
+                break
+        if status != MIGRATION_COMPLETED:
+            raise MonitorError(
+                self.path, f"left {RUNSTATE_INMIGRATE} for {state.status} with migration "
+                f"status {status}",
+            )  # fmt: skip
+        return MigrationOutcome(MIGRATION_COMPLETED, state)
+
+    async def _wait_not_inmigrate(self, timeout: float | None) -> RunState:
+        """Wake on every recorded event or poll tick, and check query-status."""
+        async with asyncio.timeout(timeout):
+            while True:
+                state = await self.query_status()
+                if state.status != RUNSTATE_INMIGRATE:
+                    return state
+                # Events make the common case quick; the poll covers a
+                # migration whose events are off or were sent earlier.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.1):
+                        await self._wait_for_activity()
+
+    async def _wait_for_activity(self) -> None:
+        """Return when an event is queued or QEMU has gone (without consuming)."""
+        while self._listener.empty():
+            if self.closed:
+                raise MonitorClosed(self.path, "QEMU closed its monitor")
+            await asyncio.sleep(POLL_INTERVAL)
+
+
+# --------------------------------------------------------------------------
+# Handoff watchers
+
+
+async def watch_source(
+    monitor: Monitor,
+    *,
+    release: Hook,
+    reclaim: Hook,
+    on_outcome: Callable[[MigrationOutcome], object] | None = None,
+) -> None:
+    """Follow a VM that may migrate away; release its claim when it has.
+
+    Turns MIGRATION events on, then for each migration: on ``completed``
+    (the images are inactive and the VM is in ``postmigrate``) call
+    ``release``; on ``failed``/``cancelled`` keep the claim.  If the VM
+    runs again after a release (``RESUME``), call ``reclaim``; when that
+    raises, the VM is stopped and the exception propagates.  Returns when
+    QEMU exits; raises what ``release`` raises.  ``on_outcome`` hears of
+    every migration's end (for logs).
+    """
+    await monitor.enable_migration_events()
+    released = False
+    while True:
+        try:
+            event = await monitor.next_event({EVENT_MIGRATION, EVENT_RESUME})
+        except MonitorClosed:
+            return
+        if event.name == EVENT_RESUME:
+            if released:
+                try:
+                    await _call_hook(reclaim)
+                except BaseException:
+                    with contextlib.suppress(MonitorError):
+                        await monitor.stop()
+                    raise
+                released = False
+            continue
+        status = event.migration_status
+        if status not in MIGRATION_TERMINAL:
+            continue
+        try:
+            outcome = await monitor._settle(status or "")
+        except MonitorClosed:
+            if status == MIGRATION_COMPLETED:
+                # QEMU quit right after the handoff (as management does):
+                # its images are inactive and its process is gone.
+                await _call_hook(release)
+            return
+        if on_outcome is not None:
+            on_outcome(outcome)
+        if outcome.completed and outcome.runstate.status == RUNSTATE_POSTMIGRATE and not released:
+            await _call_hook(release)
+            released = True
+
+
+async def watch_destination(
+    monitor: Monitor,
+    *,
+    claim: Hook,
+    resume: bool,
+    timeout: float | None = None,
+) -> MigrationOutcome:
+    """Take over a VM arriving by migration: wait, ``claim``, then resume it.
+
+    QEMU must have been started with ``-incoming`` and ``-S`` (so the guest
+    cannot run before the claim).  Turns MIGRATION events on, waits for
+    the incoming migration to complete (:meth:`Monitor.wait_incoming`,
+    ``timeout`` bounds that wait), calls ``claim``, and then ``cont`` when
+    ``resume`` is true (the user did not ask for ``-S`` and the guest came
+    over running).  If ``claim`` raises, the guest stays paused and the
+    exception propagates: the caller should then end QEMU.
+    """
+    await monitor.enable_migration_events()
+    outcome = await monitor.wait_incoming(timeout=timeout)
+    await _call_hook(claim)
+    if resume and not outcome.runstate.running:
+        await monitor.cont()
+        outcome = MigrationOutcome(outcome.status, await monitor.query_status(), outcome.error)
+    return outcome
+
+
+# --------------------------------------------------------------------------
+# For synchronous callers
+
+
+class MonitorThread:
+    """A :class:`Monitor` running on its own event loop in a background thread.
+
+    For synchronous code such as ``imglock run``, whose main thread waits
+    for the QEMU child and forwards signals::
+
+        with MonitorThread.connect(sock, process=child) as monitor:
+            watcher = monitor.start(watch_destination, claim=claim, resume=True)
+            watcher.add_done_callback(...)   # runs in the monitor thread
+            ...
+            monitor.stop()                   # from any thread, e.g. on lock loss
+
+    Methods block the calling thread until QEMU answers; :meth:`start`
+    returns a :class:`concurrent.futures.Future`.  :meth:`close` cancels
+    what is still running and ends the thread.
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run_loop, name="imglock-qmp", daemon=True)
+        self._thread.start()
+        self._monitor: Monitor | None = None
+        self._tasks: list[concurrent.futures.Future[Any]] = []
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_forever()
+
+    @classmethod
+    def connect(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        timeout: float = 10.0,
+        process: ProcessLike | None = None,
+    ) -> MonitorThread:
+        """Start the thread and connect (see :meth:`Monitor.connect`)."""
+        thread = cls()
+        try:
+            thread._monitor = thread.call(Monitor.connect(path, timeout=timeout, process=process))
+        except BaseException:
+            thread.close()
+            raise
+        return thread
+
+    @property
+    def monitor(self) -> Monitor:
+        """The monitor; use it only from coroutines run by :meth:`call`/:meth:`start`."""
+        if self._monitor is None:
+            raise MonitorError(None, "not connected")
+        return self._monitor
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run ``coro`` on the monitor's loop and wait for its result."""
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"QMP call did not finish within {timeout} s") from None
+
+    def start(
+        self, watcher: Callable[..., Awaitable[T]], /, **kwargs: Any
+    ) -> concurrent.futures.Future[T]:
+        """Run ``watcher(self.monitor, **kwargs)`` in the background; return its Future."""
+        monitor = self.monitor
+
+        async def run() -> T:
+            return await watcher(monitor, **kwargs)
+
+        future = asyncio.run_coroutine_threadsafe(run(), self._loop)
+        self._tasks.append(future)
+        return future
+
+    def query_status(self, timeout: float | None = None) -> RunState:
+        """See :meth:`Monitor.query_status`."""
+        return self.call(self.monitor.query_status(), timeout)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Pause the guest; for a claim that was lost."""
+        self.call(self.monitor.stop(), timeout)
+
+    def cont(self, timeout: float | None = None) -> None:
+        """Resume the guest."""
+        self.call(self.monitor.cont(), timeout)
+
+    def close(self) -> None:
+        """Cancel running watchers, close the session and end the thread."""
+        if not self._thread.is_alive():
+            return
+        for task in self._tasks:
+            task.cancel()
+        if self._monitor is not None:
+            with contextlib.suppress(Exception):
+                self.call(self._monitor.close(), timeout=5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    def __enter__(self) -> MonitorThread:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------
+# Helpers
+
+
+async def _quietly_disconnect(client: QMPClient) -> None:
+    """Disconnect, swallowing the reader's EOF that disconnect() re-raises."""
+    with contextlib.suppress(Exception):
+        await client.disconnect()
+
+
+def _describe_exception(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return "no greeting"
+    cause = exc.exc if hasattr(exc, "exc") else exc
+    return str(cause) or type(cause).__name__
+
+
+def _describe_status(status: int) -> str:
+    if status < 0:
+        return f"signal {-status}"
+    return f"status {status}"
+
+
+__all__ = [
+    "CAPABILITY_EVENTS",
+    "CAPABILITY_LATE_BLOCK_ACTIVATE",
+    "CommandFailed",
+    "Event",
+    "MigrationOutcome",
+    "Monitor",
+    "MonitorClosed",
+    "MonitorError",
+    "MonitorThread",
+    "ProcessLike",
+    "RunState",
+    "watch_destination",
+    "watch_source",
+]
