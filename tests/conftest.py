@@ -8,11 +8,13 @@ QEMU is an error, so a CI run can never pass by skipping them.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -88,3 +90,52 @@ def raw_image(tmp_path: Path) -> Path:
     with path.open("wb") as f:
         f.truncate(1 << 20)
     return path
+
+
+CLAIMER = str(Path(__file__).with_name("claimer.py"))
+ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+
+
+@dataclass
+class Rival:
+    proc: subprocess.Popen[str]
+    reply: dict[str, object]
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.reply["ok"])
+
+    def stop(self) -> None:
+        """Close its stdin: it releases and exits."""
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=10)
+
+
+SpawnRival = Callable[..., Rival]
+
+
+@pytest.fixture
+def rival() -> Iterator[SpawnRival]:
+    """Start claimer processes; every one still alive is killed afterwards."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def spawn(*args: str | os.PathLike[str], prefix: list[str] | None = None) -> Rival:
+        proc = subprocess.Popen(
+            [*(prefix or []), sys.executable, CLAIMER, *map(os.fspath, args)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=ENV,
+        )
+        procs.append(proc)
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line, f"claimer died without a word (status {proc.wait()})"
+        return Rival(proc, json.loads(line))
+
+    yield spawn
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -12,63 +12,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import CLAIMER, ENV, SpawnRival
 
 import imglock
 from imglock.api import Claim, ClaimSpec
 from imglock.protocol import Layer, Mode
-
-CLAIMER = str(Path(__file__).with_name("claimer.py"))
-ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-
-
-@dataclass
-class Rival:
-    proc: subprocess.Popen[str]
-    reply: dict[str, object]
-
-    @property
-    def ok(self) -> bool:
-        return bool(self.reply["ok"])
-
-    def stop(self) -> None:
-        """Close its stdin: it releases and exits."""
-        if self.proc.stdin:
-            self.proc.stdin.close()
-        self.proc.wait(timeout=10)
-
-
-SpawnRival = Callable[..., Rival]
-
-
-@pytest.fixture
-def rival() -> Iterator[SpawnRival]:
-    """Start claimer processes; every one still alive is killed afterwards."""
-    procs: list[subprocess.Popen[str]] = []
-
-    def spawn(*args: str | os.PathLike[str], prefix: list[str] | None = None) -> Rival:
-        proc = subprocess.Popen(
-            [*(prefix or []), sys.executable, CLAIMER, *map(os.fspath, args)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=ENV,
-        )
-        procs.append(proc)
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line, f"claimer died without a word (status {proc.wait()})"
-        return Rival(proc, json.loads(line))
-
-    yield spawn
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def _fd_count() -> int:
@@ -238,7 +189,8 @@ def test_lockspace_moves_the_locks_to_a_file_in_the_lockspace(
     assert first.ok
     assert not rival(raw_image, "--lockspace", space).ok
     assert imglock.holders(raw_image) == []  # the image itself carries no lock
-    (holder,) = [h for h in imglock.holders(raw_image, lockspace=str(space)) if h.layer == "imglock"]
+    found = imglock.holders(raw_image, lockspace=str(space))
+    (holder,) = [h for h in found if h.layer == "imglock"]
     assert holder.pid == first.reply["pid"]
 
 

@@ -372,6 +372,32 @@ def test_failed_migration_leaves_the_source_running(handoff: Handoff, qemu_vms: 
     assert not handoff.released.is_set()
 
 
+def test_wait_migration_reports_a_failure(qemu_vms: QemuVMs) -> None:
+    vm = qemu_vms.start(TINY_PC)
+
+    async def scenario() -> MigrationOutcome:
+        async with await Monitor.connect(vm.qmp_path, process=vm.process) as monitor:
+            await monitor.enable_migration_events()
+            await monitor.execute("migrate", {"uri": f"unix:{qemu_vms.path('none.sock')}"})
+            return await monitor.wait_migration(timeout=5)
+
+    outcome = asyncio.run(scenario())
+    assert outcome.status == MIGRATION_FAILED and not outcome.completed
+    assert outcome.runstate == RunState(True, "running")
+
+
+def test_a_claim_that_fails_leaves_the_destination_paused(handoff: Handoff) -> None:
+    def refuse() -> None:
+        raise RuntimeError("held by someone else")
+
+    handoff.src_mon.start(watch_source, release=handoff.release, reclaim=lambda: None)
+    dst_watch = handoff.dst_mon.start(watch_destination, claim=refuse, resume=True)
+    handoff.migrate()
+    with pytest.raises(RuntimeError, match="someone else"):
+        dst_watch.result(HANDOFF_TIMEOUT)
+    assert handoff.dst_mon.query_status() == RunState(False, "paused")
+
+
 def test_source_resumed_after_the_handoff_claims_again(handoff: Handoff) -> None:
     reclaimed = threading.Event()
     src_watch = handoff.src_mon.start(watch_source, release=handoff.release, reclaim=reclaimed.set)

@@ -58,7 +58,7 @@ def _print_table(reports: list[ImageReport]) -> None:
     for report in reports:
         flags = _flags(report)
         if not report.holders:
-            rows.append([report.filename, report.format or "-", "-", "free", *"----", flags])
+            rows.append([report.filename, report.format or "-", "-", "free", *"---", flags, "-"])
         for holder in report.holders:
             what = holder.mode or ",".join(holder.perms) or "-"
             if holder.unshared:
@@ -72,11 +72,11 @@ def _print_table(reports: list[ImageReport]) -> None:
                     "-" if holder.pid is None else str(holder.pid),
                     holder.host or "-",
                     holder.since or "-",
-                    holder.command or "-",
                     flags,
+                    holder.command or "-",
                 ]
             )
-    header = ["IMAGE", "FORMAT", "LAYER", "HOLDS", "PID", "HOST", "SINCE", "COMMAND", "FLAGS"]
+    header = ["IMAGE", "FORMAT", "LAYER", "HOLDS", "PID", "HOST", "SINCE", "FLAGS", "COMMAND"]
     click.echo(render(header, rows))
 
 

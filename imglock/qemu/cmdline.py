@@ -631,7 +631,7 @@ def _drive_root(drive: _Drive, global_snapshot: bool) -> _Root | None:
     if filename.startswith("json:"):
         described = _crumple(_flatten(_parse_json_object(filename[len("json:") :])))
         if driver is not None and described.get("driver", driver) != driver:
-            raise ValueError("the json: file name and the drive name different drivers")
+            raise ValueError("the format and the driver of the json: file name differ")
         node = {**described, **{k: v for k, v in node.items() if v is not None}}
     elif driver in LOCAL_PROTOCOL_DRIVERS or driver in NONLOCAL_DRIVERS:
         if filename:
@@ -813,18 +813,20 @@ def _merge(images: list[DriveImage]) -> list[DriveImage]:
         if seen is None:
             merged[key] = image
             continue
-        both_shared = seen.shared and image.shared
-        merged[key] = replace(
+        # A use that is not shared has all three flags false, so the
+        # conjunctions make the merged entry exclusive.
+        combined = replace(
             seen,
-            read_only=both_shared and seen.read_only and image.read_only,
-            snapshot=both_shared and seen.snapshot and image.snapshot,
-            cdrom=both_shared and seen.cdrom and image.cdrom,
+            read_only=seen.read_only and image.read_only,
+            snapshot=seen.snapshot and image.snapshot,
+            cdrom=seen.cdrom and image.cdrom,
             role=min(seen.role, image.role, key=_ROLE_RANK.__getitem__),
             implicit_backing=seen.implicit_backing or image.implicit_backing,
         )
-        if both_shared and not merged[key].shared:
-            # Both uses are shared but for different reasons: keep it shared.
-            merged[key] = replace(merged[key], read_only=True)
+        if seen.shared and image.shared and not combined.shared:
+            # Shared both times, for different reasons (read-only, snapshot).
+            combined = replace(combined, read_only=True)
+        merged[key] = combined
     return list(merged.values())
 
 

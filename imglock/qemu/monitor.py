@@ -469,10 +469,15 @@ class Monitor:
                 event = await self.next_event({EVENT_MIGRATION})
                 if event.migration_status in MIGRATION_TERMINAL:
                     break
-        status = event.migration_status or ""
-        return await self._settle(status)
+        return await self.settle(event.migration_status or "")
 
-    async def _settle(self, status: str) -> MigrationOutcome:
+    async def settle(self, status: str) -> MigrationOutcome:
+        """The outcome of a migration that ended with ``status`` (source side).
+
+        Waits (up to :data:`SETTLE_TIMEOUT`) for the run state to leave
+        ``finish-migrate``: QEMU announces ``completed`` before it sets
+        ``postmigrate``, and a failure before it resumes the guest.
+        """
         try:
             state = await self.wait_runstate_not({RUNSTATE_FINISH_MIGRATE}, timeout=SETTLE_TIMEOUT)
         except TimeoutError:
@@ -558,7 +563,8 @@ async def watch_source(
     runs again after a release (``RESUME``), call ``reclaim``; when that
     raises, the VM is stopped and the exception propagates.  Returns when
     QEMU exits; raises what ``release`` raises.  ``on_outcome`` hears of
-    every migration's end (for logs).
+    every migration's end (for logs); it runs on the monitor's event loop
+    and must not block.
     """
     await monitor.enable_migration_events()
     released = False
@@ -581,7 +587,7 @@ async def watch_source(
         if status not in MIGRATION_TERMINAL:
             continue
         try:
-            outcome = await monitor._settle(status or "")
+            outcome = await monitor.settle(status or "")
         except MonitorClosed:
             if status == MIGRATION_COMPLETED:
                 # QEMU quit right after the handoff (as management does):
@@ -611,6 +617,11 @@ async def watch_destination(
     ``resume`` is true (the user did not ask for ``-S`` and the guest came
     over running).  If ``claim`` raises, the guest stays paused and the
     exception propagates: the caller should then end QEMU.
+
+    QEMU does not tell a destination whether the guest was running on the
+    source: with ``-S`` both cases end ``paused``.  So ``resume`` also
+    resumes a guest that was paused on the source; a caller that knows
+    better passes ``resume=False``.
     """
     await monitor.enable_migration_events()
     outcome = await monitor.wait_incoming(timeout=timeout)
