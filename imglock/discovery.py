@@ -21,7 +21,7 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
 
 from imglock import fcntl_locks, procfs, records
@@ -210,14 +210,26 @@ def survey(
         if _kind(ll.start, ll.end) == "imglock":
             for byte in _bytes_of(ll.start, ll.end):
                 owner_pids[byte].append(ll.pid)
-    result.holders += [names.imglock(b, sorted(set(p))) for b, p in sorted(owner_pids.items())]
-
-    # QEMU layer: one holder per local process, and one for bytes held elsewhere.
+    # QEMU layer, locally: the bytes each process holds.
     qemu_by_pid: dict[int, set[int]] = defaultdict(set)
     for ll in local_locks:
         if _kind(ll.start, ll.end) == "qemu":
             qemu_by_pid[ll.pid].update(range(ll.start, ll.end))
     explained = set().union(*qemu_by_pid.values()) if qemu_by_pid else set()
+
+    for byte, pids in sorted(owner_pids.items()):
+        holder = names.imglock(byte, sorted(set(pids)))
+        # QEMU bytes held by the same processes belong to the same claim
+        # (imglock's QEMU layer, or the wrapped QEMU itself): one holder.
+        qemu_bytes = set().union(*(qemu_by_pid.pop(pid, set()) for pid in holder.local_pids))
+        if qemu_bytes:
+            holder = replace(
+                holder,
+                perms=_perm_names(qemu_bytes, QEMU_PERM_BASE),
+                unshared=_perm_names(qemu_bytes, QEMU_SHARED_BASE),
+            )
+        result.holders.append(holder)
+
     for pid, held in sorted(qemu_by_pid.items()):
         command, since = names.local(pid)
         result.holders.append(_qemu_holder(held, pid, hostname(), command, since))

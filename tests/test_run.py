@@ -1,0 +1,239 @@
+"""``imglock run``: wrapping any command, as flock(1) wraps one.
+
+Each test runs the real ``imglock`` command around real commands.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import ImglockCli
+
+import imglock
+
+IMGLOCK = [sys.executable, "-m", "imglock"]
+
+
+@pytest.fixture
+def started() -> Iterator[list[subprocess.Popen[str]]]:
+    """Background processes, killed (with their process group) at the end."""
+    procs: list[subprocess.Popen[str]] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _background(
+    started: list[subprocess.Popen[str]], *args: str | os.PathLike[str], **kw: object
+) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(  # type: ignore[call-overload]
+        [*IMGLOCK, *map(os.fspath, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
+    started.append(proc)
+    return proc  # type: ignore[no-any-return]
+
+
+def _wait_until(predicate: object, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.01)
+    raise AssertionError("condition not reached in time")
+
+
+def _imglock_holders(path: Path) -> list[imglock.Holder]:
+    return [h for h in imglock.holders(path) if h.layer == "imglock"]
+
+
+def test_exit_status_is_the_commands(raw_image: Path, imglock_cli: ImglockCli) -> None:
+    proc = imglock_cli("run", "--image", raw_image, "--", "sh", "-c", "exit 3")
+    assert proc.returncode == 3, proc.stderr
+
+
+def test_exit_status_of_a_command_killed_by_a_signal_is_128_plus_n(
+    raw_image: Path, imglock_cli: ImglockCli
+) -> None:
+    proc = imglock_cli("run", "--image", raw_image, "--", "sh", "-c", "kill -TERM $$")
+    assert proc.returncode == 128 + signal.SIGTERM
+
+
+def test_the_command_holds_the_image_while_it_runs_and_not_after(
+    raw_image: Path, imglock_cli: ImglockCli
+) -> None:
+    script = f"{sys.executable} -m imglock status --json {raw_image}"
+    proc = imglock_cli("run", "--image", raw_image, "--", "sh", "-c", script)
+    assert proc.returncode == 1, proc.stderr  # status: held
+    (report,) = json.loads(proc.stdout)
+    (holder,) = [h for h in report["holders"] if h["layer"] == "imglock"]
+    assert holder["mode"] == "exclusive"
+    assert holder["command"].startswith("sh -c")  # the command, not the wrapper
+    assert "write" in holder["perms"]  # QEMU's bytes held for a non-QEMU command
+    assert imglock.holders(raw_image) == []
+
+
+def test_a_second_run_fails_with_the_conflict_status_and_names_the_holder(
+    raw_image: Path, imglock_cli: ImglockCli, started: list[subprocess.Popen[str]]
+) -> None:
+    first = _background(started, "run", "--image", raw_image, "--", "sleep", "30")
+    _wait_until(lambda: _imglock_holders(raw_image))
+    (holder,) = _imglock_holders(raw_image)
+    proc = imglock_cli("run", "--image", raw_image, "--", "true")
+    assert proc.returncode == 75
+    (line,) = proc.stderr.splitlines()
+    assert str(raw_image) in line and f"pid {holder.pid}" in line and "sleep 30" in line
+    assert imglock_cli("run", "-E", "9", "--image", raw_image, "--", "true").returncode == 9
+    assert first.poll() is None
+
+
+def test_wait_gets_the_image_when_the_first_holder_exits(
+    raw_image: Path, imglock_cli: ImglockCli, started: list[subprocess.Popen[str]]
+) -> None:
+    _background(started, "run", "--image", raw_image, "--", "sleep", "1")
+    _wait_until(lambda: _imglock_holders(raw_image))
+    proc = imglock_cli("run", "-w", "20", "--image", raw_image, "--", "true")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_wait_that_runs_out_exits_with_the_conflict_status(
+    raw_image: Path, imglock_cli: ImglockCli, started: list[subprocess.Popen[str]]
+) -> None:
+    _background(started, "run", "--image", raw_image, "--", "sleep", "30")
+    _wait_until(lambda: _imglock_holders(raw_image))
+    began = time.monotonic()
+    proc = imglock_cli("run", "-w", "0.5", "--image", raw_image, "--", "true")
+    assert proc.returncode == 75
+    assert time.monotonic() - began >= 0.5
+
+
+def test_kill_9_of_the_wrapper_leaves_the_command_holding_the_lock(
+    raw_image: Path, started: list[subprocess.Popen[str]]
+) -> None:
+    wrapper = _background(started, "run", "--image", raw_image, "--", "sleep", "30")
+    _wait_until(lambda: _imglock_holders(raw_image))
+    (holder,) = _imglock_holders(raw_image)
+    wrapper.kill()
+    wrapper.wait()
+    try:
+        (still,) = _imglock_holders(raw_image)
+        assert still.pid == holder.pid
+        with pytest.raises(imglock.LockConflict):
+            imglock.claim(raw_image)
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+
+
+def test_kill_9_of_the_command_frees_the_image(
+    raw_image: Path, started: list[subprocess.Popen[str]]
+) -> None:
+    wrapper = _background(started, "run", "--image", raw_image, "--", "sleep", "30")
+    _wait_until(lambda: _imglock_holders(raw_image))
+    (holder,) = _imglock_holders(raw_image)
+    os.kill(holder.pid, signal.SIGKILL)
+    assert wrapper.wait(timeout=10) == 128 + signal.SIGKILL
+    assert imglock.holders(raw_image) == []
+
+
+@pytest.mark.parametrize("signo", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_signals_are_forwarded_to_the_command(
+    raw_image: Path, tmp_path: Path, started: list[subprocess.Popen[str]], signo: int
+) -> None:
+    got = tmp_path / "got"
+    script = f"trap 'echo {signo} > {got}; exit 7' {signo}; while :; do sleep 0.05; done"
+    wrapper = _background(started, "run", "--image", raw_image, "--", "sh", "-c", script)
+    _wait_until(lambda: _imglock_holders(raw_image))
+    time.sleep(0.2)  # let the shell install its trap
+    wrapper.send_signal(signo)
+    assert wrapper.wait(timeout=10) == 7
+    assert got.read_text().strip() == str(signo)
+
+
+LIST_FDS = """
+import os
+for name in sorted(os.listdir("/proc/self/fd"), key=int):
+    if int(name) > 2:
+        try:
+            print(os.readlink(f"/proc/self/fd/{name}"))
+        except OSError:
+            pass  # the descriptor listdir itself used
+"""
+
+
+def test_the_command_inherits_only_the_lock_descriptors(
+    raw_image: Path, imglock_cli: ImglockCli
+) -> None:
+    proc = imglock_cli(
+        "run", "--image", raw_image, "--", sys.executable, "-c", LIST_FDS, close_fds=True
+    )
+    assert proc.stdout.split() == [str(raw_image)]
+
+
+def test_a_command_that_is_not_qemu_needs_image(imglock_cli: ImglockCli) -> None:
+    proc = imglock_cli("run", "--", "true")
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "--image" in proc.stderr
+
+
+def test_a_command_that_does_not_exist_exits_127_and_releases(
+    raw_image: Path, imglock_cli: ImglockCli
+) -> None:
+    proc = imglock_cli("run", "--image", raw_image, "--", "/nonexistent/vmm")
+    assert proc.returncode == 127
+    assert "/nonexistent/vmm" in proc.stderr
+    assert imglock.holders(raw_image) == []
+
+
+def test_a_bad_image_fails_before_anything_runs(tmp_path: Path, imglock_cli: ImglockCli) -> None:
+    marker = tmp_path / "ran"
+    proc = imglock_cli("run", "--image", tmp_path / "missing.raw", "--", "touch", marker)
+    assert proc.returncode == 66
+    assert not marker.exists()
+    assert len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_lock_loss_stops_the_command_and_says_so(
+    raw_image: Path, started: list[subprocess.Popen[str]]
+) -> None:
+    # EIO from the lock manager is a fault that cannot be caused here for
+    # real: the fault seam makes every lock call fail after 0.5 s.
+    env = {**os.environ, "IMGLOCK_FAULTS": "fcntl=EIO,after=0.5"}
+    wrapper = _background(
+        started,
+        "run",
+        "--check-interval",
+        "0.1",
+        "--image",
+        raw_image,
+        "--",
+        "sleep",
+        "30",
+        env=env,
+    )
+    _wait_until(lambda: _imglock_holders(raw_image))
+    (holder,) = _imglock_holders(raw_image)
+
+    def stopped() -> bool:
+        with open(f"/proc/{holder.pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+    try:
+        _wait_until(stopped)
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+    wrapper.wait(timeout=10)
+    assert wrapper.stderr is not None
+    assert "lock lost" in wrapper.stderr.read()
