@@ -54,6 +54,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from imglock.api import Claim, claim, inspect
+    from imglock.discovery import Holder, holders
     from imglock.errors import (
         ChainError,
         FormatError,
@@ -64,7 +65,6 @@ if TYPE_CHECKING:
         LockLost,
         UsageError,
     )
-    from imglock.discovery import Holder, holders
     from imglock.protocol import Mode
 
 

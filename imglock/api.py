@@ -21,9 +21,9 @@ from typing import Any, Final, Self
 
 from imglock import faults, records
 from imglock.chain import open_chain
+from imglock.discovery import Holder, LocalLocks, Survey, survey
 from imglock.errors import LockConflict, UsageError
 from imglock.formats.base import OpenImage
-from imglock.discovery import Holder, LocalLocks, Survey, survey
 from imglock.identity import Owner
 from imglock.lockspace import attach
 from imglock.protocol import Layer, Mode, ProtocolConflict

@@ -87,7 +87,7 @@ def _call(fd: int, cmd: int, ltype: int, start: int, length: int, filename: str)
     arg = FLOCK.pack(ltype, os.SEEK_SET, start, length, 0)
     while True:
         try:
-            return _fcntl(fd, cmd, arg)  # type: ignore[no-any-return]
+            return _fcntl(fd, cmd, arg)
         except InterruptedError:
             continue
         except OSError as exc:

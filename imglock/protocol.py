@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from imglock import fcntl_locks
-from imglock.errors import LockConflict, LockLost
+from imglock.errors import LockConflict, LockError, LockLost
 from imglock.identity import OWNER_BITS, Owner
 
 # The imglock layer: two adjacent regions of 2**56 bytes starting at 2**62,
@@ -219,5 +219,5 @@ def verify(fd: int, filename: str, held: Held) -> None:
             raise LockLost(filename, "lock lost: another process now holds the image")
     except LockLost:
         raise
-    except fcntl_locks.LockError as exc:
+    except LockError as exc:
         raise LockLost(filename, f"lock lost: {exc.message}", exc.errno) from None

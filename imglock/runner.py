@@ -123,7 +123,7 @@ class Runner:
             claim.release()
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
-    def _run(self, claim: Claim, old_mask: set[signal.Signals]) -> int:
+    def _run(self, claim: Claim, old_mask: set[int | signal.Signals]) -> int:
         gate_r, gate_w = os.pipe()
         err_r, err_w = os.pipe()  # both O_CLOEXEC: EOF on err_r means exec succeeded
         self.child = os.fork()
@@ -193,7 +193,7 @@ class Runner:
 
 
 def _child(
-    argv: Sequence[str], fds: list[int], gate: int, err: int, mask: set[signal.Signals]
+    argv: Sequence[str], fds: list[int], gate: int, err: int, mask: set[int | signal.Signals]
 ) -> None:  # pragma: no cover - runs in the forked child
     try:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)

@@ -16,6 +16,7 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 #: The ``qemu_img`` fixture's type: run qemu-img with these arguments.
 QemuImg = Callable[..., subprocess.CompletedProcess[str]]
@@ -201,7 +202,7 @@ def _flatten(value: object, prefix: str = "") -> dict[str, object]:
     return {prefix[:-1]: value}
 
 
-def assert_matches_qemu(ours: dict[str, object], qemu: dict[str, object]) -> None:
+def assert_matches_qemu(ours: dict[str, Any], qemu: dict[str, Any]) -> None:
     """Every key both report agrees, and every key of either is accounted for."""
     mine, theirs = _flatten(ours), _flatten(qemu)
     encrypt_format = "format-specific.data.encrypt.format"
@@ -213,9 +214,8 @@ def assert_matches_qemu(ours: dict[str, object], qemu: dict[str, object]) -> Non
     for key in mine:
         if key not in IMGLOCK_ONLY:
             assert key in theirs, f"imglock reports {key!r}, qemu-img does not"
-    assert ours.get("snapshot-count", 0) == len(qemu.get("snapshots", []))  # type: ignore[arg-type]
-    specific = qemu.get("format-specific", {})
-    bitmaps = specific.get("data", {}).get("bitmaps", [])  # type: ignore[union-attr]
+    assert ours.get("snapshot-count", 0) == len(qemu.get("snapshots", []))
+    bitmaps = qemu.get("format-specific", {}).get("data", {}).get("bitmaps", [])
     assert mine.get("format-specific.data.bitmap-count", 0) == len(bitmaps)
 
 

@@ -47,6 +47,7 @@ pytestmark = pytest.mark.slow
 FUZZ = settings(
     max_examples=300,
     deadline=None,
+    database=None,  # no example database written into the source tree
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 

@@ -56,6 +56,7 @@ def test_status_names_qemu_and_its_permissions_on_a_chain(
     top, base = chain
     vm = qemu_vms.start([*NONE_MACHINE, "-drive", f"file={top},if=none,id=d0"])
     _wait_for_locks(top, vm.pid)
+    _wait_for_locks(base, vm.pid)
     proc = subprocess.run(
         [sys.executable, "-m", "imglock", "status", "--json", top, base],
         capture_output=True,
@@ -79,6 +80,7 @@ def test_exclusive_claim_on_an_image_qemu_writes_is_refused_naming_its_pid(
     top, base = chain
     vm = qemu_vms.start([*NONE_MACHINE, "-drive", f"file={top},if=none,id=d0"])
     _wait_for_locks(top, vm.pid)
+    _wait_for_locks(base, vm.pid)
     with pytest.raises(imglock.LockConflict) as info:
         imglock.claim(top)
     assert f"pid {vm.pid}" in str(info.value)

@@ -27,8 +27,8 @@ def status(as_json: bool, lockspace: str | None, images: tuple[str, ...]) -> Non
     Exits 0 when no image is held, 1 when any is.
     """
     from imglock.api import inspect
-    from imglock.errors import EX_HELD, EX_OK, ImglockError
     from imglock.discovery import LocalLocks
+    from imglock.errors import EX_HELD, EX_OK, ImglockError
 
     local = LocalLocks()
     reports: list[ImageReport] = []
