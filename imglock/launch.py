@@ -8,6 +8,7 @@ monitor through which a live migration hands the claim over.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import tempfile
@@ -35,12 +36,23 @@ class Launch:
     lock_lost_signal: int = signal.SIGSTOP
 
 
-def layers_for(qemu_locks: str, command_is_qemu: bool) -> Layer:
+#: QEMU's tools that take QEMU's lock bytes themselves (besides qemu-system-*).
+QEMU_LOCKING_TOOLS = frozenset({"qemu-img", "qemu-io", "qemu-nbd", "qemu-storage-daemon"})
+
+
+def takes_qemu_locks(argv: list[str]) -> bool:
+    """Whether the command is QEMU or one of its tools, which lock QEMU's bytes themselves."""
+    from imglock.qemu.cmdline import is_qemu
+
+    return is_qemu(argv) or os.path.basename(argv[0]) in QEMU_LOCKING_TOOLS
+
+
+def layers_for(qemu_locks: str, speaks_qemu: bool) -> Layer:
     """The lock layers to hold for a command (see ``--qemu-locks``)."""
     if qemu_locks == "off":
         return Layer.IMGLOCK
     if qemu_locks == "on":
-        if command_is_qemu:
+        if speaks_qemu:
             raise UsageError(
                 None,
                 "--qemu-locks on with a QEMU command would make QEMU refuse its own images; "
@@ -48,7 +60,7 @@ def layers_for(qemu_locks: str, command_is_qemu: bool) -> Layer:
             )
         return Layer.IMGLOCK | Layer.QEMU
     # auto: QEMU holds its own bytes once it runs; test them before it starts.
-    return Layer.IMGLOCK | (Layer.QEMU_TEST if command_is_qemu else Layer.QEMU)
+    return Layer.IMGLOCK | (Layer.QEMU_TEST if speaks_qemu else Layer.QEMU)
 
 
 def specs_for(plan: Launch, command_is_qemu: bool) -> list[ClaimSpec]:
@@ -82,7 +94,7 @@ def launch(plan: Launch) -> int:
     claim = Claim(
         specs_for(plan, command_is_qemu),
         wait=plan.wait,
-        layers=layers_for(plan.qemu_locks, command_is_qemu),
+        layers=layers_for(plan.qemu_locks, takes_qemu_locks(plan.argv)),
         lockspace=plan.lockspace,
     )
     config = RunConfig(

@@ -237,3 +237,17 @@ def test_lock_loss_stops_the_command_and_says_so(
     wrapper.wait(timeout=10)
     assert wrapper.stderr is not None
     assert "lock lost" in wrapper.stderr.read()
+
+
+@pytest.mark.qemu
+def test_qemu_tools_keep_their_own_lock_bytes_under_run(
+    tmp_path: Path, imglock_cli: ImglockCli, qemu_img: object, started: list[subprocess.Popen[str]]
+) -> None:
+    image = tmp_path / "vm.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", image, "16M"], check=True)
+    proc = imglock_cli("run", "--image", image, "--", "qemu-img", "resize", image, "+1M")
+    assert proc.returncode == 0, proc.stderr  # qemu-img takes QEMU's bytes itself
+    _background(started, "run", "--image", image, "--", "sleep", "30")
+    _wait_until(lambda: _imglock_holders(image))
+    proc = imglock_cli("run", "--image", image, "--", "qemu-img", "resize", image, "+1M")
+    assert proc.returncode == 75
