@@ -35,6 +35,9 @@ FORMAT_NAMES: Final = tuple(driver.name for driver in DRIVERS)
 
 #: How many leading bytes probing looks at (QEMU's probe buffer size).
 PROBE_SIZE: Final = 2048
+#: How many leading bytes are read at once: the probe's, and enough for
+#: most qcow2 headers with their extensions and backing name.
+HEAD_SIZE: Final = 4096
 
 # Formats QEMU would recognise but imglock does not read: (offset, bytes,
 # QEMU's name).  Probing one of them as raw would claim the image without
@@ -94,8 +97,9 @@ def open_image(path: str | os.PathLike[str], format: str | None = None) -> OpenI
     named = driver_for(format) if format is not None and format != "auto" else None
     fd, st = open_image_fd(filename)
     try:
-        driver = named or probe(read_at(fd, 0, PROBE_SIZE, filename), filename)
-        return driver.open(filename, fd, st)
+        head = read_at(fd, 0, HEAD_SIZE, filename)
+        driver = named or probe(head[:PROBE_SIZE], filename)
+        return driver.open(filename, fd, st, head)
     except BaseException:
         close_quietly(fd)
         raise

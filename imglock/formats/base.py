@@ -14,10 +14,11 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from imglock import protocol
-from imglock.identity import Owner
+if TYPE_CHECKING:  # imported when used: reading a header (`imglock info`) takes no lock
+    from imglock import protocol
+    from imglock.identity import Owner
 
 ChildRole = Literal["backing", "data-file"]
 
@@ -96,8 +97,13 @@ class FormatDriver(ABC):
         """
 
     @abstractmethod
-    def open(self, filename: str, fd: int, st: os.stat_result) -> OpenImage:
-        """Read and validate the header on *fd*; raise FormatError if it is bad."""
+    def open(self, filename: str, fd: int, st: os.stat_result, head: bytes = b"") -> OpenImage:
+        """Read and validate the header on *fd*; raise FormatError if it is bad.
+
+        *head*, when given, holds the file's first bytes as already read for
+        probing (all of them if the file is shorter): a driver uses it rather
+        than reading those bytes again.
+        """
 
     @abstractmethod
     def children(self, image: OpenImage) -> list[Child]:
@@ -121,11 +127,15 @@ class FormatDriver(ABC):
         lock lives elsewhere overrides this.  Raises LockConflict or
         LockError, with nothing held on failure.
         """
+        from imglock import protocol
+
         fd, filename = image.lock_target
         image.held = protocol.acquire(fd, filename, mode, layers, owner)
 
     def release(self, image: OpenImage) -> None:
         """Drop what :meth:`claim` took.  Idempotent."""
+        from imglock import protocol
+
         fd, filename = image.lock_target
         if image.held is not None and fd >= 0:
             protocol.release(fd, filename, image.held)

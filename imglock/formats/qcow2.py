@@ -709,8 +709,11 @@ class Qcow2Driver(FormatDriver):
             return 100
         return 0
 
-    def open(self, filename: str, fd: int, st: os.stat_result) -> OpenImage:
+    def open(self, filename: str, fd: int, st: os.stat_result, head: bytes = b"") -> OpenImage:
         def fetch(offset: int, length: int) -> bytes:
+            # Most headers lie within the probe's bytes: no second read.
+            if offset + length <= len(head):
+                return head[offset : offset + length]
             return read_at(fd, offset, length, filename)
 
         header = parse_header(fetch, filename)

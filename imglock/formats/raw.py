@@ -18,7 +18,7 @@ class RawDriver(FormatDriver):
         # Anything is a raw image; every other format outbids this.
         return 1
 
-    def open(self, filename: str, fd: int, st: os.stat_result) -> OpenImage:
+    def open(self, filename: str, fd: int, st: os.stat_result, head: bytes = b"") -> OpenImage:
         return OpenImage(filename=filename, fd=fd, st=st, driver=self, header=None)
 
     def children(self, image: OpenImage) -> list[Child]:
