@@ -1,7 +1,8 @@
 """Claim+release of one raw image, one qcow2 and a depth-8 chain, beside the syscall floor.
 
 The floor is what any lock needs at least: open, one lock, a 512-byte
-header read, unlock, close.  Run: ``python -m benchmarks.bench_claim``.
+header read, unlock, close.  Run: ``python -m benchmarks.bench_claim``
+(part of ``python -m benchmarks``).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.timing import Figure, median_per_call, print_table
@@ -16,7 +18,9 @@ from imglock import fcntl_locks
 from imglock.api import Claim, ClaimSpec
 from imglock.protocol import Layer
 
-CALLS = 2000
+#: Seconds of back-to-back calls per round, and rounds per figure (the median is kept).
+BATCH = 0.05
+ROUNDS = 15
 
 
 def floor(path: str) -> None:
@@ -50,14 +54,18 @@ def claim_release(path: str, layers: Layer, record: bool) -> None:
     claim.release()
 
 
-def figures() -> list[Figure]:
+def figures(quick: bool = False) -> list[Figure]:
+    rounds, batch = (5, BATCH / 5) if quick else (ROUNDS, BATCH)
+
+    def per_call(fn: Callable[[], object]) -> float:
+        return median_per_call(fn, rounds=rounds, batch=batch)
+
     with tempfile.TemporaryDirectory() as tmp:
         images = make_images(Path(tmp))
-        floor_s = median_per_call(lambda: floor(images["raw"]), CALLS)
+        floor_s = per_call(lambda: floor(images["raw"]))
         fd = os.open(images["raw"], os.O_RDONLY)
         try:
-            test = lambda: fcntl_locks.conflicting(fd, 1 << 62, 1 << 57, images["raw"])  # noqa: E731
-            getlk = median_per_call(test, CALLS * 10)
+            getlk = per_call(lambda: fcntl_locks.conflicting(fd, 1 << 62, 1 << 57, images["raw"]))
         finally:
             os.close(fd)
         out = [Figure("one F_OFD_GETLK", getlk, "floor: open+lock+pread+unlock+close", floor_s)]
@@ -67,9 +75,8 @@ def figures() -> list[Figure]:
                 (Layer.IMGLOCK | Layer.QEMU, False, "+ QEMU layer"),
                 (Layer.IMGLOCK | Layer.QEMU, True, "+ QEMU layer + record"),
             ):
-                calls = CALLS // 8 if "chain" in name else CALLS // 2
                 cycle = lambda p=path, lay=layers, r=record: claim_release(p, lay, r)  # noqa: E731
-                t = median_per_call(cycle, calls)
+                t = per_call(cycle)
                 target = "≤ 10x" if name != "depth-8 chain" and not record else ""
                 out.append(Figure(f"claim+release {name}, {label}", t, "floor", floor_s, target))
         return out

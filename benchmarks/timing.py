@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -24,6 +25,17 @@ class Figure:
         return self.median / self.peer if self.peer else float("nan")
 
 
+@dataclass(frozen=True)
+class Unavailable:
+    """A figure that could not be measured here, and why."""
+
+    what: str
+    why: str
+
+
+Row = Figure | Unavailable
+
+
 def median_of(fn: Callable[[], object], runs: int, warmup: int = 3) -> float:
     """Median wall time of *fn* over *runs* calls, in seconds."""
     for _ in range(warmup):
@@ -36,14 +48,63 @@ def median_of(fn: Callable[[], object], runs: int, warmup: int = 3) -> float:
     return statistics.median(samples)
 
 
-def median_per_call(fn: Callable[[], object], calls: int, rounds: int = 15) -> float:
-    """Median over *rounds* of the mean time of *calls* back-to-back calls (for µs figures)."""
+def calls_per_batch(fn: Callable[[], object], seconds: float) -> int:
+    """How many back-to-back calls of *fn* take about *seconds* (at least one)."""
+    fn()  # warm
+    start = time.perf_counter()
+    fn()
+    once = time.perf_counter() - start
+    return max(1, round(seconds / max(once, 1e-7)))
 
-    def batch() -> None:
-        for _ in range(calls):
+
+def median_per_call(
+    fn: Callable[[], object], calls: int | None = None, rounds: int = 15, batch: float = 0.05
+) -> float:
+    """Median over *rounds* of the mean time of back-to-back calls (for µs figures).
+
+    *calls* per round, or (None) as many as take about *batch* seconds.
+    """
+    count = calls if calls is not None else calls_per_batch(fn, batch)
+
+    def run_batch() -> None:
+        for _ in range(count):
             fn()
 
-    return median_of(batch, rounds) / calls
+    return median_of(run_batch, rounds) / count
+
+
+def bytecode_env(cache_dir: str) -> dict[str, str]:
+    """The environment for timing Python commands as installed: bytecode cached.
+
+    A package installed by pip has its .pyc files; a development tree run
+    with PYTHONDONTWRITEBYTECODE compiles every module on every start.  The
+    cache goes to *cache_dir* so the tree is left as it is.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPYCACHEPREFIX"] = cache_dir
+    return env
+
+
+def command_medians(
+    commands: Mapping[str, Sequence[str]],
+    runs: int,
+    env: Mapping[str, str] | None = None,
+    warmup: int = 2,
+) -> dict[str, float]:
+    """Median wall time of each command run to completion, runs interleaved.
+
+    Taking turns, rather than running each command *runs* times in a row,
+    spreads any change in the machine's load over all of them alike.
+    """
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "check": False}
+    samples: dict[str, list[float]] = {name: [] for name in commands}
+    for turn in range(warmup + runs):
+        for name, argv in commands.items():
+            start = time.perf_counter()
+            subprocess.run(argv, env=env, **quiet)  # type: ignore[call-overload]
+            if turn >= warmup:
+                samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(times) for name, times in samples.items()}
 
 
 def command_median(argv: Sequence[str], runs: int, **kwargs: object) -> float:
@@ -65,12 +126,22 @@ def _unit(seconds: float) -> str:
     return f"{seconds:.2f} s"
 
 
-def print_table(figures: Sequence[Figure]) -> None:
-    """One Markdown table: figure, median, peer/floor, ratio, target."""
-    print("| measure | median | beside | its median | ratio | target |")
-    print("|---|---:|---|---:|---:|---|")
-    for f in figures:
-        print(
-            f"| {f.what} | {_unit(f.median)} | {f.peer_name} | {_unit(f.peer)} "
-            f"| {f.ratio:.2f}x | {f.target} |"
+def table_lines(rows: Sequence[Row]) -> list[str]:
+    """One Markdown table: figure, median, peer/floor, its median, ratio, target."""
+    lines = [
+        "| measure | median | beside | its median | ratio | target |",
+        "|---|---:|---|---:|---:|---|",
+    ]
+    for row in rows:
+        if isinstance(row, Unavailable):
+            lines.append(f"| {row.what} | n/a | {row.why} | | | |")
+            continue
+        lines.append(
+            f"| {row.what} | {_unit(row.median)} | {row.peer_name} | {_unit(row.peer)} "
+            f"| {row.ratio:.2f}x | {row.target} |"
         )
+    return lines
+
+
+def print_table(rows: Sequence[Row]) -> None:
+    print("\n".join(table_lines(rows)))

@@ -20,13 +20,13 @@ from types import TracebackType
 from typing import Any, Final, Self
 
 from imglock import faults, records
-from imglock.chain import open_chain
 from imglock.discovery import Holder, LocalLocks, Survey, survey
 from imglock.errors import LockConflict, UsageError
+from imglock.fcntl_locks import RangeLock
 from imglock.formats.base import OpenImage
 from imglock.identity import Owner
 from imglock.lockspace import attach
-from imglock.protocol import Layer, Mode, ProtocolConflict
+from imglock.protocol import IMGLOCK_EXCLUSIVE_BASE, Layer, Mode, ProtocolConflict, imglock_byte
 
 #: Backoff between attempts while waiting: first delay and cap, in seconds.
 #: Racing claimers can both lose, so the delay is jittered to break the tie.
@@ -60,6 +60,8 @@ class _Member:
     record_dir: str = ""
     record_name: str = ""
     recorded: bool = False
+    #: Why no holder record was written for this file, if none was.
+    record_problem: str | None = None
 
 
 @dataclass(slots=True)
@@ -80,6 +82,9 @@ class Claim:
     owner_pid: int | None = None
     #: The command line written to holder records; default: this process's.
     command: list[str] | None = None
+    #: The longest pause between attempts while waiting (a migration handoff
+    #: polls faster: every millisecond of it is guest downtime).
+    backoff_cap: float = BACKOFF_CAP
     members: list[_Member] = field(default_factory=list)
     #: True while the locks are held.
     held: bool = False
@@ -117,12 +122,14 @@ class Claim:
                 try:
                     self._claim_all()
                     return self
-                except LockConflict:
+                except (LockConflict, _Contended) as exc:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
+                        if isinstance(exc, _Contended):
+                            raise _named_conflict(exc.member, exc.conflict) from None
                         raise
                     time.sleep(min(remaining, delay * random.uniform(0.5, 1.5)))
-                    delay = min(delay * 2, BACKOFF_CAP)
+                    delay = min(delay * 2, self.backoff_cap)
         except BaseException:
             if opened_here:
                 self.close()
@@ -136,8 +143,9 @@ class Claim:
                 try:
                     member.image.driver.claim(member.image, member.mode, self.layers, owner)
                 except ProtocolConflict as exc:
-                    raise _named_conflict(member, exc) from None
+                    raise _Contended(member, exc) from None
                 taken.append(member)
+                faults.point("claim:member")
         except BaseException:
             for member in taken:
                 member.image.driver.release(member.image)
@@ -177,7 +185,8 @@ class Claim:
             record = records.make_record(
                 member.image.filename, owner, member.mode.value, self.command
             )
-            member.recorded = records.write(member.record_dir, member.record_name, record) is None
+            member.record_problem = records.write(member.record_dir, member.record_name, record)
+            member.recorded = member.record_problem is None
 
     def verify(self) -> None:
         """Raise LockLost if any lock of this claim is gone (see protocol.verify)."""
@@ -239,12 +248,24 @@ def _chain_modes(spec: ClaimSpec) -> Iterable[tuple[OpenImage, Mode]]:
 
     An external data file is claimed like the image it belongs to.
     """
+    from imglock.chain import open_chain  # only claims follow chains; `status` never does
+
     chain = open_chain(spec.path, spec.format)
     for link in chain.links:
         if link.role == "backing":
             yield link.image, Mode.SHARED
         else:
             yield link.image, spec.mode if link.depth == 0 else Mode.SHARED
+
+
+class _Contended(Exception):
+    """One member lost to a holder.  Named only once the wait runs out: naming
+    surveys the image (every lock, /proc, the records), far dearer than a retry."""
+
+    def __init__(self, member: _Member, conflict: ProtocolConflict) -> None:
+        super().__init__(member, conflict)
+        self.member = member
+        self.conflict = conflict
 
 
 def _named_conflict(member: _Member, exc: ProtocolConflict) -> LockConflict:
@@ -260,15 +281,27 @@ def _named_conflict(member: _Member, exc: ProtocolConflict) -> LockConflict:
     image = member.image.filename
     if not found:
         return LockConflict(image, f"cannot claim {member.mode.value}: held by another process")
-    first = _blocking_holder(found, member.mode)
+    first = _blocking_holder(found, exc.lock)
     more = f" and {len(found) - 1} more" if len(found) > 1 else ""
     return LockConflict(
         image, f"cannot claim {member.mode.value}: held {first.describe()}{more}", found
     )
 
 
-def _blocking_holder(found: list[Holder], mode: Mode) -> Holder:
-    """The holder most worth naming: a writer first."""
+def _blocking_holder(found: list[Holder], lock: RangeLock) -> Holder:
+    """The holder worth naming: the one whose lock was in the way, else a writer."""
+    for holder in found:
+        if holder.owner is not None and holder.mode is not None:
+            byte = imglock_byte(Mode(holder.mode), Owner.from_id(holder.owner))
+            if lock.start <= byte < lock.end:
+                return holder
+    if lock.end <= IMGLOCK_EXCLUSIVE_BASE:  # QEMU's bytes, or a foreign lock
+        for holder in found:
+            if holder.range is not None and holder.range == (lock.start, lock.end):
+                return holder
+        for holder in found:
+            if holder.layer == "qemu":
+                return holder
     for holder in found:
         if holder.mode == Mode.EXCLUSIVE.value or "write" in holder.perms:
             return holder
@@ -339,20 +372,27 @@ def inspect(
     """Who holds *path*, and the header facts that matter for it; takes no lock."""
     from imglock.formats import open_image
 
-    filename = os.fspath(path)
-    image = open_image(filename)
+    image = open_image(os.fspath(path))
     try:
-        facts = image.driver.info(image)
-        record_dir, record_name = attach(image, lockspace)
-        fd, target = image.lock_target
-        found: Survey = survey(
-            fd, target, os.fstat(fd), record_dir=record_dir, record_name=record_name, local=local
-        )
+        return inspect_image(image, lockspace=lockspace, local=local)
     finally:
         image.close()
+
+
+def inspect_image(
+    image: OpenImage, *, lockspace: str | None = None, local: LocalLocks | None = None
+) -> ImageReport:
+    """:func:`inspect` for an image the caller has open (and closes afterwards)."""
+    facts = image.driver.info(image)
+    record_dir, record_name = attach(image, lockspace)
+    fd, target = image.lock_target
+    st = image.st if fd == image.fd else os.fstat(fd)
+    found: Survey = survey(
+        fd, target, st, record_dir=record_dir, record_name=record_name, local=local
+    )
     specific = facts.get("format-specific", {}).get("data", {})
     return ImageReport(
-        filename=filename,
+        filename=image.filename,
         format=image.format,
         holders=found.holders,
         stale_records=found.stale_records,

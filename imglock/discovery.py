@@ -22,9 +22,9 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
-from imglock import fcntl_locks, procfs, records
+from imglock import fcntl_locks, records
 from imglock.fcntl_locks import RangeLock
 from imglock.identity import Owner, hostname
 from imglock.protocol import (
@@ -37,6 +37,9 @@ from imglock.protocol import (
     QEMU_SHARED_BASE,
     Mode,
 )
+
+if TYPE_CHECKING:  # imported when some lock is seen: most images have none
+    from imglock import procfs
 
 HolderLayer = Literal["imglock", "qemu", "foreign"]
 
@@ -99,12 +102,16 @@ def _short(command: str, limit: int = 60) -> str:
 
 @dataclass(slots=True)
 class LocalLocks:
-    """The /proc view of local locks, taken once and reused for many images."""
+    """The /proc view of local locks, taken once and reused for many images
+    (with the record directories' listings, also read once)."""
 
     _index: dict[procfs.FileKey, list[procfs.LocalLock]] | None = None
+    record_dirs: records.RecordDirs = field(default_factory=records.RecordDirs)
 
     def on(self, st: os.stat_result) -> list[procfs.LocalLock]:
         if self._index is None:
+            from imglock import procfs
+
             self._index = procfs.scan()
         return self._index.get((st.st_dev, st.st_ino), [])
 
@@ -150,7 +157,12 @@ class _Attributor:
         self.used: set[int] = set()
 
     def local(self, pid: int) -> tuple[str | None, str | None]:
-        return procfs.command_line(pid), _iso(procfs.start_time(pid))
+        from imglock import procfs
+
+        # Secrets on a command line (QEMU's -object secret,data=...) are
+        # shown as in a record: redacted, even to those who may read /proc.
+        argv = procfs.argv(pid)
+        return (records.redact(argv) if argv else None), _iso(procfs.start_time(pid))
 
     def imglock(self, byte: int, local_pids: list[int]) -> Holder:
         exclusive = byte < IMGLOCK_SHARED_BASE
@@ -196,7 +208,8 @@ def survey(
     """Everyone holding locks on the file open as *fd* (a descriptor with no locks of its own)."""
     seen = fcntl_locks.all_conflicting(fd, 0, fcntl_locks.OFFSET_MAX, filename)
     local_locks = (local or LocalLocks()).on(st) if seen else []
-    recs = records.read_all(record_dir, record_name) if record_dir and record_name else []
+    index = local.record_dirs if local is not None else None
+    recs = records.read_all(record_dir, record_name, index) if record_dir and record_name else []
     names = _Attributor(recs)
     result = Survey()
 

@@ -28,6 +28,9 @@ EX_TEMPFAIL = 75  # a conflict, or a wait that ran out
 EX_NOEXEC = 126  # `run`: COMMAND found but not executable
 EX_NOTFOUND = 127  # `run`: COMMAND not found
 
+#: Control characters (C0, DEL, C1) as the escapes an error line shows instead.
+_VISIBLE = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+
 
 class ImglockError(Exception):
     """Base class: a one-line message naming the file, and an exit status."""
@@ -41,7 +44,10 @@ class ImglockError(Exception):
 
     def __str__(self) -> str:
         text = " ".join(self.message.split())
-        return f"{self.filename}: {text}" if self.filename is not None else text
+        line = f"{self.filename}: {text}" if self.filename is not None else text
+        # Names come from images too: a newline or a terminal escape in one
+        # must not split the line or reach the terminal as it is.
+        return line.translate(_VISIBLE)
 
 
 class UsageError(ImglockError):

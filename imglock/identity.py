@@ -11,9 +11,7 @@ never by comparing ids.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
-import socket
 from dataclasses import dataclass
 from typing import Final
 
@@ -27,14 +25,18 @@ HOST_TAG_MASK: Final = (1 << HOST_TAG_BITS) - 1
 
 def host_tag(hostname: str) -> int:
     """The 34-bit tag of *hostname*: the first bits of its BLAKE2b digest."""
-    digest = hashlib.blake2b(hostname.encode("utf-8", "surrogateescape"), digest_size=8)
+    try:  # hashlib.blake2b is _blake2's; importing hashlib would also load OpenSSL
+        from _blake2 import blake2b
+    except ImportError:  # pragma: no cover - a Python built without _blake2
+        from hashlib import blake2b
+    digest = blake2b(hostname.encode("utf-8", "surrogateescape"), digest_size=8)
     return int.from_bytes(digest.digest(), "big") >> (64 - HOST_TAG_BITS)
 
 
 @functools.cache
 def hostname() -> str:
-    """This host's name as its UTS namespace gives it."""
-    return socket.gethostname()
+    """This host's name as its UTS namespace gives it (what gethostname(2) returns)."""
+    return os.uname().nodename
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from imglock.api import Claim, ClaimSpec
 from imglock.errors import EX_TEMPFAIL, UsageError
 from imglock.protocol import Layer, Mode
-from imglock.runner import RunConfig, Runner, run_command
+from imglock.runner import RunConfig, Runner, Say, run_command
 
 
 @dataclass
@@ -34,6 +34,9 @@ class Launch:
     lockspace: str | None = None
     check_interval: float = 5.0
     lock_lost_signal: int = signal.SIGSTOP
+    #: How the runner reports errors and notes (default: errors on stderr, no notes).
+    say: Say | None = None
+    note: Say | None = None
 
 
 #: QEMU's tools that take QEMU's lock bytes themselves (besides qemu-system-*).
@@ -74,13 +77,15 @@ def specs_for(plan: Launch, command_is_qemu: bool) -> list[ClaimSpec]:
             plan.argv[0],
             "not a QEMU command line; name the images to claim with --image or --shared",
         )
-    from imglock.qemu.cmdline import find_images
+    from imglock.qemu.cmdline import ROLE_BACKING, ROLE_DATA_FILE, find_images
 
     for drive in find_images(plan.argv):
-        if drive.filename is None:
-            continue  # not a local file (nbd:, iscsi:...): its server does the locking
-        mode = Mode.SHARED if drive.shared else Mode.EXCLUSIVE
-        specs.append(ClaimSpec(drive.filename, mode, drive.format))
+        if not drive.local:
+            continue  # nbd:, iscsi:, /dev/fdset...: their servers do the locking
+        shared = drive.shared or drive.role == ROLE_BACKING
+        # A data file is read as raw data, never probed (it may hold anything).
+        fmt = "raw" if drive.role == ROLE_DATA_FILE else drive.format
+        specs.append(ClaimSpec(drive.filename, Mode.SHARED if shared else Mode.EXCLUSIVE, fmt))
     if not specs:
         raise UsageError(plan.argv[0], "the QEMU command line opens no local image to claim")
     return specs
@@ -104,6 +109,8 @@ def launch(plan: Launch) -> int:
         check_interval=plan.check_interval,
         lock_lost_signal=plan.lock_lost_signal,
     )
+    config.say = plan.say or config.say
+    config.note = plan.note or config.note
     if not command_is_qemu:
         return run_command(config)
     return _launch_qemu(plan, config)
@@ -120,6 +127,9 @@ def _launch_qemu(plan: Launch, config: RunConfig) -> int:
         config.claim_at_start = not handoff.incoming
         runner = Runner(config)
         handoff.attach(runner)
-        return run_command(config, runner)
+        try:
+            return run_command(config, runner)
+        finally:
+            handoff.close()
     finally:
         shutil.rmtree(private, ignore_errors=True)

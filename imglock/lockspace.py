@@ -12,7 +12,6 @@ datastore at the same path, as with libvirt's path-based lockspaces).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import stat
 from collections.abc import Iterator
@@ -58,6 +57,8 @@ def identity(path: str, st: os.stat_result) -> str:
 
 def lock_file_name(path: str, st: os.stat_result) -> str:
     """The lock file's name in the lockspace: readable prefix, hashed identity."""
+    import hashlib  # loads OpenSSL: only lockspace users pay for it
+
     digest = hashlib.sha256(identity(path, st).encode("utf-8", "surrogateescape")).hexdigest()
     readable = os.path.basename(path).replace(os.sep, "_")[:64] or "image"
     return f"{readable}-{digest[:24]}{LOCK_SUFFIX}"

@@ -83,15 +83,21 @@ def scan(proc: str = "/proc") -> dict[FileKey, list[LocalLock]]:
     return out
 
 
-def command_line(pid: int, proc: str = "/proc") -> str | None:
-    """The command line of *pid* as one string, or None if it cannot be read."""
+def argv(pid: int, proc: str = "/proc") -> list[str] | None:
+    """The arguments of *pid*, or None if they cannot be read (or it has none)."""
     try:
         with open(f"{proc}/{pid}/cmdline", "rb") as f:
             raw = f.read()
     except OSError:
         return None
     args = [a.decode("utf-8", "backslashreplace") for a in raw.rstrip(b"\0").split(b"\0")]
-    return " ".join(args) or None
+    return args if any(args) else None
+
+
+def command_line(pid: int, proc: str = "/proc") -> str | None:
+    """The command line of *pid* as one string, or None if it cannot be read."""
+    args = argv(pid, proc)
+    return " ".join(args) if args else None
 
 
 def start_time(pid: int, proc: str = "/proc") -> float | None:

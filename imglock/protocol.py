@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
-from imglock import fcntl_locks
+from imglock import faults, fcntl_locks
 from imglock.errors import LockConflict, LockError, LockLost
 from imglock.identity import OWNER_BITS, Owner
 
@@ -179,6 +179,8 @@ def acquire(
                     filename, mode, lock or fcntl_locks.RangeLock(fcntl_locks.F_WRLCK, byte, 1, -1)
                 )
             taken.append((byte, 1))
+            faults.point("acquire:own-byte" if len(taken) == 1 else "acquire:qemu-byte")
+        faults.point("acquire:untested")
         lock = _first_conflict(fd, filename, tests)
         if lock is not None:
             raise ProtocolConflict(filename, mode, lock)

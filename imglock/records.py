@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
-import secrets
 import stat
 import sys
 import time
@@ -36,6 +34,12 @@ RECORD_MAX_BYTES: Final = 64 * 1024
 _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: Keys of QEMU options whose values are secrets, never written to a record.
 _SECRET_KEYS: Final = ("data=", "password=", "password-secret=", "key-secret=")
+#: The same keys in QEMU's JSON syntax, with their string values.
+_JSON_SECRET: Final = r'("(?:data|password|password-secret|key-secret)"\s*:\s*)"(?:[^"\\]|\\.)*"'
+#: A password in a URL's user info: scheme://user:PASSWORD@host.
+_URL_PASSWORD: Final = r"(://[^/@:\s]*:)[^/@\s]*@"
+#: The key in rbd's filename syntax: rbd:pool/image:id=admin:key=KEY:mon_host=...
+_RBD_KEY: Final = r"(:key=)(?:\\.|[^:\\,])*"
 #: Test seam (imglock.faults): make every record write fail with this errno.
 _fail_writes_with: int | None = None
 
@@ -63,16 +67,46 @@ def record_name(image_name: str, owner: Owner) -> str:
 
 
 def redact(argv: list[str]) -> str:
-    """The command line as one string, secret values replaced by '***'."""
+    """The command line as one string, secret values replaced by '***'.
+
+    Covers QEMU's option syntax (``,,`` is a comma inside a value), its JSON
+    syntax (``-object '{"qom-type":"secret","data":...}'``, ``json:{...}``),
+    passwords in URLs (``https://user:PASSWORD@host``) and rbd's ``:key=``.
+    """
+    import re
+
     out = []
     for arg in argv:
-        parts = arg.split(",")
+        parts = _option_parts(arg)
         for i, part in enumerate(parts):
             for key in _SECRET_KEYS:
                 if part.startswith(key):
                     parts[i] = key + "***"
-        out.append(",".join(parts))
+        text = ",".join(parts)
+        text = re.sub(_JSON_SECRET, r'\1"***"', text)
+        text = re.sub(_URL_PASSWORD, r"\1***@", text)
+        if "rbd:" in text:
+            text = re.sub(_RBD_KEY, r"\1***", text)
+        out.append(text)
     return " ".join(out)
+
+
+def _option_parts(arg: str) -> list[str]:
+    """*arg* cut at the commas that separate QEMU options, each part as written."""
+    parts: list[str] = []
+    start = i = 0
+    while i < len(arg):
+        if arg[i] != ",":
+            i += 1
+            continue
+        run = i
+        while i < len(arg) and arg[i] == ",":
+            i += 1
+        if (i - run) % 2:  # ",," is a comma in a value; an odd run ends the option
+            parts.append(arg[start : i - 1])
+            start = i
+    parts.append(arg[start:])
+    return parts
 
 
 def now_iso() -> str:
@@ -138,6 +172,8 @@ def write(directory: str, image_name: str, record: Record) -> str | None:
     A record is a courtesy: a full disk, a read-only filesystem or an
     untrusted directory means the claim goes on without one.
     """
+    import json  # here, not at the top: commands that read no record never load it
+
     name = record_name(image_name, Owner.from_id(record.owner))
     data = json.dumps(record.to_json(), sort_keys=True).encode()
     try:
@@ -146,7 +182,7 @@ def write(directory: str, image_name: str, record: Record) -> str | None:
                 return f"cannot open {directory}/{RECORD_DIR}"
             if not _trusted_dir(dfd):
                 return f"{directory}/{RECORD_DIR} is writable by others; no record written"
-            tmp = f".{name}.{secrets.token_hex(6)}"
+            tmp = f".{name}.{os.urandom(6).hex()}"
             fd = os.open(
                 tmp,
                 os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -179,6 +215,8 @@ def remove(directory: str, image_name: str, owner: Owner) -> None:
 
 
 def _read_one(dfd: int, name: str) -> Record | None:
+    import json
+
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
     except OSError:
@@ -206,10 +244,46 @@ def _read_one(dfd: int, name: str) -> Record | None:
         return None
 
 
-def read_all(directory: str, image_name: str) -> list[Record]:
-    """Every well-formed record of *image_name* in *directory*; bad ones are skipped."""
+#: A record's name past its image's name: ".", the owner id in hex, ".json".
+_NAME_TAIL: Final = 1 + 14 + len(RECORD_SUFFIX)
+
+
+class RecordDirs:
+    """Which images have records, each directory listed once: for surveys of many images.
+
+    Without it every image costs a listing of its record directory, and a
+    datastore of N images with M records costs N listings of M names.
+    """
+
+    def __init__(self) -> None:
+        self._images: dict[str, frozenset[str]] = {}
+
+    def has_records(self, directory: str, image_name: str) -> bool:
+        images = self._images.get(directory)
+        if images is None:
+            images = self._images[directory] = _images_with_records(directory)
+        return image_name in images
+
+
+def _images_with_records(directory: str) -> frozenset[str]:
+    with _record_dir(directory, create=False) as dfd:
+        try:
+            names = os.listdir(dfd) if dfd is not None else []
+        except OSError:
+            names = []
+    tails = (name for name in names if len(name) > _NAME_TAIL)
+    return frozenset(name[:-_NAME_TAIL] for name in tails if name.endswith(RECORD_SUFFIX))
+
+
+def read_all(directory: str, image_name: str, index: RecordDirs | None = None) -> list[Record]:
+    """Every well-formed record of *image_name* in *directory*; bad ones are skipped.
+
+    With *index*, a directory without records of the image is not opened.
+    """
     prefix = image_name + "."
     found: list[Record] = []
+    if index is not None and not index.has_records(directory, image_name):
+        return found
     with _record_dir(directory, create=False) as dfd:
         if dfd is None:
             return found

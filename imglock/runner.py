@@ -39,6 +39,7 @@ from imglock.errors import (
     LockConflict,
     LockLost,
 )
+from imglock.protocol import Layer
 
 #: Signals the wrapper passes on to COMMAND.
 FORWARDED: Final = (
@@ -59,6 +60,28 @@ Say = Callable[[str], None]
 
 def _say(message: str) -> None:
     print(f"imglock: {message}", file=sys.stderr, flush=True)
+
+
+def _no_note(message: str) -> None:
+    """Notes (what is claimed, why no record was written) are shown only when asked for."""
+
+
+_LAYER_WORDS: Final = (
+    (Layer.IMGLOCK, "imglock layer"),
+    (Layer.QEMU, "QEMU's lock bytes"),
+    (Layer.QEMU_TEST, "QEMU's bytes tested, left to QEMU"),
+)
+
+
+def claim_notes(claim: Claim) -> list[str]:
+    """What *claim* holds, one line per file, and why any holder record is missing."""
+    layers = ", ".join(words for layer, words in _LAYER_WORDS if layer in claim.layers)
+    notes = []
+    for member in claim.members:
+        notes.append(f"claimed {member.image.filename} {member.mode.value} ({layers})")
+        if member.record_problem is not None:
+            notes.append(f"no holder record for {member.image.filename}: {member.record_problem}")
+    return notes
 
 
 class GuestControl(Protocol):
@@ -96,7 +119,9 @@ class RunConfig:
     lock_lost_signal: int = signal.SIGSTOP
     #: Claim at start (False on a migration destination: the handoff claims).
     claim_at_start: bool = True
+    #: Errors (always shown), and notes (shown with -v).
     say: Say = _say
+    note: Say = _no_note
 
 
 @dataclass
@@ -134,10 +159,15 @@ class Runner:
         os.close(gate_r)
         os.close(err_w)
         try:
+            faults.point("run:forked")
             claim.owner_pid = self.child
             claim.command = list(self.config.argv)
             if self.config.claim_at_start:
                 claim.acquire()
+                for line in claim_notes(claim):
+                    self.config.note(line)
+            else:
+                self.config.note("migration destination: images are claimed at the handoff")
             self.lock_expected = self.config.claim_at_start
             faults.point("run:claimed")
             os.write(gate_w, _GATE_GO)
@@ -153,6 +183,9 @@ class Runner:
             self.config.say(f"{self.config.argv[0]}: {os.strerror(failed)}")
             return EX_NOTFOUND if failed == errno.ENOENT else EX_NOEXEC
         faults.point("run:started")
+        # QEMU's bytes were tested before it started; from now on it holds
+        # them itself, so later claims (a migration handoff) judge imglock's layer.
+        claim.layers &= ~Layer.QEMU_TEST
         self.guest = self.guest or SignalGuest(self.child, self.config.lock_lost_signal)
         if self.on_started is not None:
             self.on_started(self)

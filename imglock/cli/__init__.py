@@ -1,7 +1,9 @@
 """The ``imglock`` command: a thin shell over the library.
 
 Subcommands live in their own modules and are imported only when run, so
-``imglock info`` does not pay for what ``imglock run`` needs.
+``imglock info`` does not pay for what ``imglock run`` needs.  Shell
+completion is click's: ``_IMGLOCK_COMPLETE=bash_source imglock`` prints the
+bash script (``zsh_source``, ``fish_source`` for the others).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import click
 
 from imglock import __version__
+from imglock.cli.common import show_warning, verbosity_options
 
 #: subcommand name -> (module, attribute, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -46,8 +49,23 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="imglock")
+@verbosity_options
 def cli() -> None:
-    """Advisory locks for VM disk images on shared filesystems."""
+    """Advisory locks for VM disk images on shared filesystems.
+
+    -v and -q work the same before or after the command name: -q shows
+    errors only, -v adds notes on what is done and why.
+
+    \b
+    Shell completion (add to the shell's start-up file):
+      bash: eval "$(_IMGLOCK_COMPLETE=bash_source imglock)"
+      zsh:  eval "$(_IMGLOCK_COMPLETE=zsh_source imglock)"
+      fish: _IMGLOCK_COMPLETE=fish_source imglock | source
+    """
+    import warnings
+
+    # A warning (such as the POSIX-lock fallback) is one line, silenced by -q.
+    warnings.showwarning = show_warning
 
 
 def main(argv: list[str] | None = None) -> Any:

@@ -1,21 +1,130 @@
-"""What every subcommand shares: turning ImglockError into one stderr line."""
+"""What every subcommand shares: how much it says, and how it reports errors.
+
+Every command, and the ``imglock`` group itself, takes ``-v/--verbose`` and
+``-q/--quiet`` (:func:`verbosity_options`), so ``imglock -v status X`` and
+``imglock status -v X`` mean the same.  Each ``-v`` raises the verbosity by
+one and each ``-q`` lowers it by one, wherever they are given; the sum is
+kept in the click context:
+
+* quiet (``-q``): errors only;
+* normal: errors and warnings;
+* verbose (``-v``): notes too, on what is done and why.
+
+Errors are one line on stderr, ``imglock: FILE: what is wrong``; warnings
+read ``imglock: warning: ...``; notes ``imglock: ...``.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Final, TypeVar
 
 import click
 
 from imglock.errors import ImglockError
 
+QUIET: Final = -1
+NORMAL: Final = 0
+VERBOSE: Final = 1
+
+PREFIX: Final = "imglock"
+#: Where the verbosity lives in ``click.Context.meta`` (shared by the group
+#: and its subcommand's contexts).
+_META_KEY: Final = "imglock.verbosity"
+
+F = TypeVar("F", bound=Callable[..., object])
+
+
+def _adjust(step: int) -> Callable[[click.Context, click.Parameter, int], None]:
+    def callback(ctx: click.Context, _param: click.Parameter, count: int) -> None:
+        ctx.meta[_META_KEY] = ctx.meta.get(_META_KEY, NORMAL) + step * count
+
+    return callback
+
+
+def verbosity_options(command: F) -> F:
+    """Add ``-v/--verbose`` and ``-q/--quiet`` to a command or group."""
+    quiet = click.option(
+        "-q",
+        "--quiet",
+        count=True,
+        expose_value=False,
+        callback=_adjust(-1),
+        help="Say less: errors only, no warnings or notes.",
+    )
+    verbose = click.option(
+        "-v",
+        "--verbose",
+        count=True,
+        expose_value=False,
+        callback=_adjust(+1),
+        help="Say more: notes on what is done and why.",
+    )
+    return verbose(quiet(command))
+
+
+def current_level() -> int:
+    """The verbosity asked for on the command line (NORMAL outside a command)."""
+    ctx = click.get_current_context(silent=True)
+    level = NORMAL if ctx is None else int(ctx.meta.get(_META_KEY, NORMAL))
+    return max(QUIET, min(VERBOSE, level))
+
+
+def _echo(line: str) -> None:
+    # stderr shows undecodable bytes in names as backslash escapes.
+    click.echo(line, err=True)
+
+
+class Voice:
+    """How a command speaks on stderr, at a fixed verbosity.
+
+    Bound once the options are parsed, so that it can be handed to code
+    that runs outside click (the runner's threads and signal loop).
+    """
+
+    __slots__ = ("level",)
+
+    def __init__(self, level: int = NORMAL) -> None:
+        self.level = level
+
+    @classmethod
+    def current(cls) -> Voice:
+        return cls(current_level())
+
+    def error(self, message: str) -> None:
+        """Always shown: something failed."""
+        _echo(f"{PREFIX}: {message}")
+
+    def warn(self, message: str) -> None:
+        """Shown unless -q: something the operator should know."""
+        if self.level >= NORMAL:
+            _echo(f"{PREFIX}: warning: {message}")
+
+    def note(self, message: str) -> None:
+        """Shown with -v: what is being done, and why."""
+        if self.level >= VERBOSE:
+            _echo(f"{PREFIX}: {message}")
+
+
+def show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: object = None,
+    line: str | None = None,
+) -> None:
+    """``warnings.showwarning`` for the CLI: one ``imglock: warning:`` line, none with -q."""
+    Voice.current().warn(str(message))
+
 
 @contextlib.contextmanager
-def reported_errors(prefix: str = "imglock") -> Iterator[None]:
+def reported_errors(prefix: str = PREFIX) -> Iterator[None]:
     """Print an ImglockError as one line on stderr and exit with its status."""
     try:
         yield
     except ImglockError as exc:
-        click.echo(f"{prefix}: {exc}", err=True)
+        _echo(f"{prefix}: {exc}")
         sys.exit(exc.exit_status)

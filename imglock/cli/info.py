@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from imglock.cli.common import reported_errors
+from imglock.cli.common import Voice, reported_errors, verbosity_options
 from imglock.formats import FORMAT_NAMES
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
@@ -93,7 +93,8 @@ def format_text(info: dict[str, Any]) -> str:
     is_flag=True,
     help="Describe every image of the backing chain, top first.",
 )
-@click.argument("image", type=click.Path(dir_okay=True, path_type=str))
+@verbosity_options
+@click.argument("image", type=click.Path(dir_okay=True, readable=False, path_type=str))
 def info(as_json: bool, image_format: str, backing_chain: bool, image: str) -> None:
     """Show IMAGE's format, sizes and backing file, taking no lock.
 
@@ -113,6 +114,8 @@ def info(as_json: bool, image_format: str, backing_chain: bool, image: str) -> N
 
             opened = open_image(image, image_format)
             try:
+                how = "probed" if image_format == "auto" else "as named"
+                Voice.current().note(f"{image}: format {opened.format} ({how})")
                 output = opened.driver.info(opened)
             finally:
                 opened.close()

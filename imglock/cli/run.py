@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from imglock.cli.common import verbosity_options
 from imglock.errors import EX_TEMPFAIL
 
 
@@ -26,14 +27,14 @@ def _signal_number(_ctx: click.Context, _param: click.Parameter, value: str) -> 
     "--image",
     "images",
     multiple=True,
-    type=click.Path(),
+    type=click.Path(readable=False),
     help="Claim PATH exclusive (its backing files shared). Repeatable.",
 )
 @click.option(
     "--shared",
     "shared",
     multiple=True,
-    type=click.Path(),
+    type=click.Path(readable=False),
     help="Claim PATH shared (read-only use). Repeatable.",
 )
 @click.option(
@@ -87,6 +88,7 @@ def _signal_number(_ctx: click.Context, _param: click.Parameter, value: str) -> 
     callback=_signal_number,
     help="Signal sent to a non-QEMU COMMAND when its lock is lost.",
 )
+@verbosity_options
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(
     images: tuple[str, ...],
@@ -106,9 +108,10 @@ def run(
     (-drive, -blockdev, -hda..-hdd, -cdrom).  Exits with COMMAND's status
     (128+N if killed by signal N), or the -E status on a conflict.
     """
-    from imglock.cli.common import reported_errors
+    from imglock.cli.common import Voice, reported_errors
     from imglock.launch import Launch, launch
 
+    voice = Voice.current()
     with reported_errors():
         plan = Launch(
             argv=list(command),
@@ -121,5 +124,7 @@ def run(
             lockspace=lockspace,
             check_interval=check_interval,
             lock_lost_signal=lock_lost_signal,
+            say=voice.error,
+            note=voice.note,
         )
         sys.exit(launch(plan))

@@ -3,14 +3,35 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Final
 
 import click
 
-from imglock.cli.common import reported_errors
+from imglock.cli.common import Voice, verbosity_options
+from imglock.errors import EX_HELD, EX_OK
 
 if TYPE_CHECKING:
     from imglock.api import ImageReport
+    from imglock.discovery import Holder
+    from imglock.errors import ImglockError
+
+HEADER: Final = (
+    "IMAGE",
+    "FORMAT",
+    "BACKING",
+    "HOLDER",
+    "MODE",
+    "PERMS",
+    "UNSHARED",
+    "PID",
+    "HOST",
+    "SINCE",
+    "FLAGS",
+    "COMMAND",
+)
+#: The table cuts command lines here; --json gives them whole.
+COMMAND_WIDTH: Final = 80
 
 
 @click.command()
@@ -20,67 +41,130 @@ if TYPE_CHECKING:
     type=click.Path(file_okay=False),
     help="Read the images' locks from their lock files in this directory.",
 )
-@click.argument("images", nargs=-1, required=True, type=click.Path())
-def status(as_json: bool, lockspace: str | None, images: tuple[str, ...]) -> None:
-    """Show who holds IMAGE: imglock holders, QEMU and other lockers.
+@verbosity_options
+@click.argument(
+    "paths", metavar="IMAGE|DIR...", nargs=-1, required=True, type=click.Path(readable=False)
+)
+def status(as_json: bool, lockspace: str | None, paths: tuple[str, ...]) -> None:
+    """Show who holds each IMAGE, and every image under each DIR.
 
-    Exits 0 when no image is held, 1 when any is.
+    One row per holder: imglock holders (exclusive or shared), QEMU with
+    the permissions it holds and refuses to share (PERMS, UNSHARED), and
+    other programs' locks (foreign, with the bytes they lock); HOLDER is
+    "none" for a free image.  FLAGS: corrupt, dirty, not-closed-cleanly (a
+    dirty qcow2 that no one holds), stale-records=N (holder records whose
+    lock is gone).  Commands are cut at 80 characters; --json shows them
+    whole, with the same data and qemu-img's key names.
+
+    A named IMAGE is looked at whatever it holds.  A DIR is walked
+    recursively; in it a file counts as an image when it is qcow2 (by its
+    magic, or another format QEMU knows, which is then an error), when its
+    name ends in .qcow2, .raw, .img or .iso, or when someone holds a lock
+    on it.  Other files are skipped quietly (-v says which and why).
+    Symbolic links are not followed, .imglock record directories are not
+    entered, and FIFOs, sockets and devices are never opened.
+
+    Exit status: 1 when any image is held; otherwise, if some image could
+    not be read (one line on stderr each), the first such error's status
+    (65 malformed, 66 cannot be opened, 74 read error); otherwise 0.
     """
-    from imglock.api import inspect
+    from imglock.api import inspect_image
     from imglock.discovery import LocalLocks
-    from imglock.errors import EX_HELD, EX_OK, ImglockError
+    from imglock.errors import ImglockError
+    from imglock.scan import find_images
 
-    local = LocalLocks()
+    voice = Voice.current()
+    local = LocalLocks()  # one /proc scan, and only once some lock is seen
     reports: list[ImageReport] = []
-    failed: ImglockError | None = None
-    for path in images:
+    errors: list[ImglockError] = []
+    skipped = 0
+
+    def skip(path: str, why: str) -> None:
+        nonlocal skipped
+        skipped += 1
+        voice.note(f"{path}: skipped: {why}")
+
+    for found in find_images(paths, skip):
+        if found.image is None:
+            assert found.error is not None
+            voice.error(str(found.error))
+            errors.append(found.error)
+            continue
         try:
-            reports.append(inspect(path, lockspace=lockspace, local=local))
+            reports.append(inspect_image(found.image, lockspace=lockspace, local=local))
         except ImglockError as exc:
-            click.echo(f"imglock: {exc}", err=True)
-            failed = failed or exc
+            voice.error(str(exc))
+            errors.append(exc)
+        finally:
+            found.image.close()
+    voice.note(f"images read: {len(reports)}, errors: {len(errors)}, files skipped: {skipped}")
+    if not reports and not errors:
+        voice.warn(f"no images found in {', '.join(paths)}")
+
     if as_json:
         import json
 
         click.echo(json.dumps([r.to_json() for r in reports], indent=2))
-    else:
-        _print_table(reports)
-    if failed is not None:
-        with reported_errors():
-            raise failed
-    sys.exit(EX_HELD if any(r.holders for r in reports) else EX_OK)
+    elif reports:
+        from imglock.cli.table import render
+
+        text = render(HEADER, [row for r in reports for row in table_rows(r)])
+        # Names that are not UTF-8 go out as the bytes they are on disk.
+        click.echo(text.encode("utf-8", "surrogateescape"))
+    sys.exit(exit_status(reports, errors))
 
 
-def _print_table(reports: list[ImageReport]) -> None:
-    from imglock.cli.table import render
+def exit_status(reports: Sequence[ImageReport], errors: Sequence[ImglockError]) -> int:
+    """1 when any image is held; else the first error's status; else 0.
 
-    rows: list[list[str]] = []
-    for report in reports:
-        flags = _flags(report)
-        if not report.holders:
-            rows.append([report.filename, report.format or "-", "-", "free", *"---", flags, "-"])
-        for holder in report.holders:
-            what = holder.mode or ",".join(holder.perms) or "-"
-            if holder.unshared:
-                what += " (no " + ",".join(holder.unshared) + ")"
-            rows.append(
-                [
-                    report.filename,
-                    report.format or "-",
-                    holder.layer,
-                    what,
-                    "-" if holder.pid is None else str(holder.pid),
-                    holder.host or "-",
-                    holder.since or "-",
-                    flags,
-                    holder.command or "-",
-                ]
-            )
-    header = ["IMAGE", "FORMAT", "LAYER", "HOLDS", "PID", "HOST", "SINCE", "FLAGS", "COMMAND"]
-    click.echo(render(header, rows))
+    "Held" wins because it is a sure answer about an image that was read,
+    and the one that must stop a script; an error still keeps the status
+    from saying "all free".
+    """
+    if any(report.holders for report in reports):
+        return EX_HELD
+    return errors[0].exit_status if errors else EX_OK
 
 
-def _flags(report: ImageReport) -> str:
+def table_rows(report: ImageReport) -> list[list[str]]:
+    """The table's rows for one image: one per holder, or one saying it is free."""
+    from imglock.cli.table import cell
+
+    image = [cell(report.filename), cell(report.format), cell(report.backing_filename)]
+    flags = cell(",".join(flags_of(report)))
+    if not report.holders:
+        return [[*image, "none", *["-"] * 6, flags, "-"]]
+    return [
+        [
+            *image,
+            holder.layer,
+            cell(holder.mode),
+            cell(_locks_held(holder)),
+            cell(",".join(holder.unshared)),
+            cell(None if holder.pid is None else str(holder.pid)),
+            cell(holder.host),
+            cell(holder.since),
+            flags,
+            cell(holder.command, COMMAND_WIDTH),
+        ]
+        for holder in report.holders
+    ]
+
+
+def _locks_held(holder: Holder) -> str:
+    """QEMU's permission names, or for a foreign lock the bytes it covers."""
+    if holder.range is None:
+        return ",".join(holder.perms)
+    from imglock.fcntl_locks import OFFSET_MAX
+
+    start, end = holder.range
+    if end >= OFFSET_MAX:
+        return "whole file" if start == 0 else f"bytes {start}-EOF"
+    return f"bytes {start}-{end - 1}"
+
+
+def flags_of(report: ImageReport) -> list[str]:
+    """What is worth knowing about an image besides its holders."""
     flags = []
     if report.corrupt:
         flags.append("corrupt")
@@ -90,4 +174,4 @@ def _flags(report: ImageReport) -> str:
         flags.append("dirty")
     if report.stale_records:
         flags.append(f"stale-records={len(report.stale_records)}")
-    return ",".join(flags) or "-"
+    return flags

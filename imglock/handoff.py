@@ -1,0 +1,184 @@
+"""The live-migration handoff of ``imglock run`` for QEMU, through QMP.
+
+At each point of a migration at most one side may run, and so at most one
+side holds the claim (the idea of QEMU's old claim/release hooks):
+
+* **source**: the claim is kept while the guest runs or is paused; once a
+  migration has *completed* and QEMU is in ``postmigrate``, it is released.
+  A failed or cancelled migration keeps it.  If the guest is resumed on the
+  source afterwards, the claim is taken back, and the guest is stopped if
+  that fails.
+* **destination** (``-incoming``): QEMU starts without a claim and with
+  ``-S``.  Once the incoming migration has completed, the claim is taken,
+  retrying until the handoff timeout, judging only the imglock layer (the
+  destination's own QEMU already holds QEMU's bytes by then), and only then
+  is the guest resumed with ``cont``, unless the user asked for ``-S``.
+  A destination that has taken over is then watched as a source, for the
+  next migration.
+
+The wrapper talks to QEMU through a QMP monitor of its own, on a socket in
+a private 0700 directory, added beside whatever monitors the user has.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from dataclasses import dataclass, field
+from typing import Final
+
+from imglock import faults
+from imglock.errors import ImglockError
+from imglock.qemu.cmdline import has_freeze_cpu, migration_incoming, with_extra_args
+from imglock.qemu.monitor import Monitor, MonitorThread, watch_destination, watch_source
+from imglock.runner import Runner
+
+#: How long QEMU gets to create its QMP socket after exec.
+CONNECT_TIMEOUT: Final = 30.0
+#: While the source is letting go, retry the destination's claim this often at most.
+HANDOFF_BACKOFF_CAP: Final = 0.002
+QMP_SOCKET_NAME: Final = "qmp.sock"
+
+
+@dataclass(frozen=True, slots=True)
+class _Child:
+    """The QEMU child as the monitor sees it: alive until it is a zombie.
+
+    The runner's main loop reaps the child; this must not, so it reads
+    /proc instead of calling waitpid.
+    """
+
+    pid: int
+
+    def poll(self) -> int | None:
+        try:
+            with open(f"/proc/{self.pid}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return 0
+        return 0 if state in (b"Z", b"X") else None
+
+
+@dataclass
+class Handoff:
+    """The QMP side of one wrapped QEMU: its monitor and its migration watchers."""
+
+    argv: list[str]
+    socket: str
+    incoming: bool
+    #: Destination: resume the guest once claimed (the user did not pass -S).
+    resume: bool
+    timeout: float
+    runner: Runner | None = None
+    monitor: MonitorThread | None = None
+    _closed: threading.Event = field(default_factory=threading.Event)
+
+    @classmethod
+    def for_command(cls, argv: list[str], private_dir: str, timeout: float) -> Handoff:
+        """Prepare the QEMU command line: our monitor, and -S on a destination."""
+        socket = os.path.join(private_dir, QMP_SOCKET_NAME)
+        incoming = migration_incoming(argv) is not None
+        user_paused = has_freeze_cpu(argv)
+        extended = with_extra_args(argv, qmp_socket=socket, freeze_cpu=incoming and not user_paused)
+        return cls(extended, socket, incoming, incoming and not user_paused, timeout)
+
+    def attach(self, runner: Runner) -> None:
+        """Let *runner* start the watchers once QEMU runs, and pause through QMP."""
+        self.runner = runner
+        runner.on_started = self._started
+        runner.guest = self
+
+    # -- the runner's side ------------------------------------------------
+
+    def _started(self, runner: Runner) -> None:
+        # Connecting may take a while (QEMU creates the socket after it has
+        # parsed its options); the main loop must go on forwarding signals.
+        threading.Thread(target=self._watch, name="imglock-handoff", daemon=True).start()
+
+    def pause(self, reason: str) -> str:
+        """Stop the guest with QMP ``stop`` (SIGSTOP if the monitor is not up)."""
+        assert self.runner is not None
+        if self.monitor is not None:
+            try:
+                self.monitor.stop(timeout=5)
+                return "QMP stop"
+            except (ImglockError, TimeoutError):
+                pass
+        try:
+            os.kill(self.runner.child, signal.SIGSTOP)
+        except ProcessLookupError:
+            return "QEMU had already exited"
+        return f"QMP unavailable: sent SIGSTOP to pid {self.runner.child}"
+
+    def close(self) -> None:
+        self._closed.set()
+        if self.monitor is not None:
+            self.monitor.close()
+
+    # -- the monitor's side -----------------------------------------------
+
+    def _watch(self) -> None:
+        runner = self.runner
+        assert runner is not None
+        try:
+            self.monitor = MonitorThread.connect(
+                self.socket, timeout=CONNECT_TIMEOUT, process=_Child(runner.child)
+            )
+            if self._closed.is_set():
+                self.monitor.close()
+                return
+            watcher = self._destination_then_source if self.incoming else self._source
+            self.monitor.start(watcher).result()
+        except Exception as exc:  # a watcher thread must say why it stopped, not die silently
+            if not self._closed.is_set() and _alive(runner.child):
+                text = str(exc) if isinstance(exc, ImglockError) else repr(exc)
+                runner.config.say(f"migration handoff stopped: {text}")
+
+    async def _source(self, monitor: Monitor) -> None:
+        await watch_source(monitor, release=self._release, reclaim=self._reclaim)
+
+    async def _destination_then_source(self, monitor: Monitor) -> None:
+        await watch_destination(monitor, claim=self._claim, resume=self.resume)
+        await self._source(monitor)
+
+    def _release(self) -> None:
+        runner = self.runner
+        assert runner is not None
+        with runner.claim_lock:
+            runner.lock_expected = False
+            # Keep the descriptors: the guest may be resumed here and need them back.
+            runner.config.claim.release(close=False)
+        faults.point("handoff:released")
+        runner.config.note("migration completed: claim released to the destination")
+
+    def _reclaim(self) -> None:
+        runner = self.runner
+        assert runner is not None
+        with runner.claim_lock:
+            try:
+                runner.config.claim.acquire()
+            except ImglockError as exc:
+                runner.config.say(f"{exc}; guest resumed here after migrating away, stopping it")
+                raise
+            runner.lock_expected = True
+
+    def _claim(self) -> None:
+        runner = self.runner
+        assert runner is not None
+        claim = runner.config.claim
+        with runner.claim_lock:
+            claim.wait = self.timeout
+            claim.backoff_cap = HANDOFF_BACKOFF_CAP
+            try:
+                claim.acquire()
+            except ImglockError as exc:
+                runner.config.say(f"{exc}; the migrated guest stays paused")
+                raise
+            runner.lock_expected = True
+        faults.point("handoff:claimed")
+        runner.config.note("incoming migration completed: claim taken")
+
+
+def _alive(pid: int) -> bool:
+    return _Child(pid).poll() is None

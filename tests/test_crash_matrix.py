@@ -1,0 +1,258 @@
+"""The crash matrix: kill -9 at every step of a claim, a release and ``imglock run``'s start.
+
+imglock(7) CRASHES: "A holder killed at any point leaves either a lock held
+by a live process or no lock".  For every named step (``faults.point``
+calls in the library) a real process runs into it with
+``IMGLOCK_FAULTS=crash=POINT`` (it SIGKILLs itself there) or
+``stop=POINT`` (it freezes there: the image must then be held by that live
+process or free, and the test kills it with SIGKILL).  Afterwards:
+
+* every lock still on the image belongs to a live process: the command of
+  a ``run`` killed after it started, never an orphan;
+* a ``run`` killed before its command started leaves no process behind:
+  the child waiting at the gate sees the gate close and exits;
+* once those are gone, the next claim of the image succeeds.
+
+The image is a qcow2 with a raw backing file, so a claim has two members
+and a crash can fall between them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import pytest
+from conftest import CLAIMER, ENV
+from hostile_cases import SMALL, qcow2
+
+import imglock
+
+#: Seconds for a process to reach its step, and for survivors to go.
+TIMEOUT = 10.0
+LIBRARY = Path(imglock.__file__).parent
+
+
+@dataclass(frozen=True)
+class Step:
+    """A named step, the process that goes through it, and what outlives a crash there."""
+
+    point: str
+    #: "claim": tests/claimer.py claims and holds with the library; "run": ``imglock run``.
+    via: Literal["claim", "run"]
+    #: What still holds the image once the crashed process is gone.
+    survivor: Literal["nothing", "command"] = "nothing"
+
+    @property
+    def id(self) -> str:
+        return f"{self.via}-{self.point}"
+
+
+#: The steps of a claim, in order (protocol.acquire runs once per file of the chain).
+CLAIM_POINTS = [
+    "acquire:own-byte",  # the imglock byte taken, QEMU's bytes not yet
+    "acquire:qemu-byte",  # some of QEMU's bytes taken
+    "acquire:untested",  # every byte taken, not yet tested for rivals
+    "claim:member",  # one file of the chain claimed, the next not yet
+    "claim:taken",  # every file claimed, no holder record yet
+    "claim:recorded",  # holder records written
+]
+
+STEPS = [
+    *(Step(point, "claim") for point in CLAIM_POINTS),
+    Step("release:unlocked", "claim"),  # one file let go, its record not yet removed
+    Step("run:forked", "run"),  # the child waits at the gate, nothing claimed
+    *(Step(point, "run") for point in CLAIM_POINTS),
+    Step("run:claimed", "run"),  # claimed for the child, the gate still closed
+    Step("run:started", "run", survivor="command"),  # the command runs, holding the lock
+    Step("release:unlocked", "run"),  # the command exited, the wrapper lets go
+]
+
+#: Steps of a migration handoff (source releasing, destination claiming
+#: before the guest resumes): add them here as Step(point, "run", ...) with
+#: what outlives a crash at each.
+HANDOFF_STEPS: list[Step] = []
+
+MATRIX = STEPS + HANDOFF_STEPS
+
+
+# --- Processes ----------------------------------------------------------------------
+
+
+def state(pid: int) -> str | None:
+    """The process state letter (R, S, T, Z...), or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def alive(pid: int) -> bool:
+    return state(pid) not in (None, "Z")
+
+
+def wait_until(what: str, predicate: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {TIMEOUT} s: {what}")
+        time.sleep(0.01)
+
+
+@dataclass
+class Marked:
+    """Processes started by one test, found by a variable in their environment.
+
+    Children inherit it, also after their parent died and they were handed
+    to init, so nothing a crash leaves running escapes the test.
+    """
+
+    token: str
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**ENV, "IMGLOCK_CRASH_TEST": self.token}
+
+    def pids(self) -> set[int]:
+        needle = f"IMGLOCK_CRASH_TEST={self.token}\0".encode()
+        found = set()
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{name}/environ", "rb") as f:
+                    if needle in f.read() and alive(int(name)):
+                        found.add(int(name))
+            except OSError:
+                continue  # gone meanwhile
+        return found
+
+    def kill_all(self) -> None:
+        for pid in self.pids():
+            kill_quietly(pid)
+
+
+def kill_quietly(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+
+
+@pytest.fixture
+def marked() -> Iterator[Marked]:
+    processes = Marked(secrets.token_hex(8))
+    yield processes
+    processes.kill_all()
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> tuple[Path, Path]:
+    """A qcow2 image and its raw backing file."""
+    base = tmp_path / "base.raw"
+    base.write_bytes(bytes(4096))
+    top = qcow2(tmp_path / "top.qcow2", SMALL, backing_name=b"base.raw")
+    return top, base
+
+
+def start(step: Step, mode: str, top: Path, marked: Marked) -> subprocess.Popen[bytes]:
+    """Start the process that goes through *step*, with the fault for *mode* installed."""
+    env = {**marked.env, "IMGLOCK_FAULTS": f"{mode}={step.point}"}
+    if step.via == "claim":
+        argv = [sys.executable, CLAIMER, str(top)]
+    else:
+        command = ["true"] if step.point.startswith("release:") else ["sleep", "30"]
+        argv = [sys.executable, "-m", "imglock", "run", "--image", str(top), "--", *command]
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env
+    )
+    if step.via == "claim" and step.point.startswith("release:"):
+        assert proc.stdin is not None and proc.stdout is not None
+        assert b'"ok": true' in proc.stdout.readline()  # it holds the image
+        proc.stdin.close()  # now it releases
+    return proc
+
+
+# --- What must hold ----------------------------------------------------------------
+
+
+def assert_held_by_live_processes_or_free(files: tuple[Path, ...]) -> set[int]:
+    """Every lock on *files* belongs to a live local process; return those processes."""
+    holding: set[int] = set()
+    for path in files:
+        for holder in imglock.holders(path):
+            assert holder.local_pids, f"{path}: a lock no live process holds: {holder}"
+            dead = [pid for pid in holder.local_pids if not alive(pid)]
+            assert not dead, f"{path}: held by processes that are gone: {holder}"
+            holding.update(holder.local_pids)
+    return holding
+
+
+def assert_free(files: tuple[Path, ...]) -> None:
+    for path in files:
+        assert imglock.holders(path) == [], f"{path} is still held"
+
+
+def crash_at(step: Step, mode: str, top: Path, files: tuple[Path, ...], marked: Marked) -> None:
+    """Run into *step* and die there by SIGKILL (from itself, or from the test once frozen)."""
+    proc = start(step, mode, top, marked)
+    if mode == "stop":
+        wait_until(f"{step.id} stops at {step.point}", lambda: state(proc.pid) in ("T", None))
+        assert proc.poll() is None, f"exited ({proc.returncode}) without reaching {step.point}"
+        assert_held_by_live_processes_or_free(files)  # frozen half-way
+        proc.kill()
+    try:
+        status = proc.wait(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{step.id} never reached {step.point}")
+    assert status == -signal.SIGKILL, f"{step.id} exited {status} instead of dying at the step"
+
+
+@pytest.mark.parametrize("mode", ["crash", "stop"])
+@pytest.mark.parametrize("step", MATRIX, ids=[step.id for step in MATRIX])
+def test_a_holder_killed_at_any_step_leaves_the_image_held_by_a_live_process_or_free(
+    step: Step, mode: str, image: tuple[Path, Path], marked: Marked
+) -> None:
+    top, _base = files = image
+    crash_at(step, mode, top, files, marked)
+
+    holding = assert_held_by_live_processes_or_free(files)
+    if step.survivor == "command":
+        # The command inherited the locks and runs on: it holds the image.
+        survivors = marked.pids()
+        assert holding and holding <= survivors, (holding, survivors)
+        assert imglock.holders(top) != []
+        for pid in survivors:
+            kill_quietly(pid)
+    # Nothing else is left running: a child at the gate exits once it closes.
+    wait_until(f"no process of {step.id} is left", lambda: not marked.pids())
+
+    assert_free(files)
+    with imglock.claim(top):  # the next claim works
+        pass
+    assert_free(files)
+
+
+def points_in_the_library() -> set[str]:
+    """Every step name the library passes to faults.point()."""
+    calls = re.compile(r"faults\.point\(([^)]*)\)")
+    names: set[str] = set()
+    for path in LIBRARY.rglob("*.py"):
+        for call in calls.findall(path.read_text()):
+            names.update(re.findall(r'"([\w-]+:[\w-]+)"', call))
+    return names
+
+
+def test_every_step_of_the_library_is_in_the_crash_matrix() -> None:
+    missing = points_in_the_library() - {step.point for step in MATRIX}
+    assert not missing, f"add these steps to STEPS or HANDOFF_STEPS: {sorted(missing)}"
