@@ -38,10 +38,10 @@ def make_images(root: Path) -> dict[str, str]:
     raw.write_bytes(b"\0" * 65536)
     create = ["qemu-img", "create", "-q", "-f", "qcow2"]
     subprocess.run([*create, root / "one.qcow2", "64M"], check=True)
-    previous = None
+    previous: Path | None = None
     for depth in range(8):
         image = root / f"chain{depth}.qcow2"
-        backing = ["-b", previous.name, "-F", "qcow2"] if previous else []
+        backing: list[str] = ["-b", previous.name, "-F", "qcow2"] if previous else []
         subprocess.run([*create, *backing, image, "64M"], check=True)
         previous = image
     assert previous is not None

@@ -116,7 +116,7 @@ class Claim:
         opened_here = not self.members
         self.open()
         deadline = time.monotonic() + max(self.wait, 0.0)
-        delay = BACKOFF_FIRST
+        delay = min(BACKOFF_FIRST, self.backoff_cap)
         try:
             while True:
                 try:

@@ -37,7 +37,7 @@ from imglock.runner import Runner
 #: How long QEMU gets to create its QMP socket after exec.
 CONNECT_TIMEOUT: Final = 30.0
 #: While the source is letting go, retry the destination's claim this often at most.
-HANDOFF_BACKOFF_CAP: Final = 0.002
+HANDOFF_BACKOFF_CAP: Final = 0.0005
 QMP_SOCKET_NAME: Final = "qmp.sock"
 
 

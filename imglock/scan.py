@@ -8,7 +8,9 @@ file counts as an image when
 * probing recognises a format: qcow2 by its magic, or a format imglock
   cannot read (vmdk, vhdx, LUKS...), which is then reported as an error;
 * its name ends in an image suffix (:data:`IMAGE_SUFFIXES`, any case); or
-* someone holds a lock on it (a raw disk named ``disk``, a pflash file).
+* some process holds a byte-range (fcntl) lock on it: a raw disk named
+  ``disk`` or a pflash file while QEMU uses it (flock(2) locks are not
+  seen: on a local filesystem they are another kind of lock).
 
 Every other file is skipped quietly: any file "probes" as raw, so probing
 alone cannot tell a raw disk from a log file.  A walk never follows a
@@ -98,14 +100,15 @@ class _Walk:
         self.files: set[FileKey] = set()
         self.dirs: set[FileKey] = set()
 
-    def _first_time(self, image: OpenImage) -> bool:
-        key = (image.st.st_dev, image.st.st_ino)
-        if key in self.files:
-            image.close()
-            self.skipped(image.filename, "the same file as one listed already")
-            return False
-        self.files.add(key)
-        return True
+    def _listed_already(self, path: str, st: os.stat_result) -> bool:
+        if (st.st_dev, st.st_ino) in self.files:
+            self.skipped(path, "the same file as one listed already")
+            return True
+        return False
+
+    def _listing_now(self, image: OpenImage) -> Found:
+        self.files.add((image.st.st_dev, image.st.st_ino))
+        return Found(image.filename, image=image)
 
     def named(self, path: str) -> Iterator[Found]:
         try:
@@ -113,8 +116,10 @@ class _Walk:
         except ImglockError as exc:
             yield Found(path, error=exc)
             return
-        if self._first_time(image):
-            yield Found(path, image=image)
+        if self._listed_already(path, image.st):
+            image.close()
+        else:
+            yield self._listing_now(image)
 
     def directory(self, root: str) -> Iterator[Found]:
         # Depth first, in name order, with a stack of listings instead of
@@ -173,17 +178,13 @@ class _Walk:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 self.skipped(path, "no longer a regular file")
-            elif (st.st_dev, st.st_ino) in self.files:
-                self.skipped(path, "the same file as one listed already")
-            else:
+            elif not self._listed_already(path, st):
                 head = read_at(fd, 0, HEAD_SIZE, path)
                 # Probing raises FormatError for a format imglock cannot read.
                 driver = probe(head[:PROBE_SIZE], path)
                 if driver.name != "raw" or suffix or self._locked(fd, path):
                     os.set_blocking(fd, True)
-                    image = driver.open(path, fd, st, head)
-                    self.files.add((st.st_dev, st.st_ino))
-                    return Found(path, image=image)
+                    return self._listing_now(driver.open(path, fd, st, head))
                 self.skipped(path, "not an image (no known format, image suffix or lock)")
         except ImglockError as exc:
             close_quietly(fd)

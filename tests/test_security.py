@@ -199,7 +199,16 @@ def run_in_background(
     (holder,) = wait_for(
         lambda: [h for h in imglock.holders(image, lockspace=lockspace) if h.layer == "imglock"]
     )
+    # The claim is taken before the gate opens: wait for the command itself.
+    wait_for(lambda: _argv(holder.pid)[: len(HOLD)] == HOLD)
     return proc, holder
+
+
+def _argv(pid: int | None) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+    except OSError:
+        return []
 
 
 # --------------------------------------------------------------------------
@@ -393,12 +402,16 @@ def test_the_command_inherits_the_lock_descriptors_and_nothing_of_the_wrapper(
     assert sorted(v for fd, v in inherited.items() if fd > 2) == sorted(map(str, lock_files))
 
 
-def _qmp_socket_of(qemu_pid: int) -> Path:
-    """The socket of the monitor ``imglock run`` added to QEMU's command line."""
-    argv = Path(f"/proc/{qemu_pid}/cmdline").read_text().split("\0")
-    (chardev,) = [a for a in argv if a.startswith("socket,id=imglock-qmp,")]
-    (path,) = [kv[len("path=") :] for kv in chardev.split(",") if kv.startswith("path=")]
-    return Path(path)
+def _qmp_socket_of(qemu_pid: int) -> Path | None:
+    """The socket of the monitor ``imglock run`` added to QEMU's command line.
+
+    None until the wrapper's child has become QEMU.
+    """
+    for arg in _argv(qemu_pid):
+        if arg.startswith("socket,id=imglock-qmp,"):
+            (path,) = [kv[len("path=") :] for kv in arg.split(",") if kv.startswith("path=")]
+            return Path(path)
+    return None
 
 
 @pytest.mark.qemu
@@ -416,8 +429,10 @@ def test_the_private_qmp_socket_of_a_wrapped_qemu_is_out_of_other_users_reach(
     )
     started.append(wrapper)
     (qemu,) = wait_for(lambda: imglock_holders(image))
-    assert qemu.pid is not None
-    qmp = _qmp_socket_of(qemu.pid)
+    pid = qemu.pid
+    assert pid is not None
+    qmp = wait_for(lambda: _qmp_socket_of(pid))
+    assert qmp is not None
     wait_for(qmp.exists)
 
     st = os.lstat(qmp.parent)

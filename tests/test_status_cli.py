@@ -124,6 +124,17 @@ def test_a_symlink_named_on_the_command_line_is_followed(
     assert listed(imglock_cli, tmp_path / "tree") == [str(tmp_path / "tree" / "vm.qcow2")]
 
 
+def test_a_format_imglock_cannot_read_is_an_error_not_a_skipped_file(
+    imglock_cli: ImglockCli, tmp_path: Path
+) -> None:
+    (tmp_path / "legacy").write_bytes(b"KDMV" + bytes(508))  # a vmdk, whatever its name
+    image = raw(tmp_path / "disk.raw")
+    proc = status(imglock_cli, tmp_path)
+    assert proc.returncode == EX_DATAERR
+    assert proc.stderr.startswith(f"imglock: {tmp_path / 'legacy'}: is a vmdk image;")
+    assert [r["IMAGE"] for r in rows(proc.stdout)] == [str(image)]
+
+
 def test_a_fifo_or_socket_in_a_directory_is_skipped_without_being_opened(
     imglock_cli: ImglockCli, tmp_path: Path
 ) -> None:
@@ -156,7 +167,7 @@ def test_a_file_found_twice_is_listed_once(imglock_cli: ImglockCli, tmp_path: Pa
 
 def test_the_walk_tells_why_it_skipped_each_file(datastore: Path) -> None:
     skipped: dict[str, str] = {}
-    for found in find_images([str(datastore)], lambda path, why: skipped.setdefault(path, why)):
+    for found in find_images([str(datastore)], skipped.__setitem__):
         assert found.image is not None
         found.image.close()
     assert skipped == {

@@ -57,12 +57,14 @@ def status(as_json: bool, lockspace: str | None, paths: tuple[str, ...]) -> None
     whole, with the same data and qemu-img's key names.
 
     A named IMAGE is looked at whatever it holds.  A DIR is walked
-    recursively; in it a file counts as an image when it is qcow2 (by its
-    magic, or another format QEMU knows, which is then an error), when its
-    name ends in .qcow2, .raw, .img or .iso, or when someone holds a lock
-    on it.  Other files are skipped quietly (-v says which and why).
-    Symbolic links are not followed, .imglock record directories are not
-    entered, and FIFOs, sockets and devices are never opened.
+    recursively, in name order, and in it a file counts as an image when
+    its magic names a format (qcow2; vmdk and other formats imglock cannot
+    read are reported as errors), when its name ends in .qcow2, .raw, .img
+    or .iso (any case), or while a process holds a byte-range lock on it
+    (a raw disk named "disk", in use).  Other files are skipped quietly (-v
+    says which and why).  A walk does not follow symbolic links (name one
+    to look through it), does not enter .imglock record directories, and
+    never opens FIFOs, sockets or devices.  A file found twice is listed once.
 
     Exit status: 1 when any image is held; otherwise, if some image could
     not be read (one line on stderr each), the first such error's status

@@ -111,8 +111,10 @@ CAPABILITY_LATE_BLOCK_ACTIVATE: Final = "late-block-activate"
 
 #: How often connect() retries while QEMU has not created its socket yet.
 CONNECT_RETRY_INTERVAL: Final = 0.02
-#: How often run states are polled where QEMU sends no event for a change.
-POLL_INTERVAL: Final = 0.01
+#: How often run states are polled where QEMU sends no event for a change
+#: (on a source between ``completed`` and ``postmigrate``, every millisecond
+#: of it is downtime for the guest being handed over).
+POLL_INTERVAL: Final = 0.001
 #: How often a destination's run state is polled between events.
 INCOMING_POLL_INTERVAL: Final = 0.1
 #: How long a source may take from ``completed`` to ``postmigrate``.

@@ -1,0 +1,111 @@
+"""Downtime that the migration handoff of ``imglock run`` adds, beside plain QEMU.
+
+Downtime here is the destination's RESUME event time minus the source's
+STOP event time (QEMU's own timestamps, one host, one clock), for a 64 MiB
+TCG guest migrating over a unix socket.  Plain: two bare QEMUs, the
+destination resuming by itself at completion.  Wrapped: both under
+``imglock run``, the destination resuming only after it has claimed the
+image, which the source releases once it reaches postmigrate.
+Run: ``python -m benchmarks.bench_migration``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from benchmarks.timing import Figure, print_table
+from imglock.qemu.monitor import EVENT_RESUME, EVENT_STOP, MonitorThread
+
+GUEST = ("-M", "pc", "-m", "64", "-nodefaults", "-display", "none", "-accel", "tcg")
+
+
+@contextlib.contextmanager
+def _vm(argv: list[str], qmp: str) -> Iterator[MonitorThread]:
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    monitor = MonitorThread.connect(qmp, timeout=30, process=proc)
+    try:
+        monitor.call(monitor.monitor.enable_migration_events())
+        yield monitor
+    finally:
+        monitor.close()
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _event_time(monitor: MonitorThread, name: str, timeout: float = 30.0) -> float:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for event in monitor.monitor.history:
+            if event.name == name:
+                return event.timestamp
+        time.sleep(0.002)
+    raise TimeoutError(f"no {name} event")
+
+
+def one_migration(root: Path, image: Path, wrapped: bool) -> float:
+    """Migrate once; return STOP-to-RESUME in seconds."""
+    qemu = shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
+    wrapper = [sys.executable, "-m", "imglock", "run", "--"] if wrapped else []
+    uri = f"unix:{root}/mig.sock"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(f"{root}/mig.sock")
+
+    def argv(name: str, *extra: str) -> list[str]:
+        disk = ("-drive", f"file={image},if=virtio")
+        qmp = ("-qmp", f"unix:{root}/{name}.qmp,server=on,wait=off")
+        return [*wrapper, qemu, *GUEST, *disk, *qmp, *extra]
+
+    with (
+        _vm(argv("src"), f"{root}/src.qmp") as src,
+        _vm(argv("dst", "-incoming", uri), f"{root}/dst.qmp") as dst,
+    ):
+        while not os.path.exists(f"{root}/mig.sock"):
+            time.sleep(0.002)
+        src.call(src.monitor.execute("migrate", {"uri": uri}))
+        stop = _event_time(src, EVENT_STOP)
+        resume = _event_time(dst, EVENT_RESUME)
+    return resume - stop
+
+
+def figures(quick: bool = False) -> list[Figure]:
+    runs = 3 if quick else 9
+    root = Path(tempfile.mkdtemp(prefix="imglock-bench-"))
+    try:
+        image = root / "vm.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", image, "64M"], check=True)
+        plain = [one_migration(root, image, wrapped=False) for _ in range(runs)]
+        wrapped = [one_migration(root, image, wrapped=True) for _ in range(runs)]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    plain_ms, wrapped_ms = statistics.median(plain), statistics.median(wrapped)
+    return [
+        Figure(
+            f"migration downtime, STOP→RESUME, under imglock run ({runs} runs)",
+            wrapped_ms,
+            "plain QEMU",
+            plain_ms,
+            f"added {1e3 * (wrapped_ms - plain_ms):.1f} ms; target < 10 ms",
+        )
+    ]
+
+
+def main() -> None:
+    print_table(figures(quick="--quick" in sys.argv))
+
+
+if __name__ == "__main__":
+    main()
