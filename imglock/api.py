@@ -57,6 +57,8 @@ class _Member:
 
     image: OpenImage
     mode: Mode
+    #: Named by the caller, not only by an image header (see _write_records).
+    named: bool = False
     record_dir: str = ""
     record_name: str = ""
     recorded: bool = False
@@ -161,14 +163,15 @@ class Claim:
         by_file: dict[tuple[int, int], _Member] = {}
         try:
             for spec in self.specs:
-                for image, mode in _chain_modes(spec):
+                for image, mode, named in _chain_modes(spec):
                     key = (image.st.st_dev, image.st.st_ino)
                     known = by_file.get(key)
                     if known is None:
-                        by_file[key] = _Member(image, mode)
+                        by_file[key] = _Member(image, mode, named=named)
                         self._attach_lockspace(by_file[key])
                         continue
                     image.close()  # a second open would conflict with the first
+                    known.named |= named
                     if mode is Mode.EXCLUSIVE:
                         known.mode = Mode.EXCLUSIVE
         except BaseException:
@@ -185,7 +188,13 @@ class Claim:
             record = records.make_record(
                 member.image.filename, owner, member.mode.value, self.command
             )
-            member.record_problem = records.write(member.record_dir, member.record_name, record)
+            # A backing file is named by an image header, which anyone who can
+            # write the image controls: its record goes only into a record
+            # directory that is already there, never into a new one.
+            create = member.named or self.lockspace is not None
+            member.record_problem = records.write(
+                member.record_dir, member.record_name, record, create=create
+            )
             member.recorded = member.record_problem is None
 
     def verify(self) -> None:
@@ -243,19 +252,21 @@ class Claim:
             member.image.close()
 
 
-def _chain_modes(spec: ClaimSpec) -> Iterable[tuple[OpenImage, Mode]]:
-    """The images of *spec*'s chain with their modes: top as asked, backing files shared.
+def _chain_modes(spec: ClaimSpec) -> Iterable[tuple[OpenImage, Mode, bool]]:
+    """The images of *spec*'s chain: (image, mode, named by the caller).
 
-    An external data file is claimed like the image it belongs to.
+    The top image is claimed as asked, backing files shared, and an external
+    data file like the image it belongs to.  Only the top image is named by
+    the caller; the others are named by image headers, which are untrusted.
     """
     from imglock.chain import open_chain  # only claims follow chains; `status` never does
 
     chain = open_chain(spec.path, spec.format)
     for link in chain.links:
         if link.role == "backing":
-            yield link.image, Mode.SHARED
+            yield link.image, Mode.SHARED, False
         else:
-            yield link.image, spec.mode if link.depth == 0 else Mode.SHARED
+            yield link.image, spec.mode if link.depth == 0 else Mode.SHARED, link.role == "top"
 
 
 class _Contended(Exception):

@@ -166,20 +166,21 @@ def _record_dir(directory: str, create: bool) -> Iterator[int | None]:
         os.close(parent)
 
 
-def write(directory: str, image_name: str, record: Record) -> str | None:
+def write(directory: str, image_name: str, record: Record, *, create: bool = True) -> str | None:
     """Write *record*; return the reason it was not written, or None on success.
 
     A record is a courtesy: a full disk, a read-only filesystem or an
-    untrusted directory means the claim goes on without one.
+    untrusted directory means the claim goes on without one.  Without
+    *create*, the record directory is used only if it already exists.
     """
     import json  # here, not at the top: commands that read no record never load it
 
     name = record_name(image_name, Owner.from_id(record.owner))
     data = json.dumps(record.to_json(), sort_keys=True).encode()
     try:
-        with _record_dir(directory, create=True) as dfd:
+        with _record_dir(directory, create=create) as dfd:
             if dfd is None:
-                return f"cannot open {directory}/{RECORD_DIR}"
+                return f"no {directory}/{RECORD_DIR} to write into"
             if not _trusted_dir(dfd):
                 return f"{directory}/{RECORD_DIR} is writable by others; no record written"
             tmp = f".{name}.{os.urandom(6).hex()}"

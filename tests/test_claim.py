@@ -217,3 +217,23 @@ def test_imglock_layer_never_touches_bytes_of_qemu_or_virtlockd(raw_image: Path)
     with Claim([ClaimSpec(str(raw_image))], layers=Layer.IMGLOCK):
         held = [h for h in imglock.holders(raw_image)]
         assert [h.layer for h in held] == ["imglock"]
+
+
+def test_a_backing_file_gets_a_record_only_where_a_record_directory_exists(
+    tmp_path: Path, qemu_img: object
+) -> None:
+    # The backing name comes from the image header, which whoever writes the
+    # image controls: it must not make imglock create directories elsewhere.
+    (tmp_path / "vms").mkdir()
+    (tmp_path / "bases").mkdir()
+    base, top = tmp_path / "bases" / "base.qcow2", tmp_path / "vms" / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", base, "16M"], check=True)
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top], check=True
+    )
+    with imglock.claim(top):
+        assert list((tmp_path / "vms" / ".imglock").iterdir())
+        assert not (tmp_path / "bases" / ".imglock").exists()
+    (tmp_path / "bases" / ".imglock").mkdir()
+    with imglock.claim(top):
+        assert list((tmp_path / "bases" / ".imglock").iterdir())

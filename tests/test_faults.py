@@ -23,6 +23,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,8 +54,8 @@ def injected(spec: str) -> Iterator[None]:
 
     Lock calls are counted from the first one made inside the block.
     """
-    with open("/proc/self/exe", "rb") as any_file:  # the OFD probe is not counted
-        fcntl_locks.conflicting(any_file.fileno(), 0, 1, "/proc/self/exe")
+    with tempfile.TemporaryFile() as scratch:  # the probe for OFD locks is not counted
+        fcntl_locks.conflicting(scratch.fileno(), 0, 1, "scratch")
     saved = fcntl_locks._fcntl, records._fail_writes_with, dict(faults._kill_points)
     faults.install(spec)
     try:

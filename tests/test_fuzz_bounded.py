@@ -33,7 +33,7 @@ from imglock.errors import EX_DATAERR, EX_OK, ImglockError
 #: Mutants of each corpus entry per run: len(CORPUS) * MUTANTS inputs in all.
 MUTANTS = 150
 #: Mutants of each corpus entry that also go through the commands.
-CLI_SAMPLE = 2
+CLI_SAMPLE = 1
 #: How much of each image is mutated and written: the header cluster's start.
 WINDOW = 4096
 
@@ -68,7 +68,7 @@ CORPUS: dict[str, list[list[str]]] = {
             "--object",
             "secret,id=sec0,data=fuzz",
             "-o",
-            "encrypt.format=luks,encrypt.key-secret=sec0",
+            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
             "{image}",
             "1M",
         ]
