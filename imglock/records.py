@@ -180,6 +180,8 @@ def write(directory: str, image_name: str, record: Record, *, create: bool = Tru
     try:
         with _record_dir(directory, create=create) as dfd:
             if dfd is None:
+                if create:
+                    return f"cannot open {directory}/{RECORD_DIR}"
                 return f"no {directory}/{RECORD_DIR} to write into"
             if not _trusted_dir(dfd):
                 return f"{directory}/{RECORD_DIR} is writable by others; no record written"

@@ -37,6 +37,7 @@ from imglock.errors import (
     EX_TEMPFAIL,
     ImglockError,
     LockConflict,
+    LockError,
     LockLost,
 )
 from imglock.protocol import Layer
@@ -145,8 +146,14 @@ class Runner:
         try:
             return self._run(claim, old_mask)
         finally:
-            claim.release()
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            try:
+                claim.release()
+            except LockError as exc:
+                # The descriptors are closed all the same, and the locks went
+                # with them: say so, and let COMMAND's status stand.
+                self.config.say(f"{exc} (while releasing: the image is free all the same)")
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
     def _run(self, claim: Claim, old_mask: set[int | signal.Signals]) -> int:
         gate_r, gate_w = os.pipe()

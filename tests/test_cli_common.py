@@ -116,10 +116,9 @@ def test_run_with_v_says_why_no_holder_record_was_written(
     (raw_image.parent / ".imglock").write_text("not a directory")
     proc = imglock_cli("run", "-v", "--image", raw_image, "--", "true")
     assert proc.returncode == EX_OK
-    assert (
-        f"imglock: no holder record for {raw_image}: cannot open {raw_image.parent}/.imglock"
-        in proc.stderr.splitlines()
-    )
+    (note,) = [line for line in proc.stderr.splitlines() if "no holder record" in line]
+    assert note.startswith(f"imglock: no holder record for {raw_image}: ")
+    assert f"{raw_image.parent}/.imglock" in note  # the reason names the directory
     assert imglock_cli("run", "--image", raw_image, "--", "true").stderr == ""
 
 

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import SpawnRival
+from conftest import ENV, SpawnRival
 from hostile_cases import no_descriptor_leaked
 
 import imglock
@@ -73,7 +73,7 @@ def cli(*args: str | os.PathLike[str], spec: str) -> subprocess.CompletedProcess
         capture_output=True,
         text=True,
         timeout=30,
-        env={**os.environ, "IMGLOCK_FAULTS": spec},
+        env={**ENV, "IMGLOCK_FAULTS": spec},
     )
 
 
@@ -228,6 +228,23 @@ def test_run_says_which_file_failed_to_lock_exits_74_and_runs_nothing(
         f"imglock: {raw_image}: cannot lock: {os.strerror(getattr(errno, code))}"
     )
     assert not ran.exists()
+    assert_free_for_others(raw_image, rival)
+    assert_no_record_left(raw_image)
+
+
+#: The first unlock of a release in a fresh ``imglock run``: after the probe and the claim.
+RUN_RELEASE_CALL = 1 + CLAIM_CALLS + 1
+
+
+def test_run_keeps_the_commands_status_when_its_release_fails(
+    raw_image: Path, rival: SpawnRival
+) -> None:
+    spec = f"fcntl=EIO,first={RUN_RELEASE_CALL}"
+    proc = cli("run", "--image", raw_image, "--", "sh", "-c", "exit 3", spec=spec)
+    assert proc.returncode == 3
+    line = one_line(proc)
+    assert line.startswith(f"imglock: {raw_image}: cannot lock: {os.strerror(errno.EIO)}")
+    assert "while releasing" in line
     assert_free_for_others(raw_image, rival)
     assert_no_record_left(raw_image)
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import ENV
 from hostile_cases import no_descriptor_leaked
 from qcow2_builder import Qcow2Spec, build
 
@@ -40,6 +41,9 @@ WINDOW = 4096
 #: The corpus: qemu-img create options (and follow-up commands) for each entry.
 #: Names are relative (backing file, data file) and resolve inside the
 #: corpus directory, which is also the working directory of every call.
+#: (No LUKS image: qemu-img times its key derivation for half a second of CPU
+#: and, on a busy machine, sometimes fails to measure it; test_qcow2_fuzz.py
+#: covers the encryption fields with a hand-built header.)
 CORPUS: dict[str, list[list[str]]] = {
     "plain": [["create", "-f", "qcow2", "{image}", "1M"]],
     "v2": [["create", "-f", "qcow2", "-o", "compat=0.10", "{image}", "1M"]],
@@ -59,19 +63,6 @@ CORPUS: dict[str, list[list[str]]] = {
         ["create", "-f", "qcow2", "{image}", "1M"],
         ["bitmap", "--add", "{image}", "b0"],
         ["snapshot", "-c", "s1", "{image}"],
-    ],
-    "luks": [
-        [
-            "create",
-            "-f",
-            "qcow2",
-            "--object",
-            "secret,id=sec0,data=fuzz",
-            "-o",
-            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
-            "{image}",
-            "1M",
-        ]
     ],
 }
 
@@ -201,7 +192,10 @@ def _write(directory: Path, entry: Entry) -> Path:
 
 def imglock_cli(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
-        [sys.executable, "-m", "imglock", *map(os.fspath, args)], capture_output=True, timeout=10
+        [sys.executable, "-m", "imglock", *map(os.fspath, args)],
+        capture_output=True,
+        timeout=10,
+        env=ENV,  # this tree's imglock: the working directory is the mutants'
     )
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import ENV
 from hostile_cases import (
     ALL,
     DEFAULT,
@@ -100,6 +101,7 @@ def start(case: Hostile, args: Sequence[str | bytes | os.PathLike[str]]) -> subp
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         preexec_fn=_limits(case),
+        env=ENV,  # this tree's imglock, wherever the installed one points
     )
 
 

@@ -294,3 +294,40 @@ def test_lock_loss_stops_a_qemu_guest_through_qmp(lab: Lab) -> None:
     _until(lambda: vm.status() == "paused", what="the guest to be paused on lock loss")
     _until(lambda: "lock lost" in vm.stderr(), what="the message")
     assert "QMP stop" in vm.stderr()
+
+
+def test_a_source_wrapper_killed_right_after_releasing_leaves_the_handoff_intact(
+    lab: Lab,
+) -> None:
+    # Crash matrix, handoff:released: the source's wrapper dies the moment it
+    # has let go; the destination still claims and runs, the image stuck nowhere.
+    source = lab.start("source", env={"IMGLOCK_FAULTS": "crash=handoff:released"})
+    _until(lambda: lab.exclusive_holders() == [source.qemu_pid], what="the source's claim")
+    source_qemu = source.qemu_pid
+    dest = _migrate(lab, source, "dest")
+    assert source.wrapper.wait(timeout=20) == -signal.SIGKILL
+    _until(lambda: dest.status() == RUNNING, what="the destination guest to run")
+    _until(lambda: lab.exclusive_holders() == [dest.qemu_pid], what="the destination's claim")
+    assert source_qemu not in lab.exclusive_holders()
+
+
+def test_a_destination_wrapper_killed_right_after_claiming_leaves_the_claim_with_its_qemu(
+    lab: Lab,
+) -> None:
+    # Crash matrix, handoff:claimed: the destination's wrapper dies between
+    # claiming and `cont`.  Its QEMU inherited the locks: the image is held by
+    # a live process (whose guest stays paused), and free once that process ends.
+    source = lab.start("source")
+    _until(lambda: lab.exclusive_holders() == [source.qemu_pid], what="the source's claim")
+    dest = lab.start(
+        "dest", "-incoming", f"unix:{lab.path('migrate.sock')}",
+        env={"IMGLOCK_FAULTS": "crash=handoff:claimed"},
+    )  # fmt: skip
+    dest_qemu = dest.qemu_pid
+    _until(lambda: os.path.exists(lab.path("migrate.sock")), what="the incoming socket")
+    source.execute("migrate", {"uri": f"unix:{lab.path('migrate.sock')}"})
+    assert dest.wrapper.wait(timeout=20) == -signal.SIGKILL
+    assert lab.exclusive_holders() == [dest_qemu]
+    assert dest.status() != RUNNING
+    os.kill(dest_qemu, signal.SIGKILL)
+    _until(lambda: lab.exclusive_holders() == [], what="the image to be free")
