@@ -325,15 +325,7 @@ def parse_keyval(text: str, implied_key: str | None = None) -> dict[str, Any]:
         if end == len(text) or text[end] != "=":
             raise ValueError(f"Expected '=' after parameter '{key}'")
         value, pos = _read_value(text, end + 1)
-        cursor = root
-        for n, part in enumerate(parts[:-1]):
-            inner = cursor.setdefault(part, {})
-            if not isinstance(inner, dict):
-                raise ValueError(f"Parameters '{'.'.join(parts[: n + 1])}.*' used inconsistently")
-            cursor = inner
-        if isinstance(cursor.get(parts[-1]), dict):
-            raise ValueError(f"Parameters '{key}.*' used inconsistently")
-        cursor[parts[-1]] = value
+        _insert_dotted(root, parts, value)
     result: dict[str, Any] = _listify(root, "")
     return result
 
@@ -418,17 +410,21 @@ def _crumple(flat: Mapping[str, Any]) -> dict[str, Any]:
     """Nest dotted keys (``file.filename``) the way the block layer does."""
     root: dict[str, Any] = {}
     for key, value in flat.items():
-        parts = key.split(".")
-        cursor = root
-        for n, part in enumerate(parts[:-1]):
-            inner = cursor.setdefault(part, {})
-            if not isinstance(inner, dict):
-                raise ValueError(f"Parameters '{'.'.join(parts[: n + 1])}.*' used inconsistently")
-            cursor = inner
-        if isinstance(cursor.get(parts[-1]), dict):
-            raise ValueError(f"Parameters '{key}.*' used inconsistently")
-        cursor[parts[-1]] = value
+        _insert_dotted(root, key.split("."), value)
     return root
+
+
+def _insert_dotted(root: dict[str, Any], parts: list[str], value: Any) -> None:
+    """Set ``root[a][b][c] = value`` for the key ``a.b.c``, refusing a key used both ways."""
+    cursor = root
+    for n, part in enumerate(parts[:-1]):
+        inner = cursor.setdefault(part, {})
+        if not isinstance(inner, dict):
+            raise ValueError(f"Parameters '{'.'.join(parts[: n + 1])}.*' used inconsistently")
+        cursor = inner
+    if isinstance(cursor.get(parts[-1]), dict):
+        raise ValueError(f"Parameters '{'.'.join(parts)}.*' used inconsistently")
+    cursor[parts[-1]] = value
 
 
 def _flatten(node: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
