@@ -124,16 +124,30 @@ def qemu_bytes(mode: Mode) -> tuple[list[int], list[int]]:
     return take, test
 
 
-def _ranges_for(mode: Mode, layers: Layer, owner: Owner) -> tuple[list[int], list[tuple[int, int]]]:
-    take: list[int] = []
+def _runs(offsets: Iterable[int]) -> list[tuple[int, int]]:
+    """Single bytes as (start, length) runs of adjacent ones: one fcntl call per run."""
+    runs: list[tuple[int, int]] = []
+    for byte in sorted(offsets):
+        if runs and runs[-1][0] + runs[-1][1] == byte:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((byte, 1))
+    return runs
+
+
+def _ranges_for(
+    mode: Mode, layers: Layer, owner: Owner
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(ranges to take, ranges to test), the holder's own imglock byte first."""
+    take: list[tuple[int, int]] = []
     test: list[tuple[int, int]] = []
     if Layer.IMGLOCK in layers:
-        take.append(imglock_byte(mode, owner))
+        take.append((imglock_byte(mode, owner), 1))
         test.append(_imglock_rivals(mode))
     if layers & (Layer.QEMU | Layer.QEMU_TEST):
         qemu_take, qemu_test = qemu_bytes(mode)
-        take += qemu_take if Layer.QEMU in layers else []
-        test += [(byte, 1) for byte in qemu_test]
+        take += _runs(qemu_take) if Layer.QEMU in layers else []
+        test += _runs(qemu_test)
     return take, test
 
 
@@ -172,13 +186,15 @@ def acquire(
     take, tests = _ranges_for(mode, layers, owner)
     taken: list[tuple[int, int]] = []
     try:
-        for byte in take:
-            if not fcntl_locks.try_read_lock(fd, byte, 1, filename):
-                lock = fcntl_locks.conflicting(fd, byte, 1, filename)
+        for start, length in take:
+            if not fcntl_locks.try_read_lock(fd, start, length, filename):
+                lock = fcntl_locks.conflicting(fd, start, length, filename)
                 raise ProtocolConflict(
-                    filename, mode, lock or fcntl_locks.RangeLock(fcntl_locks.F_WRLCK, byte, 1, -1)
+                    filename,
+                    mode,
+                    lock or fcntl_locks.RangeLock(fcntl_locks.F_WRLCK, start, length, -1),
                 )
-            taken.append((byte, 1))
+            taken.append((start, length))
             faults.point("acquire:own-byte" if len(taken) == 1 else "acquire:qemu-byte")
         faults.point("acquire:untested")
         lock = _first_conflict(fd, filename, tests)

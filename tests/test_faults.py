@@ -6,7 +6,7 @@ a full disk under the holder records) come through the fault seam
 :func:`injected`, through the CLI with ``IMGLOCK_FAULTS``.  Lock calls are
 numbered from 1; in a fresh ``imglock`` process call 1 is the probe for OFD
 locks.  A raw image claimed exclusive with QEMU's bytes takes
-:data:`CLAIM_CALLS` calls: its own byte, five QEMU bytes, then six tests.
+:data:`CLAIM_CALLS` calls: its own byte, four runs of QEMU bytes, then five tests.
 
 What must hold, as imglock(7) says: EINTR is retried; EAGAIN/EACCES mean
 a conflict; any other error is a LockError (exit 74) in one line naming
@@ -38,10 +38,12 @@ from imglock.errors import EX_IOERR, EX_OK, EX_TEMPFAIL, LockConflict, LockError
 from imglock.records import RECORD_DIR
 
 #: Lock calls of an exclusive claim of one raw image with both layers:
-#: 1 own byte, 2-6 QEMU's bytes, 7 the test of the imglock layer, 8-12 QEMU's tests.
-CLAIM_CALLS = 12
+#: An exclusive claim's lock calls: 1 its own byte, 2-5 QEMU's bytes (100-101,
+#: 103, 201, 203: adjacent bytes go in one call), 6 the test of the imglock
+#: layer, 7-10 QEMU's tests (101, 103, 200-201, 203).
+CLAIM_CALLS = 10
 #: Where in a claim a lock call fails: (id, number of the failing call).
-CLAIM_STEPS = [("own-byte", 1), ("qemu-byte", 3), ("rival-test", 7), ("last-test", CLAIM_CALLS)]
+CLAIM_STEPS = [("own-byte", 1), ("qemu-byte", 3), ("rival-test", 6), ("last-test", CLAIM_CALLS)]
 #: Errors that are neither a conflict nor an interruption.
 HARD_ERRNOS = ["ENOLCK", "EIO", "EBADF"]
 #: What imglock adds to the system's words for some of them.
