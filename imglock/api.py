@@ -12,21 +12,23 @@ A claim of several images is all or nothing, like QEMU's old
 from __future__ import annotations
 
 import os
-import random
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, Self
 
 from imglock import faults, records
-from imglock.discovery import Holder, LocalLocks, Survey, survey
 from imglock.errors import LockConflict, UsageError
-from imglock.fcntl_locks import RangeLock
-from imglock.formats.base import OpenImage
 from imglock.identity import Owner
 from imglock.lockspace import attach
 from imglock.protocol import IMGLOCK_EXCLUSIVE_BASE, Layer, Mode, ProtocolConflict, imglock_byte
+
+if TYPE_CHECKING:
+    # Discovery (who holds an image) is imported when a claim meets a
+    # holder, or by `status`: a claim that succeeds never needs it.
+    from imglock.discovery import Holder, LocalLocks, Survey
+    from imglock.fcntl_locks import RangeLock
+    from imglock.formats.base import OpenImage
 
 #: Backoff between attempts while waiting: first delay and cap, in seconds.
 #: Racing claimers can both lose, so the delay is jittered to break the tie.
@@ -41,8 +43,8 @@ def as_mode(mode: Mode | str) -> Mode:
         raise UsageError(None, f"unknown claim mode {mode!r} (exclusive or shared)") from None
 
 
-@dataclass(frozen=True, slots=True)
-class ClaimSpec:
+# A NamedTuple, not a dataclass: as immutable, and far cheaper to define at start-up.
+class ClaimSpec(NamedTuple):
     """One image to claim, and how."""
 
     path: str
@@ -51,22 +53,31 @@ class ClaimSpec:
     format: str | None = None
 
 
-@dataclass(slots=True)
 class _Member:
     """One file of a claim: an open image and the mode it is claimed in."""
 
-    image: OpenImage
-    mode: Mode
-    #: Named by the caller, not only by an image header (see _write_records).
-    named: bool = False
-    record_dir: str = ""
-    record_name: str = ""
-    recorded: bool = False
-    #: Why no holder record was written for this file, if none was.
-    record_problem: str | None = None
+    __slots__ = (
+        "image",
+        "mode",
+        "named",
+        "record_dir",
+        "record_name",
+        "record_problem",
+        "recorded",
+    )
+
+    def __init__(self, image: OpenImage, mode: Mode, named: bool = False) -> None:
+        self.image = image
+        self.mode = mode
+        #: Named by the caller, not only by an image header (see _write_records).
+        self.named = named
+        self.record_dir = ""
+        self.record_name = ""
+        self.recorded = False
+        #: Why no holder record was written for this file, if none was.
+        self.record_problem: str | None = None
 
 
-@dataclass(slots=True)
 class Claim:
     """A claim on one or more images and everything they depend on.
 
@@ -75,21 +86,51 @@ class Claim:
     manager it acquires on entry if needed and releases on exit.
     """
 
-    specs: Sequence[ClaimSpec]
-    wait: float = 0.0
-    layers: Layer = Layer.IMGLOCK | Layer.QEMU
-    lockspace: str | None = None
-    record: bool = True
-    #: The pid the lock offset names; default: this process.
-    owner_pid: int | None = None
-    #: The command line written to holder records; default: this process's.
-    command: list[str] | None = None
-    #: The longest pause between attempts while waiting (a migration handoff
-    #: polls faster: every millisecond of it is guest downtime).
-    backoff_cap: float = BACKOFF_CAP
-    members: list[_Member] = field(default_factory=list)
-    #: True while the locks are held.
-    held: bool = False
+    __slots__ = (
+        "backoff_cap",
+        "command",
+        "held",
+        "layers",
+        "lockspace",
+        "members",
+        "owner_pid",
+        "record",
+        "specs",
+        "wait",
+    )
+
+    def __init__(
+        self,
+        specs: Sequence[ClaimSpec],
+        wait: float = 0.0,
+        layers: Layer = Layer.IMGLOCK | Layer.QEMU,
+        lockspace: str | None = None,
+        record: bool = True,
+        owner_pid: int | None = None,
+        command: list[str] | None = None,
+        backoff_cap: float = BACKOFF_CAP,
+    ) -> None:
+        self.specs = specs
+        self.wait = wait
+        self.layers = layers
+        self.lockspace = lockspace
+        self.record = record
+        #: The pid the lock offset names; default: this process.
+        self.owner_pid = owner_pid
+        #: The command line written to holder records; default: this process's.
+        self.command = command
+        #: The longest pause between attempts while waiting (a migration handoff
+        #: polls faster: every millisecond of it is guest downtime).
+        self.backoff_cap = backoff_cap
+        self.members: list[_Member] = []
+        #: True while the locks are held.
+        self.held = False
+
+    def __repr__(self) -> str:
+        return (
+            f"Claim(specs={self.specs!r}, wait={self.wait!r}, layers={self.layers!r}, "
+            f"lockspace={self.lockspace!r}, held={self.held!r})"
+        )
 
     @property
     def fds(self) -> list[int]:
@@ -130,6 +171,8 @@ class Claim:
                         if isinstance(exc, _Contended):
                             raise _named_conflict(exc.member, exc.conflict) from None
                         raise
+                    import random  # only a claim that waits needs the jitter
+
                     time.sleep(min(remaining, delay * random.uniform(0.5, 1.5)))
                     delay = min(delay * 2, self.backoff_cap)
         except BaseException:
@@ -281,6 +324,8 @@ class _Contended(Exception):
 
 def _named_conflict(member: _Member, exc: ProtocolConflict) -> LockConflict:
     """Turn a bare conflict into one that names who holds the image."""
+    from imglock.discovery import survey
+
     fd, filename = member.image.lock_target
     found = survey(
         fd,
@@ -343,8 +388,8 @@ def claim(
     return Claim([spec], wait=wait, layers=layers, lockspace=lockspace, record=record).acquire()
 
 
-@dataclass(frozen=True, slots=True)
-class ImageReport:
+# A NamedTuple, not a dataclass: as immutable, and far cheaper to define at start-up.
+class ImageReport(NamedTuple):
     """What ``imglock status`` knows about one image."""
 
     filename: str
@@ -394,6 +439,8 @@ def inspect_image(
     image: OpenImage, *, lockspace: str | None = None, local: LocalLocks | None = None
 ) -> ImageReport:
     """:func:`inspect` for an image the caller has open (and closes afterwards)."""
+    from imglock.discovery import survey
+
     facts = image.driver.info(image)
     record_dir, record_name = attach(image, lockspace)
     fd, target = image.lock_target

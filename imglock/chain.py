@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Literal
 
@@ -34,19 +33,30 @@ ChainRole = Literal["top", "backing", "data-file"]
 MAX_CHAIN_DEPTH: Final = 256
 
 
-@dataclass(frozen=True, slots=True)
+# A plain class, not a dataclass or NamedTuple: those cost far more to define,
+# and every command that claims an image loads this module.
 class ChainLink:
     """One file of a chain, and how it got there."""
 
-    role: ChainRole
-    image: OpenImage
-    #: The image that names this file; None for the top image.
-    parent: OpenImage | None = None
-    #: The name as the parent stores it; None for the top image.
-    name: str | None = None
-    #: Backing steps from the top: 0 for the top image and its data file,
-    #: 1 for its backing file and that file's data file, and so on.
-    depth: int = 0
+    __slots__ = ("depth", "image", "name", "parent", "role")
+
+    def __init__(
+        self,
+        role: ChainRole,
+        image: OpenImage,
+        parent: OpenImage | None = None,
+        name: str | None = None,
+        depth: int = 0,
+    ) -> None:
+        self.role = role
+        self.image = image
+        #: The image that names this file; None for the top image.
+        self.parent = parent
+        #: The name as the parent stores it; None for the top image.
+        self.name = name
+        #: Backing steps from the top: 0 for the top image and its data file,
+        #: 1 for its backing file and that file's data file, and so on.
+        self.depth = depth
 
 
 class Chain:

@@ -21,8 +21,7 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple
 
 from imglock import fcntl_locks, records
 from imglock.fcntl_locks import RangeLock
@@ -47,8 +46,8 @@ HolderLayer = Literal["imglock", "qemu", "foreign"]
 _MAX_OWNER_BYTES: Final = 64
 
 
-@dataclass(frozen=True, slots=True)
-class Holder:
+# A NamedTuple, not a dataclass: as immutable, and far cheaper to define at start-up.
+class Holder(NamedTuple):
     """One holder of an image, as far as its locks (and records) tell."""
 
     layer: HolderLayer
@@ -100,13 +99,15 @@ def _short(command: str, limit: int = 60) -> str:
     return command if len(command) <= limit else command[: limit - 3] + "..."
 
 
-@dataclass(slots=True)
 class LocalLocks:
     """The /proc view of local locks, taken once and reused for many images
     (with the record directories' listings, also read once)."""
 
-    _index: dict[procfs.FileKey, list[procfs.LocalLock]] | None = None
-    record_dirs: records.RecordDirs = field(default_factory=records.RecordDirs)
+    __slots__ = ("_index", "record_dirs")
+
+    def __init__(self) -> None:
+        self._index: dict[procfs.FileKey, list[procfs.LocalLock]] | None = None
+        self.record_dirs = records.RecordDirs()
 
     def on(self, st: os.stat_result) -> list[procfs.LocalLock]:
         if self._index is None:
@@ -116,13 +117,15 @@ class LocalLocks:
         return self._index.get((st.st_dev, st.st_ino), [])
 
 
-@dataclass(slots=True)
 class Survey:
     """All that is known about one image's holders."""
 
-    holders: list[Holder] = field(default_factory=list)
-    #: Records whose lock is gone: shown, never obeyed.
-    stale_records: list[records.Record] = field(default_factory=list)
+    __slots__ = ("holders", "stale_records")
+
+    def __init__(self, holders: list[Holder], stale_records: list[records.Record]) -> None:
+        self.holders = holders
+        #: Records whose lock is gone: shown, never obeyed.
+        self.stale_records = stale_records
 
 
 def _iso(timestamp: float | None) -> str | None:
@@ -211,7 +214,7 @@ def survey(
     index = local.record_dirs if local is not None else None
     recs = records.read_all(record_dir, record_name, index) if record_dir and record_name else []
     names = _Attributor(recs)
-    result = Survey()
+    holders: list[Holder] = []
 
     # imglock layer: one holder per owner byte, from the tests and from /proc.
     owner_pids: dict[int, list[int]] = defaultdict(list)
@@ -236,16 +239,15 @@ def survey(
         # (imglock's QEMU layer, or the wrapped QEMU itself): one holder.
         qemu_bytes = set().union(*(qemu_by_pid.pop(pid, set()) for pid in holder.local_pids))
         if qemu_bytes:
-            holder = replace(
-                holder,
+            holder = holder._replace(
                 perms=_perm_names(qemu_bytes, QEMU_PERM_BASE),
                 unshared=_perm_names(qemu_bytes, QEMU_SHARED_BASE),
             )
-        result.holders.append(holder)
+        holders.append(holder)
 
     for pid, held in sorted(qemu_by_pid.items()):
         command, since = names.local(pid)
-        result.holders.append(_qemu_holder(held, pid, hostname(), command, since))
+        holders.append(_qemu_holder(held, pid, hostname(), command, since))
     remote = {
         b
         for lock in seen
@@ -254,12 +256,11 @@ def survey(
         if b not in explained
     }
     if remote:
-        result.holders.append(_qemu_holder(remote, None, None, None, None))
+        holders.append(_qemu_holder(remote, None, None, None, None))
 
     # Anything else is someone else's lock.
-    result.holders += _foreign(seen, local_locks, names)
-    result.stale_records = [r for r in recs if r.owner not in names.used]
-    return result
+    holders += _foreign(seen, local_locks, names)
+    return Survey(holders, stale_records=[r for r in recs if r.owner not in names.used])
 
 
 def _qemu_holder(

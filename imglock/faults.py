@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -61,6 +60,8 @@ def _failing_fcntl(
 
 def install(spec: str) -> None:
     """Install the faults described by *spec* (the IMGLOCK_FAULTS syntax)."""
+    import signal  # the signal module is costly to load; only injected faults need it
+
     from imglock import fcntl_locks, records
 
     for entry in filter(None, (e.strip() for e in spec.split(";"))):

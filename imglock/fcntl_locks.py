@@ -20,7 +20,6 @@ import fcntl
 import os
 import struct
 import warnings
-from dataclasses import dataclass
 from typing import Final
 
 from imglock.errors import LockError
@@ -49,16 +48,20 @@ class PosixFallbackWarning(RuntimeWarning):
     """OFD locks are missing; POSIX locks are used, and any close() drops them."""
 
 
-@dataclass(frozen=True, slots=True)
+# A plain class, not a dataclass or NamedTuple: those cost far more to define,
+# and every command that takes or looks at a lock loads this module.
 class RangeLock:
     """A lock seen by a conflict test: its type and range, as the kernel reports it."""
 
-    type: int
-    start: int
-    #: 0 means "to the end of any file", as in struct flock.
-    length: int
-    #: -1 for OFD locks; the owner's pid (on the server's view) for POSIX locks.
-    pid: int
+    __slots__ = ("length", "pid", "start", "type")
+
+    def __init__(self, type: int, start: int, length: int, pid: int) -> None:
+        self.type = type
+        self.start = start
+        #: 0 means "to the end of any file", as in struct flock.
+        self.length = length
+        #: -1 for OFD locks; the owner's pid (on the server's view) for POSIX locks.
+        self.pid = pid
 
     @property
     def end(self) -> int:

@@ -9,34 +9,47 @@ monitor through which a live migration hands the claim over.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import tempfile
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 
 from imglock.api import Claim, ClaimSpec
 from imglock.errors import EX_TEMPFAIL, UsageError
 from imglock.protocol import Layer, Mode
+from imglock.qemu.names import is_qemu
 from imglock.runner import RunConfig, Runner, Say, run_command
 
 
-@dataclass
 class Launch:
     """The options of ``imglock run``."""
 
-    argv: list[str]
-    images: list[str] = field(default_factory=list)
-    shared: list[str] = field(default_factory=list)
-    wait: float = 0.0
-    conflict_exit: int = EX_TEMPFAIL
-    qemu_locks: str = "auto"
-    handoff_timeout: float = 30.0
-    lockspace: str | None = None
-    check_interval: float = 5.0
-    lock_lost_signal: int = signal.SIGSTOP
-    #: How the runner reports errors and notes (default: errors on stderr, no notes).
-    say: Say | None = None
-    note: Say | None = None
+    def __init__(
+        self,
+        argv: list[str],
+        images: Sequence[str] = (),
+        shared: Sequence[str] = (),
+        wait: float = 0.0,
+        conflict_exit: int = EX_TEMPFAIL,
+        qemu_locks: str = "auto",
+        handoff_timeout: float = 30.0,
+        lockspace: str | None = None,
+        check_interval: float = 5.0,
+        lock_lost_signal: int = signal.SIGSTOP,
+        say: Say | None = None,
+        note: Say | None = None,
+    ) -> None:
+        self.argv = argv
+        self.images = list(images)
+        self.shared = list(shared)
+        self.wait = wait
+        self.conflict_exit = conflict_exit
+        self.qemu_locks = qemu_locks
+        self.handoff_timeout = handoff_timeout
+        self.lockspace = lockspace
+        self.check_interval = check_interval
+        self.lock_lost_signal = lock_lost_signal
+        #: How the runner reports errors and notes (default: errors on stderr, no notes).
+        self.say = say
+        self.note = note
 
 
 #: QEMU's tools that take QEMU's lock bytes themselves (besides qemu-system-*).
@@ -45,8 +58,6 @@ QEMU_LOCKING_TOOLS = frozenset({"qemu-img", "qemu-io", "qemu-nbd", "qemu-storage
 
 def takes_qemu_locks(argv: list[str]) -> bool:
     """Whether the command is QEMU or one of its tools, which lock QEMU's bytes themselves."""
-    from imglock.qemu.cmdline import is_qemu
-
     return is_qemu(argv) or os.path.basename(argv[0]) in QEMU_LOCKING_TOOLS
 
 
@@ -77,6 +88,7 @@ def specs_for(plan: Launch, command_is_qemu: bool) -> list[ClaimSpec]:
             plan.argv[0],
             "not a QEMU command line; name the images to claim with --image or --shared",
         )
+    # The command-line parser is needed only to read a QEMU command's images.
     from imglock.qemu.cmdline import ROLE_BACKING, ROLE_DATA_FILE, find_images
 
     for drive in find_images(plan.argv):
@@ -93,8 +105,6 @@ def specs_for(plan: Launch, command_is_qemu: bool) -> list[ClaimSpec]:
 
 def launch(plan: Launch) -> int:
     """Run *plan*; return the wrapper's exit status."""
-    from imglock.qemu.cmdline import is_qemu
-
     command_is_qemu = is_qemu(plan.argv)
     claim = Claim(
         specs_for(plan, command_is_qemu),
@@ -118,6 +128,10 @@ def launch(plan: Launch) -> int:
 
 def _launch_qemu(plan: Launch, config: RunConfig) -> int:
     """Run QEMU with a private QMP monitor that hands the claim over on migration."""
+    # Only a QEMU command gets a monitor, and so a private directory for its socket.
+    import shutil
+    import tempfile
+
     from imglock.handoff import Handoff
 
     private = tempfile.mkdtemp(prefix="imglock-")  # mode 0700: only we can reach the socket

@@ -15,7 +15,6 @@ import contextlib
 import os
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from imglock.errors import ImageError
@@ -29,15 +28,21 @@ LOCK_SUFFIX: Final = ".lock"
 _SYSFS_IDENTITIES: Final = ("device/wwid", "wwid", "dm/uuid", "device/serial")
 
 
-@dataclass(frozen=True, slots=True)
+# A plain class, not a dataclass or NamedTuple: those cost far more to define,
+# and every command that takes or looks at a lock loads this module.
 class LockTarget:
     """An open file whose bytes carry an image's locks, and where its records go."""
 
-    fd: int
-    filename: str
-    st: os.stat_result
-    record_dir: str
-    record_name: str
+    __slots__ = ("fd", "filename", "record_dir", "record_name", "st")
+
+    def __init__(
+        self, fd: int, filename: str, st: os.stat_result, record_dir: str, record_name: str
+    ) -> None:
+        self.fd = fd
+        self.filename = filename
+        self.st = st
+        self.record_dir = record_dir
+        self.record_name = record_name
 
 
 def identity(path: str, st: os.stat_result) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Final
 
 from imglock.fcntl_locks import OFFSET_MAX
@@ -28,16 +27,20 @@ _LOCK_LINE: Final = re.compile(
 FileKey = tuple[int, int]  # (st_dev, st_ino)
 
 
-@dataclass(frozen=True, slots=True)
+# A plain class, not a dataclass or NamedTuple: those cost far more to define,
+# and ``status`` loads this module whenever some image is locked.
 class LocalLock:
     """One lock held through one descriptor of one local process."""
 
-    pid: int
-    fd: int
-    kind: str  # "OFDLCK", "POSIX", "FLOCK"
-    write: bool
-    start: int
-    end: int  # one past the last byte
+    __slots__ = ("end", "fd", "kind", "pid", "start", "write")
+
+    def __init__(self, pid: int, fd: int, kind: str, write: bool, start: int, end: int) -> None:
+        self.pid = pid
+        self.fd = fd
+        self.kind = kind  # "OFDLCK", "POSIX", "FLOCK"
+        self.write = write
+        self.start = start
+        self.end = end  # one past the last byte
 
     def covers(self, start: int, end: int) -> bool:
         return self.start <= start and end <= self.end

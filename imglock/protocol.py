@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import enum
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Final
 
 from imglock import faults, fcntl_locks
@@ -86,15 +85,21 @@ class Layer(enum.Flag):
 Layers = Layer
 
 
-@dataclass(frozen=True, slots=True)
+# A plain class, not a dataclass or NamedTuple: those cost far more to define,
+# and every command that takes or looks at a lock loads this module.
 class Held:
     """What one descriptor holds for one claim: enough to release or verify it."""
 
-    mode: Mode
-    layers: Layer
-    owner: Owner
-    #: (start, length) of every byte range taken.
-    ranges: tuple[tuple[int, int], ...] = field(default=())
+    __slots__ = ("layers", "mode", "owner", "ranges")
+
+    def __init__(
+        self, mode: Mode, layers: Layer, owner: Owner, ranges: tuple[tuple[int, int], ...] = ()
+    ) -> None:
+        self.mode = mode
+        self.layers = layers
+        self.owner = owner
+        #: (start, length) of every byte range taken.
+        self.ranges = ranges
 
 
 def imglock_byte(mode: Mode, owner: Owner) -> int:

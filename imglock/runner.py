@@ -26,7 +26,6 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 from imglock import faults
@@ -93,12 +92,12 @@ class GuestControl(Protocol):
         ...
 
 
-@dataclass
 class SignalGuest:
     """Any command: pause it with a signal (SIGSTOP by default)."""
 
-    pid: int
-    signo: int = signal.SIGSTOP
+    def __init__(self, pid: int, signo: int = signal.SIGSTOP) -> None:
+        self.pid = pid
+        self.signo = signo
 
     def pause(self, reason: str) -> str:
         try:
@@ -108,36 +107,46 @@ class SignalGuest:
         return f"sent {signal.Signals(self.signo).name} to pid {self.pid}"
 
 
-@dataclass
 class RunConfig:
     """What ``imglock run`` was asked to do."""
 
-    argv: Sequence[str]
-    claim: Claim
-    conflict_exit: int = EX_TEMPFAIL
-    #: Seconds between lock re-checks while COMMAND runs (0: never).
-    check_interval: float = 5.0
-    lock_lost_signal: int = signal.SIGSTOP
-    #: Claim at start (False on a migration destination: the handoff claims).
-    claim_at_start: bool = True
-    #: Errors (always shown), and notes (shown with -v).
-    say: Say = _say
-    note: Say = _no_note
+    def __init__(
+        self,
+        argv: Sequence[str],
+        claim: Claim,
+        conflict_exit: int = EX_TEMPFAIL,
+        check_interval: float = 5.0,
+        lock_lost_signal: int = signal.SIGSTOP,
+        claim_at_start: bool = True,
+        say: Say = _say,
+        note: Say = _no_note,
+    ) -> None:
+        self.argv = argv
+        self.claim = claim
+        self.conflict_exit = conflict_exit
+        #: Seconds between lock re-checks while COMMAND runs (0: never).
+        self.check_interval = check_interval
+        self.lock_lost_signal = lock_lost_signal
+        #: Claim at start (False on a migration destination: the handoff claims).
+        self.claim_at_start = claim_at_start
+        #: Errors (always shown), and notes (shown with -v).
+        self.say = say
+        self.note = note
 
 
-@dataclass
 class Runner:
     """Runs one command under a claim; :meth:`run` returns its exit status."""
 
-    config: RunConfig
-    #: Serialises the claim between the main loop and a handoff thread.
-    claim_lock: threading.Lock = field(default_factory=threading.Lock)
-    child: int = -1
-    guest: GuestControl | None = None
-    #: Set by a migration handoff once the claim is deliberately not held.
-    lock_expected: bool = True
-    lost: bool = False
-    on_started: Callable[[Runner], None] | None = None
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        #: Serialises the claim between the main loop and a handoff thread.
+        self.claim_lock = threading.Lock()
+        self.child = -1
+        self.guest: GuestControl | None = None
+        #: Set by a migration handoff once the claim is deliberately not held.
+        self.lock_expected = True
+        self.lost = False
+        self.on_started: Callable[[Runner], None] | None = None
 
     def run(self) -> int:
         claim = self.config.claim

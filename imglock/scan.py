@@ -28,7 +28,6 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Final
 
 from imglock.errors import ImageError, ImglockError
@@ -53,13 +52,19 @@ FileKey = tuple[int, int]
 SkipHook = Callable[[str, str], None]
 
 
-@dataclass(frozen=True, slots=True)
+# A plain class, not a dataclass or NamedTuple: those cost far more to define,
+# and every command that looks for images (``status``) loads this module.
 class Found:
     """One image: opened (the caller closes it), or the error that stopped it."""
 
-    filename: str
-    image: OpenImage | None = None
-    error: ImglockError | None = None
+    __slots__ = ("error", "filename", "image")
+
+    def __init__(
+        self, filename: str, image: OpenImage | None = None, error: ImglockError | None = None
+    ) -> None:
+        self.filename = filename
+        self.image = image
+        self.error = error
 
 
 def has_image_suffix(name: str) -> bool:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from qcow2_builder import Qcow2Spec, QemuImg, assert_matches_qemu, build, header_bytes
 
-from imglock.formats import open_image, probe
+from imglock.formats import DRIVERS, FORMAT_NAMES, driver_for, open_image, probe
 from imglock.formats.qcow2 import (
     QCOW2_EXT_BACKING_FORMAT,
     QCOW2_INCOMPAT_CORRUPT,
@@ -399,6 +399,33 @@ def test_probe_scores(head: bytes, score: int) -> None:
 def test_probe_picks_raw_as_fallback() -> None:
     assert probe(bytes(2048), "x").name == "raw"
     assert probe(b"QFI\xfb\0\0\0\x03", "x").name == "qcow2"
+
+
+def test_there_is_one_driver_per_format_in_probing_order() -> None:
+    assert [driver.name for driver in DRIVERS] == list(FORMAT_NAMES) == ["qcow2", "raw"]
+    assert driver_for("qcow2") is DRIVERS[0]
+    assert driver_for("raw") is DRIVERS[1]
+    assert probe(b"QFI\xfb\0\0\0\x03", "x") is DRIVERS[0]
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"QFI\xfb\0\0\0\x02",
+        b"QFI\xfb\0\0\0\x09",
+        b"QFI\xfb\0\0\0",
+        b"QFI\xfb",
+        b"QFI",
+        b"",
+        bytes(2048),
+        b"\xfbIFQ" + bytes(60),
+    ],
+)
+def test_probing_by_magic_picks_the_driver_with_the_best_score(head: bytes) -> None:
+    # Probing asks only the drivers whose magic the file carries: the same
+    # winner as asking every driver, first in probing order on a tie.
+    best = max(DRIVERS, key=lambda driver: driver.probe(head, "x"))
+    assert probe(head, "x") is best
 
 
 @pytest.mark.parametrize(

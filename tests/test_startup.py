@@ -1,8 +1,10 @@
 """Each command imports what it uses, and nothing else: start-up is mostly imports.
 
 These tests read which modules a real ``python -m imglock ...`` imports
-(``python -X importtime``); they time nothing.  The timings themselves are
-``python -m benchmarks``' start-up rows.
+(``python -v``, which, unlike ``-X importtime``, also reports the modules
+loaded through importlib, as the CLI loads its commands and the image
+format drivers); they time nothing.  The timings themselves are ``python
+-m benchmarks``' start-up rows.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import SpawnRival
+from qcow2_builder import write as write_qcow2
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,24 +38,31 @@ PROC = {"imglock.procfs"}
 #: The lock machinery, which reading a header does not need.
 LOCKS = {"imglock.protocol", "imglock.fcntl_locks", "imglock.identity", "imglock.records"}
 RUN = {"imglock.runner", "imglock.launch"}
+#: Costly to load or to use at every start-up: dataclasses (a dataclass costs
+#: far more to define than a plain class), the json package, the qcow2
+#: parser (for an image that is not qcow2), QEMU's command-line parser (for
+#: a command that is not QEMU).
+DATACLASSES = {"dataclasses"}
+QCOW2 = {"imglock.formats.qcow2"}
+QEMU_CMDLINE = {"imglock.qemu.cmdline"}
 
 
 def imported(*argv: str | os.PathLike[str], env: dict[str, str] | None = None) -> set[str]:
-    """Every module that ``python -X importtime ARGV`` imports."""
+    """Every module that ``python ARGV`` imports."""
     proc = subprocess.run(
-        [sys.executable, "-X", "importtime", *map(os.fspath, argv)],
+        [sys.executable, "-v", *map(os.fspath, argv)],
         capture_output=True,
         text=True,
         timeout=30,
         cwd=REPO,
         env=env,
     )
-    assert proc.returncode in (0, 1), proc.stderr[-2000:]
-    return {
-        line.rsplit("|", 1)[1].strip()
-        for line in proc.stderr.splitlines()
-        if line.startswith("import time:") and "|" in line
-    }
+    lines = proc.stderr.splitlines()
+    # -v says "import 'NAME' # <loader>" for every module as it is loaded,
+    # and much more on lines that start with "#".
+    said = [line for line in lines if not line.startswith(("import '", "#"))]
+    assert proc.returncode in (0, 1), "\n".join(said)[-2000:]
+    return {line.split("'")[1] for line in lines if line.startswith("import '")}
 
 
 def imglock(*args: str | os.PathLike[str]) -> set[str]:
@@ -77,14 +87,29 @@ def test_help_imports_no_command() -> None:
 def test_info_reads_a_header_without_the_lock_machinery(raw_image: Path) -> None:
     modules = imglock("info", raw_image)
     assert "imglock.formats.raw" in modules
-    assert (NEVER | CHAIN | PROC | LOCKS | RUN | {"json", "imglock.discovery"}) & modules == set()
+    unwanted = NEVER | CHAIN | PROC | LOCKS | RUN | DATACLASSES | QCOW2 | QEMU_CMDLINE
+    assert (unwanted | {"json", "imglock.discovery"}) & modules == set()
     assert "json" in imglock("info", "--json", raw_image)
+
+
+def test_info_of_a_qcow2_image_loads_its_parser_and_nothing_more(tmp_path: Path) -> None:
+    modules = imglock("info", write_qcow2(tmp_path / "disk.qcow2"))
+    assert modules >= QCOW2
+    unwanted = NEVER | CHAIN | PROC | LOCKS | RUN | DATACLASSES | QEMU_CMDLINE
+    assert (unwanted | {"json", "imglock.discovery"}) & modules == set()
+
+
+def test_a_named_format_loads_only_its_driver(tmp_path: Path) -> None:
+    image = write_qcow2(tmp_path / "disk.qcow2")
+    assert imglock("info", "--format", "qcow2", image) >= QCOW2
+    assert not QCOW2 & imglock("info", "--format", "raw", image)  # named: never probed
 
 
 def test_status_of_free_images_scans_no_proc_and_loads_no_json(raw_image: Path) -> None:
     modules = imglock("status", raw_image)
     assert "imglock.discovery" in modules
-    assert (NEVER | CHAIN | PROC | RUN | {"json"}) & modules == set()
+    unwanted = NEVER | CHAIN | PROC | RUN | DATACLASSES | QCOW2 | QEMU_CMDLINE
+    assert (unwanted | {"json", "signal"}) & modules == set()
     assert "json" in imglock("status", "--json", raw_image)
 
 
@@ -99,6 +124,23 @@ def test_run_of_a_command_that_is_not_qemu_never_loads_the_monitor(raw_image: Pa
     modules = imglock("run", "--image", raw_image, "--", "true")
     assert modules >= RUN
     assert NEVER & modules == set()
+
+
+def test_run_of_a_command_that_is_not_qemu_loads_no_qemu_parser_json_or_discovery(
+    raw_image: Path,
+) -> None:
+    modules = imglock("run", "--image", raw_image, "--", "true")
+    assert modules >= RUN | {"imglock.records"}  # a holder record was written, without json
+    unwanted = DATACLASSES | QCOW2 | QEMU_CMDLINE | PROC
+    assert (unwanted | {"json", "imglock.discovery"}) & modules == set()
+
+
+def test_run_of_an_image_someone_holds_names_the_holder(raw_image: Path, rival: SpawnRival) -> None:
+    rival(raw_image)
+    # -E 1: the conflict's exit status, one that imported() accepts.
+    modules = imglock("run", "-E", "1", "--image", raw_image, "--", "true")
+    assert modules >= {"imglock.discovery"}  # loaded to say who holds it
+    assert (NEVER | QEMU_CMDLINE) & modules == set()
 
 
 @pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])

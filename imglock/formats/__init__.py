@@ -8,13 +8,13 @@ Naming a format turns probing off, as ``qemu-img -f`` does.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
-from typing import Final
+from typing import TYPE_CHECKING, Any, Final
 
 from imglock.errors import FormatError, UsageError
 from imglock.formats.base import Child, FormatDriver, OpenImage
-from imglock.formats.qcow2 import Qcow2Driver
-from imglock.formats.raw import RawDriver
 from imglock.safeio import close_quietly, open_image_fd, read_at
 
 __all__ = [
@@ -29,9 +29,38 @@ __all__ = [
     "probe",
 ]
 
-#: Every format imglock reads, in probing order.
-DRIVERS: Final[tuple[FormatDriver, ...]] = (Qcow2Driver(), RawDriver())
-FORMAT_NAMES: Final = tuple(driver.name for driver in DRIVERS)
+#: Every format imglock reads, in probing order: its driver's module and
+#: class, and the magic its files start with.  A driver scores 0 for a file
+#: without its magic, so probing imports a driver only for a file that
+#: carries its magic (raw, with none, takes anything): reading a raw image
+#: never loads the qcow2 parser, a good part of a command's start-up.
+_REGISTRY: Final = {
+    "qcow2": ("imglock.formats.qcow2", "Qcow2Driver", b"QFI\xfb"),
+    "raw": ("imglock.formats.raw", "RawDriver", b""),
+}
+FORMAT_NAMES: Final = tuple(_REGISTRY)
+
+if TYPE_CHECKING:
+    #: One driver per format, in probing order (built on first use: it
+    #: imports every driver).
+    DRIVERS: tuple[FormatDriver, ...]
+
+
+def __getattr__(name: str) -> Any:
+    if name != "DRIVERS":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    drivers = tuple(_driver(format) for format in FORMAT_NAMES)
+    globals()["DRIVERS"] = drivers
+    return drivers
+
+
+@functools.cache
+def _driver(name: str) -> FormatDriver:
+    """The one driver of format *name* (imported on first use)."""
+    module, cls, _magic = _REGISTRY[name]
+    driver: FormatDriver = getattr(importlib.import_module(module), cls)()
+    return driver
+
 
 #: How many leading bytes probing looks at (QEMU's probe buffer size).
 PROBE_SIZE: Final = 2048
@@ -58,9 +87,8 @@ _FOREIGN_SIGNATURES: Final = (
 
 def driver_for(name: str) -> FormatDriver:
     """The driver of format *name*; UsageError for a format imglock does not read."""
-    for driver in DRIVERS:
-        if driver.name == name:
-            return driver
+    if name in _REGISTRY:
+        return _driver(name)
     raise UsageError(
         None, f"unknown image format '{name}' (imglock reads {', '.join(FORMAT_NAMES)})"
     )
@@ -72,7 +100,12 @@ def probe(head: bytes, filename: str) -> FormatDriver:
     Raises FormatError for a format QEMU knows but imglock cannot read
     (vmdk, qcow version 1, LUKS...), rather than treating it as raw.
     """
-    best = max(DRIVERS, key=lambda driver: driver.probe(head, filename))
+    # A driver scores only files with its magic: the others are not even imported.
+    candidates = []
+    for name, (_module, _cls, magic) in _REGISTRY.items():
+        if head.startswith(magic):
+            candidates.append(_driver(name))
+    best = max(candidates, key=lambda driver: driver.probe(head, filename))
     if best.name == "raw":
         for offset, signature, foreign in _FOREIGN_SIGNATURES:
             if head[offset : offset + len(signature)] == signature:

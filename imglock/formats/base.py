@@ -5,15 +5,14 @@ to read its header (:meth:`open`), which other files the image depends on
 (:meth:`children`), what ``imglock info`` reports about it (:meth:`info`),
 and which byte ranges to lock when the image is claimed (:meth:`claim` and
 :meth:`release`, the hooks of QEMU's old ``bdrv_claim``/``bdrv_release``
-proposal).  Adding a format is one new module with one subclass, listed in
-:data:`imglock.formats.DRIVERS`.
+proposal).  Adding a format is one new module with one subclass, listed
+with its magic in the registry of :mod:`imglock.formats`.
 """
 
 from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 if TYPE_CHECKING:  # imported when used: reading a header (`imglock info`) takes no lock
@@ -23,21 +22,26 @@ if TYPE_CHECKING:  # imported when used: reading a header (`imglock info`) takes
 ChildRole = Literal["backing", "data-file"]
 
 
-@dataclass(frozen=True, slots=True)
+# A plain class, not a dataclass or NamedTuple: those cost far more to define,
+# and every command that reads an image loads this module.
 class Child:
     """A file an image depends on, as the image names it."""
 
-    role: ChildRole
-    #: The name as stored in the image (decoded with surrogateescape).
-    name: str
-    #: The local path it resolves to, or None when it is not a local file
-    #: (``json:``, ``nbd://`` and other protocol names).
-    filename: str | None
-    #: The format the image records for it (backing format extension), if any.
-    format: str | None = None
+    __slots__ = ("filename", "format", "name", "role")
+
+    def __init__(
+        self, role: ChildRole, name: str, filename: str | None, format: str | None = None
+    ) -> None:
+        self.role = role
+        #: The name as stored in the image (decoded with surrogateescape).
+        self.name = name
+        #: The local path it resolves to, or None when it is not a local file
+        #: (``json:``, ``nbd://`` and other protocol names).
+        self.filename = filename
+        #: The format the image records for it (backing format extension), if any.
+        self.format = format
 
 
-@dataclass(slots=True)
 class OpenImage:
     """An image opened read-only for its header, and later for its locks.
 
@@ -45,18 +49,29 @@ class OpenImage:
     the OFD locks belong to it.
     """
 
-    filename: str
-    fd: int
-    st: os.stat_result
-    driver: FormatDriver
-    #: The driver's parsed header (for qcow2 a ``Qcow2Header``); None for raw.
-    header: Any = None
-    #: The lock state on this descriptor (protocol.Held), set while claimed.
-    held: protocol.Held | None = field(default=None, repr=False)
-    #: With a lockspace, the descriptor and name of the lock file that stands
-    #: for the image; otherwise -1 and the image itself carries the locks.
-    lock_fd: int = field(default=-1, repr=False)
-    lock_filename: str | None = field(default=None, repr=False)
+    __slots__ = ("driver", "fd", "filename", "header", "held", "lock_fd", "lock_filename", "st")
+
+    def __init__(
+        self, filename: str, fd: int, st: os.stat_result, driver: FormatDriver, header: Any = None
+    ) -> None:
+        self.filename = filename
+        self.fd = fd
+        self.st = st
+        self.driver = driver
+        #: The driver's parsed header (for qcow2 a ``Qcow2Header``); None for raw.
+        self.header = header
+        #: The lock state on this descriptor (protocol.Held), set while claimed.
+        self.held: protocol.Held | None = None
+        #: With a lockspace, the descriptor and name of the lock file that stands
+        #: for the image; otherwise -1 and the image itself carries the locks.
+        self.lock_fd = -1
+        self.lock_filename: str | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"OpenImage(filename={self.filename!r}, fd={self.fd!r}, st={self.st!r}, "
+            f"driver={self.driver!r}, header={self.header!r})"
+        )
 
     @property
     def lock_target(self) -> tuple[int, str]:

@@ -16,8 +16,7 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from imglock.errors import FormatError
 from imglock.formats.base import Child, FormatDriver, OpenImage
@@ -108,8 +107,12 @@ _FEATURE_ENTRY: Final = struct.Struct(">BB46s")
 _LOCAL_PROTOCOLS: Final = ("file:", "host_device:", "host_cdrom:")
 
 
-@dataclass(frozen=True, slots=True)
-class FeatureName:
+# The parsed header is made of NamedTuples: typed and immutable like frozen
+# dataclasses, without loading the dataclasses module (and inspect) on every
+# command that reads a qcow2 image.
+
+
+class FeatureName(NamedTuple):
     """One entry of the feature name table extension."""
 
     type: int  # QCOW2_FEATURE_TYPE_*
@@ -117,8 +120,7 @@ class FeatureName:
     name: str
 
 
-@dataclass(frozen=True, slots=True)
-class BitmapsExtension:
+class BitmapsExtension(NamedTuple):
     """The bitmaps extension: where the persistent dirty bitmaps' directory is."""
 
     nb_bitmaps: int
@@ -126,16 +128,14 @@ class BitmapsExtension:
     bitmap_directory_offset: int
 
 
-@dataclass(frozen=True, slots=True)
-class EncryptionHeader:
+class EncryptionHeader(NamedTuple):
     """The full disk encryption header pointer (LUKS): where the LUKS header lives."""
 
     offset: int
     length: int
 
 
-@dataclass(frozen=True, slots=True)
-class Qcow2Header:
+class Qcow2Header(NamedTuple):
     """A validated qcow2 header with its extensions and backing file name.
 
     The first block of fields is the on-disk header; a version 2 image gets
@@ -268,14 +268,16 @@ def _decode(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
 
 
-@dataclass(slots=True)
 class _Extensions:
-    backing_format: str | None = None
-    data_file: str | None = None
-    feature_names: tuple[FeatureName, ...] = ()
-    bitmaps: BitmapsExtension | None = None
-    encryption: EncryptionHeader | None = None
-    unknown: tuple[int, ...] = ()
+    """What the header extensions say, gathered as they are walked."""
+
+    def __init__(self) -> None:
+        self.backing_format: str | None = None
+        self.data_file: str | None = None
+        self.feature_names: tuple[FeatureName, ...] = ()
+        self.bitmaps: BitmapsExtension | None = None
+        self.encryption: EncryptionHeader | None = None
+        self.unknown: tuple[int, ...] = ()
 
 
 class _Parser:

@@ -45,7 +45,6 @@ itself.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -54,31 +53,11 @@ from typing import Any, Final
 
 from imglock.errors import UsageError
 
-# --------------------------------------------------------------------------
-# Names
-
-#: Program names (basename of ``argv[0]``) that are QEMU system emulators
-#: besides ``qemu-system-<target>``: RHEL's ``/usr/libexec/qemu-kvm``,
-#: Debian's ``/usr/bin/kvm`` and the pre-1.0 ``qemu``.
-QEMU_PROGRAM_NAMES: Final = frozenset({"qemu", "qemu-kvm", "kvm"})
-QEMU_SYSTEM_PREFIX: Final = "qemu-system-"
-
-
-def is_qemu(argv: Sequence[str]) -> bool:
-    """Whether ``argv`` runs a QEMU system emulator, judged by ``argv[0]``'s basename.
-
-    ``qemu-system-x86_64``, ``qemu-system-aarch64``..., ``qemu-kvm``, ``kvm``
-    and ``qemu`` match; ``qemu-img``, ``qemu-nbd`` and
-    ``qemu-storage-daemon`` do not (their options mean other things), nor
-    does a wrapper such as ``/usr/bin/env qemu-system-x86_64``.
-    """
-    if not argv:
-        return False
-    name = os.path.basename(argv[0])
-    if name in QEMU_PROGRAM_NAMES:
-        return True
-    return name.startswith(QEMU_SYSTEM_PREFIX) and len(name) > len(QEMU_SYSTEM_PREFIX)
-
+# Judging a program by its name needs none of the parser: ``imglock run``
+# imports these from imglock.qemu.names, and this module only for QEMU.
+from imglock.qemu.names import QEMU_PROGRAM_NAMES as QEMU_PROGRAM_NAMES
+from imglock.qemu.names import QEMU_SYSTEM_PREFIX as QEMU_SYSTEM_PREFIX
+from imglock.qemu.names import is_qemu as is_qemu
 
 # --------------------------------------------------------------------------
 # Errors
@@ -286,10 +265,13 @@ def parse_qemu_opts(text: str, implied_key: str | None = None) -> list[tuple[str
 # --------------------------------------------------------------------------
 # keyval syntax (-blockdev)
 
+# The patterns below are compiled (and cached by re) on first use: most
+# command lines never need them, and compiling costs start-up time.
+
 #: A QAPI name as keyval accepts it for a key fragment, with the optional
 #: ``__RFQDN_`` prefix of downstream extensions.
-_QAPI_NAME = re.compile(r"(?:__[A-Za-z][A-Za-z0-9.-]*_)?[A-Za-z][A-Za-z0-9_-]*")
-_LIST_INDEX = re.compile(r"[0-9]+")
+_QAPI_NAME: Final = r"(?:__[A-Za-z][A-Za-z0-9.-]*_)?[A-Za-z][A-Za-z0-9_-]*"
+_LIST_INDEX: Final = r"[0-9]+"
 _HELP_WORDS: Final = frozenset({"help", "?"})
 
 
@@ -320,7 +302,7 @@ def parse_keyval(text: str, implied_key: str | None = None) -> dict[str, Any]:
         key = text[pos:end]
         parts = key.split(".")
         for n, part in enumerate(parts):
-            if not (_QAPI_NAME.fullmatch(part) or (n and _LIST_INDEX.fullmatch(part))):
+            if not (re.fullmatch(_QAPI_NAME, part) or (n and re.fullmatch(_LIST_INDEX, part))):
                 raise ValueError(f"Invalid parameter '{key}'")
         if end == len(text) or text[end] != "=":
             raise ValueError(f"Expected '=' after parameter '{key}'")
@@ -335,7 +317,7 @@ def _listify(node: dict[str, Any], prefix: str) -> Any:
     for key, value in node.items():
         if isinstance(value, dict):
             node[key] = _listify(value, f"{prefix}{key}.")
-    numeric = [key for key in node if _LIST_INDEX.fullmatch(key)]
+    numeric = [key for key in node if re.fullmatch(_LIST_INDEX, key)]
     if not numeric:
         return node
     if len(numeric) != len(node):
@@ -383,6 +365,8 @@ def _dequote_json(text: str) -> str:
 
 
 def _parse_json_object(text: str) -> dict[str, Any]:
+    import json  # only JSON -blockdev and json: file names need it
+
     try:
         value = json.loads(text)
     except ValueError:
@@ -480,7 +464,7 @@ _BOOL_FALSE: Final = frozenset({"off", "no", "false", "n"})
 
 
 #: What a block driver name (a QAPI enum value) can look like.
-_DRIVER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+-]*")
+_DRIVER_NAME: Final = r"[A-Za-z0-9][A-Za-z0-9_+-]*"
 
 
 def path_has_protocol(filename: str) -> bool:
@@ -723,7 +707,8 @@ class _Graph:
         driver = node.get("driver")
         if driver is None and "filename" in node:
             driver = "file"  # a dict's filename takes no protocol prefix
-        if driver is not None and not (isinstance(driver, str) and _DRIVER_NAME.fullmatch(driver)):
+        valid = isinstance(driver, str) and re.fullmatch(_DRIVER_NAME, driver)
+        if driver is not None and not valid:
             raise _RootError(ctx.root, f"Invalid parameter value for 'driver': {driver!r}")
         if driver in LOCAL_PROTOCOL_DRIVERS:
             filename = node.get("filename")
@@ -736,6 +721,8 @@ class _Graph:
         if driver is not None and not has_children:
             filename = node.get("filename")
             if not isinstance(filename, str):
+                import json  # a node without a file name is described as QEMU would
+
                 filename = "json:" + json.dumps(node, sort_keys=True)
             found.append(self._image(ctx, filename, read_only, driver, local=False))
             return
