@@ -42,6 +42,7 @@ class WrappedVM:
     log_path: Path
     wrapped: bool = True
     monitor: MonitorThread | None = None
+    known_qemu_pid: int | None = None
 
     def connect(self) -> MonitorThread:
         self.monitor = MonitorThread.connect(self.qmp_path, timeout=20, process=self.wrapper)
@@ -49,12 +50,14 @@ class WrappedVM:
 
     @property
     def qemu_pid(self) -> int:
-        """The wrapped QEMU: the wrapper's only child."""
+        """The wrapped QEMU: the wrapper's only child (remembered, for cleaning up)."""
         if not self.wrapped:
             return self.wrapper.pid
-        with open(f"/proc/{self.wrapper.pid}/task/{self.wrapper.pid}/children") as f:
-            (pid,) = f.read().split()
-        return int(pid)
+        if self.known_qemu_pid is None:
+            with open(f"/proc/{self.wrapper.pid}/task/{self.wrapper.pid}/children") as f:
+                (pid,) = f.read().split()
+            self.known_qemu_pid = int(pid)
+        return self.known_qemu_pid
 
     def status(self) -> str:
         assert self.monitor is not None
@@ -119,7 +122,9 @@ class Lab:
         for vm in self.vms:
             if vm.monitor is not None:
                 vm.monitor.close()
-            for pid in _tree(vm.wrapper.pid):
+            # A wrapper killed on purpose leaves its QEMU behind: end that too.
+            orphan = [vm.known_qemu_pid] if vm.known_qemu_pid else []
+            for pid in [*_tree(vm.wrapper.pid), *orphan]:
                 with _quiet():
                     os.kill(pid, signal.SIGKILL)
             vm.wrapper.wait()
