@@ -22,6 +22,7 @@ PID_MASK: Final = (1 << PID_BITS) - 1
 HOST_TAG_MASK: Final = (1 << HOST_TAG_BITS) - 1
 
 
+@functools.cache  # every claim asks for this host's tag: hash the name once
 def host_tag(hostname: str) -> int:
     """The 34-bit tag of *hostname*: the first bits of its BLAKE2b digest."""
     try:  # hashlib.blake2b is _blake2's; importing hashlib would also load OpenSSL

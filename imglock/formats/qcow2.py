@@ -559,9 +559,8 @@ class _Parser:
             found.backing_format = _decode(payload) or None
         elif ext_type == QCOW2_EXT_FEATURE_NAME_TABLE:
             entries: list[FeatureName] = []
-            step = QCOW2_FEATURE_NAME_ENTRY_SIZE
-            for at in range(0, length - step + 1, step):
-                kind, bit, name = _FEATURE_ENTRY.unpack_from(payload, at)
+            whole = length - length % QCOW2_FEATURE_NAME_ENTRY_SIZE
+            for kind, bit, name in _FEATURE_ENTRY.iter_unpack(payload[:whole]):
                 if name[0] == 0:
                     break  # an entry with an empty name ends the table
                 entries.append(FeatureName(kind, bit, _decode(name)))
