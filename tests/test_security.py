@@ -173,16 +173,6 @@ def victim(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def started() -> Iterator[list[subprocess.Popen[str]]]:
-    procs: list[subprocess.Popen[str]] = []
-    yield procs
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-
-
 def run_in_background(
     started: list[subprocess.Popen[str]], image: Path, *args: str, holder_args: list[str]
 ) -> tuple[subprocess.Popen[str], imglock.Holder]:
