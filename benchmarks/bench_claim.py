@@ -14,9 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.timing import Figure, median_per_call, print_table
-from imglock import fcntl_locks
 from imglock.api import Claim, ClaimSpec
-from imglock.protocol import Layer
+from imglock.lock import fcntl_locks
+from imglock.lock.protocol import Layer
 
 #: Seconds of back-to-back calls per round, and rounds per figure (the median is kept).
 BATCH = 0.05

@@ -21,9 +21,9 @@ _LAZY: dict[str, str] = {
     "claim": "imglock.api",
     "Claim": "imglock.api",
     "inspect": "imglock.api",
-    "holders": "imglock.discovery",
-    "Holder": "imglock.discovery",
-    "Mode": "imglock.protocol",
+    "holders": "imglock.lock.discovery",
+    "Holder": "imglock.lock.holder",
+    "Mode": "imglock.lock.protocol",
     "ImglockError": "imglock.errors",
     "UsageError": "imglock.errors",
     "ImageError": "imglock.errors",
@@ -54,7 +54,6 @@ __all__ = [
 
 if TYPE_CHECKING:
     from imglock.api import Claim, claim, inspect
-    from imglock.discovery import Holder, holders
     from imglock.errors import (
         ChainError,
         FormatError,
@@ -65,7 +64,9 @@ if TYPE_CHECKING:
         LockLost,
         UsageError,
     )
-    from imglock.protocol import Mode
+    from imglock.lock.discovery import holders
+    from imglock.lock.holder import Holder
+    from imglock.lock.protocol import Mode
 
 
 def __getattr__(name: str) -> Any:

@@ -17,18 +17,25 @@ from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, Self
 
-from imglock import faults, records
+from imglock import faults
 from imglock.errors import LockConflict, UsageError
-from imglock.identity import Owner
-from imglock.lockspace import attach
-from imglock.protocol import IMGLOCK_EXCLUSIVE_BASE, Layer, Mode, ProtocolConflict, imglock_byte
+from imglock.lock import records
+from imglock.lock.identity import Owner
+from imglock.lock.lockspace import attach
+from imglock.lock.protocol import (
+    IMGLOCK_EXCLUSIVE_BASE,
+    Layer,
+    Mode,
+    ProtocolConflict,
+    imglock_byte,
+)
 
 if TYPE_CHECKING:
     # Discovery (who holds an image) is imported when a claim meets a
     # holder, or by `status`: a claim that succeeds never needs it.
-    from imglock.discovery import Holder, LocalLocks, Survey
-    from imglock.fcntl_locks import RangeLock
     from imglock.formats.base import OpenImage
+    from imglock.lock.discovery import Holder, LocalLocks, Survey
+    from imglock.lock.fcntl_locks import RangeLock
 
 #: Backoff between attempts while waiting: first delay and cap, in seconds.
 #: Racing claimers can both lose, so the delay is jittered to break the tie.
@@ -242,7 +249,7 @@ class Claim:
 
     def verify(self) -> None:
         """Raise LockLost if any lock of this claim is gone (see protocol.verify)."""
-        from imglock import protocol
+        from imglock.lock import protocol
 
         for member in self.members:
             fd, filename = member.image.lock_target
@@ -324,7 +331,7 @@ class _Contended(Exception):
 
 def _named_conflict(member: _Member, exc: ProtocolConflict) -> LockConflict:
     """Turn a bare conflict into one that names who holds the image."""
-    from imglock.discovery import survey
+    from imglock.lock.discovery import survey
 
     fd, filename = member.image.lock_target
     found = survey(
@@ -439,7 +446,7 @@ def inspect_image(
     image: OpenImage, *, lockspace: str | None = None, local: LocalLocks | None = None
 ) -> ImageReport:
     """:func:`inspect` for an image the caller has open (and closes afterwards)."""
-    from imglock.discovery import survey
+    from imglock.lock.discovery import survey
 
     facts = image.driver.info(image)
     record_dir, record_name = attach(image, lockspace)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
-    from imglock.discovery import Holder
+    from imglock.lock.holder import Holder
 
 # Exit statuses, from sysexits.h where one fits.
 EX_OK = 0

@@ -62,7 +62,7 @@ def install(spec: str) -> None:
     """Install the faults described by *spec* (the IMGLOCK_FAULTS syntax)."""
     import signal  # the signal module is costly to load; only injected faults need it
 
-    from imglock import fcntl_locks, records
+    from imglock.lock import fcntl_locks, records
 
     for entry in filter(None, (e.strip() for e in spec.split(";"))):
         kind, _, rest = entry.partition("=")

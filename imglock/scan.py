@@ -32,7 +32,7 @@ from typing import Final
 
 from imglock.errors import ImageError, ImglockError
 from imglock.formats import HEAD_SIZE, PROBE_SIZE, OpenImage, open_image, probe
-from imglock.records import RECORD_DIR
+from imglock.lock.records import RECORD_DIR
 from imglock.safeio import OPEN_FLAGS, close_quietly, read_at
 
 #: File name endings that make a file an image in a directory walk.
@@ -202,7 +202,7 @@ class _Walk:
 
     def _locked(self, fd: int, path: str) -> bool:
         """Whether anyone holds a lock anywhere on the file open as *fd*."""
-        from imglock import fcntl_locks
+        from imglock.lock import fcntl_locks
 
         try:
             return fcntl_locks.conflicting(fd, 0, 0, path) is not None

@@ -19,7 +19,7 @@ import sys
 import imglock
 from imglock import faults
 from imglock.api import Claim, ClaimSpec, as_mode
-from imglock.protocol import Layer
+from imglock.lock.protocol import Layer
 
 
 def main() -> int:

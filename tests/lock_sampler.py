@@ -17,9 +17,9 @@ import sys
 import threading
 import time
 
-from imglock import fcntl_locks
-from imglock.identity import Owner
-from imglock.protocol import IMGLOCK_EXCLUSIVE_BASE, IMGLOCK_REGION_SIZE
+from imglock.lock import fcntl_locks
+from imglock.lock.identity import Owner
+from imglock.lock.protocol import IMGLOCK_EXCLUSIVE_BASE, IMGLOCK_REGION_SIZE
 
 
 def holders(fd: int, image: str) -> list[int]:

@@ -51,7 +51,7 @@ from typing import Any
 
 from imglock import ImglockError, LockConflict, claim
 from imglock.api import Claim, ClaimSpec
-from imglock.protocol import Mode
+from imglock.lock.protocol import Mode
 
 WORKER = str(Path(__file__).resolve())
 REPO = str(Path(__file__).resolve().parents[1])

@@ -19,7 +19,7 @@ from conftest import CLAIMER, ENV, SpawnRival
 
 import imglock
 from imglock.api import Claim, ClaimSpec
-from imglock.protocol import Layer, Mode
+from imglock.lock.protocol import Layer, Mode
 
 
 def _fd_count() -> int:

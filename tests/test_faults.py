@@ -32,10 +32,11 @@ from conftest import ENV, SpawnRival
 from hostile_cases import no_descriptor_leaked
 
 import imglock
-from imglock import faults, fcntl_locks, records
+from imglock import faults
 from imglock.api import Claim, ClaimSpec
 from imglock.errors import EX_IOERR, EX_OK, EX_TEMPFAIL, LockConflict, LockError
-from imglock.records import RECORD_DIR
+from imglock.lock import fcntl_locks, records
+from imglock.lock.records import RECORD_DIR
 
 #: Lock calls of an exclusive claim of one raw image with both layers:
 #: An exclusive claim's lock calls: 1 its own byte, 2-5 QEMU's bytes (100-101,

@@ -48,7 +48,7 @@ import imglock
 from imglock.chain import open_chain
 from imglock.errors import EX_DATAERR, EX_OK, ImglockError
 from imglock.formats import open_image
-from imglock.records import RECORD_DIR
+from imglock.lock.records import RECORD_DIR
 
 #: Seconds any command may take on any hostile image (it takes well under
 #: one; the margin is for a loaded machine): none may hang.

@@ -14,7 +14,7 @@ from conftest import SpawnRival
 from qemu_vm import NONE_MACHINE, QemuVMs
 
 import imglock
-from imglock.discovery import Holder
+from imglock.lock.holder import Holder
 
 pytestmark = pytest.mark.qemu
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from imglock.identity import Owner
-from imglock.records import RECORD_DIR, Record, _json_text, read_all, record_name, write
+from imglock.lock.identity import Owner
+from imglock.lock.records import RECORD_DIR, Record, _json_text, read_all, record_name, write
 
 #: Strings a record may carry: names that are not UTF-8 (surrogate escapes),
 #: quotes, backslashes, control characters, non-ASCII text.

@@ -31,9 +31,9 @@ from conftest import QemuImg
 from qemu_vm import NONE_MACHINE
 
 import imglock
-from imglock.identity import Owner
-from imglock.lockspace import lock_file_name
-from imglock.records import RECORD_DIR, record_name, redact
+from imglock.lock.identity import Owner
+from imglock.lock.lockspace import lock_file_name
+from imglock.lock.records import RECORD_DIR, record_name, redact
 
 NOBODY = 65534
 IMGLOCK = [sys.executable, "-m", "imglock"]

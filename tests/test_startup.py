@@ -25,7 +25,7 @@ NEVER = {
     "asyncio",  # the QMP monitor's
     "qemu.qmp",
     "imglock.qemu.monitor",
-    "imglock.handoff",
+    "imglock.run.handoff",
     "hypothesis",
     "pytest",
     "_hashlib",  # OpenSSL: only a lockspace name needs hashlib
@@ -34,10 +34,15 @@ NEVER = {
 }
 #: Only for following a claim's backing chain, or for a lock seen on the image.
 CHAIN = {"imglock.chain"}
-PROC = {"imglock.procfs"}
+PROC = {"imglock.lock.procfs"}
 #: The lock machinery, which reading a header does not need.
-LOCKS = {"imglock.protocol", "imglock.fcntl_locks", "imglock.identity", "imglock.records"}
-RUN = {"imglock.runner", "imglock.launch"}
+LOCKS = {
+    "imglock.lock.protocol",
+    "imglock.lock.fcntl_locks",
+    "imglock.lock.identity",
+    "imglock.lock.records",
+}
+RUN = {"imglock.run.runner", "imglock.run.launch"}
 #: Costly to load or to use at every start-up: dataclasses (a dataclass costs
 #: far more to define than a plain class), the json package, the qcow2
 #: parser (for an image that is not qcow2), QEMU's command-line parser (for
@@ -88,7 +93,7 @@ def test_info_reads_a_header_without_the_lock_machinery(raw_image: Path) -> None
     modules = imglock("info", raw_image)
     assert "imglock.formats.raw" in modules
     unwanted = NEVER | CHAIN | PROC | LOCKS | RUN | DATACLASSES | QCOW2 | QEMU_CMDLINE
-    assert (unwanted | {"json", "imglock.discovery"}) & modules == set()
+    assert (unwanted | {"json", "imglock.lock.discovery"}) & modules == set()
     assert "json" in imglock("info", "--json", raw_image)
 
 
@@ -96,7 +101,7 @@ def test_info_of_a_qcow2_image_loads_its_parser_and_nothing_more(tmp_path: Path)
     modules = imglock("info", write_qcow2(tmp_path / "disk.qcow2"))
     assert modules >= QCOW2
     unwanted = NEVER | CHAIN | PROC | LOCKS | RUN | DATACLASSES | QEMU_CMDLINE
-    assert (unwanted | {"json", "imglock.discovery"}) & modules == set()
+    assert (unwanted | {"json", "imglock.lock.discovery"}) & modules == set()
 
 
 def test_a_named_format_loads_only_its_driver(tmp_path: Path) -> None:
@@ -107,7 +112,7 @@ def test_a_named_format_loads_only_its_driver(tmp_path: Path) -> None:
 
 def test_status_of_free_images_scans_no_proc_and_loads_no_json(raw_image: Path) -> None:
     modules = imglock("status", raw_image)
-    assert "imglock.discovery" in modules
+    assert "imglock.lock.discovery" in modules
     unwanted = NEVER | CHAIN | PROC | RUN | DATACLASSES | QCOW2 | QEMU_CMDLINE
     assert (unwanted | {"json", "signal"}) & modules == set()
     assert "json" in imglock("status", "--json", raw_image)
@@ -130,16 +135,16 @@ def test_run_of_a_command_that_is_not_qemu_loads_no_qemu_parser_json_or_discover
     raw_image: Path,
 ) -> None:
     modules = imglock("run", "--image", raw_image, "--", "true")
-    assert modules >= RUN | {"imglock.records"}  # a holder record was written, without json
+    assert modules >= RUN | {"imglock.lock.records"}  # a holder record was written, without json
     unwanted = DATACLASSES | QCOW2 | QEMU_CMDLINE | PROC
-    assert (unwanted | {"json", "imglock.discovery"}) & modules == set()
+    assert (unwanted | {"json", "imglock.lock.discovery"}) & modules == set()
 
 
 def test_run_of_an_image_someone_holds_names_the_holder(raw_image: Path, rival: SpawnRival) -> None:
     rival(raw_image)
     # -E 1: the conflict's exit status, one that imported() accepts.
     modules = imglock("run", "-E", "1", "--image", raw_image, "--", "true")
-    assert modules >= {"imglock.discovery"}  # loaded to say who holds it
+    assert modules >= {"imglock.lock.discovery"}  # loaded to say who holds it
     assert (NEVER | QEMU_CMDLINE) & modules == set()
 
 
@@ -147,4 +152,4 @@ def test_run_of_an_image_someone_holds_names_the_holder(raw_image: Path, rival: 
 def test_completion_imports_no_image_code(shell: str) -> None:
     modules = imported("-m", "imglock", env={**os.environ, "_IMGLOCK_COMPLETE": f"{shell}_source"})
     assert "click.shell_completion" in modules
-    assert not {"imglock.formats", "imglock.api", "imglock.discovery"} & modules
+    assert not {"imglock.formats", "imglock.api", "imglock.lock.discovery"} & modules

@@ -24,7 +24,7 @@ from conftest import ImglockCli, SpawnRival
 from qcow2_builder import Qcow2Spec, build
 
 from imglock.errors import EX_DATAERR, EX_HELD, EX_NOINPUT, EX_OK, ImageError
-from imglock.identity import hostname
+from imglock.lock.identity import hostname
 from imglock.scan import find_images
 
 HEADER = ["IMAGE", "FORMAT", "BACKING", "HOLDER", "MODE", "PERMS", "UNSHARED"]

@@ -109,7 +109,7 @@ def run(
     (128+N if killed by signal N), or the -E status on a conflict.
     """
     from imglock.cli.common import Voice, reported_errors
-    from imglock.launch import Launch, launch
+    from imglock.run.launch import Launch, launch
 
     voice = Voice.current()
     with reported_errors():

@@ -13,8 +13,8 @@ from imglock.errors import EX_HELD, EX_OK
 
 if TYPE_CHECKING:
     from imglock.api import ImageReport
-    from imglock.discovery import Holder
     from imglock.errors import ImglockError
+    from imglock.lock.holder import Holder
 
 HEADER: Final = (
     "IMAGE",
@@ -71,8 +71,8 @@ def status(as_json: bool, lockspace: str | None, paths: tuple[str, ...]) -> None
     (65 malformed, 66 cannot be opened, 74 read error); otherwise 0.
     """
     from imglock.api import inspect_image
-    from imglock.discovery import LocalLocks
     from imglock.errors import ImglockError
+    from imglock.lock.discovery import LocalLocks
     from imglock.scan import find_images
 
     voice = Voice.current()
@@ -157,7 +157,7 @@ def _locks_held(holder: Holder) -> str:
     """QEMU's permission names, or for a foreign lock the bytes it covers."""
     if holder.range is None:
         return ",".join(holder.perms)
-    from imglock.fcntl_locks import OFFSET_MAX
+    from imglock.lock.fcntl_locks import OFFSET_MAX
 
     start, end = holder.range
     if end >= OFFSET_MAX:

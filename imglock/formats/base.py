@@ -16,8 +16,8 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 if TYPE_CHECKING:  # imported when used: reading a header (`imglock info`) takes no lock
-    from imglock import protocol
-    from imglock.identity import Owner
+    from imglock.lock import protocol
+    from imglock.lock.identity import Owner
 
 ChildRole = Literal["backing", "data-file"]
 
@@ -142,14 +142,14 @@ class FormatDriver(ABC):
         lock lives elsewhere overrides this.  Raises LockConflict or
         LockError, with nothing held on failure.
         """
-        from imglock import protocol
+        from imglock.lock import protocol
 
         fd, filename = image.lock_target
         image.held = protocol.acquire(fd, filename, mode, layers, owner)
 
     def release(self, image: OpenImage) -> None:
         """Drop what :meth:`claim` took.  Idempotent."""
-        from imglock import protocol
+        from imglock.lock import protocol
 
         fd, filename = image.lock_target
         if image.held is not None and fd >= 0:

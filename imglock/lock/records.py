@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from typing import Any, Final, NamedTuple
 
-from imglock.identity import Owner, hostname
+from imglock.lock.identity import Owner, hostname
 
 RECORD_DIR: Final = ".imglock"
 RECORD_SUFFIX: Final = ".json"

@@ -32,7 +32,7 @@ from imglock import faults
 from imglock.errors import ImglockError
 from imglock.qemu.cmdline import has_freeze_cpu, migration_incoming, with_extra_args
 from imglock.qemu.monitor import Monitor, MonitorThread, watch_destination, watch_source
-from imglock.runner import Runner
+from imglock.run.runner import Runner
 
 #: How long QEMU gets to create its QMP socket after exec.
 CONNECT_TIMEOUT: Final = 30.0

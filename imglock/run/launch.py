@@ -14,9 +14,9 @@ from collections.abc import Sequence
 
 from imglock.api import Claim, ClaimSpec
 from imglock.errors import EX_TEMPFAIL, UsageError
-from imglock.protocol import Layer, Mode
+from imglock.lock.protocol import Layer, Mode
 from imglock.qemu.names import is_qemu
-from imglock.runner import RunConfig, Runner, Say, run_command
+from imglock.run.runner import RunConfig, Runner, Say, run_command
 
 
 class Launch:
@@ -132,7 +132,7 @@ def _launch_qemu(plan: Launch, config: RunConfig) -> int:
     import shutil
     import tempfile
 
-    from imglock.handoff import Handoff
+    from imglock.run.handoff import Handoff
 
     private = tempfile.mkdtemp(prefix="imglock-")  # mode 0700: only we can reach the socket
     try:

@@ -39,7 +39,7 @@ from imglock.errors import (
     LockError,
     LockLost,
 )
-from imglock.protocol import Layer
+from imglock.lock.protocol import Layer
 
 #: Signals the wrapper passes on to COMMAND.
 FORWARDED: Final = (

@@ -26,9 +26,10 @@ import enum
 from collections.abc import Iterable
 from typing import Final
 
-from imglock import faults, fcntl_locks
+from imglock import faults
 from imglock.errors import LockConflict, LockError, LockLost
-from imglock.identity import OWNER_BITS, Owner
+from imglock.lock import fcntl_locks
+from imglock.lock.identity import OWNER_BITS, Owner
 
 # The imglock layer: two adjacent regions of 2**56 bytes starting at 2**62,
 # far beyond any image (and any QEMU or virtlockd byte), below OFFSET_MAX.

@@ -21,12 +21,13 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple
+from typing import TYPE_CHECKING, Final, Literal
 
-from imglock import fcntl_locks, records
-from imglock.fcntl_locks import RangeLock
-from imglock.identity import Owner, hostname
-from imglock.protocol import (
+from imglock.lock import fcntl_locks, records
+from imglock.lock.fcntl_locks import RangeLock
+from imglock.lock.holder import Holder as Holder
+from imglock.lock.identity import Owner, hostname
+from imglock.lock.protocol import (
     IMGLOCK_END,
     IMGLOCK_EXCLUSIVE_BASE,
     IMGLOCK_SHARED_BASE,
@@ -38,65 +39,10 @@ from imglock.protocol import (
 )
 
 if TYPE_CHECKING:  # imported when some lock is seen: most images have none
-    from imglock import procfs
-
-HolderLayer = Literal["imglock", "qemu", "foreign"]
+    from imglock.lock import procfs
 
 #: A lock range in the imglock layer wider than this is not one holder's bytes.
 _MAX_OWNER_BYTES: Final = 64
-
-
-# A NamedTuple, not a dataclass: as immutable, and far cheaper to define at start-up.
-class Holder(NamedTuple):
-    """One holder of an image, as far as its locks (and records) tell."""
-
-    layer: HolderLayer
-    #: "exclusive" or "shared" for the imglock layer and foreign locks; None for QEMU.
-    mode: str | None = None
-    #: QEMU's permission names held, and refused to others (QEMU layer).
-    perms: tuple[str, ...] = ()
-    unshared: tuple[str, ...] = ()
-    pid: int | None = None
-    host: str | None = None
-    command: str | None = None
-    #: ISO 8601 UTC, or None when unknown.
-    since: str | None = None
-    #: The imglock owner id, when the holder is imglock's.
-    owner: int | None = None
-    #: Every local process holding the lock (several after fork, or OFD sharing).
-    local_pids: tuple[int, ...] = ()
-    #: The locked byte range [start, end) for foreign locks.
-    range: tuple[int, int] | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "layer": self.layer,
-            "mode": self.mode,
-            "perms": list(self.perms),
-            "unshared": list(self.unshared),
-            "pid": self.pid,
-            "host": self.host,
-            "command": self.command,
-            "since": self.since,
-        }
-        if self.range is not None:
-            out["range"] = {"start": self.range[0], "end": self.range[1]}
-        return out
-
-    def describe(self) -> str:
-        """A short phrase naming the holder, for error messages."""
-        what = self.mode or "/".join(self.perms) or "locked"
-        who = [f"pid {self.pid}" if self.pid is not None else "unknown pid"]
-        if self.host:
-            who.append(f"on {self.host}")
-        text = f"{self.layer} {what} by {' '.join(who)}"
-        if self.command:
-            text += f" ({_short(self.command)})"
-        return text
-
-
-def _short(command: str, limit: int = 60) -> str:
-    return command if len(command) <= limit else command[: limit - 3] + "..."
 
 
 class LocalLocks:
@@ -111,7 +57,7 @@ class LocalLocks:
 
     def on(self, st: os.stat_result) -> list[procfs.LocalLock]:
         if self._index is None:
-            from imglock import procfs
+            from imglock.lock import procfs
 
             self._index = procfs.scan()
         return self._index.get((st.st_dev, st.st_ino), [])
@@ -160,7 +106,7 @@ class _Attributor:
         self.used: set[int] = set()
 
     def local(self, pid: int) -> tuple[str | None, str | None]:
-        from imglock import procfs
+        from imglock.lock import procfs
 
         # Secrets on a command line (QEMU's -object secret,data=...) are
         # shown as in a record: redacted, even to those who may read /proc.
@@ -321,7 +267,7 @@ def holders(path: str | os.PathLike[str], *, lockspace: str | None = None) -> li
     Takes no lock and reads no more of the image than its header's format
     needs.  With *lockspace*, the image's lock file there is read instead.
     """
-    from imglock.lockspace import open_lock_target
+    from imglock.lock.lockspace import open_lock_target
 
     with open_lock_target(os.fspath(path), lockspace) as target:
         return survey(

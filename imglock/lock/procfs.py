@@ -15,7 +15,7 @@ import re
 from collections import defaultdict
 from typing import Final
 
-from imglock.fcntl_locks import OFFSET_MAX
+from imglock.lock.fcntl_locks import OFFSET_MAX
 
 #: "lock:\t1: OFDLCK  ADVISORY  READ -1 fd:01:1234 100 100" (end inclusive, EOF for 0 length)
 _LOCK_LINE: Final = re.compile(
