@@ -3,7 +3,8 @@
     python tests/claimer.py [--mode shared] [--wait S] [--no-qemu] [--fork-child] IMAGE...
 
 Prints one JSON line, {"ok": true, "pid": N} once it holds the claim or
-{"ok": false, "error": "...", "status": N} if it could not, then (when it
+{"ok": false, "error": "...", "status": N, "holders": [...]} if it could not
+(the holders a conflict named, as ``status --json`` shows them), then (when it
 holds it) waits until its standard input closes or it is killed.  With
 --fork-child it forks a child that inherits the descriptors, prints the
 child's pid, and the parent exits at once, leaving the child as the holder.
@@ -38,7 +39,9 @@ def main() -> int:
     try:
         claim.acquire()
     except imglock.ImglockError as exc:
-        print(json.dumps({"ok": False, "error": str(exc), "status": exc.exit_status}), flush=True)
+        holders = [h.to_json() for h in getattr(exc, "holders", ())]
+        reply = {"ok": False, "error": str(exc), "status": exc.exit_status, "holders": holders}
+        print(json.dumps(reply), flush=True)
         return exc.exit_status
     if args.fork_child:
         pid = os.fork()

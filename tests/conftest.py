@@ -4,6 +4,11 @@ QEMU-dependent tests ask for the ``qemu_img`` or ``qemu_system`` fixture.
 On a machine without QEMU they are skipped with a reason, except where
 ``IMGLOCK_REQUIRE_QEMU=1`` is set (as ``.ci/run`` does): there a missing
 QEMU is an error, so a CI run can never pass by skipping them.
+
+Two-host tests ask for the ``datastore`` fixture: hosts A, B and C on a
+GlusterFS volume (tests/gluster_hosts.py).  Likewise they are skipped with a
+reason where no volume is mounted, and fail instead under
+``IMGLOCK_REQUIRE_GLUSTER=1``.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from gluster_hosts import Datastore, unavailable_reason
 
 REQUIRE_QEMU = os.environ.get("IMGLOCK_REQUIRE_QEMU") == "1"
+REQUIRE_GLUSTER = os.environ.get("IMGLOCK_REQUIRE_GLUSTER") == "1"
 
 
 def _tool(name: str) -> str:
@@ -150,3 +157,22 @@ def started() -> Iterator[list[subprocess.Popen[str]]]:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+@pytest.fixture
+def datastore() -> Iterator[Datastore]:
+    """Hosts A, B and C on one GlusterFS volume, in a directory of the test's own.
+
+    Whatever the test did to a host's mount (crashed or hung its client),
+    every mount answers again afterwards.
+    """
+    reason = unavailable_reason()
+    if reason is not None:
+        if REQUIRE_GLUSTER:
+            pytest.fail(f"two-host tests are required (IMGLOCK_REQUIRE_GLUSTER=1): {reason}")
+        pytest.skip(reason)
+    store = Datastore()
+    try:
+        yield store
+    finally:
+        store.close()

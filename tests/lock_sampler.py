@@ -1,12 +1,14 @@
 """Sample an image's exclusive imglock holders as fast as possible, from outside.
 
-    python tests/lock_sampler.py IMAGE
+    python tests/lock_sampler.py [--owners] IMAGE
 
 Runs in a process of its own (so that nothing else competes for its
 interpreter), reads the locks as any host would, with lock tests on the
 exclusive region and each holder's pid decoded from its offset, and prints
 one JSON list of [monotonic time, [pids]] samples when its stdin closes.
-A sample costs a few microseconds.
+With --owners each holder is "HOSTTAG:PID" instead of a pid, for holders on
+several hosts whose pids may be the same.  A sample costs a few microseconds
+on a local filesystem, a network round trip or two on a shared one.
 """
 
 from __future__ import annotations
@@ -22,24 +24,34 @@ from imglock.lock.identity import Owner
 from imglock.lock.protocol import IMGLOCK_EXCLUSIVE_BASE, IMGLOCK_REGION_SIZE
 
 
-def holders(fd: int, image: str) -> list[int]:
+def owners(fd: int, image: str) -> list[Owner]:
     locks = fcntl_locks.all_conflicting(fd, IMGLOCK_EXCLUSIVE_BASE, IMGLOCK_REGION_SIZE, image)
-    return sorted(
-        Owner.from_id(byte - IMGLOCK_EXCLUSIVE_BASE).pid
+    return [
+        Owner.from_id(byte - IMGLOCK_EXCLUSIVE_BASE)
         for lock in locks
         for byte in range(lock.start, lock.end)
-    )
+    ]
+
+
+def holders(fd: int, image: str) -> list[int]:
+    return sorted(owner.pid for owner in owners(fd, image))
+
+
+def owner_names(fd: int, image: str) -> list[str]:
+    return sorted(f"{owner.host_tag:x}:{owner.pid}" for owner in owners(fd, image))
 
 
 def main() -> None:
-    image = sys.argv[1]
+    by_owner = sys.argv[1] == "--owners"
+    image = sys.argv[-1]
+    sample = owner_names if by_owner else holders
     done = threading.Event()
     threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
     fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
     samples = []
     print("ready", flush=True)
     while not done.is_set():
-        samples.append((time.monotonic(), holders(fd, image)))
+        samples.append((time.monotonic(), sample(fd, image)))
         time.sleep(0.0002)
     json.dump(samples, sys.stdout)
 

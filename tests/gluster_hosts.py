@@ -1,0 +1,208 @@
+"""Hosts on a real network filesystem: GlusterFS mounted three times on this machine.
+
+``tests/gluster/up`` brings up a one-brick volume and mounts it three times,
+each mount through its own ``glusterfs`` client process.  Each mount is a
+host: the brick's lock translator is the lock manager all of them talk to,
+as NFS clients talk to their server, and a client process is what a host's
+kernel is to its mounts (kill it and the host has crashed; stop it and the
+host hangs).  Commands of a host run in UTS and PID namespaces of their own,
+so each host has its own host name and its own pids.
+
+Hosts A and B take part in a test; host C is a third vantage point that only
+looks.  The mounts are found from ``IMGLOCK_GLUSTER_A``/``_B``/``_C`` (as
+``tests/gluster/up`` prints them), else at the script's default place.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = str(Path(__file__).parents[1])
+DEFAULT_STATE_DIR = "/tmp/imglock-gluster"
+HOST_NAMES = ("host-a", "host-b", "host-c")
+#: How long a remounted client gets to answer again.
+REMOUNT_TIMEOUT = 20.0
+
+
+def mount_points() -> list[Path]:
+    """Where hosts A, B and C mount the volume (mounted or not)."""
+    default = Path(os.environ.get("IMGLOCK_GLUSTER_DIR", DEFAULT_STATE_DIR), "mnt")
+    return [
+        Path(os.environ.get(f"IMGLOCK_GLUSTER_{letter}", default / letter.lower()))
+        for letter in "ABC"
+    ]
+
+
+def client_pid(mount: Path) -> int | None:
+    """The pid of the glusterfs client process serving *mount*, if one does."""
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"glusterfs") and os.fsencode(mount) in argv:
+            return int(entry.name)
+    return None
+
+
+def answers(mount: Path) -> bool:
+    """True when *mount* is a live GlusterFS mount (its client answers a stat)."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            mounted = any(
+                line.split()[4] == os.fspath(mount) and " - fuse.glusterfs " in line for line in f
+            )
+        if not mounted:
+            return False
+        proc = subprocess.run(["stat", "-c", "%i", mount], capture_output=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return proc.returncode == 0
+
+
+def unavailable_reason() -> str | None:
+    """Why the two-host tests cannot run here, or None if they can."""
+    if os.geteuid() != 0:
+        return "needs root (UTS/PID namespaces for the hosts, FUSE client control)"
+    if shutil.which("unshare") is None:
+        return "unshare (util-linux) is not installed"
+    missing = [str(m) for m in mount_points() if not answers(m)]
+    if missing:
+        return f"no GlusterFS mount at {', '.join(missing)} (run tests/gluster/up as root)"
+    return None
+
+
+def _until(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@dataclass
+class Host:
+    """One host: a host name, its own mount of the volume, and the test's directory there."""
+
+    name: str
+    mount: Path
+    #: The test's directory, the same one on every host, relative to the mount.
+    workdir: str
+
+    @property
+    def dir(self) -> Path:
+        return self.mount / self.workdir
+
+    def path(self, name: str) -> Path:
+        """*name* in the test's directory, as this host sees it."""
+        return self.dir / name
+
+    def prefix(self) -> list[str]:
+        """A command prefix that runs a command on this host.
+
+        The command is pid 1 of a fresh PID namespace (with its own /proc),
+        in a UTS namespace whose host name is this host's; it and everything
+        it started die with the ``unshare`` process that runs it.
+        """
+        return [
+            "unshare", "--uts", "--pid", "--fork", "--mount-proc", "--kill-child",
+            "sh", "-c", 'hostname "$0" && exec "$@"', self.name,
+        ]  # fmt: skip
+
+    def run(
+        self, argv: Sequence[str | os.PathLike[str]], **kwargs: object
+    ) -> subprocess.CompletedProcess[str]:
+        """Run *argv* on this host and wait for it."""
+        kwargs.setdefault("timeout", 60)
+        return subprocess.run(  # type: ignore[call-overload, no-any-return]
+            [*self.prefix(), *map(os.fspath, argv)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": REPO},
+            **kwargs,
+        )
+
+    def imglock(
+        self, *args: str | os.PathLike[str], **kwargs: object
+    ) -> subprocess.CompletedProcess[str]:
+        """Run the real ``imglock`` command on this host."""
+        return self.run([sys.executable, "-m", "imglock", *args], **kwargs)
+
+    def popen(
+        self, argv: Sequence[str | os.PathLike[str]], **kwargs: object
+    ) -> subprocess.Popen[str]:
+        """Start *argv* on this host; the caller ends it."""
+        kwargs.setdefault("env", {**os.environ, "PYTHONPATH": REPO})
+        return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
+            [*self.prefix(), *map(os.fspath, argv)], text=True, **kwargs
+        )
+
+    # -- the host's kernel, as far as the datastore is concerned -----------
+
+    def client_pid(self) -> int:
+        pid = client_pid(self.mount)
+        assert pid is not None, f"no glusterfs client serves {self.mount}"
+        return pid
+
+    def crash(self) -> None:
+        """The host dies, as the datastore sees it: its client process is killed."""
+        pid = self.client_pid()
+        os.kill(pid, signal.SIGKILL)
+        _until(lambda: not os.path.exists(f"/proc/{pid}"), 10, "the client to die")
+
+    def hang(self) -> None:
+        """The host hangs: its client process stops, its locks stay with the server."""
+        os.kill(self.client_pid(), signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.client_pid(), signal.SIGCONT)
+
+
+class Datastore:
+    """Hosts A, B and C on one GlusterFS volume, and the mounts' health after a test."""
+
+    def __init__(self) -> None:
+        self.mounts = mount_points()
+        # The client command lines, to remount a host that a test crashed.
+        self.clients: dict[Path, list[bytes]] = {}
+        for mount in self.mounts:
+            with open(f"/proc/{client_pid(mount)}/cmdline", "rb") as f:
+                self.clients[mount] = f.read().rstrip(b"\0").split(b"\0")
+        workdir = f"imglock-test-{uuid.uuid4().hex[:12]}"
+        os.mkdir(self.mounts[0] / workdir)
+        self.a, self.b, self.c = (
+            Host(name, mount, workdir) for name, mount in zip(HOST_NAMES, self.mounts, strict=True)
+        )
+
+    @property
+    def hosts(self) -> tuple[Host, Host, Host]:
+        return self.a, self.b, self.c
+
+    def heal(self) -> None:
+        """Bring every mount back: resume stopped clients, remount crashed ones."""
+        for mount in self.mounts:
+            pid = client_pid(mount)
+            if pid is not None:
+                os.kill(pid, signal.SIGCONT)
+                continue
+            # A dead client leaves "Transport endpoint is not connected" behind.
+            subprocess.run(["umount", "-l", mount], capture_output=True, check=False)
+            subprocess.run(self.clients[mount], check=True, timeout=REMOUNT_TIMEOUT)
+            _until(lambda m=mount: answers(m), REMOUNT_TIMEOUT, f"{mount} to answer again")  # type: ignore[misc]
+
+    def close(self) -> None:
+        self.heal()
+        shutil.rmtree(self.c.dir, ignore_errors=True)
