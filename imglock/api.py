@@ -28,6 +28,7 @@ from imglock.lock.protocol import (
     Mode,
     ProtocolConflict,
     imglock_byte,
+    strongest,
 )
 
 if TYPE_CHECKING:
@@ -47,7 +48,8 @@ def as_mode(mode: Mode | str) -> Mode:
     try:
         return Mode(mode)
     except ValueError:
-        raise UsageError(None, f"unknown claim mode {mode!r} (exclusive or shared)") from None
+        names = ", ".join(m.value for m in Mode)
+        raise UsageError(None, f"unknown claim mode {mode!r} ({names})") from None
 
 
 # A NamedTuple, not a dataclass: as immutable, and far cheaper to define at start-up.
@@ -222,8 +224,7 @@ class Claim:
                         continue
                     image.close()  # a second open would conflict with the first
                     known.named |= named
-                    if mode is Mode.EXCLUSIVE:
-                        known.mode = Mode.EXCLUSIVE
+                    known.mode = strongest(known.mode, mode)
         except BaseException:
             for member in by_file.values():
                 member.image.close()
@@ -383,8 +384,9 @@ def claim(
 ) -> Claim:
     """Claim *path* (and its backing chain) and return the held :class:`Claim`.
 
-    *mode* is "exclusive" (one writer) or "shared" (readers); backing files
-    are always claimed shared.  *wait* is how long to keep trying while
+    *mode* is "exclusive" (one writer), "shared" (readers) or "shared-write"
+    (writers that share the disk on purpose, like QEMU's ``share-rw=on``);
+    backing files are always claimed shared.  *wait* is how long to keep trying while
     someone else holds it.  With *qemu_locks*, QEMU's own lock bytes are held
     too, so that qemu-img and qemu-system refuse the image meanwhile.
     Raises LockConflict (with ``.holders``) if the image stays held,

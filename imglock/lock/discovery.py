@@ -30,12 +30,12 @@ from imglock.lock.identity import Owner, hostname
 from imglock.lock.protocol import (
     IMGLOCK_END,
     IMGLOCK_EXCLUSIVE_BASE,
-    IMGLOCK_SHARED_BASE,
     QEMU_PERM_BASE,
     QEMU_PERM_NAMES,
     QEMU_PERM_SLOTS,
     QEMU_SHARED_BASE,
-    Mode,
+    REGION_BASE,
+    mode_at,
 )
 
 if TYPE_CHECKING:  # imported when some lock is seen: most images have none
@@ -114,8 +114,9 @@ class _Attributor:
         return (records.redact(argv) if argv else None), _iso(procfs.start_time(pid))
 
     def imglock(self, byte: int, local_pids: list[int]) -> Holder:
-        exclusive = byte < IMGLOCK_SHARED_BASE
-        owner_id = byte - (IMGLOCK_EXCLUSIVE_BASE if exclusive else IMGLOCK_SHARED_BASE)
+        mode = mode_at(byte)
+        assert mode is not None  # only bytes of the imglock layer come here
+        owner_id = byte - REGION_BASE[mode]
         owner = Owner.from_id(owner_id)
         record = self.by_owner.get(owner_id)
         if record is not None:
@@ -135,7 +136,7 @@ class _Attributor:
                 since = since or started
         return Holder(
             layer="imglock",
-            mode=(Mode.EXCLUSIVE if exclusive else Mode.SHARED).value,
+            mode=mode.value,
             pid=pid,
             host=host or owner.tag_text,
             command=command,

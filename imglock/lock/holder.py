@@ -16,7 +16,8 @@ class Holder(NamedTuple):
     """One holder of an image, as far as its locks (and records) tell."""
 
     layer: HolderLayer
-    #: "exclusive" or "shared" for the imglock layer and foreign locks; None for QEMU.
+    #: "exclusive", "shared" or "shared-write" for the imglock layer, "exclusive"
+    #: or "shared" for foreign locks; None for QEMU.
     mode: str | None = None
     #: QEMU's permission names held, and refused to others (QEMU layer).
     perms: tuple[str, ...] = ()

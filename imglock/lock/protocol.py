@@ -31,12 +31,13 @@ from imglock.errors import LockConflict, LockError, LockLost
 from imglock.lock import fcntl_locks
 from imglock.lock.identity import OWNER_BITS, Owner
 
-# The imglock layer: two adjacent regions of 2**56 bytes starting at 2**62,
+# The imglock layer: three adjacent regions of 2**56 bytes starting at 2**62,
 # far beyond any image (and any QEMU or virtlockd byte), below OFFSET_MAX.
 IMGLOCK_REGION_SIZE: Final = 1 << OWNER_BITS
 IMGLOCK_EXCLUSIVE_BASE: Final = 1 << 62
 IMGLOCK_SHARED_BASE: Final = IMGLOCK_EXCLUSIVE_BASE + IMGLOCK_REGION_SIZE
-IMGLOCK_END: Final = IMGLOCK_SHARED_BASE + IMGLOCK_REGION_SIZE
+IMGLOCK_SHARED_WRITE_BASE: Final = IMGLOCK_SHARED_BASE + IMGLOCK_REGION_SIZE
+IMGLOCK_END: Final = IMGLOCK_SHARED_WRITE_BASE + IMGLOCK_REGION_SIZE
 
 # QEMU's layer (block/file-posix.c: RAW_LOCK_PERM_BASE, RAW_LOCK_SHARED_BASE).
 QEMU_PERM_BASE: Final = 100
@@ -62,6 +63,12 @@ QEMU_WRITER_UNSHARED: Final = (PERM_WRITE, PERM_RESIZE)
 #: ... and on a backing file it only reads.
 QEMU_READER_PERMS: Final = (PERM_CONSISTENT_READ,)
 QEMU_READER_UNSHARED: Final = (PERM_WRITE, PERM_RESIZE)
+#: What a QEMU 7.2 disk device with ``share-rw=on`` holds on a raw image
+#: (measured: bytes 100 and 101 only): it reads and writes, and shares all.
+#: (On a qcow2 the format layer refuses to share write and resize whatever
+#: the device says, so QEMU holds a writer's bytes there.)
+QEMU_SHARED_WRITER_PERMS: Final = (PERM_CONSISTENT_READ, PERM_WRITE)
+QEMU_SHARED_WRITER_UNSHARED: Final = ()
 
 
 class Mode(enum.StrEnum):
@@ -71,6 +78,21 @@ class Mode(enum.StrEnum):
     EXCLUSIVE = "exclusive"
     #: Any number of readers, and no writer: a backing file, a CD-ROM.
     SHARED = "shared"
+    #: Writers that share the disk on purpose (QEMU's ``share-rw=on``,
+    #: libvirt's <shareable/>, a cluster filesystem inside the guests):
+    #: compatible with one another, never with an exclusive holder or with
+    #: shared readers, who need an image that does not change under them.
+    SHARED_WRITE = "shared-write"
+
+
+def conflicts(a: Mode, b: Mode) -> bool:
+    """Whether claims in modes *a* and *b* exclude each other."""
+    return a is Mode.EXCLUSIVE or b is Mode.EXCLUSIVE or a is not b
+
+
+def strongest(a: Mode, b: Mode) -> Mode:
+    """The one mode that covers both *a* and *b* (one file asked for twice)."""
+    return a if a is b else Mode.EXCLUSIVE
 
 
 class Layer(enum.Flag):
@@ -103,26 +125,43 @@ class Held:
         self.ranges = ranges
 
 
+#: Where each mode's holders lock their byte.
+REGION_BASE: Final = {
+    Mode.EXCLUSIVE: IMGLOCK_EXCLUSIVE_BASE,
+    Mode.SHARED: IMGLOCK_SHARED_BASE,
+    Mode.SHARED_WRITE: IMGLOCK_SHARED_WRITE_BASE,
+}
+
+
 def imglock_byte(mode: Mode, owner: Owner) -> int:
     """The byte a holder locks in the imglock layer."""
-    base = IMGLOCK_EXCLUSIVE_BASE if mode is Mode.EXCLUSIVE else IMGLOCK_SHARED_BASE
-    return base + owner.id
+    return REGION_BASE[mode] + owner.id
 
 
-def _imglock_rivals(mode: Mode) -> tuple[int, int]:
-    """The range whose other holders conflict with a claim in *mode*."""
-    if mode is Mode.EXCLUSIVE:
-        return IMGLOCK_EXCLUSIVE_BASE, IMGLOCK_END - IMGLOCK_EXCLUSIVE_BASE
-    return IMGLOCK_EXCLUSIVE_BASE, IMGLOCK_REGION_SIZE
+def mode_at(offset: int) -> Mode | None:
+    """The mode whose region holds *offset*, if any."""
+    for mode, base in REGION_BASE.items():
+        if base <= offset < base + IMGLOCK_REGION_SIZE:
+            return mode
+    return None
+
+
+def _imglock_rivals(mode: Mode) -> list[tuple[int, int]]:
+    """The ranges whose other holders conflict with a claim in *mode*: one test each."""
+    return _joined((REGION_BASE[m], IMGLOCK_REGION_SIZE) for m in Mode if conflicts(mode, m))
+
+
+#: QEMU's (perms, unshared) for each mode: as a writer, a reader, a share-rw=on writer.
+QEMU_PERMISSIONS: Final = {
+    Mode.EXCLUSIVE: (QEMU_WRITER_PERMS, QEMU_WRITER_UNSHARED),
+    Mode.SHARED: (QEMU_READER_PERMS, QEMU_READER_UNSHARED),
+    Mode.SHARED_WRITE: (QEMU_SHARED_WRITER_PERMS, QEMU_SHARED_WRITER_UNSHARED),
+}
 
 
 def qemu_bytes(mode: Mode) -> tuple[list[int], list[int]]:
     """(bytes to take, bytes to test) for the QEMU layer of a claim in *mode*."""
-    perms, unshared = (
-        (QEMU_WRITER_PERMS, QEMU_WRITER_UNSHARED)
-        if mode is Mode.EXCLUSIVE
-        else (QEMU_READER_PERMS, QEMU_READER_UNSHARED)
-    )
+    perms, unshared = QEMU_PERMISSIONS[mode]
     take = [QEMU_PERM_BASE + p for p in perms] + [QEMU_SHARED_BASE + p for p in unshared]
     # A permission we use conflicts with anyone refusing to share it, and a
     # permission we refuse to share conflicts with anyone using it.
@@ -130,15 +169,24 @@ def qemu_bytes(mode: Mode) -> tuple[list[int], list[int]]:
     return take, test
 
 
-def _runs(offsets: Iterable[int]) -> list[tuple[int, int]]:
-    """Single bytes as (start, length) runs of adjacent ones: one fcntl call per run."""
+def _joined(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(start, length) ranges in order, adjacent ones joined: one fcntl call per run."""
     runs: list[tuple[int, int]] = []
-    for byte in sorted(offsets):
-        if runs and runs[-1][0] + runs[-1][1] == byte:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+    for start, length in sorted(ranges):
+        if runs and runs[-1][0] + runs[-1][1] == start:
+            runs[-1] = (runs[-1][0], runs[-1][1] + length)
         else:
-            runs.append((byte, 1))
+            runs.append((start, length))
     return runs
+
+
+def _runs(offsets: Iterable[int]) -> list[tuple[int, int]]:
+    """Single bytes as (start, length) runs of adjacent ones."""
+    return _joined((byte, 1) for byte in set(offsets))
+
+
+def _bytes(ranges: Iterable[tuple[int, int]]) -> set[int]:
+    return {b for start, length in ranges for b in range(start, start + length)}
 
 
 def _ranges_for(
@@ -149,7 +197,7 @@ def _ranges_for(
     test: list[tuple[int, int]] = []
     if Layer.IMGLOCK in layers:
         take.append((imglock_byte(mode, owner), 1))
-        test.append(_imglock_rivals(mode))
+        test += _imglock_rivals(mode)
     if layers & (Layer.QEMU | Layer.QEMU_TEST):
         qemu_take, qemu_test = qemu_bytes(mode)
         take += _runs(qemu_take) if Layer.QEMU in layers else []
@@ -245,3 +293,41 @@ def verify(fd: int, filename: str, held: Held) -> None:
         raise
     except LockError as exc:
         raise LockLost(filename, f"lock lost: {exc.message}", exc.errno) from None
+
+
+def change_mode(fd: int, filename: str, held: Held, new_mode: Mode) -> Held:
+    """Turn the claim *held* on *fd* into one in *new_mode*, on the same descriptor.
+
+    The image is never unclaimed in between: the new mode's bytes are taken
+    and tested first, and only then are the bytes the new mode does not use
+    dropped.  On a conflict the old claim stays exactly as it was and
+    :class:`ProtocolConflict` is raised.  (A second descriptor cannot do
+    this: two open file descriptions of one file conflict with each other.)
+    """
+    if new_mode is held.mode:
+        return held
+    take, tests = _ranges_for(new_mode, held.layers, held.owner)
+    old = _bytes(held.ranges)
+    wanted = _bytes(take)
+    added: list[tuple[int, int]] = []
+    try:
+        for start, length in _runs(wanted - old):
+            if not fcntl_locks.try_read_lock(fd, start, length, filename):
+                lock = fcntl_locks.conflicting(fd, start, length, filename)
+                raise ProtocolConflict(
+                    filename,
+                    new_mode,
+                    lock or fcntl_locks.RangeLock(fcntl_locks.F_WRLCK, start, length, -1),
+                )
+            added.append((start, length))
+        lock = _first_conflict(fd, filename, tests)
+        if lock is not None:
+            raise ProtocolConflict(filename, new_mode, lock)
+    except BaseException:
+        _unlock_quietly(fd, filename, added)
+        raise
+    for start, length in _runs(old - wanted):
+        fcntl_locks.unlock(fd, start, length, filename)
+    own = imglock_byte(new_mode, held.owner)
+    ranges = sorted(_runs(wanted), key=lambda r: r[0] != own)  # own imglock byte first
+    return Held(new_mode, held.layers, held.owner, tuple(ranges))
