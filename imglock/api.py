@@ -44,6 +44,30 @@ BACKOFF_FIRST: Final = 0.001
 BACKOFF_CAP: Final = 0.05
 
 
+def as_seconds(name: str, value: object) -> float:
+    """*value* as a number of seconds for argument *name* (``inf``: forever).
+
+    Raises UsageError (a ValueError) for anything else: a string, a bool,
+    NaN, a negative number.
+    """
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UsageError(None, f"{name} must be a number of seconds, not {value!r}")
+    number = float(value)
+    if math.isnan(number) or number < 0:
+        raise UsageError(None, f"{name} must be a number of seconds >= 0, not {value!r}")
+    return number
+
+
+def as_path(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> str:
+    """*path* as a str: str, bytes and path-like objects are all accepted."""
+    try:
+        return os.fsdecode(path)
+    except TypeError:
+        raise UsageError(None, f"not a path: {path!r}") from None
+
+
 def as_mode(mode: Mode | str) -> Mode:
     try:
         return Mode(mode)
@@ -93,6 +117,17 @@ class Claim:
     Created unclaimed; :meth:`acquire` takes it (all or nothing), and
     :meth:`release` gives it back and closes every descriptor.  As a context
     manager it acquires on entry if needed and releases on exit.
+
+    The locks belong to the open descriptors (OFD locks), not to this
+    object: a process forked while the claim is held shares them, and the
+    image stays claimed until the last process holding the descriptors
+    closes them or exits.  The claim is owned by the process that opened it
+    (:attr:`process`).  :meth:`release` (or leaving a ``with`` block) in any
+    other process, such as a forked child, only closes that process's own
+    copies of the descriptors: the owner's claim is untouched.  In the owner,
+    release closes the descriptors rather than unlocking them, so a child
+    that still holds them keeps the image claimed (``imglock status`` names
+    it) until it exits.
     """
 
     __slots__ = (
@@ -103,6 +138,7 @@ class Claim:
         "lockspace",
         "members",
         "owner_pid",
+        "process",
         "record",
         "specs",
         "wait",
@@ -120,7 +156,7 @@ class Claim:
         backoff_cap: float = BACKOFF_CAP,
     ) -> None:
         self.specs = specs
-        self.wait = wait
+        self.wait = as_seconds("wait", wait)
         self.layers = layers
         self.lockspace = lockspace
         self.record = record
@@ -132,6 +168,9 @@ class Claim:
         #: polls faster: every millisecond of it is guest downtime).
         self.backoff_cap = backoff_cap
         self.members: list[_Member] = []
+        #: The process that opened the descriptors: the only one whose
+        #: release may end the claim (see the class docstring).
+        self.process = os.getpid()
         #: True while the locks are held.
         self.held = False
 
@@ -159,7 +198,13 @@ class Claim:
         """
         if not self.members:
             self.members = self._open_members()
+            self.process = os.getpid()
         return self
+
+    @property
+    def owned_here(self) -> bool:
+        """Whether this process is the one that opened the claim (not a forked copy)."""
+        return self.process == os.getpid()
 
     def acquire(self) -> Self:
         """Claim every image, waiting up to :attr:`wait` seconds; raise LockConflict if not."""
@@ -259,25 +304,86 @@ class Claim:
                 protocol.verify(fd, filename, held)
 
     def release(self, *, close: bool = True) -> None:
-        """Release every lock, and (unless *close* is false) close every descriptor.
+        """End the claim: close every descriptor, and remove the holder records.
 
-        Idempotent.  ``close=False`` keeps the descriptors for a later
-        :meth:`acquire` (a migration source that may have to take its image back).
+        Idempotent.  The locks go with the descriptors; a process that
+        inherited them (a forked child, a command's background child) keeps
+        the image claimed until it closes them too.  In a process other than
+        the owner (:attr:`process`) only that process's descriptors are closed.
+
+        ``close=False`` is the explicit unlock of a migration source whose
+        QEMU has inactivated its images: the locks are dropped for every
+        process sharing the descriptors, which are kept for a later
+        :meth:`acquire` (the guest may be resumed here).  Outside the owner
+        process it does nothing.
         """
-        held, self.held = self.held, False
-        try:
-            for member in self.members if held else ():
-                owner = member.image.held.owner if member.image.held else None
-                try:
-                    member.image.driver.release(member.image)
-                    faults.point("release:unlocked")
-                finally:
-                    if member.recorded and owner is not None:
-                        records.remove(member.record_dir, member.record_name, owner)
-                        member.recorded = False
-        finally:
+        if not self.owned_here:
+            self.held = False
             if close:
                 self.close()
+            return
+        if not close:
+            self._unlock()
+            return
+        held, self.held = self.held, False
+        members, self.members = self.members, []
+        try:
+            for member in members:
+                owner = member.image.held.owner if held and member.image.held else None
+                member.image.close()
+                faults.point("release:unlocked")
+                if member.recorded and owner is not None:
+                    member.recorded = False
+                    records.remove(member.record_dir, member.record_name, owner)
+        finally:
+            for member in members:
+                member.image.close()
+
+    def _unlock(self) -> None:
+        """Drop every lock but keep the descriptors (case 3 of the lifetime rule)."""
+        held, self.held = self.held, False
+        for member in self.members if held else ():
+            owner = member.image.held.owner if member.image.held else None
+            try:
+                member.image.driver.release(member.image)
+                faults.point("release:unlocked")
+            finally:
+                if member.recorded and owner is not None:
+                    records.remove(member.record_dir, member.record_name, owner)
+                    member.recorded = False
+
+    def relabel(self, pid: int, command: list[str] | None = None) -> None:
+        """Name process *pid* as the holder (case 2 of the lifetime rule).
+
+        For a command that handed the image to another process (a daemon it
+        forked, a background child) before exiting: the lock offset and the
+        holder records then name the process that actually uses the image,
+        on every host.  The claim stays held throughout.
+        """
+        if not self.held or not self.owned_here:
+            return
+        new = Owner.current(pid)
+        for member in self.members:
+            held = member.image.held
+            if held is None or held.owner == new:
+                continue
+            fd, filename = member.image.lock_target
+            old = held.owner
+            from imglock.lock import protocol
+
+            member.image.held = protocol.relabel(fd, filename, held, new)
+            if self.record:
+                record = records.make_record(
+                    member.image.filename, new, member.mode.value, command or self.command
+                )
+                problem = records.write(member.record_dir, member.record_name, record, create=False)
+                if member.recorded:
+                    records.remove(member.record_dir, member.record_name, old)
+                member.recorded = problem is None
+                member.record_problem = problem
+        self.owner_pid = pid
+        if command is not None:
+            self.command = command
 
     def close(self) -> None:
         """Close every descriptor (which drops any lock still on them)."""
@@ -299,7 +405,7 @@ class Claim:
 
     def __del__(self) -> None:
         # A claim dropped without release must not leak descriptors (and so locks).
-        for member in self.members:
+        for member in getattr(self, "members", ()):
             member.image.close()
 
 
@@ -373,7 +479,7 @@ def _blocking_holder(found: list[Holder], lock: RangeLock) -> Holder:
 
 
 def claim(
-    path: str | os.PathLike[str],
+    path: str | bytes | os.PathLike[str] | os.PathLike[bytes],
     mode: Mode | str = Mode.EXCLUSIVE,
     *,
     wait: float = 0.0,
@@ -386,14 +492,21 @@ def claim(
 
     *mode* is "exclusive" (one writer), "shared" (readers) or "shared-write"
     (writers that share the disk on purpose, like QEMU's ``share-rw=on``);
-    backing files are always claimed shared.  *wait* is how long to keep trying while
-    someone else holds it.  With *qemu_locks*, QEMU's own lock bytes are held
-    too, so that qemu-img and qemu-system refuse the image meanwhile.
+    backing files are always claimed shared.  *wait* is how long to keep
+    trying while someone else holds it, in seconds (``math.inf``: until it
+    is free).  With *qemu_locks*, QEMU's own lock bytes are held too, so
+    that qemu-img and qemu-system refuse the image meanwhile.
+    *path* may be a str, bytes or a path-like object.
     Raises LockConflict (with ``.holders``) if the image stays held,
-    FormatError/ImageError/ChainError if it cannot be read.
+    FormatError/ImageError/ChainError if it cannot be read, and UsageError
+    (also a ValueError) for a bad argument (a *wait* that is not a number of
+    seconds >= 0, an unknown *mode*).
+
+    The claim is owned by the calling process; see :class:`Claim` for what
+    a forked child may do with it.
     """
     layers = Layer.IMGLOCK | (Layer.QEMU if qemu_locks else Layer(0))
-    spec = ClaimSpec(os.fspath(path), as_mode(mode), format)
+    spec = ClaimSpec(as_path(path), as_mode(mode), format)
     return Claim([spec], wait=wait, layers=layers, lockspace=lockspace, record=record).acquire()
 
 
@@ -429,7 +542,7 @@ class ImageReport(NamedTuple):
 
 
 def inspect(
-    path: str | os.PathLike[str],
+    path: str | bytes | os.PathLike[str] | os.PathLike[bytes],
     *,
     lockspace: str | None = None,
     local: LocalLocks | None = None,
@@ -437,7 +550,7 @@ def inspect(
     """Who holds *path*, and the header facts that matter for it; takes no lock."""
     from imglock.formats import open_image
 
-    image = open_image(os.fspath(path))
+    image = open_image(as_path(path))
     try:
         return inspect_image(image, lockspace=lockspace, local=local)
     finally:

@@ -201,14 +201,15 @@ def test_when_every_lock_call_fails_even_the_rollback_leaves_nothing_held(
 
 
 @pytest.mark.parametrize("code", HARD_ERRNOS)
-def test_a_release_whose_unlock_fails_still_lets_go_of_the_image(
+def test_a_release_closes_rather_than_unlocks_so_a_failing_lock_manager_cannot_stop_it(
     raw_image: Path, rival: SpawnRival, code: str
 ) -> None:
+    # imglock(7), LIFETIME: a claim ends by closing its descriptors, which
+    # drops the locks without a single lock call that could fail.
     with no_descriptor_leaked():
         claim = imglock.claim(raw_image)
-        with injected(f"fcntl={code}"), pytest.raises(LockError) as info:
+        with injected(f"fcntl={code}"):
             claim.release()
-    assert_lock_error(info.value, raw_image, code)
     assert not claim.held and claim.members == []
     assert_free_for_others(raw_image, rival)
     assert_no_record_left(raw_image)
@@ -235,19 +236,19 @@ def test_run_says_which_file_failed_to_lock_exits_74_and_runs_nothing(
     assert_no_record_left(raw_image)
 
 
-#: The first unlock of a release in a fresh ``imglock run``: after the probe and the claim.
+#: The first lock call after the claim in a fresh ``imglock run``: after the probe and the claim.
 RUN_RELEASE_CALL = 1 + CLAIM_CALLS + 1
 
 
-def test_run_keeps_the_commands_status_when_its_release_fails(
+def test_run_ends_its_claim_without_a_lock_call_so_the_commands_status_stands(
     raw_image: Path, rival: SpawnRival
 ) -> None:
+    # Every lock call after the claim fails; ending the claim closes the
+    # descriptors, which needs none, so nothing fails and nothing is said.
     spec = f"fcntl=EIO,first={RUN_RELEASE_CALL}"
     proc = cli("run", "--image", raw_image, "--", "sh", "-c", "exit 3", spec=spec)
     assert proc.returncode == 3
-    line = one_line(proc)
-    assert line.startswith(f"imglock: {raw_image}: cannot lock: {os.strerror(errno.EIO)}")
-    assert "while releasing" in line
+    assert proc.stderr == ""
     assert_free_for_others(raw_image, rival)
     assert_no_record_left(raw_image)
 

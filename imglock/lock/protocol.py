@@ -17,6 +17,22 @@ conflict with F_WRLCK, and rolls back if any other open file description
 holds one.  Two racing claimers may therefore both fail; callers that wait
 retry with jittered backoff (:mod:`imglock.api`).  Bytes 0 (libvirt's
 virtlockd), 100-163 and 200-263 (QEMU) are never locked by the imglock layer.
+
+The lifetime rule (imglock(7), LIFETIME).  An OFD lock belongs to the open
+file description, and so to every process that inherited a descriptor of
+it; an F_UNLCK by any one of them drops the lock for all.  A claim
+therefore ends by *closing* its descriptors (always safe: the lock lives on
+in whoever else still has the description, and vanishes with the last of
+them).  :func:`release`, the explicit unlock, is used in three cases only,
+each where no other live process relies on the bytes it drops:
+
+1. rolling back the bytes a claim attempt has just taken, before the claim
+   is held (:func:`acquire`, and a claim of several files);
+2. moving a holder's own byte to a new owner on the same description
+   (:func:`relabel`): the new byte is taken before the old one is dropped,
+   so the image is never unclaimed in between;
+3. the source of a live migration, once its QEMU has reported that it
+   inactivated its images (``postmigrate``): that QEMU no longer writes.
 """
 
 from __future__ import annotations
@@ -269,9 +285,35 @@ def _unlock_quietly(fd: int, filename: str, ranges: Iterable[tuple[int, int]]) -
 
 
 def release(fd: int, filename: str, held: Held) -> None:
-    """Drop every range of *held*.  Unlocking what is not held is harmless."""
+    """Drop every range of *held* (for every process sharing *fd*'s description).
+
+    Only for the cases of the lifetime rule above; ending a claim closes the
+    descriptor instead.  Unlocking what is not held is harmless.
+    """
     for start, length in held.ranges:
         fcntl_locks.unlock(fd, start, length, filename)
+
+
+def relabel(fd: int, filename: str, held: Held, owner: Owner) -> Held:
+    """Move *held*'s imglock byte to *owner* (the process now using the image).
+
+    The new byte is taken first and the old one dropped after, on the same
+    open file description, so the claim is held throughout; a crash in
+    between leaves both bytes, which name the same claim.  Raises LockError
+    if the new byte cannot be taken (then nothing changed).
+    """
+    if Layer.IMGLOCK not in held.layers or owner == held.owner:
+        return held
+    old = imglock_byte(held.mode, held.owner)
+    new = imglock_byte(held.mode, owner)
+    if not fcntl_locks.try_read_lock(fd, new, 1, filename):
+        raise LockError(filename, "cannot take the new owner's byte: a conflicting lock covers it")
+    fcntl_locks.unlock(fd, old, 1, filename)
+    ranges = tuple(
+        (new, 1) if (start, length) == (old, 1) else (start, length)
+        for start, length in held.ranges
+    )
+    return Held(held.mode, held.layers, owner, ranges)
 
 
 def verify(fd: int, filename: str, held: Held) -> None:
