@@ -50,8 +50,12 @@ class ImglockError(Exception):
         return line.translate(_VISIBLE)
 
 
-class UsageError(ImglockError):
-    """A request that makes no sense (bad mode, no image to claim...)."""
+class UsageError(ImglockError, ValueError):
+    """A request that makes no sense (bad mode, no image to claim, a wait of NaN...).
+
+    Also a ValueError, so that library callers may catch it as the bad
+    argument it is.
+    """
 
     exit_status = EX_USAGE
 

@@ -40,6 +40,16 @@ class LazyGroup(click.Group):
         command: click.Command = getattr(module, entry[1])
         return command
 
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            # One line naming the command and what is wrong, exit 2, as for
+            # any other bad input (click's default adds the usage and a hint).
+            where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+            click.echo(f"{where}: {exc.format_message()}", err=True)
+            ctx.exit(exc.exit_code)
+
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # Help lists one line per command without importing every module.
         rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]

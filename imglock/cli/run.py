@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import signal
 import sys
 
 import click
 
-from imglock.cli.common import verbosity_options
+from imglock.cli.common import Seconds, SignalNumber, verbosity_options
 from imglock.errors import EX_TEMPFAIL
-
-
-def _signal_number(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
-    name = value.upper()
-    name = name if name.startswith("SIG") else "SIG" + name
-    try:
-        return int(signal.Signals[name])
-    except KeyError:
-        raise click.BadParameter(f"unknown signal {value!r}") from None
 
 
 @click.command(
@@ -42,10 +32,10 @@ def _signal_number(_ctx: click.Context, _param: click.Parameter, value: str) -> 
     "--wait",
     "--timeout",
     "wait",
-    type=click.FloatRange(min=0),
+    type=Seconds(),
     default=0.0,
     show_default=True,
-    help="Seconds to keep trying while another holder has an image.",
+    help="Seconds to keep trying while another holder has an image (inf: until free).",
 )
 @click.option(
     "-E",
@@ -64,10 +54,10 @@ def _signal_number(_ctx: click.Context, _param: click.Parameter, value: str) -> 
 )
 @click.option(
     "--handoff-timeout",
-    type=click.FloatRange(min=0),
+    type=Seconds(),
     default=30.0,
     show_default=True,
-    help="On a migration destination, seconds to wait for the source to release.",
+    help="On a migration destination, seconds to wait for the source to release (inf: no limit).",
 )
 @click.option(
     "--lockspace",
@@ -76,17 +66,17 @@ def _signal_number(_ctx: click.Context, _param: click.Parameter, value: str) -> 
 )
 @click.option(
     "--check-interval",
-    type=click.FloatRange(min=0),
+    type=Seconds(),
     default=5.0,
     show_default=True,
-    help="Seconds between re-checks of the locks while COMMAND runs (0: never).",
+    help="Seconds between re-checks of the locks while COMMAND runs (0 or inf: never).",
 )
 @click.option(
     "--lock-lost-signal",
+    type=SignalNumber(),
     default="STOP",
     show_default=True,
-    callback=_signal_number,
-    help="Signal sent to a non-QEMU COMMAND when its lock is lost.",
+    help="Signal (name or number) sent to a non-QEMU COMMAND when its lock is lost.",
 )
 @verbosity_options
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)

@@ -41,7 +41,7 @@ from imglock.errors import (
 )
 from imglock.lock.protocol import Layer
 
-#: Signals the wrapper passes on to COMMAND.
+#: Signals the wrapper passes on to COMMAND (imglock(1), SIGNALS).
 FORWARDED: Final = (
     signal.SIGINT,
     signal.SIGTERM,
@@ -50,8 +50,12 @@ FORWARDED: Final = (
     signal.SIGUSR1,
     signal.SIGUSR2,
 )
-#: si_code of a signal the kernel sent to a whole process group (a terminal's
-#: ^C): COMMAND, in the same group, got it already and must not get it twice.
+#: si_code of a signal the kernel sent.  A terminal's ^C (SIGINT, SIGQUIT)
+#: goes to the whole foreground process group: COMMAND, in the same group,
+#: got it already and must not get it twice.  A terminal hangup, though,
+#: sends SIGHUP to the session leader alone (drivers/tty/tty_jobctrl.c,
+#: tty_signal_session_leader): when the wrapper leads its session, COMMAND
+#: hears of the hangup only through it.
 SI_KERNEL: Final = 0x80
 _GATE_GO: Final = b"g"
 
@@ -208,8 +212,9 @@ class Runner:
         return self._wait()
 
     def _wait(self) -> int:
-        interval = self.config.check_interval or None
+        interval = _check_interval(self.config.check_interval)
         watched = {signal.SIGCHLD, *FORWARDED}
+        session_leader = os.getsid(0) == os.getpid()
         while True:
             info = (
                 signal.sigtimedwait(watched, interval) if interval else signal.sigwaitinfo(watched)
@@ -223,7 +228,7 @@ class Runner:
                     code = os.waitstatus_to_exitcode(status)
                     return code if code >= 0 else 128 - code  # 128+N for signal N
                 continue
-            if info.si_code != SI_KERNEL:
+            if forwarded(info, session_leader):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(self.child, info.si_signo)
 
@@ -239,6 +244,25 @@ class Runner:
                 assert self.guest is not None
                 how = self.guest.pause(str(exc))
                 self.config.say(f"{exc}; guest paused ({how}); it will not be resumed by imglock")
+
+
+def forwarded(info: signal.struct_siginfo, session_leader: bool) -> bool:
+    """Whether a signal the wrapper received must be passed on to COMMAND.
+
+    Everything sent by a process (kill(1), systemd, a supervisor) is; of what
+    the kernel sent, only a hangup that reached the wrapper as the leader of
+    its session, which COMMAND did not get.
+    """
+    if info.si_code != SI_KERNEL:
+        return True
+    return info.si_signo == signal.SIGHUP and session_leader
+
+
+def _check_interval(seconds: float) -> float | None:
+    """The timeout between lock checks: None (never) for 0 and for infinity."""
+    import math
+
+    return None if seconds <= 0 or math.isinf(seconds) else seconds
 
 
 def _child(
