@@ -28,9 +28,10 @@ each where no other live process relies on the bytes it drops:
 
 1. rolling back the bytes a claim attempt has just taken, before the claim
    is held (:func:`acquire`, and a claim of several files);
-2. moving a holder's own byte to a new owner on the same description
-   (:func:`relabel`): the new byte is taken before the old one is dropped,
-   so the image is never unclaimed in between;
+2. changing a holder's own bytes on the same description, to a new owner
+   (:func:`relabel`) or a new mode (:func:`change_mode`): the new bytes are
+   taken before the old ones are dropped, so the image is never unclaimed
+   in between;
 3. the source of a live migration, once its QEMU has reported that it
    inactivated its images (``postmigrate``): that QEMU no longer writes.
 """
