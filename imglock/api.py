@@ -34,6 +34,7 @@ from imglock.lock.protocol import (
 if TYPE_CHECKING:
     # Discovery (who holds an image) is imported when a claim meets a
     # holder, or by `status`: a claim that succeeds never needs it.
+    from imglock.chain import ChainLink
     from imglock.formats.base import OpenImage
     from imglock.lock.discovery import Holder, LocalLocks, Survey
     from imglock.lock.fcntl_locks import RangeLock
@@ -69,6 +70,7 @@ def as_path(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> str:
 
 
 def as_mode(mode: Mode | str) -> Mode:
+    """*mode* as a :class:`Mode`, from its name (``"exclusive"``...) or itself."""
     try:
         return Mode(mode)
     except ValueError:
@@ -84,12 +86,21 @@ class ClaimSpec(NamedTuple):
     mode: Mode = Mode.EXCLUSIVE
     #: None probes the format; a name turns probing off.
     format: str | None = None
+    #: Follow the backing file the image's header names (False when a QEMU
+    #: command line names the backing node itself, or none).
+    backing: bool = True
+    #: Likewise for a qcow2 external data file.
+    data_file: bool = True
+    #: What the file is to the VM: "top", or "backing"/"data-file" for a node
+    #: a QEMU command line names itself (see chain.ChainLink.role).
+    role: str = "top"
 
 
 class _Member:
     """One file of a claim: an open image and the mode it is claimed in."""
 
     __slots__ = (
+        "depth",
         "image",
         "mode",
         "named",
@@ -97,13 +108,20 @@ class _Member:
         "record_name",
         "record_problem",
         "recorded",
+        "role",
     )
 
-    def __init__(self, image: OpenImage, mode: Mode, named: bool = False) -> None:
+    def __init__(
+        self, image: OpenImage, mode: Mode, named: bool = False, role: str = "top", depth: int = 0
+    ) -> None:
         self.image = image
         self.mode = mode
         #: Named by the caller, not only by an image header (see _write_records).
         self.named = named
+        #: What the file is to the image the caller named: "top", "backing"
+        #: or "data-file", and how many backing steps below it (chain.ChainLink).
+        self.role = role
+        self.depth = depth
         self.record_dir = ""
         self.record_name = ""
         self.recorded = False
@@ -260,11 +278,13 @@ class Claim:
         by_file: dict[tuple[int, int], _Member] = {}
         try:
             for spec in self.specs:
-                for image, mode, named in _chain_modes(spec):
+                for image, mode, link in _chain_modes(spec):
+                    named = link.role == "top"
+                    role = spec.role if named else link.role
                     key = (image.st.st_dev, image.st.st_ino)
                     known = by_file.get(key)
                     if known is None:
-                        by_file[key] = _Member(image, mode, named=named)
+                        by_file[key] = _Member(image, mode, named, role, link.depth)
                         self._attach_lockspace(by_file[key])
                         continue
                     image.close()  # a second open would conflict with the first
@@ -409,8 +429,8 @@ class Claim:
             member.image.close()
 
 
-def _chain_modes(spec: ClaimSpec) -> Iterable[tuple[OpenImage, Mode, bool]]:
-    """The images of *spec*'s chain: (image, mode, named by the caller).
+def _chain_modes(spec: ClaimSpec) -> Iterable[tuple[OpenImage, Mode, ChainLink]]:
+    """The images of *spec*'s chain: (image, mode, its link in the chain).
 
     The top image is claimed as asked, backing files shared, and an external
     data file like the image it belongs to.  Only the top image is named by
@@ -418,12 +438,12 @@ def _chain_modes(spec: ClaimSpec) -> Iterable[tuple[OpenImage, Mode, bool]]:
     """
     from imglock.chain import open_chain  # only claims follow chains; `status` never does
 
-    chain = open_chain(spec.path, spec.format)
+    chain = open_chain(spec.path, spec.format, backing=spec.backing, data_file=spec.data_file)
     for link in chain.links:
         if link.role == "backing":
-            yield link.image, Mode.SHARED, False
+            yield link.image, Mode.SHARED, link
         else:
-            yield link.image, spec.mode if link.depth == 0 else Mode.SHARED, link.role == "top"
+            yield link.image, spec.mode if link.depth == 0 else Mode.SHARED, link
 
 
 class _Contended(Exception):

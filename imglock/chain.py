@@ -163,6 +163,9 @@ def open_chain(
     path: str | os.PathLike[str],
     format: str | None = None,
     max_depth: int = MAX_CHAIN_DEPTH,
+    *,
+    backing: bool = True,
+    data_file: bool = True,
 ) -> Chain:
     """Open the image at *path* and everything it depends on, read-only.
 
@@ -171,6 +174,11 @@ def open_chain(
     probed when none is recorded, as QEMU does.  At most *max_depth* images
     (the top included) are followed.  Raises ImageError, FormatError or
     ChainError with every file it opened closed again.
+
+    *backing* and *data_file* false leave out the top image's backing file
+    or data file as its header names them: QEMU does so when its command
+    line names that node itself (``"backing": "node"``) or none
+    (``"backing": null``).
     """
     if max_depth < 1:
         raise UsageError(None, f"max_depth must be at least 1, not {max_depth}")
@@ -180,24 +188,27 @@ def open_chain(
         opener.add(ChainLink("top", current))
         depth = 1
         while True:
-            backing: Child | None = None
+            found: Child | None = None
+            top = depth == 1
             for child in current.children():
+                if top and not (backing if child.role == "backing" else data_file):
+                    continue  # the command line said otherwise
                 if child.role == "data-file":
                     # A data file holds raw guest data whatever its contents look like.
                     data = opener.open_child(current, child, "raw")
                     opener.add(ChainLink("data-file", data, current, child.name, depth - 1))
                 else:
-                    backing = child
-            if backing is None:
+                    found = child
+            if found is None:
                 break
             if depth >= max_depth:
                 raise ChainError(
                     opener.links[0].image.filename,
                     f"backing chain is deeper than {max_depth} images "
-                    f"(at backing file '{backing.name}' of '{current.filename}')",
+                    f"(at backing file '{found.name}' of '{current.filename}')",
                 )
-            image = opener.open_child(current, backing, backing.format)
-            opener.add(ChainLink("backing", image, current, backing.name, depth))
+            image = opener.open_child(current, found, found.format)
+            opener.add(ChainLink("backing", image, current, found.name, depth))
             current = image
             depth += 1
     except BaseException:

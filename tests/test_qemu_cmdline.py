@@ -355,7 +355,8 @@ def test_set_changes_an_earlier_drive() -> None:
     assert image.read_only
     image = one("-drive", "id=d0,file=/vm/a.raw", "-set", "drive.d0.file=/vm/b,c.raw")
     assert image.filename == "/vm/b,c.raw"  # -set takes the rest verbatim
-    assert one("-drive", "file=/a", "-set", "device.x.drive=d0").filename == "/a"
+    set_device = ("-device", "virtio-blk,id=x", "-set", "device.x.serial=abc")
+    assert one("-drive", "file=/a", *set_device).filename == "/a"
 
 
 @pytest.mark.parametrize(
@@ -363,6 +364,7 @@ def test_set_changes_an_earlier_drive() -> None:
     [
         (["-set", "drive.d0.readonly=on", "-drive", "id=d0,file=/a"], 'no drive "d0"'),
         (["-set", "nonsense"], "can't parse"),
+        (["-drive", "file=/a", "-set", "device.x.drive=d0"], 'no device "x"'),
         (["-readconfig", "/etc/vm.cfg"], "configuration file"),
         (["-drive"], "requires an argument"),
         (["-", "x"], "invalid option"),
@@ -682,3 +684,70 @@ def test_qemu_rejects_what_find_images_rejects(
     vm = qemu_vms.start(args)
     assert vm.wait(10) == 1
     assert "-drive" in vm.log()
+
+
+def test_network_driver_members_are_data_not_node_references() -> None:
+    rbd = '{"driver":"rbd","pool":"vms","image":"vm1","server":[{"host":"mon1","port":"6789"}]}'
+    iscsi = '{"driver":"iscsi","portal":"h:3260","target":"iqn.2016-09.org.example:t","lun":1}'
+    found = images("-blockdev", rbd, "-blockdev", iscsi, "-hda", "/vm/a.raw")
+    expected = [(False, "rbd"), (False, "iscsi"), (True, None)]
+    assert [(i.local, i.protocol) for i in found] == expected
+
+
+def test_blkdebug_image_is_a_node_reference() -> None:
+    image = one("-blockdev", '{"driver":"blkdebug","image":{"driver":"file","filename":"/a"}}')
+    assert image.filename == "/a" and image.local
+
+
+def test_explicit_backing_and_data_file_replace_the_header() -> None:
+    storage = '{"driver":"file","filename":"/vm/top.qcow2","node-name":"s"}'
+    null = one("-blockdev", storage, "-blockdev", '{"driver":"qcow2","file":"s","backing":null}')
+    assert not null.implicit_backing and null.implicit_data_file
+    base = '{"driver":"file","filename":"/vm/base.qcow2","node-name":"b"}'
+    top, backing = images(
+        "-blockdev", base, "-blockdev", storage,
+        "-blockdev", '{"driver":"qcow2","file":"s","backing":{"driver":"raw","file":"b"}}',
+    )  # fmt: skip
+    assert (top.filename, top.implicit_backing, top.mode) == ("/vm/top.qcow2", False, "exclusive")
+    assert (backing.filename, backing.role, backing.mode) == ("/vm/base.qcow2", "backing", "shared")
+    data = '{"driver":"qcow2","file":"s","data-file":{"driver":"file","filename":"/vm/d.raw"}}'
+    top, data_file = images("-blockdev", storage, "-blockdev", data)
+    assert top.implicit_backing and not top.implicit_data_file
+    assert (data_file.role, data_file.mode) == ("data-file", "exclusive")
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "virtio-blk-pci,drive=d0,share-rw=on",
+        "scsi-hd,drive=d0,share-rw",
+        '{"driver":"virtio-blk-pci","drive":"d0","share-rw":true}',
+    ],
+)
+def test_a_device_with_share_rw_makes_its_image_shared_write(device: str) -> None:
+    image = one("-drive", "file=/vm/cluster.raw,format=raw,if=none,id=d0", "-device", device)
+    assert image.share_rw and image.mode == "shared-write"
+
+
+def test_share_rw_reaches_the_file_and_data_file_of_a_node_but_not_its_backing() -> None:
+    found = images(
+        "-blockdev", '{"driver":"file","filename":"/vm/base.raw","node-name":"b"}',
+        "-blockdev", '{"driver":"qcow2","node-name":"q","file":{"driver":"file",'
+        '"filename":"/vm/q.qcow2"},"backing":"b"}',
+        "-device", "virtio-blk-pci,drive=q,id=disk0",
+        "-set", "device.disk0.share-rw=on",
+    )  # fmt: skip
+    assert [(i.filename, i.mode) for i in found] == [
+        ("/vm/q.qcow2", "shared-write"),
+        ("/vm/base.raw", "shared"),
+    ]
+
+
+def test_a_file_used_exclusive_and_shared_write_is_exclusive() -> None:
+    (image,) = images(
+        "-drive", "file=/vm/a.raw,format=raw,if=none,id=d0",
+        "-device", "virtio-blk-pci,drive=d0,share-rw=on",
+        "-drive", "file=/vm/a.raw,format=raw,if=none,id=d1",
+        "-device", "virtio-blk-pci,drive=d1",
+    )  # fmt: skip
+    assert image.mode == "exclusive"

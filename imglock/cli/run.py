@@ -78,6 +78,12 @@ from imglock.errors import EX_TEMPFAIL
     show_default=True,
     help="Signal (name or number) sent to a non-QEMU COMMAND when its lock is lost.",
 )
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print what would be claimed (every file, role, mode) and exit; take no lock.",
+)
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: print JSON.")
 @verbosity_options
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(
@@ -90,6 +96,8 @@ def run(
     lockspace: str | None,
     check_interval: float,
     lock_lost_signal: int,
+    dry_run: bool,
+    as_json: bool,
     command: tuple[str, ...],
 ) -> None:
     """Claim the images, run COMMAND while holding them, release when it exits.
@@ -101,6 +109,8 @@ def run(
     from imglock.cli.common import Voice, reported_errors
     from imglock.run.launch import Launch, launch
 
+    if as_json and not dry_run:
+        raise click.UsageError("--json needs --dry-run (a run's output is its command's)")
     voice = Voice.current()
     with reported_errors():
         plan = Launch(
@@ -116,5 +126,39 @@ def run(
             lock_lost_signal=lock_lost_signal,
             say=voice.error,
             note=voice.note,
+            warn=voice.warn,
         )
+        if dry_run:
+            _print_dry_run(plan, as_json)
+            sys.exit(0)
         sys.exit(launch(plan))
+
+
+def _print_dry_run(plan: object, as_json: bool) -> None:
+    from imglock.cli.table import cell, render
+    from imglock.run.launch import Launch, dry_run
+
+    assert isinstance(plan, Launch)
+    report = dry_run(plan)
+    if as_json:
+        import json
+
+        click.echo(json.dumps(report, indent=2))
+        return
+    rows = []
+    for entry in report["images"]:
+        mode = entry["mode"] if entry["claimed"] else "not claimed"
+        kind = entry["format"] if entry["claimed"] else entry["protocol"]
+        row = [cell(entry["filename"]), entry["role"], mode, cell(kind), cell(entry["source"])]
+        if plan.lockspace is not None:
+            row.append(cell(entry["lock-file"]))
+        rows.append(row)
+    header = ["FILE", "ROLE", "MODE", "FORMAT", "FROM"]
+    if plan.lockspace is not None:
+        header.append("LOCK FILE")
+    if rows:
+        click.echo(render(header, rows))
+    layers = ", ".join(report["layers"])
+    if not any(entry["claimed"] for entry in report["images"]):
+        click.echo("nothing local to claim")
+    click.echo(f"lock layers: {layers}")

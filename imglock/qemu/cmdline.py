@@ -442,9 +442,21 @@ NONLOCAL_DRIVERS: Final = frozenset(
      "virtio-blk-vhost-user", "virtio-blk-vhost-vdpa", "io_uring", "sheepdog", "vxhs"}
 )  # fmt: skip
 
-#: BlockdevOptions members that hold child nodes (inline or by node-name).
-CHILD_KEYS: Final = ("file", "backing", "data-file", "image", "test", "raw", "log", "children",
-                     "extents", "target")  # fmt: skip
+#: BlockdevOptions members that hold child nodes (inline or by node-name):
+#: the child members of the drivers whose children are not the usual
+#: ``file``/``backing``/``data-file`` (qapi/block-core.json, QEMU 7.2).
+#: Every other member of a driver is data: rbd's ``image`` and iscsi's
+#: ``target`` are names on a server, not node references.
+DRIVER_CHILD_KEYS: Final[Mapping[str, tuple[str, ...]]] = {
+    "blkdebug": ("image",),
+    "blkverify": ("test", "raw"),
+    "blklogwrites": ("file", "log"),
+    "quorum": ("children",),
+    "vmdk": ("file", "backing", "extents"),
+    "copy-before-write": ("file", "target"),
+}
+#: What a format or filter driver not listed above may have as children.
+GENERIC_CHILD_KEYS: Final = ("file", "backing", "data-file")
 
 #: How a file name prefix ``proto:`` maps to a local driver (the file
 #: drivers strip their own prefix).
@@ -459,12 +471,27 @@ ROLE_TOP: Final = "top"
 ROLE_BACKING: Final = "backing"
 ROLE_DATA_FILE: Final = "data-file"
 
+#: How a VM uses an image (:attr:`DriveImage.mode`): the claim modes of
+#: imglock, named as :class:`imglock.lock.protocol.Mode` names them.
+MODE_EXCLUSIVE: Final = "exclusive"
+MODE_SHARED: Final = "shared"
+MODE_SHARED_WRITE: Final = "shared-write"
+
 _BOOL_TRUE: Final = frozenset({"on", "yes", "true", "y"})
 _BOOL_FALSE: Final = frozenset({"off", "no", "false", "n"})
 
 
 #: What a block driver name (a QAPI enum value) can look like.
 _DRIVER_NAME: Final = r"[A-Za-z0-9][A-Za-z0-9_+-]*"
+
+
+def child_keys(driver: object) -> tuple[str, ...]:
+    """The members of a node of *driver* that hold child nodes (none for a protocol)."""
+    if driver in NONLOCAL_DRIVERS or driver in LOCAL_PROTOCOL_DRIVERS:
+        return ()
+    if isinstance(driver, str) and driver in DRIVER_CHILD_KEYS:
+        return DRIVER_CHILD_KEYS[driver]
+    return GENERIC_CHILD_KEYS
 
 
 def path_has_protocol(filename: str) -> bool:
@@ -492,7 +519,12 @@ class DriveImage:
     :attr:`implicit_backing` is true when QEMU opens the backing chain
     recorded in the image header; it is false when the command line sets
     ``backing`` itself (the nodes it names are listed as their own
-    entries).
+    entries).  :attr:`implicit_data_file` likewise: false when the command
+    line sets the format node's ``data-file`` itself.
+
+    :attr:`share_rw` is true when a guest device using it says
+    ``share-rw=on`` (libvirt's ``<shareable/>``): QEMU then lets other
+    writers in, and the image is claimed shared-write (see :attr:`mode`).
 
     :attr:`source` is the option it came from (``"-drive"``,
     ``"-blockdev"``, ``"-hda"``, ``"image argument"``...) and
@@ -510,6 +542,23 @@ class DriveImage:
     cdrom: bool = False
     role: str = ROLE_TOP
     implicit_backing: bool = True
+    implicit_data_file: bool = True
+    share_rw: bool = False
+
+    @property
+    def mode(self) -> str:
+        """How the VM uses the file: :data:`MODE_EXCLUSIVE`, :data:`MODE_SHARED`
+        or :data:`MODE_SHARED_WRITE`.
+
+        A backing node named on the command line is only read.  A device
+        with ``share-rw=on`` shares writes with other VMs (even when it
+        only reads, it must let them write).
+        """
+        if self.role == ROLE_BACKING:
+            return MODE_SHARED
+        if self.share_rw:
+            return MODE_SHARED_WRITE
+        return MODE_SHARED if self.shared else MODE_EXCLUSIVE
 
     @property
     def shared(self) -> bool:
@@ -535,6 +584,8 @@ class _Root:
     node: dict[str, Any]
     snapshot: bool = False
     cdrom: bool = False
+    #: The ``id`` of a -drive: what a ``-device ...,drive=ID`` names.
+    drive_id: str | None = None
     #: JSON -blockdev: QEMU checks member types strictly (a boolean must be
     #: a JSON boolean); keyval and -drive values are strings.
     strict_types: bool = False
@@ -560,6 +611,8 @@ class _Context:
     read_only: bool = False
     role: str = ROLE_TOP
     implicit_backing: bool = True
+    implicit_data_file: bool = True
+    share_rw: bool = False
 
 
 def _option_bool(value: object, key: str) -> bool:
@@ -625,15 +678,18 @@ def _drive_root(drive: _Drive, global_snapshot: bool) -> _Root | None:
     else:
         return None  # a drive with no medium: an empty CD-ROM or floppy
     return _Root(
-        drive.source, drive.argument, drive.index, node, snapshot=snapshot, cdrom=media == "cdrom"
-    )
+        drive.source, drive.argument, drive.index, node, snapshot=snapshot,
+        cdrom=media == "cdrom", drive_id=drive.drive_id,
+    )  # fmt: skip
 
 
 class _Graph:
     """Every block node of a command line, walked from its roots to its files."""
 
-    def __init__(self, roots: list[_Root]) -> None:
+    def __init__(self, roots: list[_Root], shared_writes: frozenset[str] = frozenset()) -> None:
         self.roots = roots
+        #: Drive ids and node names that a device uses with share-rw=on.
+        self.shared_writes = shared_writes
         self.by_name: dict[str, dict[str, Any]] = {}
         self.owner: dict[str, _Root] = {}
         self.referenced: set[str] = set()
@@ -647,7 +703,7 @@ class _Graph:
                 raise _RootError(root, f"Duplicate nodes with node-name='{name}'")
             self.by_name[name] = node
             self.owner[name] = root
-        for key in CHILD_KEYS:
+        for key in child_keys(node.get("driver")):
             for child in _children(node.get(key)):
                 if isinstance(child, dict):
                     self._register(child, root)
@@ -661,13 +717,16 @@ class _Graph:
             name = root.node.get("node-name")
             if isinstance(name, str) and name in self.referenced:
                 continue  # reached from the node that uses it
-            self._walk(root.node, _Context(root), found, ())
+            self._walk(root.node, self._root_context(root), found, ())
         for root in self.roots:
             # Referenced, yet not reached from any unreferenced node: only
             # nodes that refer to each other in a circle are left.
             if id(root.node) not in self.visited:
-                self._walk(root.node, _Context(root), found, ())
+                self._walk(root.node, self._root_context(root), found, ())
         return found
+
+    def _root_context(self, root: _Root) -> _Context:
+        return _Context(root, share_rw=root.drive_id in self.shared_writes)
 
     def _walk(
         self,
@@ -693,6 +752,8 @@ class _Graph:
             raise _RootError(ctx.root, "the block nodes refer to each other in a loop")
         path = (*path, id(node))
         self.visited.add(id(node))
+        if node.get("node-name") in self.shared_writes:
+            ctx = replace(ctx, share_rw=True)
         read_only = ctx.read_only
         if "read-only" in node:
             flag = node["read-only"]
@@ -717,7 +778,8 @@ class _Graph:
             local = not filename.startswith(FDSET_PREFIX)
             found.append(self._image(ctx, filename, read_only, driver, local=local))
             return
-        has_children = any(key in node for key in CHILD_KEYS)
+        keys = child_keys(driver)
+        has_children = any(key in node for key in keys)
         if driver is not None and not has_children:
             filename = node.get("filename")
             if not isinstance(filename, str):
@@ -727,21 +789,26 @@ class _Graph:
             found.append(self._image(ctx, filename, read_only, driver, local=False))
             return
         is_format = driver in FORMAT_DRIVERS or driver is None
-        for key in CHILD_KEYS:
+        for key in keys:
             if key not in node:
                 continue
             if key == "backing":
+                # A backing node is only read, whatever its users share.
                 child_ctx = replace(
-                    ctx, format=None, read_only=True, role=ROLE_BACKING, implicit_backing=True
-                )
+                    ctx, format=None, read_only=True, role=ROLE_BACKING, implicit_backing=True,
+                    implicit_data_file=True, share_rw=False,
+                )  # fmt: skip
             elif key == "data-file":
                 child_ctx = replace(ctx, format=None, read_only=read_only, role=ROLE_DATA_FILE)
             elif key == "file" and is_format:
+                # An explicit "backing" (a node name, or null for none) or
+                # "data-file" replaces what the image header names.
                 child_ctx = replace(
                     ctx,
                     format=driver,
                     read_only=read_only,
                     implicit_backing="backing" not in node,
+                    implicit_data_file="data-file" not in node,
                 )
             elif is_format:
                 child_ctx = replace(ctx, format=None, read_only=read_only)
@@ -767,6 +834,8 @@ class _Graph:
             cdrom=ctx.root.cdrom or driver == "host_cdrom",
             role=ctx.role,
             implicit_backing=ctx.implicit_backing,
+            implicit_data_file=ctx.implicit_data_file,
+            share_rw=ctx.share_rw,
         )
 
 
@@ -787,7 +856,8 @@ def _merge(images: list[DriveImage]) -> list[DriveImage]:
     """One entry per file name, in order of first use.
 
     A file used twice (a backing node shared by two overlays, or named by
-    two options) is shared only if every use is.
+    two options) is shared only if every use is, and shared-write only if
+    every use is shared or shared-write.
     """
     merged: dict[tuple[str, bool], DriveImage] = {}
     for image in images:
@@ -805,6 +875,10 @@ def _merge(images: list[DriveImage]) -> list[DriveImage]:
             cdrom=seen.cdrom and image.cdrom,
             role=min(seen.role, image.role, key=_ROLE_RANK.__getitem__),
             implicit_backing=seen.implicit_backing or image.implicit_backing,
+            implicit_data_file=seen.implicit_data_file or image.implicit_data_file,
+            share_rw=(seen.share_rw or image.share_rw)
+            and seen.mode != MODE_EXCLUSIVE
+            and image.mode != MODE_EXCLUSIVE,
         )
         if seen.shared and image.shared and not combined.shared:
             # Shared both times, for different reasons (read-only, snapshot).
@@ -836,6 +910,7 @@ def find_images(argv: Sequence[str]) -> list[DriveImage]:
     drives: list[_Drive] = []
     blockdevs: list[_Root] = []
     order: list[_Drive | _Root] = []
+    devices: list[dict[str, Any]] = []
     global_snapshot = False
     for arg in _scan_arguments(argv):
         option = arg.name or POSITIONAL_SOURCE
@@ -875,8 +950,10 @@ def find_images(argv: Sequence[str]) -> list[DriveImage]:
             root = _Root(option, value, arg.index, node, strict_types=value.startswith("{"))
             blockdevs.append(root)
             order.append(root)
+        elif arg.name == "-device":
+            devices.append(_parse_device(value))
         elif arg.name == "-set":
-            _apply_set(value, drives)
+            _apply_set(value, drives, devices)
     roots: list[_Root] = []
     for entry in order:
         if isinstance(entry, _Root):
@@ -889,23 +966,57 @@ def find_images(argv: Sequence[str]) -> list[DriveImage]:
         if drive_root is not None:
             roots.append(drive_root)
     try:
-        images = _Graph(roots).images()
+        images = _Graph(roots, _shared_writes(devices)).images()
     except _RootError as exc:
         raise QemuOptionError(exc.root.source, exc.root.argument, str(exc)) from None
     return _merge(images)
 
 
-def _apply_set(text: str, drives: list[_Drive]) -> None:
-    """Apply ``-set GROUP.ID.KEY=VALUE`` to a drive defined earlier.
+def _parse_device(text: str) -> dict[str, Any]:
+    """A ``-device`` argument as a dictionary (QemuOpts, or JSON since QEMU 7.0).
+
+    Only ``id``, ``drive`` and ``share-rw`` matter here; a device QEMU
+    would reject is QEMU's to report.
+    """
+    if text.startswith("{"):
+        try:
+            return _parse_json_object(text)
+        except ValueError as exc:
+            raise QemuOptionError("-device", text, str(exc)) from None
+    return dict(parse_qemu_opts(text, implied_key="driver"))
+
+
+def _shared_writes(devices: list[dict[str, Any]]) -> frozenset[str]:
+    """The drive ids and node names that a device uses with ``share-rw=on``."""
+    names: set[str] = set()
+    for device in devices:
+        drive = device.get("drive")
+        try:
+            share_rw = _option_bool(device.get("share-rw", False), "share-rw")
+        except ValueError as exc:
+            raise QemuOptionError("-device", str(device.get("driver")), str(exc)) from None
+        if share_rw and isinstance(drive, str) and drive:
+            names.add(drive)
+    return frozenset(names)
+
+
+def _apply_set(text: str, drives: list[_Drive], devices: list[dict[str, Any]]) -> None:
+    """Apply ``-set GROUP.ID.KEY=VALUE`` to a drive or device defined earlier.
 
     Like QEMU, the whole rest after the first ``=`` is the value (no comma
-    splitting); groups other than ``drive`` open no images and are
-    skipped.
+    splitting); groups other than ``drive`` and ``device`` open no images
+    and are skipped.
     """
     match = re.fullmatch(r"([^.=]+)\.([^.=]+)\.([^=]*)=(.*)", text, re.DOTALL)
     if match is None:
         raise QemuOptionError("-set", text, f'can\'t parse: "{text}"')
     group, drive_id, key, value = match.groups()
+    if group == "device":
+        for device in reversed(devices):
+            if device.get("id") == drive_id:
+                device[key] = value
+                return
+        raise QemuOptionError("-set", text, f'there is no device "{drive_id}" defined')
     if group != "drive":
         return
     for drive in reversed(drives):

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from collections.abc import Sequence
+from typing import Any, Final, NamedTuple
 
 from imglock.api import Claim, ClaimSpec
 from imglock.errors import EX_TEMPFAIL, UsageError
@@ -36,6 +38,7 @@ class Launch:
         lock_lost_signal: int = signal.SIGSTOP,
         say: Say | None = None,
         note: Say | None = None,
+        warn: Say | None = None,
     ) -> None:
         self.argv = argv
         self.images = list(images)
@@ -50,10 +53,16 @@ class Launch:
         #: How the runner reports errors and notes (default: errors on stderr, no notes).
         self.say = say
         self.note = note
+        #: Warnings (shown unless -q); default: on stderr.
+        self.warn = warn
 
 
 #: QEMU's tools that take QEMU's lock bytes themselves (besides qemu-system-*).
 QEMU_LOCKING_TOOLS = frozenset({"qemu-img", "qemu-io", "qemu-nbd", "qemu-storage-daemon"})
+
+
+def _warn(message: str) -> None:
+    print(f"imglock: warning: {message}", file=sys.stderr, flush=True)
 
 
 def takes_qemu_locks(argv: list[str]) -> bool:
@@ -77,37 +86,146 @@ def layers_for(qemu_locks: str, speaks_qemu: bool) -> Layer:
     return Layer.IMGLOCK | (Layer.QEMU_TEST if speaks_qemu else Layer.QEMU)
 
 
-def specs_for(plan: Launch, command_is_qemu: bool) -> list[ClaimSpec]:
-    """The images to claim: named ones, else those of a QEMU command line."""
-    specs = [ClaimSpec(p, Mode.EXCLUSIVE) for p in plan.images]
-    specs += [ClaimSpec(p, Mode.SHARED) for p in plan.shared]
+class Remote(NamedTuple):
+    """A file a QEMU command line opens that imglock does not claim: not a local file."""
+
+    filename: str
+    #: The protocol driver (``"nbd"``, ``"rbd"``...), or ``"fdset"`` for ``/dev/fdset/N``.
+    protocol: str | None
+    #: The option that opens it (``"-blockdev"``...).
+    source: str
+    #: "top", "backing" or "data-file" (see imglock.qemu.cmdline.DriveImage.role).
+    role: str
+
+
+#: The lock layers by the names ``--dry-run --json`` gives them.
+LAYER_NAMES: Final = (
+    (Layer.IMGLOCK, "imglock"),
+    (Layer.QEMU, "qemu"),
+    (Layer.QEMU_TEST, "qemu-test"),
+)
+
+
+class ImagePlan(NamedTuple):
+    """What ``imglock run`` claims for a command, before anything is opened."""
+
+    specs: list[ClaimSpec]
+    #: The option each claimed path came from (``--image``, ``-drive``...).
+    sources: dict[str, str]
+    #: Files QEMU opens that are not claimed: their servers do the locking.
+    remote: list[Remote]
+
+
+def plan_images(plan: Launch, command_is_qemu: bool) -> ImagePlan:
+    """The images to claim: named ones, else those of a QEMU command line.
+
+    Images named with ``--image``/``--shared`` replace reading the command
+    line.  A QEMU command line whose files are all remote (``nbd:``,
+    ``rbd``, ``iscsi``, ``/dev/fdset/N``...) plans no claim at all.
+    """
+    named = [("--image", Mode.EXCLUSIVE, plan.images), ("--shared", Mode.SHARED, plan.shared)]
+    specs = [ClaimSpec(p, mode) for _, mode, paths in named for p in paths]
+    sources = {p: option for option, _, paths in named for p in paths}
     if specs:
-        return specs
+        return ImagePlan(specs, sources, [])
     if not command_is_qemu:
         raise UsageError(
             plan.argv[0],
             "not a QEMU command line; name the images to claim with --image or --shared",
         )
     # The command-line parser is needed only to read a QEMU command's images.
-    from imglock.qemu.cmdline import ROLE_BACKING, ROLE_DATA_FILE, find_images
+    from imglock.qemu.cmdline import ROLE_DATA_FILE, find_images
 
+    remote: list[Remote] = []
     for drive in find_images(plan.argv):
         if not drive.local:
-            continue  # nbd:, iscsi:, /dev/fdset...: their servers do the locking
-        shared = drive.shared or drive.role == ROLE_BACKING
+            # nbd:, iscsi:, rbd, /dev/fdset...: their servers do the locking.
+            remote.append(Remote(drive.filename, drive.protocol, drive.source, drive.role))
+            continue
         # A data file is read as raw data, never probed (it may hold anything).
         fmt = "raw" if drive.role == ROLE_DATA_FILE else drive.format
-        specs.append(ClaimSpec(drive.filename, Mode.SHARED if shared else Mode.EXCLUSIVE, fmt))
-    if not specs:
-        raise UsageError(plan.argv[0], "the QEMU command line opens no local image to claim")
-    return specs
+        specs.append(
+            ClaimSpec(
+                drive.filename, Mode(drive.mode), fmt,
+                backing=drive.implicit_backing, data_file=drive.implicit_data_file,
+                role=drive.role,
+            )
+        )  # fmt: skip
+        sources.setdefault(drive.filename, drive.source)
+    return ImagePlan(specs, sources, remote)
+
+
+def dry_run(plan: Launch) -> dict[str, Any]:
+    """What :func:`launch` would claim for *plan*, as ``imglock run --dry-run --json`` shows it.
+
+    Every image is opened and its chain followed, as for a real run (so a
+    bad image fails here too), but no lock is taken, no record written and
+    no lock file created.
+    """
+    command_is_qemu = is_qemu(plan.argv)
+    images = plan_images(plan, command_is_qemu)
+    layers = layers_for(plan.qemu_locks, takes_qemu_locks(plan.argv))
+    entries: list[dict[str, Any]] = []
+    claim = Claim(images.specs).open()  # no lockspace: attaching one creates lock files
+    try:
+        for member in claim.members:
+            image = member.image
+            lock_file = None
+            if plan.lockspace is not None:
+                from imglock.lock.lockspace import lock_file_name
+
+                lock_file = os.path.join(plan.lockspace, lock_file_name(image.filename, image.st))
+            source = images.sources.get(image.filename) if member.named else None
+            entries.append(
+                {
+                    "filename": image.filename,
+                    "format": image.format,
+                    "role": member.role,
+                    "depth": member.depth,
+                    "mode": member.mode.value,
+                    "claimed": True,
+                    "source": source or "image header",
+                    "lock-file": lock_file,
+                    "protocol": None,
+                }
+            )
+    finally:
+        claim.close()
+    for remote in images.remote:
+        entries.append(
+            {
+                "filename": remote.filename,
+                "format": None,
+                "role": remote.role,
+                "depth": None,
+                "mode": None,
+                "claimed": False,
+                "source": remote.source,
+                "lock-file": None,
+                "protocol": remote.protocol,
+            }
+        )
+    return {
+        "command": list(plan.argv),
+        "qemu": command_is_qemu,
+        "layers": [name for layer, name in LAYER_NAMES if layer in layers],
+        "lockspace": plan.lockspace,
+        "images": entries,
+    }
+
+
+#: What ``imglock run`` says when a QEMU command line opens no local file.
+NOTHING_LOCAL: Final = "the QEMU command line opens no local image: nothing local is claimed"
 
 
 def launch(plan: Launch) -> int:
     """Run *plan*; return the wrapper's exit status."""
     command_is_qemu = is_qemu(plan.argv)
+    images = plan_images(plan, command_is_qemu)
+    if not images.specs:
+        (plan.warn or _warn)(NOTHING_LOCAL)
     claim = Claim(
-        specs_for(plan, command_is_qemu),
+        images.specs,
         wait=plan.wait,
         layers=layers_for(plan.qemu_locks, takes_qemu_locks(plan.argv)),
         lockspace=plan.lockspace,

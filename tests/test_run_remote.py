@@ -1,0 +1,44 @@
+"""``imglock run`` around a VM whose disks are all remote: it runs, claiming nothing.
+
+The remote disk is real: qemu-nbd serves a file over a unix socket, and
+QEMU opens it as ``nbd:unix:...``.  The NBD server does the locking for
+it, so imglock has nothing local to claim, and says so.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from wrapped_vm import WrappedVMs, until
+
+import imglock
+
+pytestmark = pytest.mark.qemu
+
+
+@pytest.fixture
+def vms(qemu_system_path: str) -> Iterator[WrappedVMs]:
+    with WrappedVMs(qemu_system_path) as wrapped:
+        yield wrapped
+
+
+def test_a_vm_with_only_a_remote_disk_runs_with_a_warning(
+    vms: WrappedVMs,
+    raw_image: Path,
+    qemu_img_path: str,
+    started: list[subprocess.Popen[str]],
+) -> None:
+    socket = vms.dir / "nbd.sock"
+    qemu_nbd = str(Path(qemu_img_path).with_name("qemu-nbd"))
+    server = [qemu_nbd, "--persistent", "--socket", socket, "--format", "raw", raw_image]
+    started.append(subprocess.Popen(server, text=True))
+    until(socket.exists, what="qemu-nbd's socket")
+    vm = vms.start("-drive", f"file=nbd:unix:{socket},format=raw,if=none,id=remote0")
+    assert vm.runstate() in ("running", "paused")
+    # QEMU reads the file through qemu-nbd, which holds it; imglock holds nothing.
+    assert not [h for h in imglock.holders(raw_image) if h.layer == "imglock"]
+    assert vm.quit() == 0
+    assert "nothing local is claimed" in vm.stderr()
