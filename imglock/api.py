@@ -43,6 +43,8 @@ if TYPE_CHECKING:
 #: Racing claimers can both lose, so the delay is jittered to break the tie.
 BACKOFF_FIRST: Final = 0.001
 BACKOFF_CAP: Final = 0.05
+#: How many holders a conflict message names (the others are counted).
+NAMED_HOLDERS: Final = 4
 
 
 def as_seconds(name: str, value: object) -> float:
@@ -472,10 +474,16 @@ def _named_conflict(member: _Member, exc: ProtocolConflict) -> LockConflict:
     if not found:
         return LockConflict(image, f"cannot claim {member.mode.value}: held by another process")
     first = _blocking_holder(found, exc.lock)
-    more = f" and {len(found) - 1} more" if len(found) > 1 else ""
-    return LockConflict(
-        image, f"cannot claim {member.mode.value}: held {first.describe()}{more}", found
-    )
+    # Several imglock holders (shared readers, shared writers) are all in
+    # the way: name each of them, up to a few.
+    named = [first]
+    if first.layer == "imglock":
+        named += [h for h in found if h is not first and h.layer == "imglock"]
+        named = named[:NAMED_HOLDERS]
+    held = ", ".join(h.describe() for h in named)
+    if len(found) > len(named):
+        held += f" and {len(found) - len(named)} more"
+    return LockConflict(image, f"cannot claim {member.mode.value}: held {held}", found)
 
 
 def _blocking_holder(found: list[Holder], lock: RangeLock) -> Holder:

@@ -94,7 +94,8 @@ def test_the_corpus_covers_what_management_tools_generate() -> None:
     text = "".join(path.read_text() for path in CORPUS.glob("*.args"))
     for needle in ('"driver":"rbd"', '"driver":"iscsi"', '"driver":"nbd"', "file=nbd:",
                    '"backing":null', '"backing":"libvirt-', '"data-file":', "pflash1=",
-                   "ide-cd", '"driver":"floppy"', "-fda", "snapshot=on"):  # fmt: skip
+                   "ide-cd", '"driver":"floppy"', "-fda", "snapshot=on", '"share-rw":true',
+                   "share-rw=on"):  # fmt: skip
         assert needle in text, needle
 
 
@@ -144,6 +145,15 @@ def test_dry_run_of_named_images_follows_their_chains(
     assert report["images"][0]["source"] == "--image"  # type: ignore[index]
     assert report["images"][1]["source"] == "image header"  # type: ignore[index]
     assert report["layers"] == ["imglock", "qemu-test"]
+
+
+def test_shared_write_named_on_the_wrapper(
+    tmp_path: Path, raw_image: Path, imglock_cli: ImglockCli
+) -> None:
+    report = dry_run(imglock_cli, ["my-vmm", "--disk", str(raw_image)],
+                     "--shared-write", raw_image)  # fmt: skip
+    assert entries(report, tmp_path) == [["disk.raw", "top", "shared-write", True, None]]
+    assert report["layers"] == ["imglock", "qemu"]  # not QEMU: imglock holds QEMU's bytes
 
 
 def test_dry_run_table_names_every_file(

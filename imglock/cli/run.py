@@ -28,6 +28,13 @@ from imglock.errors import EX_TEMPFAIL
     help="Claim PATH shared (read-only use). Repeatable.",
 )
 @click.option(
+    "--shared-write",
+    "shared_write",
+    multiple=True,
+    type=click.Path(readable=False),
+    help="Claim PATH shared-write (writers sharing it on purpose, share-rw=on). Repeatable.",
+)
+@click.option(
     "-w",
     "--wait",
     "--timeout",
@@ -89,6 +96,7 @@ from imglock.errors import EX_TEMPFAIL
 def run(
     images: tuple[str, ...],
     shared: tuple[str, ...],
+    shared_write: tuple[str, ...],
     wait: float,
     conflict_exit_code: int,
     qemu_locks: str,
@@ -102,8 +110,8 @@ def run(
 ) -> None:
     """Claim the images, run COMMAND while holding them, release when it exits.
 
-    Without --image/--shared, a QEMU command line is read for its images
-    (-drive, -blockdev, -hda..-hdd, -cdrom).  Exits with COMMAND's status
+    Without --image/--shared/--shared-write, a QEMU command line is read
+    for its images (-drive, -blockdev, -hda..-hdd, -cdrom...).  Exits with COMMAND's status
     (128+N if killed by signal N), or the -E status on a conflict.
     """
     from imglock.cli.common import Voice, reported_errors
@@ -117,6 +125,7 @@ def run(
             argv=list(command),
             images=list(images),
             shared=list(shared),
+            shared_write=list(shared_write),
             wait=wait,
             conflict_exit=conflict_exit_code,
             qemu_locks=qemu_locks,

@@ -29,6 +29,7 @@ class Launch:
         argv: list[str],
         images: Sequence[str] = (),
         shared: Sequence[str] = (),
+        shared_write: Sequence[str] = (),
         wait: float = 0.0,
         conflict_exit: int = EX_TEMPFAIL,
         qemu_locks: str = "auto",
@@ -43,6 +44,7 @@ class Launch:
         self.argv = argv
         self.images = list(images)
         self.shared = list(shared)
+        self.shared_write = list(shared_write)
         self.wait = wait
         self.conflict_exit = conflict_exit
         self.qemu_locks = qemu_locks
@@ -119,11 +121,15 @@ class ImagePlan(NamedTuple):
 def plan_images(plan: Launch, command_is_qemu: bool) -> ImagePlan:
     """The images to claim: named ones, else those of a QEMU command line.
 
-    Images named with ``--image``/``--shared`` replace reading the command
-    line.  A QEMU command line whose files are all remote (``nbd:``,
+    Images named with ``--image``/``--shared``/``--shared-write`` replace
+    reading the command line.  A QEMU command line whose files are all remote (``nbd:``,
     ``rbd``, ``iscsi``, ``/dev/fdset/N``...) plans no claim at all.
     """
-    named = [("--image", Mode.EXCLUSIVE, plan.images), ("--shared", Mode.SHARED, plan.shared)]
+    named = [
+        ("--image", Mode.EXCLUSIVE, plan.images),
+        ("--shared", Mode.SHARED, plan.shared),
+        ("--shared-write", Mode.SHARED_WRITE, plan.shared_write),
+    ]
     specs = [ClaimSpec(p, mode) for _, mode, paths in named for p in paths]
     sources = {p: option for option, _, paths in named for p in paths}
     if specs:
@@ -131,7 +137,8 @@ def plan_images(plan: Launch, command_is_qemu: bool) -> ImagePlan:
     if not command_is_qemu:
         raise UsageError(
             plan.argv[0],
-            "not a QEMU command line; name the images to claim with --image or --shared",
+            "not a QEMU command line; name the images to claim with --image, --shared "
+            "or --shared-write",
         )
     # The command-line parser is needed only to read a QEMU command's images.
     from imglock.qemu.cmdline import ROLE_DATA_FILE, find_images
