@@ -23,6 +23,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "info": ("imglock.cli.info", "info", "Show an image's format, size and backing chain."),
     "status": ("imglock.cli.status", "status", "Show who holds images, and how."),
     "run": ("imglock.cli.run", "run", "Run a command with its images claimed."),
+    "doctor": (
+        "imglock.cli.doctor",
+        "doctor",
+        "Tell whether locks on a directory are shared between hosts.",
+    ),
 }
 
 

@@ -1,0 +1,131 @@
+"""``imglock doctor``: are locks on a datastore shared between hosts?"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any, Final
+
+import click
+
+from imglock.cli.common import Voice, verbosity_options
+
+if TYPE_CHECKING:
+    from imglock.lock.sharing import Assessment, ProbeResult
+
+#: Exit statuses: the locks are shared between hosts, or that is not shown.
+EX_SHARED: Final = 0
+EX_NOT_SHOWN: Final = 1
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option(
+    "--probe",
+    is_flag=True,
+    help="Also hold a probe lock and look for another host's: run on two hosts at once.",
+)
+@click.option(
+    "-w",
+    "--wait",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    help="With --probe, seconds to wait for another host's probe.",
+)
+@verbosity_options
+@click.argument("directory", metavar="DIR", type=click.Path(file_okay=False, readable=False))
+def doctor(as_json: bool, probe: bool, wait: float, directory: str) -> None:
+    """Tell whether locks on DIR's filesystem are shared between hosts.
+
+    From the mount (its type and options: local filesystems, NFS nolock or
+    local_lock=, FUSE filesystems...), and with --probe from a test that two
+    hosts run at once: each holds a lock on DIR/.imglock-probe whose offsets
+    spell its host name, and names the other host once it sees its lock.
+    Exits 0 when the locks are shared (with --probe: another machine's probe
+    was seen), 1 when they are not or that could not be shown.
+    """
+    from imglock.cli.common import reported_errors
+    from imglock.lock import sharing
+
+    voice = Voice.current()
+    with reported_errors():
+        assessment = sharing.assess(sharing.mount_of(directory))
+        if probe:
+            voice.note(f"{directory}: probing for up to {wait:g} s; run the same on another host")
+        result = sharing.probe(directory, wait) if probe else None
+    shared = (
+        result.verdict == sharing.Verdict.SHARED
+        if result is not None
+        else assessment.verdict == sharing.Verdict.SHARED
+    )
+    if as_json:
+        import json
+
+        json.dump(to_json(directory, assessment, result, shared), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        for line in describe(directory, assessment, result):
+            click.echo(line)
+    sys.exit(EX_SHARED if shared else EX_NOT_SHOWN)
+
+
+def describe(directory: str, assessment: Assessment, result: ProbeResult | None) -> list[str]:
+    mount = assessment.mount
+    lines = [
+        f"{directory}: {mount.fstype} ({mount.source} on {mount.mount_point}): "
+        f"locks {_MOUNT_VERDICTS[assessment.verdict]}: {assessment.reason}"
+    ]
+    if result is None:
+        return lines
+    if not result.peers:
+        lines.append(
+            f"{directory}: probe: no other host's probe seen from {result.host}: locks are "
+            "not shown to be shared (was the probe running on another host meanwhile?)"
+        )
+    for peer in result.peers:
+        if peer.same_kernel:
+            lines.append(
+                f"{directory}: probe: {peer.host} seen, but its lock is in this kernel's "
+                f"/proc/locks: it runs on this machine, which proves nothing about other hosts"
+            )
+        else:
+            lines.append(
+                f"{directory}: probe: {peer.host} seen from {result.host}: locks on this "
+                "filesystem are shared between the two hosts"
+            )
+    return lines
+
+
+_MOUNT_VERDICTS: Final = {
+    "shared": "are shared between hosts",
+    "local": "stay on this host",
+    "unknown": "may or may not be shared",
+}
+
+
+def to_json(
+    directory: str, assessment: Assessment, result: ProbeResult | None, shared: bool
+) -> dict[str, Any]:
+    mount = assessment.mount
+    out: dict[str, Any] = {
+        "directory": directory,
+        "shared": shared,
+        "mount": {
+            "mount-point": mount.mount_point,
+            "fstype": mount.fstype,
+            "source": mount.source,
+            "options": list(mount.options),
+            "verdict": str(assessment.verdict),
+            "reason": assessment.reason,
+        },
+        "probe": None,
+    }
+    if result is not None:
+        out["probe"] = {
+            "host": result.host,
+            "verdict": str(result.verdict),
+            "peers": [
+                {"host": peer.host, "same-kernel": peer.same_kernel} for peer in result.peers
+            ],
+        }
+    return out
