@@ -221,6 +221,16 @@ class Claim:
             self.process = os.getpid()
         return self
 
+    def file_keys(self) -> set[tuple[int, int]]:
+        """(st_dev, st_ino) of every open file of the claim: images and lock files."""
+        keys = set()
+        for member in self.members:
+            for fd in {member.image.fd, member.image.lock_target[0]}:
+                if fd >= 0:
+                    st = os.fstat(fd)
+                    keys.add((st.st_dev, st.st_ino))
+        return keys
+
     @property
     def owned_here(self) -> bool:
         """Whether this process is the one that opened the claim (not a forked copy)."""

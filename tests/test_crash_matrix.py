@@ -84,6 +84,15 @@ HANDOFF_POINTS_WITHOUT_CASES = {"handoff:claimed", "handoff:released"}
 
 MATRIX = STEPS
 
+#: The steps of handing a claim to the processes a command left behind (a
+#: daemon, a background job), in order: in the wrapper, then in the watcher.
+HANDOVER_POINTS = [
+    "run:survivors",  # the command exited, survivors found, the lock still names it
+    "relabel:both",  # the survivor's byte taken, the command's not yet dropped
+    "run:handed-over",  # the watcher forked, the wrapper not yet gone
+    "watch:started",  # the watcher runs, the wrapper gone
+]
+
 
 # --- Processes ----------------------------------------------------------------------
 
@@ -270,7 +279,97 @@ def points_in_the_library() -> set[str]:
 
 def test_every_step_of_the_library_is_in_the_crash_matrix() -> None:
     named = points_in_the_library()
-    missing = named - {step.point for step in MATRIX} - HANDOFF_POINTS_WITHOUT_CASES
+    missing = (
+        named
+        - {step.point for step in MATRIX}
+        - set(HANDOVER_POINTS)
+        - HANDOFF_POINTS_WITHOUT_CASES
+    )
     assert not missing, f"add these steps to STEPS: {sorted(missing)}"
     gone = HANDOFF_POINTS_WITHOUT_CASES - named
     assert not gone, f"no longer in the library: {sorted(gone)}"
+
+
+# --- A command that leaves processes behind: the wrapper or the watcher killed -------
+
+#: Commands that exit leaving a process that uses the image: a shell's
+#: background job, and a QEMU that daemonizes.
+LEAVERS = {
+    "background": lambda top: [
+        "--image", str(top), "--", "sh", "-c", "sleep 30 >/dev/null 2>&1 &",
+    ],
+    "qemu-daemonize": lambda top: [
+        "--", "qemu-system-x86_64", "-M", "none", "-nodefaults", "-display", "none",
+        "-daemonize", "-drive", f"file={top},format=qcow2,if=none",
+    ],
+}  # fmt: skip
+
+
+def assert_status_names_only_live_holders(files: tuple[Path, ...]) -> None:
+    """``status`` never names a holder that does not hold the image."""
+    for path in files:
+        for holder in imglock.holders(path):
+            if holder.layer == "imglock":
+                assert holder.pid in holder.local_pids and alive(holder.pid), holder
+
+
+@pytest.mark.parametrize("mode", ["crash", "stop"])
+@pytest.mark.parametrize("leaver", sorted(LEAVERS))
+@pytest.mark.parametrize("point", HANDOVER_POINTS)
+def test_a_wrapper_or_watcher_killed_while_a_daemon_runs_leaves_the_image_held_by_it(
+    point: str, leaver: str, mode: str, image: tuple[Path, Path], marked: Marked,
+    qemu_system_path: str,
+) -> None:  # fmt: skip
+    top, _base = files = image
+    env = {**marked.env, "IMGLOCK_FAULTS": f"{mode}={point}"}
+    wrapper = subprocess.Popen(
+        [sys.executable, "-m", "imglock", "run", *LEAVERS[leaver](top)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+    )  # fmt: skip
+    in_wrapper = not point.startswith("watch:")
+    if mode == "stop":
+        wait_until(
+            f"a process stops at {point}",
+            lambda: any(state(pid) == "T" for pid in marked.pids()),
+        )
+        (frozen,) = [pid for pid in marked.pids() if state(pid) == "T"]
+        assert (frozen == wrapper.pid) == in_wrapper
+        assert_held_by_live_processes_or_free(files)
+        assert_status_names_only_live_holders(files)
+        kill_quietly(frozen)
+    else:
+        wait_until(
+            f"the process at {point} kills itself",
+            lambda: (
+                wrapper.poll() is not None
+                and (
+                    in_wrapper
+                    or not [p for p in marked.pids() if argv(p)[1:3] == ["-m", "imglock"]]
+                )
+            ),
+        )
+    status = wrapper.wait(timeout=TIMEOUT)
+    assert status == (-signal.SIGKILL if in_wrapper else 0)
+
+    # The daemon (or the background job) still uses the image, and holds it.
+    holding = assert_held_by_live_processes_or_free(files)
+    assert_status_names_only_live_holders(files)
+    survivors = marked.pids()
+    assert holding and holding <= survivors, (holding, survivors)
+    with pytest.raises(imglock.LockConflict):
+        imglock.claim(top, qemu_locks=False)
+    for pid in survivors:
+        kill_quietly(pid)
+    wait_until(f"no process of {point} is left", lambda: not marked.pids())
+    # A process being torn down hides its environment before it closes its files.
+    wait_until("the image is free", lambda: not any(imglock.holders(p) for p in files))
+    with imglock.claim(top):
+        pass
+
+
+def argv(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return []

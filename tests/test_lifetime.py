@@ -22,6 +22,7 @@ from conftest import ENV, ImglockCli, SpawnRival
 
 import imglock
 from imglock.errors import UsageError
+from imglock.lock.identity import Owner
 
 #: Seconds for a process to get where a test waits for it.
 TIMEOUT = 10.0
@@ -157,13 +158,21 @@ def test_a_background_child_of_the_command_keeps_the_claim_and_status_names_it(
         assert alive(sleeper)
         assert_refused(raw_image, rival)
         (holder,) = [h for h in imglock.holders(raw_image) if h.layer == "imglock"]
-        assert holder.pid == sleeper and holder.local_pids == (sleeper,)
+        # The lock names the sleep, on every host (its offset, its record) ...
+        assert holder.pid == sleeper and holder.owner is not None
+        assert Owner.from_id(holder.owner).pid == sleeper
         assert holder.command is not None and holder.command.startswith("sleep 30")
+        # ... and locally the watcher that keeps it for the sleep shares it.
+        (watcher,) = set(holder.local_pids) - {sleeper}
     finally:
         os.kill(sleeper, signal.SIGKILL)
     wait_until(
         "the image is free once the background child is gone",
         lambda: not imglock.holders(raw_image),
+    )
+    wait_until("the watcher is gone", lambda: not alive(watcher))
+    assert not (raw_image.parent / ".imglock").exists() or not any(
+        (raw_image.parent / ".imglock").iterdir()
     )
     assert rival(raw_image).ok
 

@@ -309,6 +309,7 @@ def relabel(fd: int, filename: str, held: Held, owner: Owner) -> Held:
     new = imglock_byte(held.mode, owner)
     if not fcntl_locks.try_read_lock(fd, new, 1, filename):
         raise LockError(filename, "cannot take the new owner's byte: a conflicting lock covers it")
+    faults.point("relabel:both")
     fcntl_locks.unlock(fd, old, 1, filename)
     ranges = tuple(
         (new, 1) if (start, length) == (old, 1) else (start, length)

@@ -88,6 +88,28 @@ class Handoff:
         self.runner = runner
         runner.on_started = self._started
         runner.guest = self
+        runner.handover = self
+
+    # -- a daemonized QEMU (-daemonize): the watcher takes over -----------
+
+    def before_fork(self) -> None:
+        self.close()
+
+    def in_watcher(self, runner: Runner) -> None:
+        """Connect again, from the watcher, and watch the daemon as the wrapper did."""
+        self.monitor = None
+        self._closed = threading.Event()
+        # A destination that has claimed already is watched as a source.
+        self.incoming = self.incoming and not runner.lock_expected
+        self.attach(runner)
+        self._started(runner)
+
+    def finish(self) -> None:
+        """The daemon is gone: close the monitor and remove the private directory."""
+        import shutil
+
+        self.close()
+        shutil.rmtree(os.path.dirname(self.socket), ignore_errors=True)
 
     # -- the runner's side ------------------------------------------------
 

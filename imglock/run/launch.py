@@ -260,6 +260,7 @@ def _launch_qemu(plan: Launch, config: RunConfig) -> int:
     from imglock.run.handoff import Handoff
 
     private = tempfile.mkdtemp(prefix="imglock-")  # mode 0700: only we can reach the socket
+    runner: Runner | None = None
     try:
         handoff = Handoff.for_command(plan.argv, private, plan.handoff_timeout)
         config.argv = handoff.argv
@@ -271,4 +272,7 @@ def _launch_qemu(plan: Launch, config: RunConfig) -> int:
         finally:
             handoff.close()
     finally:
-        shutil.rmtree(private, ignore_errors=True)
+        # A daemonized QEMU keeps its socket here: its watcher removes the
+        # directory once the daemon is gone.
+        if runner is None or not runner.watcher:
+            shutil.rmtree(private, ignore_errors=True)

@@ -11,7 +11,14 @@ The order of events is what makes the lock trustworthy:
    its inherited descriptors.  If the wrapper dies (even by SIGKILL), the
    locks live on with the VM and vanish with it;
 5. wait for the child, forwarding signals, re-checking the locks now and
-   then and pausing the guest if they are lost.
+   then and pausing the guest if they are lost;
+6. once the child has exited, look for processes it left behind that still
+   use the claim's descriptors (a daemon, a background job; the wrapper is
+   their child subreaper, so they are its descendants).  If there are
+   none, end the claim.  Otherwise name the survivor in the lock and the
+   holder records, hand the claim to a detached watcher
+   (:mod:`imglock.run.watcher`) and return the child's status: the claim
+   lives as long as the survivors.
 
 A conflict closes the gate unopened: the child exits without running
 anything, and the wrapper exits with the conflict status.
@@ -111,6 +118,22 @@ class SignalGuest:
         return f"sent {signal.Signals(self.signo).name} to pid {self.pid}"
 
 
+class Handover(Protocol):
+    """What a command's watcher (imglock.run.watcher) must carry on, beyond the locks."""
+
+    def before_fork(self) -> None:
+        """In the wrapper, before the watcher is forked: stop any thread."""
+        ...
+
+    def in_watcher(self, runner: Runner) -> None:
+        """In the watcher, once it runs: take up the work again."""
+        ...
+
+    def finish(self) -> None:
+        """In the watcher, once the claim has ended: clean up."""
+        ...
+
+
 class RunConfig:
     """What ``imglock run`` was asked to do."""
 
@@ -151,16 +174,28 @@ class Runner:
         self.lock_expected = True
         self.lost = False
         self.on_started: Callable[[Runner], None] | None = None
+        #: Set by a QEMU handoff: what a watcher must take over besides the locks.
+        self.handover: Handover | None = None
+        #: The pid of the watcher the claim was handed to, once it was.
+        self.watcher = 0
 
     def run(self) -> int:
         claim = self.config.claim
         claim.open()
+        from imglock.run.survivors import become_subreaper
+
+        # Orphans of COMMAND (a daemon's launcher exits at once) become our
+        # children, so that step 6 finds them among our descendants.
+        become_subreaper()
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, *FORWARDED})
         try:
             return self._run(claim, old_mask)
         finally:
             try:
-                claim.release()
+                if self.watcher:
+                    claim.close()  # the watcher and the survivors hold the claim
+                else:
+                    claim.release()
             except LockError as exc:
                 # The descriptors are closed all the same, and the locks went
                 # with them: say so, and let COMMAND's status stand.
@@ -209,10 +244,61 @@ class Runner:
         self.guest = self.guest or SignalGuest(self.child, self.config.lock_lost_signal)
         if self.on_started is not None:
             self.on_started(self)
-        return self._wait()
+        status = self._wait()
+        self._hand_over_to_survivors(old_mask)
+        return status
+
+    def _hand_over_to_survivors(self, mask: set[int | signal.Signals]) -> None:
+        """Step 6: if processes COMMAND left behind still use the claim, let them keep it."""
+        from imglock.run.survivors import descendants, using
+
+        claim = self.config.claim
+        survivors = using(descendants(os.getpid()), claim.file_keys())
+        if not survivors:
+            _reap_orphans()
+            return
+        faults.point("run:survivors")
+        heir = self._heir(survivors)
+        from imglock.lock import procfs
+
+        command = procfs.argv(heir)
+        with self.claim_lock:
+            try:
+                claim.relabel(heir, command)
+            except LockError as exc:
+                self.config.say(f"{exc} (the claim stays with pid {heir} under the old name)")
+        pidfds = {}
+        for pid in survivors:
+            with contextlib.suppress(OSError):  # gone meanwhile: nothing to keep for it
+                pidfds[pid] = os.pidfd_open(pid)
+        # Only now, with a pidfd on each survivor, may their zombies be reaped
+        # (a reaped pid may be reused at once).
+        _reap_orphans()
+        if not pidfds:
+            return
+        self.child = heir if heir in pidfds else min(pidfds)
+        if isinstance(self.guest, SignalGuest):
+            self.guest.pid = self.child
+        if self.handover is not None:
+            self.handover.before_fork()
+        from imglock.run import watcher
+
+        self.watcher = watcher.start(self, pidfds, mask)
+        for fd in pidfds.values():
+            os.close(fd)
+        faults.point("run:handed-over")
+        self.config.note(
+            f"{len(pidfds)} process(es) left by the command still use the images: "
+            f"the claim stays with pid {self.child} ({' '.join(command or ['?'])}), "
+            f"watched by pid {self.watcher}"
+        )
+
+    def _heir(self, survivors: set[int]) -> int:
+        """The survivor to name in the lock: one of the command's own processes, the oldest."""
+        return min(survivors)
 
     def _wait(self) -> int:
-        interval = _check_interval(self.config.check_interval)
+        interval = check_interval(self.config.check_interval)
         watched = {signal.SIGCHLD, *FORWARDED}
         session_leader = os.getsid(0) == os.getpid()
         while True:
@@ -258,7 +344,7 @@ def forwarded(info: signal.struct_siginfo, session_leader: bool) -> bool:
     return info.si_signo == signal.SIGHUP and session_leader
 
 
-def _check_interval(seconds: float) -> float | None:
+def check_interval(seconds: float) -> float | None:
     """The timeout between lock checks: None (never) for 0 and for infinity."""
     import math
 
@@ -293,6 +379,13 @@ def _read_exec_error(fd: int) -> int | None:
     finally:
         os.close(fd)
     return int(data) if data else None
+
+
+def _reap_orphans() -> None:
+    """Reap the orphans that exited under us (a daemon's intermediate process)."""
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
 
 
 def _reap(pid: int) -> None:

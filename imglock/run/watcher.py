@@ -1,0 +1,189 @@
+"""The watcher: keeps a claim for the processes a command left behind, until the last is gone.
+
+When the command of ``imglock run`` exits but processes it started still
+use the images through the claim's descriptors (QEMU's ``-daemonize``, a
+shell's background job), the wrapper returns to the shell with the
+command's status and hands the claim to a small detached process, forked
+from itself, which:
+
+* keeps only the claim's descriptors and a pidfd (pidfd_open(2)) for each
+  survivor, in a session of its own, with /dev/null as its standard
+  streams (so that ``$(imglock run ...)`` and pipes do not wait for it);
+* goes on re-checking the locks every ``--check-interval`` seconds, and
+  for QEMU goes on watching its QMP monitor for a live migration (the
+  private socket's directory lives as long as the watcher);
+* once every process using the claim has exited, ends the claim (closes
+  the descriptors, removes the holder records and the private directory)
+  and exits.
+
+The survivors hold the descriptors too, so killing the watcher at any
+moment leaves the image held by a live process (they) or free: the lock
+goes with the last of them.  The watcher's messages go to syslog.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Final
+
+from imglock import faults
+
+if TYPE_CHECKING:
+    from imglock.api import Claim
+    from imglock.run.runner import Runner
+
+#: The watcher's exit status when something went wrong in it (EX_SOFTWARE).
+WATCHER_FAILED: Final = 70
+
+
+def start(runner: Runner, pidfds: dict[int, int], mask: Iterable[int]) -> int:
+    """Fork the watcher for *runner*'s claim and the processes of *pidfds*; return its pid.
+
+    Returns only in the wrapper: the watcher runs in the child and exits there.
+    """
+    pid = os.fork()
+    if pid:
+        return pid
+    code = WATCHER_FAILED  # pragma: no cover - everything below runs in the watcher
+    try:
+        _detach(keep={*runner.config.claim.fds, *_lock_fds(runner), *pidfds.values()})
+        signal.pthread_sigmask(signal.SIG_SETMASK, set(mask))
+        code = Watcher(runner, pidfds).run()
+    except BaseException as exc:  # the watcher has no one to raise to
+        _log(f"watcher stopped: {exc!r}")
+    finally:
+        os._exit(code)
+
+
+def _lock_fds(runner: Runner) -> list[int]:
+    """The image descriptors beside the lock descriptors (lockspace mode keeps both)."""
+    return [m.image.fd for m in runner.config.claim.members if m.image.fd >= 0]
+
+
+def _detach(keep: set[int]) -> None:  # pragma: no cover - runs in the watcher
+    """A session of its own, /dev/null as stdin/stdout/stderr, no descriptor but *keep*."""
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    low = 3
+    for fd in sorted(keep | {null}):
+        if fd >= low:
+            os.closerange(low, fd)
+            low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+    if null > 2 and null not in keep:
+        with contextlib.suppress(OSError):
+            os.close(null)
+
+
+def _log(message: str) -> None:
+    import syslog
+
+    syslog.openlog("imglock", syslog.LOG_PID, syslog.LOG_DAEMON)
+    syslog.syslog(syslog.LOG_ERR, message)
+
+
+class Watcher:
+    """The watcher's loop: wait for the survivors, re-check the locks, end the claim."""
+
+    def __init__(self, runner: Runner, pidfds: dict[int, int]) -> None:
+        self.runner = runner
+        self.pidfds = dict(pidfds)
+
+    def run(self) -> int:
+        runner = self.runner
+        claim = runner.config.claim
+        claim.process = os.getpid()  # the claim is the watcher's to end now
+        runner.config.say = _log
+        runner.config.note = _no_note
+        if runner.handover is not None:
+            runner.handover.in_watcher(runner)
+        faults.point("watch:started")
+        try:
+            self._wait()
+        finally:
+            claim.release()
+            if runner.handover is not None:
+                runner.handover.finish()
+        return 0
+
+    def _wait(self) -> None:
+        from imglock.run.runner import check_interval
+
+        interval = check_interval(self.runner.config.check_interval)
+        timeout_ms = None if interval is None else int(interval * 1000)
+        while self.pidfds or self._adopt_others():
+            poller = select.poll()
+            by_fd = {fd: pid for pid, fd in self.pidfds.items()}
+            for fd in by_fd:
+                poller.register(fd, select.POLLIN)
+            ready = poller.poll(timeout_ms)
+            if not ready:
+                self.runner.check_lock()
+                continue
+            for fd, _event in ready:
+                os.close(fd)
+                del self.pidfds[by_fd[fd]]
+            self._relabel_if_gone()
+
+    def _relabel_if_gone(self) -> None:
+        """When the process the lock names has exited, name one that still uses it."""
+        runner = self.runner
+        if runner.child in self.pidfds or not self.pidfds:
+            return
+        from imglock.errors import LockError
+        from imglock.lock import procfs
+
+        heir = min(self.pidfds)
+        with runner.claim_lock:
+            try:
+                runner.config.claim.relabel(heir, procfs.argv(heir))
+            except LockError as exc:
+                _log(f"{exc} (the claim stays held, under the old name)")
+        runner.child = heir
+        from imglock.run.runner import SignalGuest
+
+        if isinstance(runner.guest, SignalGuest):
+            runner.guest.pid = heir
+
+    def _adopt_others(self) -> bool:
+        """Processes that still share the claim's descriptors though none watched is left.
+
+        A survivor may have passed them on (to a child it forked before it
+        exited, or over a unix socket): those hold the lock too.
+        """
+        from imglock.run.survivors import holding
+
+        claim = self.runner.config.claim
+        if not claim.held:
+            return False
+        for pid in holding(own_bytes(claim)) - {os.getpid()}:
+            with contextlib.suppress(OSError):
+                self.pidfds[pid] = os.pidfd_open(pid)
+        if self.pidfds:
+            self._relabel_if_gone()
+        return bool(self.pidfds)
+
+
+def own_bytes(claim: Claim) -> list[tuple[tuple[int, int], int]]:
+    """((st_dev, st_ino) of the lock file, the claim's own imglock byte) for every held file."""
+    from imglock.lock.protocol import Layer, imglock_byte
+
+    out = []
+    for member in claim.members:
+        held = member.image.held
+        if held is None or Layer.IMGLOCK not in held.layers:
+            continue
+        fd, _name = member.image.lock_target
+        st = os.fstat(fd)
+        out.append(((st.st_dev, st.st_ino), imglock_byte(held.mode, held.owner)))
+    return out
+
+
+def _no_note(message: str) -> None:
+    """The watcher has no terminal to take notes."""
