@@ -4,9 +4,20 @@ Some images cannot carry locks that other hosts see: a block device on a SAN
 (each host has its own device node), or a filesystem whose locks stay local.
 For them the operator names a *lockspace*, a directory on a filesystem whose
 locks are shared (NFS, CephFS...), and the locks move to a file there named
-from a stable identity of the image: the WWID or device-mapper UUID of a
-block device, else the image's real path (so every host must mount the
-datastore at the same path, as with libvirt's path-based lockspaces).
+from the identity of the image: the file itself, never the name it was
+reached by, so that a symlink, a hard link or a bind mount of one image
+finds the same lock file.  See imglock(7), LOCKSPACES:
+
+* a block device: its WWID (or device-mapper UUID, or serial), which every
+  host reads the same from sysfs;
+* a file: its filesystem and its inode number.  A filesystem on a block
+  device is named by its UUID (``/dev/disk/by-uuid``) or the device's WWID,
+  which a shared-disk filesystem (GFS2, OCFS2) has the same on every host;
+  any other (NFS, CephFS, GlusterFS) by its type and mount source
+  (``server:/export``), which every host must therefore spell the same;
+  their inode numbers are the server's, the same on every client;
+* a file whose filesystem cannot be named (not in /proc/self/mountinfo,
+  such as a btrfs subvolume): its real path, as before.
 """
 
 from __future__ import annotations
@@ -26,6 +37,8 @@ if TYPE_CHECKING:
 LOCK_SUFFIX: Final = ".lock"
 #: Files in /sys/dev/block/MAJ:MIN that name a device the same on every host.
 _SYSFS_IDENTITIES: Final = ("device/wwid", "wwid", "dm/uuid", "device/serial")
+#: udev's links from filesystem UUIDs to block devices.
+_BY_UUID: Final = "/dev/disk/by-uuid"
 
 
 # A plain class, not a dataclass or NamedTuple: those cost far more to define,
@@ -45,28 +58,90 @@ class LockTarget:
         self.record_name = record_name
 
 
+def _sysfs_identity(dev: int) -> str | None:
+    """The WWID (or dm UUID, or serial) of block device *dev*, as sysfs gives it."""
+    base = f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"
+    for name in _SYSFS_IDENTITIES:
+        try:
+            with open(f"{base}/{name}", encoding="utf-8", errors="replace") as f:
+                value = f.read().strip()
+        except OSError:
+            continue
+        if value:
+            return value
+    return None
+
+
+def _filesystem_uuid(dev: int) -> str | None:
+    """The UUID of the filesystem on block device *dev* (from udev's /dev/disk/by-uuid)."""
+    try:
+        names = os.listdir(_BY_UUID)
+    except OSError:
+        return None
+    for name in names:
+        try:
+            if os.stat(os.path.join(_BY_UUID, name)).st_rdev == dev:
+                return name
+        except OSError:
+            continue
+    return None
+
+
+def _mount_source(dev: int, mountinfo: str = "/proc/self/mountinfo") -> str | None:
+    """``TYPE:SOURCE`` of the filesystem mounted from *dev* (any of its mounts: binds agree)."""
+    wanted = f"{os.major(dev)}:{os.minor(dev)}"
+    try:
+        with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.readlines()
+    except OSError:
+        return None
+    for line in lines:
+        # ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [TAGS...] - TYPE SOURCE SUPEROPTIONS
+        fields = line.split()
+        if len(fields) > 2 and fields[2] == wanted and "-" in fields:
+            after = fields[fields.index("-") + 1 :]
+            if len(after) >= 2:
+                return f"{after[0]}:{after[1]}"
+    return None
+
+
+def filesystem_identity(dev: int) -> str | None:
+    """A name for the filesystem on *dev* that every host that mounts it shares, if any."""
+    if os.major(dev) != 0:  # a real block device, not an anonymous one (NFS, FUSE, overlay)
+        uuid = _filesystem_uuid(dev)
+        if uuid:
+            return f"uuid:{uuid}"
+        wwid = _sysfs_identity(dev)
+        if wwid:
+            return f"block:{wwid}"
+    source = _mount_source(dev)
+    return f"mount:{source}" if source else None
+
+
 def identity(path: str, st: os.stat_result) -> str:
-    """A name for the image that is the same on every host."""
+    """A name for the image that is the same on every host, and for every name of it."""
     if stat.S_ISBLK(st.st_mode):
-        base = f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
-        for name in _SYSFS_IDENTITIES:
-            try:
-                with open(f"{base}/{name}", encoding="utf-8", errors="replace") as f:
-                    value = f.read().strip()
-            except OSError:
-                continue
-            if value:
-                return f"block:{value}"
+        wwid = _sysfs_identity(st.st_rdev)
+        if wwid:
+            return f"block:{wwid}"
+    else:
+        filesystem = filesystem_identity(st.st_dev)
+        if filesystem:
+            return f"file:{filesystem}:{st.st_ino}"
     return "path:" + os.path.realpath(path)
 
 
 def lock_file_name(path: str, st: os.stat_result) -> str:
-    """The lock file's name in the lockspace: readable prefix, hashed identity."""
+    """The lock file's name in the lockspace: the kind of identity, and its hash.
+
+    Nothing of the name the image was reached by goes into it: a hard link
+    or a bind mount must find the same file.
+    """
     import hashlib  # loads OpenSSL: only lockspace users pay for it
 
-    digest = hashlib.sha256(identity(path, st).encode("utf-8", "surrogateescape")).hexdigest()
-    readable = os.path.basename(path).replace(os.sep, "_")[:64] or "image"
-    return f"{readable}-{digest[:24]}{LOCK_SUFFIX}"
+    ident = identity(path, st)
+    digest = hashlib.sha256(ident.encode("utf-8", "surrogateescape")).hexdigest()
+    return f"{ident.partition(':')[0]}-{digest[:24]}{LOCK_SUFFIX}"
 
 
 def _why(exc: OSError) -> str:
