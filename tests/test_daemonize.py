@@ -244,3 +244,21 @@ def test_a_daemonized_source_hands_its_claim_over_in_a_live_migration(
     dest.terminate()
     dest.wait(timeout=TIMEOUT)
     wait_until("the image is free", lambda: not imglock.holders(lab.image, lockspace=lab.lockspace))
+
+
+@pytest.mark.parametrize("signo", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_watcher_ended_by_a_signal_leaves_the_claim_and_the_socket_to_the_daemon(
+    lab: Lab, signo: int
+) -> None:
+    daemon = lab.daemonize()
+    os.kill(daemon.watcher, signo)
+    wait_until("the watcher is gone", lambda: not alive(daemon.watcher))
+    assert alive(daemon.pid)
+    (holder,) = lab.imglock_holders()
+    assert holder.pid == daemon.pid and holder.local_pids == (daemon.pid,)
+    with pytest.raises(imglock.LockConflict):
+        imglock.claim(lab.image, qemu_locks=False, lockspace=lab.lockspace)
+    assert os.path.exists(os.path.join(daemon.private_dir, "qmp.sock"))
+    os.kill(daemon.pid, signal.SIGKILL)
+    wait_until("the image is free", lambda: not imglock.holders(lab.image, lockspace=lab.lockspace))
+    shutil.rmtree(daemon.private_dir)  # no watcher is left to remove it

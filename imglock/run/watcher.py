@@ -45,16 +45,25 @@ def start(runner: Runner, pidfds: dict[int, int], mask: Iterable[int]) -> int:
 
     Returns only in the wrapper: the watcher runs in the child and exits there.
     """
-    pid = os.fork()
+    import warnings
+
+    with warnings.catch_warnings():
+        # Python 3.12 warns about fork() in a process with threads (the QMP
+        # monitor's, stopped just before): the watcher uses none of theirs.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
     if pid:
         return pid
     code = WATCHER_FAILED  # pragma: no cover - everything below runs in the watcher
     try:
         _detach(keep={*runner.config.claim.fds, *_lock_fds(runner), *pidfds.values()})
+        # Any signal that ends the watcher ends it at once: the survivors
+        # hold the claim without it, and it must not clean up under them.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, set(mask))
         code = Watcher(runner, pidfds).run()
     except BaseException as exc:  # the watcher has no one to raise to
-        _log(f"watcher stopped: {exc!r}")
+        _log(f"watcher stopped: {exc!r}; the processes using the images keep the claim")
     finally:
         os._exit(code)
 
@@ -104,12 +113,12 @@ class Watcher:
         if runner.handover is not None:
             runner.handover.in_watcher(runner)
         faults.point("watch:started")
-        try:
-            self._wait()
-        finally:
-            claim.release()
-            if runner.handover is not None:
-                runner.handover.finish()
+        self._wait()
+        # Only once every process using the claim is gone: an error above
+        # leaves the records and the private directory to them.
+        claim.release()
+        if runner.handover is not None:
+            runner.handover.finish()
         return 0
 
     def _wait(self) -> None:
