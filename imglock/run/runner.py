@@ -178,6 +178,8 @@ class Runner:
         self.handover: Handover | None = None
         #: The pid of the watcher the claim was handed to, once it was.
         self.watcher = 0
+        #: Whether the command's orphans become our children (PR_SET_CHILD_SUBREAPER).
+        self.subreaper = False
 
     def run(self) -> int:
         claim = self.config.claim
@@ -186,7 +188,7 @@ class Runner:
 
         # Orphans of COMMAND (a daemon's launcher exits at once) become our
         # children, so that step 6 finds them among our descendants.
-        become_subreaper()
+        self.subreaper = become_subreaper()
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, *FORWARDED})
         try:
             return self._run(claim, old_mask)
@@ -253,6 +255,8 @@ class Runner:
         from imglock.run.survivors import descendants, using
 
         claim = self.config.claim
+        if self.subreaper and not _has_children():
+            return  # every descendant would be our child by now: there is none
         survivors = using(descendants(os.getpid()), claim.file_keys())
         if not survivors:
             _reap_orphans()
@@ -379,6 +383,15 @@ def _read_exec_error(fd: int) -> int | None:
     finally:
         os.close(fd)
     return int(data) if data else None
+
+
+def _has_children() -> bool:
+    """Whether this process has any child left, live or zombie (none is reaped)."""
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    return True
 
 
 def _reap_orphans() -> None:
