@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -358,6 +359,13 @@ def test_a_wrapper_or_watcher_killed_while_a_daemon_runs_leaves_the_image_held_b
     assert holding and holding <= survivors, (holding, survivors)
     with pytest.raises(imglock.LockConflict):
         imglock.claim(top, qemu_locks=False)
+    # A daemon's private QMP directory, left behind when no watcher outlived the crash.
+    private = {
+        os.path.dirname(arg.split("path=", 1)[1].split(",", 1)[0])
+        for pid in survivors
+        for arg in argv(pid)
+        if "path=" in arg and "qmp.sock" in arg
+    }
     for pid in survivors:
         kill_quietly(pid)
     wait_until(f"no process of {point} is left", lambda: not marked.pids())
@@ -365,6 +373,8 @@ def test_a_wrapper_or_watcher_killed_while_a_daemon_runs_leaves_the_image_held_b
     wait_until("the image is free", lambda: not any(imglock.holders(p) for p in files))
     with imglock.claim(top):
         pass
+    for directory in private:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def argv(pid: int) -> list[str]:
