@@ -14,6 +14,7 @@ from imglock.errors import EX_HELD, EX_OK
 if TYPE_CHECKING:
     from imglock.api import ImageReport
     from imglock.errors import ImglockError
+    from imglock.formats import OpenImage
     from imglock.lock.holder import Holder
 
 HEADER: Final = (
@@ -73,7 +74,7 @@ def status(as_json: bool, lockspace: str | None, paths: tuple[str, ...]) -> None
     from imglock.api import inspect_image
     from imglock.errors import ImglockError
     from imglock.lock.discovery import LocalLocks
-    from imglock.scan import find_images
+    from imglock.scan import survey
 
     voice = Voice.current()
     local = LocalLocks()  # one /proc scan, and only once some lock is seen
@@ -86,19 +87,17 @@ def status(as_json: bool, lockspace: str | None, paths: tuple[str, ...]) -> None
         skipped += 1
         voice.note(f"{path}: skipped: {why}")
 
-    for found in find_images(paths, skip):
-        if found.image is None:
-            assert found.error is not None
-            voice.error(str(found.error))
-            errors.append(found.error)
-            continue
-        try:
-            reports.append(inspect_image(found.image, lockspace=lockspace, local=local))
-        except ImglockError as exc:
-            voice.error(str(exc))
-            errors.append(exc)
-        finally:
-            found.image.close()
+    # Images are looked at several at once (each is round trips on NFS and
+    # the like), and reported in walk order.
+    def look(image: OpenImage) -> ImageReport:
+        return inspect_image(image, lockspace=lockspace, local=local)
+
+    for _filename, outcome in survey(paths, look, skip):
+        if isinstance(outcome, ImglockError):
+            voice.error(str(outcome))
+            errors.append(outcome)
+        else:
+            reports.append(outcome)
     voice.note(f"images read: {len(reports)}, errors: {len(errors)}, files skipped: {skipped}")
     if not reports and not errors:
         voice.warn(f"no images found in {', '.join(paths)}")
