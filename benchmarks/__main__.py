@@ -5,8 +5,9 @@ with, measured in the same run on the same machine: claim+release beside
 the syscall floor, each command beside its counterpart (qemu-img, lslocks,
 flock) and its start-up beside ``python -c pass``, and the downtime a
 migration handoff adds (from ``benchmarks/bench_migration.py``, when
-present).  ``--quick`` takes fewer samples: a rough look in well under a
-minute, not figures to quote.
+present), and the same through a network filesystem when the GlusterFS
+mounts of ``tests/gluster/up`` are there (``benchmarks/bench_gluster.py``).
+``--quick`` takes fewer samples: a rough look, not figures to quote.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from benchmarks import bench_claim, bench_cli
+from benchmarks import bench_claim, bench_cli, bench_gluster
 from benchmarks.timing import Row, Unavailable, table_lines
 
 MIGRATION = "migration downtime added by the handoff"
@@ -63,6 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows += _guarded("claim+release", bench_claim.figures, args.quick)
     rows += _guarded("imglock commands", bench_cli.figures, args.quick)
     rows += migration_rows(args.quick)
+    rows += _guarded(bench_gluster.SECTION, bench_gluster.figures, args.quick)
     print(f"imglock benchmarks ({'quick' if args.quick else 'full'}): {describe_machine()}")
     print()
     print("\n".join(table_lines(rows)))

@@ -163,8 +163,8 @@ def started() -> Iterator[list[subprocess.Popen[str]]]:
 def datastore() -> Iterator[Datastore]:
     """Hosts A, B and C on one GlusterFS volume, in a directory of the test's own.
 
-    Whatever the test did to a host's mount (crashed or hung its client),
-    every mount answers again afterwards.
+    Hosts a test crashes or hangs are mounted for it alone, and unmounted
+    afterwards; the shared mounts are left as they were.
     """
     reason = unavailable_reason()
     if reason is not None:

@@ -5,7 +5,9 @@ each mount through its own ``glusterfs`` client process.  Each mount is a
 host: the brick's lock translator is the lock manager all of them talk to,
 as NFS clients talk to their server, and a client process is what a host's
 kernel is to its mounts (kill it and the host has crashed; stop it and the
-host hangs).  Commands of a host run in UTS and PID namespaces of their own,
+host hangs).  A test that crashes or hangs a host mounts one of its own
+for that (:meth:`Datastore.own_host`): the three shared mounts may be in
+use by other tests at the same time.  Commands of a host run in UTS and PID namespaces of their own,
 so each host has its own host name and its own pids.
 
 Hosts A and B take part in a test; host C is a third vantage point that only
@@ -15,11 +17,13 @@ looks.  The mounts are found from ``IMGLOCK_GLUSTER_A``/``_B``/``_C`` (as
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -29,7 +33,7 @@ from pathlib import Path
 REPO = str(Path(__file__).parents[1])
 DEFAULT_STATE_DIR = "/tmp/imglock-gluster"
 HOST_NAMES = ("host-a", "host-b", "host-c")
-#: How long a remounted client gets to answer again.
+#: How long a newly mounted client gets to answer.
 REMOUNT_TIMEOUT = 20.0
 
 
@@ -151,6 +155,8 @@ class Host:
         )
 
     # -- the host's kernel, as far as the datastore is concerned -----------
+    # Only for a host of its own (Datastore.own_host): the shared mounts
+    # may be in use by other tests meanwhile.
 
     def client_pid(self) -> int:
         pid = client_pid(self.mount)
@@ -172,37 +178,52 @@ class Host:
 
 
 class Datastore:
-    """Hosts A, B and C on one GlusterFS volume, and the mounts' health after a test."""
+    """Hosts A, B and C on one GlusterFS volume; hosts of a test's own to crash or hang."""
 
     def __init__(self) -> None:
         self.mounts = mount_points()
-        # The client command lines, to remount a host that a test crashed.
-        self.clients: dict[Path, list[bytes]] = {}
-        for mount in self.mounts:
-            with open(f"/proc/{client_pid(mount)}/cmdline", "rb") as f:
-                self.clients[mount] = f.read().rstrip(b"\0").split(b"\0")
         workdir = f"imglock-test-{uuid.uuid4().hex[:12]}"
         os.mkdir(self.mounts[0] / workdir)
         self.a, self.b, self.c = (
             Host(name, mount, workdir) for name, mount in zip(HOST_NAMES, self.mounts, strict=True)
         )
+        self.own_mounts: list[Path] = []
 
     @property
     def hosts(self) -> tuple[Host, Host, Host]:
         return self.a, self.b, self.c
 
-    def heal(self) -> None:
-        """Bring every mount back: resume stopped clients, remount crashed ones."""
-        for mount in self.mounts:
-            pid = client_pid(mount)
-            if pid is not None:
-                os.kill(pid, signal.SIGCONT)
-                continue
-            # A dead client leaves "Transport endpoint is not connected" behind.
-            subprocess.run(["umount", "-l", mount], capture_output=True, check=False)
-            subprocess.run(self.clients[mount], check=True, timeout=REMOUNT_TIMEOUT)
-            _until(lambda m=mount: answers(m), REMOUNT_TIMEOUT, f"{mount} to answer again")  # type: ignore[misc]
+    def own_host(self, name: str) -> Host:
+        """A host with a mount (a client process) of its own, for a test to crash or hang.
+
+        Mounted like host A's mount, at a private mount point; unmounted,
+        and its client ended, when the test is over.
+        """
+        with open(f"/proc/{client_pid(self.a.mount)}/cmdline", "rb") as f:
+            argv = f.read().rstrip(b"\0").split(b"\0")
+        mount = Path(tempfile.mkdtemp(prefix=f"imglock-{name}-", dir="/tmp"))
+        self.own_mounts.append(mount)
+        # The same options; its own pid and log file, and its own mount point.
+        options = [a for a in argv[1:-1] if not a.startswith((b"--pid-file=", b"--log-file="))]
+        log = Path(tempfile.gettempdir(), f"{mount.name}.log")
+        subprocess.run(
+            [argv[0], *options, f"--log-file={log}", mount], check=True, timeout=REMOUNT_TIMEOUT
+        )
+        _until(lambda: answers(mount), REMOUNT_TIMEOUT, f"{mount} to answer")
+        return Host(name, mount, self.a.workdir)
 
     def close(self) -> None:
-        self.heal()
+        for mount in self.own_mounts:
+            pid = client_pid(mount)
+            if pid is not None:
+                os.kill(pid, signal.SIGCONT)  # a stopped client would not unmount
+            subprocess.run(["umount", "-l", mount], capture_output=True, check=False)
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+                _until(lambda p=pid: not os.path.exists(f"/proc/{p}"), 10, "the client to end")  # type: ignore[misc]
+            with contextlib.suppress(OSError):
+                mount.rmdir()
+            with contextlib.suppress(OSError):
+                os.unlink(Path(tempfile.gettempdir(), f"{mount.name}.log"))
         shutil.rmtree(self.c.dir, ignore_errors=True)

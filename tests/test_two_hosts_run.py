@@ -271,7 +271,8 @@ def test_a_failed_migration_leaves_the_claim_on_the_source_host(cluster: Cluster
 def test_a_crashed_host_loses_its_claim_its_wrapper_pauses_the_guest_and_b_takes_over(
     cluster: Cluster,
 ) -> None:
-    a, b, _c = cluster.store.hosts
+    _a, b, _c = cluster.store.hosts
+    a = cluster.store.own_host("host-a")  # a mount of its own, to crash
     on_a = cluster.start("a1", a)
     _until(lambda: on_a.status() == RUNNING, what="the guest to run on A")
     _until(lambda: cluster.holders() == ["host-a"], what="host A's claim")
@@ -296,7 +297,8 @@ def test_a_crashed_host_loses_its_claim_its_wrapper_pauses_the_guest_and_b_takes
 
 
 def test_a_hung_host_keeps_its_claim_and_loses_nothing(cluster: Cluster) -> None:
-    a, b, c = cluster.store.hosts
+    _a, b, c = cluster.store.hosts
+    a = cluster.store.own_host("host-a")  # a mount of its own, to hang
     on_a = cluster.start("a1", a)
     _until(lambda: on_a.status() == RUNNING, what="the guest to run on A")
     _until(lambda: cluster.holders() == ["host-a"], what="host A's claim")
