@@ -26,8 +26,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -35,11 +34,10 @@ from typing import Literal
 import pytest
 from conftest import CLAIMER, ENV
 from hostile_cases import SMALL, qcow2
+from processes import TIMEOUT, alive, state, wait_until
 
 import imglock
 
-#: Seconds for a process to reach its step, and for survivors to go.
-TIMEOUT = 10.0
 LIBRARY = Path(imglock.__file__).parent
 
 
@@ -96,27 +94,6 @@ HANDOVER_POINTS = [
 
 
 # --- Processes ----------------------------------------------------------------------
-
-
-def state(pid: int) -> str | None:
-    """The process state letter (R, S, T, Z...), or None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-
-
-def alive(pid: int) -> bool:
-    return state(pid) not in (None, "Z")
-
-
-def wait_until(what: str, predicate: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {TIMEOUT} s: {what}")
-        time.sleep(0.01)
 
 
 @dataclass

@@ -10,6 +10,7 @@ is real (TCG), and so is every rival: another process, as on another host.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import shutil
@@ -17,13 +18,14 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import processes
 import pytest
 from conftest import ENV
+from processes import alive
 from qemu_vm import NONE_MACHINE, TINY_PC
 
 import imglock
@@ -34,22 +36,8 @@ pytestmark = pytest.mark.qemu
 
 TIMEOUT = 20.0
 IMGLOCK = [sys.executable, "-m", "imglock"]
-
-
-def wait_until(what: str, predicate: Callable[[], object]) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {TIMEOUT} s: {what}")
-        time.sleep(0.01)
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+#: QEMUs under TCG on a busy machine: give them time.
+wait_until = functools.partial(processes.wait_until, timeout=TIMEOUT)
 
 
 @dataclass

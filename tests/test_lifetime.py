@@ -19,29 +19,11 @@ from pathlib import Path
 
 import pytest
 from conftest import ENV, ImglockCli, SpawnRival
+from processes import TIMEOUT, alive, wait_until
 
 import imglock
 from imglock.errors import UsageError
 from imglock.lock.identity import Owner
-
-#: Seconds for a process to get where a test waits for it.
-TIMEOUT = 10.0
-
-
-def wait_until(what: str, predicate: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {TIMEOUT} s: {what}")
-        time.sleep(0.01)
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def imglock_pids(image: Path) -> set[int]:
