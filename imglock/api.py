@@ -392,7 +392,11 @@ class Claim:
         holder records then name the process that actually uses the image,
         on every host.  The claim stays held throughout.
         """
-        if not self.held or not self.owned_here:
+        if not self.owned_here:
+            return
+        if not self.held:  # a later acquire (a migration destination's) names *pid*
+            self.owner_pid = pid
+            self.command = command if command is not None else self.command
             return
         new = Owner.current(pid)
         for member in self.members:

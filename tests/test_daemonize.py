@@ -29,7 +29,7 @@ from processes import alive
 from qemu_vm import NONE_MACHINE, TINY_PC
 
 import imglock
-from imglock.lock.identity import hostname
+from imglock.lock.identity import Owner, hostname
 from imglock.qemu.monitor import MonitorThread
 
 pytestmark = pytest.mark.qemu
@@ -137,6 +137,7 @@ def test_a_daemonized_qemu_keeps_its_claim_for_its_whole_life(lab: Lab) -> None:
     # status names the daemon: pid, host and command, from its lock offset and record.
     (holder,) = lab.imglock_holders()
     assert (holder.pid, holder.host, holder.mode) == (daemon.pid, hostname(), "exclusive")
+    assert holder.owner is not None and Owner.from_id(holder.owner).pid == daemon.pid
     assert holder.command is not None and "-daemonize" in holder.command
 
     # Every rival is refused: the library without QEMU's bytes, a wrapper
@@ -250,3 +251,43 @@ def test_a_watcher_ended_by_a_signal_leaves_the_claim_and_the_socket_to_the_daem
     os.kill(daemon.pid, signal.SIGKILL)
     wait_until("the image is free", lambda: not imglock.holders(lab.image, lockspace=lab.lockspace))
     shutil.rmtree(daemon.private_dir)  # no watcher is left to remove it
+
+
+def test_a_daemonized_destination_takes_the_claim_over_in_a_live_migration(
+    lab: Lab, started: list[subprocess.Popen[str]]
+) -> None:
+    source_qmp, migration = lab.path("source.qmp"), lab.path("migrate.sock")
+    source_argv = [
+        *IMGLOCK, "run", *lab.lockspace_options(), "--",
+        *lab.qemu_argv("-qmp", f"unix:{source_qmp},server=on,wait=off", machine=TINY_PC),
+    ]  # fmt: skip
+    source = subprocess.Popen(
+        source_argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=ENV,
+    )
+    started.append(source)  # type: ignore[arg-type]
+    wait_until("the source holds the claim", lambda: lab.imglock_holders() != [])
+    dest = lab.daemonize("-incoming", f"unix:{migration}", machine=TINY_PC)
+    # Until the migration completes the destination holds nothing: the source does.
+    assert [h.pid for h in lab.imglock_holders()] != [dest.pid]
+    monitor = MonitorThread.connect(source_qmp, timeout=TIMEOUT)
+    try:
+        monitor.call(monitor.monitor.execute("migrate", {"uri": f"unix:{migration}"}))
+        wait_until(
+            "the daemonized destination holds the claim",
+            lambda: [h.pid for h in lab.imglock_holders()] == [dest.pid],
+        )
+        monitor.call(monitor.monitor.execute("quit"))
+    finally:
+        monitor.close()
+    source.wait(timeout=TIMEOUT)
+    (holder,) = lab.imglock_holders()
+    assert holder.pid == dest.pid and holder.command is not None and "-incoming" in holder.command
+    # The lock offset itself, which every host reads, names the daemon.
+    assert holder.owner is not None and Owner.from_id(holder.owner).pid == dest.pid
+    os.kill(dest.pid, signal.SIGTERM)
+    wait_until("the image is free", lambda: not imglock.holders(lab.image, lockspace=lab.lockspace))
+    wait_until("the watcher is gone", lambda: not alive(dest.watcher))
