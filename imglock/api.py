@@ -313,17 +313,86 @@ class Claim:
 
     def _write_records(self, owner: Owner) -> None:
         for member in self.members:
-            record = records.make_record(
-                member.image.filename, owner, member.mode.value, self.command
-            )
-            # A backing file is named by an image header, which anyone who can
-            # write the image controls: its record goes only into a record
-            # directory that is already there, never into a new one.
-            create = member.named or self.lockspace is not None
-            member.record_problem = records.write(
-                member.record_dir, member.record_name, record, create=create
-            )
-            member.recorded = member.record_problem is None
+            self._write_record(member, owner)
+
+    def _write_record(self, member: _Member, owner: Owner) -> None:
+        record = records.make_record(member.image.filename, owner, member.mode.value, self.command)
+        # A backing file is named by an image header, which anyone who can
+        # write the image controls: its record goes only into a record
+        # directory that is already there, never into a new one.
+        create = member.named or self.lockspace is not None
+        member.record_problem = records.write(
+            member.record_dir, member.record_name, record, create=create
+        )
+        member.recorded = member.record_problem is None
+
+    # -- following a VM's block graph (imglock.run.graph) ------------------
+
+    def add_file(self, path: str, mode: Mode, role: str = "top") -> _Member:
+        """Open one more file and claim it in *mode*, alone (no chain is followed).
+
+        For a file a running VM opened: its block graph lists every file of
+        a chain itself.  The descriptor stays with this process.  Raises
+        LockConflict naming the holder (nothing is held then), ImageError
+        if the file cannot be opened.
+        """
+        from imglock.formats import open_image
+
+        # Only the bytes matter here: never probe what a VM may be writing.
+        image = open_image(path, "raw")
+        member = _Member(image, mode, False, role)
+        try:
+            self._attach_lockspace(member)
+            owner = Owner.current(self.owner_pid)
+            try:
+                image.driver.claim(image, mode, self.layers, owner)
+            except ProtocolConflict as exc:
+                raise _named_conflict(member, exc) from None
+        except BaseException:
+            image.close()
+            raise
+        self.members.append(member)
+        if self.record:
+            self._write_record(member, owner)
+        return member
+
+    def drop_file(self, member: _Member) -> None:
+        """Unclaim one file that the VM has closed, and close our descriptor.
+
+        An explicit unlock (case 4 of the lifetime rule in imglock(7)): the
+        VM may still hold a descriptor it inherited at start, but its block
+        layer has closed the file and no longer uses it.
+        """
+        self.members.remove(member)
+        owner = member.image.held.owner if member.image.held else None
+        try:
+            member.image.driver.release(member.image)
+        finally:
+            member.image.close()
+            if member.recorded and owner is not None:
+                member.recorded = False
+                records.remove(member.record_dir, member.record_name, owner)
+
+    def change_file_mode(self, member: _Member, mode: Mode) -> None:
+        """Turn one file's claim into one in *mode* on the same descriptor.
+
+        Never unclaimed in between (see protocol.change_mode).  Raises
+        LockConflict naming the holder; the old mode is kept then.
+        """
+        from imglock.lock import protocol
+
+        held = member.image.held
+        if held is None or held.mode is mode:
+            member.mode = mode
+            return
+        fd, filename = member.image.lock_target
+        try:
+            member.image.held = protocol.change_mode(fd, filename, held, mode)
+        except ProtocolConflict as exc:
+            raise _named_conflict(member, exc, mode) from None
+        member.mode = mode
+        if self.record and member.recorded:
+            self._write_record(member, held.owner)
 
     def verify(self) -> None:
         """Raise LockLost if any lock of this claim is gone (see protocol.verify)."""
@@ -472,8 +541,14 @@ class _Contended(Exception):
         self.conflict = conflict
 
 
-def _named_conflict(member: _Member, exc: ProtocolConflict) -> LockConflict:
-    """Turn a bare conflict into one that names who holds the image."""
+def _named_conflict(
+    member: _Member, exc: ProtocolConflict, mode: Mode | None = None
+) -> LockConflict:
+    """Turn a bare conflict into one that names who holds the image.
+
+    *mode* is the mode asked for, when not the member's own (a mode change).
+    """
+    mode = mode or member.mode
     from imglock.lock.discovery import survey
 
     fd, filename = member.image.lock_target
@@ -484,9 +559,12 @@ def _named_conflict(member: _Member, exc: ProtocolConflict) -> LockConflict:
         record_dir=member.record_dir,
         record_name=member.record_name,
     ).holders
+    if member.image.held is not None:  # a mode change: our own byte is no rival
+        own = member.image.held.owner.id
+        found = [h for h in found if h.owner != own]
     image = member.image.filename
     if not found:
-        return LockConflict(image, f"cannot claim {member.mode.value}: held by another process")
+        return LockConflict(image, f"cannot claim {mode.value}: held by another process")
     first = _blocking_holder(found, exc.lock)
     # Several imglock holders (shared readers, shared writers) are all in
     # the way: name each of them, up to a few.
@@ -497,7 +575,7 @@ def _named_conflict(member: _Member, exc: ProtocolConflict) -> LockConflict:
     held = ", ".join(h.describe() for h in named)
     if len(found) > len(named):
         held += f" and {len(found) - len(named)} more"
-    return LockConflict(image, f"cannot claim {member.mode.value}: held {held}", found)
+    return LockConflict(image, f"cannot claim {mode.value}: held {held}", found)
 
 
 def _blocking_holder(found: list[Holder], lock: RangeLock) -> Holder:

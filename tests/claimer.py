@@ -1,6 +1,7 @@
 """A real process that claims images and holds them: the rival in lock tests.
 
-    python tests/claimer.py [--mode shared] [--wait S] [--no-qemu] [--fork-child] IMAGE...
+    python tests/claimer.py [--mode shared] [--wait S] [--no-qemu] [--fork-child]
+                            [--lockspace DIR] [--no-chain] IMAGE...
 
 Prints one JSON line, {"ok": true, "pid": N} once it holds the claim or
 {"ok": false, "error": "...", "status": N, "holders": [...]} if it could not
@@ -31,10 +32,15 @@ def main() -> int:
     parser.add_argument("--no-qemu", action="store_true")
     parser.add_argument("--fork-child", action="store_true")
     parser.add_argument("--lockspace")
+    parser.add_argument("--no-chain", action="store_true", help="claim no backing or data file")
     args = parser.parse_args()
     faults.install_from_environment()
     layers = Layer.IMGLOCK if args.no_qemu else Layer.IMGLOCK | Layer.QEMU
-    specs = [ClaimSpec(path, as_mode(args.mode)) for path in args.images]
+    follow = not args.no_chain
+    specs = [
+        ClaimSpec(path, as_mode(args.mode), backing=follow, data_file=follow)
+        for path in args.images
+    ]
     claim = Claim(specs, wait=args.wait, layers=layers, lockspace=args.lockspace)
     try:
         claim.acquire()

@@ -86,6 +86,13 @@ from imglock.errors import EX_TEMPFAIL
     help="Signal (name or number) sent to a non-QEMU COMMAND when its lock is lost.",
 )
 @click.option(
+    "--graph-interval",
+    type=click.FloatRange(min=0),
+    default=0.5,
+    show_default=True,
+    help="QEMU: seconds between readings of its block graph, which the claim follows (0: never).",
+)
+@click.option(
     "--dry-run",
     is_flag=True,
     help="Print what would be claimed (every file, role, mode) and exit; take no lock.",
@@ -104,6 +111,7 @@ def run(
     lockspace: str | None,
     check_interval: float,
     lock_lost_signal: int,
+    graph_interval: float,
     dry_run: bool,
     as_json: bool,
     command: tuple[str, ...],
@@ -133,6 +141,7 @@ def run(
             lockspace=lockspace,
             check_interval=check_interval,
             lock_lost_signal=lock_lost_signal,
+            graph_interval=graph_interval,
             say=voice.error,
             note=voice.note,
             warn=voice.warn,

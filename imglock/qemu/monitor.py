@@ -225,6 +225,11 @@ Hook = Callable[[], object]
 or a coroutine function (awaited)."""
 
 
+async def call_hook(hook: Hook) -> None:
+    """Run *hook*: await a coroutine function, run a plain one in a daemon thread."""
+    await _call_hook(hook)
+
+
 async def _call_hook(hook: Hook) -> None:
     if inspect.iscoroutinefunction(hook):
         await hook()
@@ -432,7 +437,59 @@ class Monitor:
         if not (await self.migration_capabilities()).get(CAPABILITY_EVENTS, False):
             await self.set_migration_capabilities(events=True)
 
+    async def block_graph(self) -> Mapping[str, Any]:
+        """``x-debug-query-block-graph``: every node, and every edge with its permissions.
+
+        Unstable in name (``x-``) but present from QEMU 4.0 through 7.2 and
+        later; the only QMP command that shows which parent uses a node with
+        which permissions (``perm``) and lets others use it how
+        (``shared-perm``).
+        """
+        reply = await self.execute("x-debug-query-block-graph")
+        return reply if isinstance(reply, dict) else {}
+
+    async def named_block_nodes(self) -> list[Mapping[str, Any]]:
+        """``query-named-block-nodes`` (flat): every node with its driver and file name."""
+        reply = await self.execute("query-named-block-nodes", {"flat": True})
+        return [node for node in reply if isinstance(node, dict)] if isinstance(reply, list) else []
+
+    async def pass_fd(self, fd: int, name: str) -> None:
+        """Give QEMU a copy of descriptor *fd*, kept under *name* (QMP ``getfd``).
+
+        The copy travels as SCM_RIGHTS over the monitor's unix socket.  QEMU
+        keeps it in the monitor until ``closefd`` or until it exits, also
+        after this client disconnects (unlike ``add-fd`` sets, which QEMU
+        closes when no client is left).  A name passed again replaces the
+        older descriptor.
+        """
+        if self.closed:
+            raise MonitorClosed(self.path, "cannot pass a descriptor: QEMU closed its monitor")
+        try:
+            self._client.send_fd_scm(fd)
+        except (QMPError, OSError) as exc:
+            raise MonitorClosed(self.path, f"cannot pass a descriptor: {exc}") from None
+        await self.execute("getfd", {"fdname": name})
+
+    async def close_fd(self, name: str) -> None:
+        """Close the descriptor QEMU keeps under *name* (QMP ``closefd``)."""
+        await self.execute("closefd", {"fdname": name})
+
     # -- events -------------------------------------------------------------
+
+    def listen(self, names: Collection[str]) -> EventListener:
+        """A listener of its own for the events *names*, beside the watched ones.
+
+        For a watcher that must not take events from the queue that
+        :meth:`next_event` serves (the migration handoff's).  Remove it
+        with :meth:`unlisten`.
+        """
+        listener = EventListener(names=sorted(names))
+        self._client.register_listener(listener)
+        return listener
+
+    def unlisten(self, listener: EventListener) -> None:
+        with contextlib.suppress(Exception):
+            self._client.remove_listener(listener)
 
     async def next_event(
         self, names: Collection[str] | None = None, *, timeout: float | None = None

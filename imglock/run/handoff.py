@@ -22,17 +22,21 @@ a private 0700 directory, added beside whatever monitors the user has.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import signal
 import threading
 from dataclasses import dataclass, field
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from imglock import faults
 from imglock.errors import ImglockError
 from imglock.qemu.cmdline import has_freeze_cpu, migration_incoming, with_extra_args
 from imglock.qemu.monitor import Monitor, MonitorThread, watch_destination, watch_source
 from imglock.run.runner import Runner
+
+if TYPE_CHECKING:
+    from imglock.run.graph import GraphFollower
 
 #: How long QEMU gets to create its QMP socket after exec.
 CONNECT_TIMEOUT: Final = 30.0
@@ -72,6 +76,8 @@ class Handoff:
     timeout: float
     runner: Runner | None = None
     monitor: MonitorThread | None = None
+    #: Keeps the claim equal to QEMU's block graph while it runs (imglock.run.graph).
+    follower: GraphFollower | None = None
     _closed: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
@@ -150,12 +156,23 @@ class Handoff:
             if self._closed.is_set():
                 self.monitor.close()
                 return
+            if self.follower is not None:
+                self.monitor.start(self.follower.follow).add_done_callback(self._follower_ended)
             watcher = self._destination_then_source if self.incoming else self._source
             self.monitor.start(watcher).result()
         except Exception as exc:  # a watcher thread must say why it stopped, not die silently
             if not self._closed.is_set() and _alive(runner.child):
                 text = str(exc) if isinstance(exc, ImglockError) else repr(exc)
                 runner.config.say(f"migration handoff stopped: {text}")
+
+    def _follower_ended(self, future: concurrent.futures.Future[None]) -> None:
+        runner = self.runner
+        if future.cancelled() or runner is None or self._closed.is_set():
+            return
+        exc = future.exception()
+        if exc is not None and _alive(runner.child):
+            text = str(exc) if isinstance(exc, ImglockError) else repr(exc)
+            runner.config.say(f"following QEMU's block graph stopped: {text}")
 
     async def _source(self, monitor: Monitor) -> None:
         await watch_source(monitor, release=self._release, reclaim=self._reclaim)

@@ -37,6 +37,7 @@ class Launch:
         lockspace: str | None = None,
         check_interval: float = 5.0,
         lock_lost_signal: int = signal.SIGSTOP,
+        graph_interval: float = 0.5,
         say: Say | None = None,
         note: Say | None = None,
         warn: Say | None = None,
@@ -52,6 +53,8 @@ class Launch:
         self.lockspace = lockspace
         self.check_interval = check_interval
         self.lock_lost_signal = lock_lost_signal
+        #: Seconds between readings of QEMU's block graph (0: do not follow it).
+        self.graph_interval = graph_interval
         #: How the runner reports errors and notes (default: errors on stderr, no notes).
         self.say = say
         self.note = note
@@ -267,6 +270,11 @@ def _launch_qemu(plan: Launch, config: RunConfig) -> int:
         config.claim_at_start = not handoff.incoming
         runner = Runner(config)
         handoff.attach(runner)
+        if plan.graph_interval > 0:
+            from imglock.run.graph import GraphFollower
+
+            named = bool(plan.images or plan.shared or plan.shared_write)
+            handoff.follower = GraphFollower(runner, plan.graph_interval, pin_start=named)
         try:
             return run_command(config, runner)
         finally:

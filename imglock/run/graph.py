@@ -1,0 +1,330 @@
+"""Following a running QEMU's block graph: the claim stays what QEMU has open.
+
+A VM's disks change while it runs: management tools hot-plug disks
+(``blockdev-add`` + ``device_add``), take snapshots, mirror and commit,
+stream, change and eject media, all through QMP.  The claim taken at start
+from the command line would soon be wrong: files QEMU now writes would be
+unclaimed, and files it has closed still claimed.
+
+So the wrapper asks QEMU, through its private monitor, which files its
+block graph holds and how it uses each:
+
+* ``query-named-block-nodes`` gives every node's driver and file name; the
+  protocol nodes (drivers ``file``, ``host_device``, ``host_cdrom``) are
+  the files QEMU has open;
+* ``x-debug-query-block-graph`` gives every edge into a node with the
+  permissions its parent holds (``perm``) and lets others have
+  (``shared-perm``).  A file some parent writes is claimed **exclusive**,
+  or **shared-write** when every parent shares writes (a raw disk behind a
+  ``share-rw=on`` device); a file only read is claimed **shared**; a file
+  no parent uses at all (QEMU takes none of its own lock bytes on it
+  either) is not claimed.
+
+The claim is then reconciled with that: new files are claimed, modes are
+changed on the same descriptor (never unclaimed in between), and files
+QEMU closed are released.  QEMU sends no event for ``blockdev-add``, so
+the graph is read every :data:`DEFAULT_INTERVAL` seconds, and at once on
+the events that come with a change (block jobs, trays, device removal).
+Meanwhile QEMU's own lock bytes protect a new file against other QEMUs
+and qemu-img: only an imglock claimer that leaves QEMU's bytes alone could
+slip in, and the wrapper then finds the file held, and stops the guest.
+
+A file that cannot be claimed (someone else holds it) stops the guest with
+QMP ``stop`` and one message naming the holder, as a lost lock does; the
+wrapper never resumes it.  Files claimed after start are held by the
+wrapper's descriptors only (QEMU did not inherit them): if the wrapper is
+killed, their imglock claim ends with it, while QEMU's own bytes remain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
+
+from imglock.errors import ImglockError, LockConflict
+from imglock.lock.protocol import Mode, strongest
+
+if TYPE_CHECKING:
+    from imglock.qemu.monitor import Monitor
+    from imglock.run.runner import Runner
+
+#: Seconds between two readings of the graph when no event came.
+DEFAULT_INTERVAL: Final = 0.5
+
+#: Events that come with a change of the graph (qapi/block-core.json,
+#: qapi/job.json, qapi/qdev.json): read it at once.
+GRAPH_EVENTS: Final = frozenset(
+    {
+        "BLOCK_JOB_COMPLETED",
+        "BLOCK_JOB_CANCELLED",
+        "BLOCK_JOB_READY",
+        "BLOCK_JOB_ERROR",
+        "JOB_STATUS_CHANGE",
+        "DEVICE_TRAY_MOVED",
+        "DEVICE_DELETED",
+    }
+)
+
+#: Protocol drivers whose nodes are local files (block/file-posix.c).
+FILE_DRIVERS: Final = frozenset({"file", "host_device", "host_cdrom"})
+
+#: BlockPermission names as x-debug-query-block-graph spells them.
+PERM_WRITE: Final = "write"
+
+#: QEMU's file driver opens ``/dev/fdset/N`` from descriptors passed with
+#: ``add-fd``: not a path imglock can open.
+FDSET_PREFIX: Final = "/dev/fdset/"
+
+
+class OpenFile(NamedTuple):
+    """A file QEMU's block graph holds open, and how QEMU uses it."""
+
+    filename: str
+    mode: Mode
+    #: The protocol node's name (``#block123`` when QEMU named it).
+    node: str
+
+
+def _file_name(node: Mapping[str, Any]) -> str | None:
+    name = node.get("file")
+    if not isinstance(name, str) or not name:
+        return None
+    if name.startswith("json:"):
+        import json  # a file node opened with extra options is described as json:{...}
+
+        with contextlib.suppress(ValueError):
+            described = json.loads(name[len("json:") :])
+            inner = described.get("filename") if isinstance(described, dict) else None
+            return inner if isinstance(inner, str) else None
+        return None
+    return name
+
+
+def open_files(graph: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]]) -> list[OpenFile]:
+    """The local files of a QEMU block graph, each in the mode QEMU uses it.
+
+    *graph* is what ``x-debug-query-block-graph`` returns, *nodes* what
+    ``query-named-block-nodes`` does.  A file on two nodes (opened twice)
+    is listed once, in the stronger mode.
+    """
+    ids = {
+        n.get("name"): n.get("id")
+        for n in graph.get("nodes", ())
+        if isinstance(n, dict) and n.get("type") == "block-driver"
+    }
+    perms: dict[object, set[str]] = {}
+    shared: dict[object, set[str]] = {}
+    for edge in graph.get("edges", ()):
+        if not isinstance(edge, dict):
+            continue
+        child = edge.get("child")
+        perms.setdefault(child, set()).update(edge.get("perm") or ())
+        others = set(edge.get("shared-perm") or ())
+        shared[child] = shared[child] & others if child in shared else others
+    found: dict[str, OpenFile] = {}
+    for node in nodes:
+        if node.get("drv") not in FILE_DRIVERS:
+            continue
+        filename = _file_name(node)
+        name = node.get("node-name")
+        if filename is None or filename.startswith(FDSET_PREFIX) or not isinstance(name, str):
+            continue
+        key = ids.get(name)
+        used = perms.get(key, set())
+        if not used:
+            continue  # opened, but used by no one: QEMU locks none of its bytes either
+        if PERM_WRITE in used:
+            mode = Mode.SHARED_WRITE if PERM_WRITE in shared.get(key, set()) else Mode.EXCLUSIVE
+        else:
+            mode = Mode.SHARED
+        seen = found.get(filename)
+        found[filename] = OpenFile(filename, strongest(seen.mode, mode) if seen else mode, name)
+    return list(found.values())
+
+
+async def query_open_files(monitor: Monitor) -> list[OpenFile]:
+    """Ask QEMU which files its block graph holds (see :func:`open_files`)."""
+    graph = await monitor.block_graph()
+    nodes = await monitor.named_block_nodes()
+    return open_files(graph, nodes)
+
+
+class GraphFollower:
+    """Keeps a runner's claim equal to what the wrapped QEMU has open."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        interval: float = DEFAULT_INTERVAL,
+        *,
+        pin_start: bool = False,
+        events: Collection[str] = GRAPH_EVENTS,
+    ) -> None:
+        self.runner = runner
+        self.interval = interval
+        self.events = events
+        #: Keep what was claimed at start (images named with --image...).
+        self.pin_start = pin_start
+        #: Files never released or weakened, whatever QEMU does with them.
+        self.pinned: dict[tuple[int, int], Mode] | None = None
+        #: Files that could not be claimed, so that each is reported once.
+        self.refused: set[tuple[int, int]] = set()
+        self.skipped: set[str] = set()
+        #: Descriptors of files claimed here, to hand to QEMU: (fd, name).
+        self.to_pass: list[tuple[int, str]] = []
+        #: Names of descriptors QEMU keeps for files since closed.
+        self.to_close: list[str] = []
+        #: The names QEMU keeps our descriptors under, by file.
+        self.passed: dict[tuple[int, int], str] = {}
+
+    async def follow(self, monitor: Monitor) -> None:
+        """Reconcile now, then on every graph event and every :attr:`interval` seconds.
+
+        Returns when QEMU closes its monitor.
+        """
+        from imglock.qemu.monitor import MonitorClosed, call_hook
+
+        listener = monitor.listen(self.events)
+        try:
+            while True:
+                try:
+                    files = await query_open_files(monitor)
+                except MonitorClosed:
+                    return
+                await call_hook(lambda files=files: self.apply(files))  # type: ignore[misc]
+                await self._hand_over(monitor)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(listener.get(), self.interval)
+                    listener.clear()  # one reading covers every event so far
+        finally:
+            monitor.unlisten(listener)
+
+    async def _hand_over(self, monitor: Monitor) -> None:
+        """Give QEMU the descriptors of files claimed here, and close those of files dropped.
+
+        So that the claim on a file QEMU opened while running belongs to
+        QEMU's descriptors, as the claims taken at start do: it lives on if
+        the wrapper dies, and ``imglock status`` names QEMU.
+        """
+        from imglock.qemu.monitor import CommandFailed
+
+        # No lock is taken here: this runs on the monitor's event loop, which
+        # a runner holding the claim lock may need (to stop the guest), and
+        # only follow() itself, between two apply() calls, touches these.
+        to_pass, self.to_pass = self.to_pass, []
+        to_close, self.to_close = self.to_close, []
+        for name in to_close:
+            with contextlib.suppress(CommandFailed):  # not there (never passed): nothing to close
+                await monitor.close_fd(name)
+        for fd, name in to_pass:
+            if name in self.passed.values():  # still claimed: not dropped since
+                await monitor.pass_fd(fd, name)
+
+    def _path(self, filename: str) -> str:
+        """*filename* as this process can open it: relative names are QEMU's."""
+        if os.path.isabs(filename):
+            return filename
+        try:
+            return os.path.join(os.readlink(f"/proc/{self.runner.child}/cwd"), filename)
+        except OSError:
+            return filename
+
+    def apply(self, files: Iterable[OpenFile]) -> None:
+        """Claim, change and release files so that the claim matches *files*."""
+        runner = self.runner
+        # Looked at before the claim is locked: a stat on a hung NFS mount
+        # must not keep the runner from checking its locks meanwhile.
+        seen: dict[tuple[int, int], tuple[str, Mode]] = {}
+        #: Files QEMU has open that cannot be looked at now (a shared
+        #: filesystem gone away): whatever is claimed of them is kept.
+        unseen: set[str] = set()
+        for file in files:
+            path = self._path(file.filename)
+            try:
+                st = os.stat(path)
+            except OSError as exc:
+                unseen.update((file.filename, path))
+                self._skip(path, os.strerror(exc.errno or 0))
+                continue
+            key = (st.st_dev, st.st_ino)
+            mode = strongest(seen[key][1], file.mode) if key in seen else file.mode
+            seen[key] = (path, mode)
+        with runner.claim_lock:
+            if not runner.lock_expected or runner.lost:
+                return  # a migration owns the claim now, or it is lost already
+            claim = runner.config.claim
+            if self.pinned is None:
+                self.pinned = {}
+                for member in claim.members if self.pin_start else ():
+                    self.pinned[(member.image.st.st_dev, member.image.st.st_ino)] = member.mode
+            wanted = {
+                key: (path, strongest(self.pinned[key], mode) if key in self.pinned else mode)
+                for key, (path, mode) in seen.items()
+            }
+            held = {(m.image.st.st_dev, m.image.st.st_ino): m for m in claim.members}
+            # Claim and strengthen first, weaken and release after: a file
+            # moving from one use to another is never unclaimed in between.
+            for key, (path, mode) in wanted.items():
+                current = held.get(key)
+                try:
+                    if current is None:
+                        added = claim.add_file(path, mode)
+                        name = f"imglock-{key[0]}:{key[1]}"
+                        self.passed[key] = name
+                        self.to_pass.append((added.image.lock_target[0], name))
+                        runner.config.note(f"QEMU opened {path}: claimed {mode.value}")
+                    elif current.mode is not mode and strongest(current.mode, mode) is mode:
+                        claim.change_file_mode(current, mode)
+                        runner.config.note(f"QEMU now uses {path} {mode.value}: claim changed")
+                    else:
+                        continue
+                except LockConflict as exc:
+                    self._refuse(key, exc)
+                    continue
+                except ImglockError as exc:
+                    self._skip(path, exc.message)
+                    continue
+                self.refused.discard(key)
+            for key, member in held.items():
+                target = wanted.get(key)
+                name = member.image.filename
+                if target is None and key not in self.pinned:
+                    if name in unseen or self._path(name) in unseen:
+                        continue
+                    passed = self.passed.pop(key, None)
+                    if passed is not None:
+                        self.to_close.append(passed)
+                    try:
+                        claim.drop_file(member)
+                    except ImglockError as exc:
+                        # The descriptor is closed all the same; QEMU has closed the file.
+                        runner.config.note(f"{exc} (while releasing a file QEMU closed)")
+                        continue
+                    runner.config.note(f"QEMU closed {name}: claim released")
+                elif target is not None and member.mode is not target[1]:
+                    try:
+                        # Weaker, or another kind of sharing (shared-write to shared).
+                        claim.change_file_mode(member, target[1])
+                    except LockConflict as exc:
+                        self._refuse(key, exc)
+                        continue
+                    runner.config.note(f"QEMU now uses {name} {target[1].value}: claim changed")
+
+    def _refuse(self, key: tuple[int, int], exc: LockConflict) -> None:
+        if key in self.refused:
+            return
+        self.refused.add(key)
+        guest = self.runner.guest
+        how = guest.pause(str(exc)) if guest is not None else "no way to pause it"
+        self.runner.config.say(
+            f"{exc}; QEMU opened it while running: guest paused ({how}); "
+            "it will not be resumed by imglock"
+        )
+
+    def _skip(self, path: str, why: str) -> None:
+        if path not in self.skipped:
+            self.skipped.add(path)
+            self.runner.config.note(f"QEMU opened {path}, which imglock cannot claim: {why}")
