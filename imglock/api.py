@@ -11,6 +11,7 @@ A claim of several images is all or nothing, like QEMU's old
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -18,16 +19,17 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, Self
 
 from imglock import faults
-from imglock.errors import LockConflict, UsageError
+from imglock.errors import LockConflict, LockError, UsageError
 from imglock.lock import records
 from imglock.lock.identity import Owner
 from imglock.lock.lockspace import attach
 from imglock.lock.protocol import (
-    IMGLOCK_EXCLUSIVE_BASE,
+    IMGLOCK_START,
     Layer,
     Mode,
+    Place,
     ProtocolConflict,
-    imglock_byte,
+    holder_range,
     strongest,
 )
 
@@ -237,40 +239,77 @@ class Claim:
         return self.process == os.getpid()
 
     def acquire(self) -> Self:
-        """Claim every image, waiting up to :attr:`wait` seconds; raise LockConflict if not."""
+        """Claim every image, waiting up to :attr:`wait` seconds; raise LockConflict if not.
+
+        A claimer that waits takes a place in the queue of the image that
+        holds it up (one image at a time, so that waiters on several images
+        never wait for each other in a circle), and from then on defers only
+        to those ahead of it there; claimers that arrive later queue behind.
+        """
         if self.held:
             return self
         opened_here = not self.members
         self.open()
         deadline = time.monotonic() + max(self.wait, 0.0)
         delay = min(BACKOFF_FIRST, self.backoff_cap)
+        queued: _Queued | None = None
         try:
             while True:
                 try:
-                    self._claim_all()
+                    self._claim_all(queued)
+                    self._leave(queued)
                     return self
                 except (LockConflict, _Contended) as exc:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
+                        self._leave(queued)
                         if isinstance(exc, _Contended):
-                            raise _named_conflict(exc.member, exc.conflict) from None
+                            place = queued.place if queued and queued.member is exc.member else None
+                            raise _named_conflict(exc.member, exc.conflict, place) from None
                         raise
+                    if isinstance(exc, _Contended) and (
+                        queued is None or queued.member is not exc.member
+                    ):
+                        self._leave(queued)
+                        queued = None  # (enqueue may fail: hold no place meanwhile)
+                        queued = self._enqueue(exc.member)
                     import random  # only a claim that waits needs the jitter
 
                     time.sleep(min(remaining, delay * random.uniform(0.5, 1.5)))
                     delay = min(delay * 2, self.backoff_cap)
         except BaseException:
+            self._leave(queued)
             if opened_here:
                 self.close()
             raise
 
-    def _claim_all(self) -> None:
+    def _enqueue(self, member: _Member) -> _Queued:
+        from imglock.lock import protocol
+
+        fd, filename = member.image.lock_target
+        owner = Owner.current(self.owner_pid)
+        return _Queued(member, protocol.enqueue(fd, filename, member.mode, owner))
+
+    @staticmethod
+    def _leave(queued: _Queued | None) -> None:
+        if queued is None:
+            return
+        from imglock.lock import protocol
+
+        fd, filename = queued.member.image.lock_target
+        if fd >= 0:
+            # A place that cannot be given up dies with the descriptor.
+            with contextlib.suppress(LockError):
+                protocol.leave(fd, filename, queued.place)
+
+    def _claim_all(self, queued: _Queued | None = None) -> None:
         owner = Owner.current(self.owner_pid)
         taken: list[_Member] = []
         try:
             for member in self.members:
+                place = queued.place if queued and queued.member is member else None
                 try:
-                    member.image.driver.claim(member.image, member.mode, self.layers, owner)
+                    member.image.driver.claim(member.image, member.mode, self.layers, owner, place)
                 except ProtocolConflict as exc:
                     raise _Contended(member, exc) from None
                 taken.append(member)
@@ -389,7 +428,7 @@ class Claim:
         try:
             member.image.held = protocol.change_mode(fd, filename, held, mode)
         except ProtocolConflict as exc:
-            raise _named_conflict(member, exc, mode) from None
+            raise _named_conflict(member, exc, mode=mode) from None
         member.mode = mode
         if self.record and member.recorded:
             self._write_record(member, held.owner)
@@ -531,6 +570,13 @@ def _chain_modes(spec: ClaimSpec) -> Iterable[tuple[OpenImage, Mode, ChainLink]]
             yield link.image, spec.mode if link.depth == 0 else Mode.SHARED, link
 
 
+class _Queued(NamedTuple):
+    """Where a waiting claim stands in line: one member's queue."""
+
+    member: _Member
+    place: Place
+
+
 class _Contended(Exception):
     """One member lost to a holder.  Named only once the wait runs out: naming
     surveys the image (every lock, /proc, the records), far dearer than a retry."""
@@ -542,14 +588,15 @@ class _Contended(Exception):
 
 
 def _named_conflict(
-    member: _Member, exc: ProtocolConflict, mode: Mode | None = None
+    member: _Member, exc: ProtocolConflict, place: Place | None = None, mode: Mode | None = None
 ) -> LockConflict:
-    """Turn a bare conflict into one that names who holds the image.
+    """Turn a bare conflict into one that names who holds the image, and who waits ahead.
 
     *mode* is the mode asked for, when not the member's own (a mode change).
     """
     mode = mode or member.mode
     from imglock.lock.discovery import survey
+    from imglock.lock.protocol import conflicts
 
     fd, filename = member.image.lock_target
     found = survey(
@@ -558,34 +605,47 @@ def _named_conflict(
         os.fstat(fd),
         record_dir=member.record_dir,
         record_name=member.record_name,
-    ).holders
-    if member.image.held is not None:  # a mode change: our own byte is no rival
+    )
+    holders = found.holders
+    if member.image.held is not None:  # a mode change: our own bytes are no rival
         own = member.image.held.owner.id
-        found = [h for h in found if h.owner != own]
+        holders = [h for h in holders if h.owner != own]
+    # Ahead: conflicting waiters before the claimer's place, or all of them
+    # for a claimer that never queued (any of them would go first).
+    ahead = [
+        w
+        for w in found.waiting
+        if conflicts(mode, Mode(w.mode or mode))
+        and (place is None or (w.place is not None and w.place < place.offset))
+    ]
     image = member.image.filename
-    if not found:
-        return LockConflict(image, f"cannot claim {mode.value}: held by another process")
-    first = _blocking_holder(found, exc.lock)
-    # Several imglock holders (shared readers, shared writers) are all in
-    # the way: name each of them, up to a few.
-    named = [first]
-    if first.layer == "imglock":
-        named += [h for h in found if h is not first and h.layer == "imglock"]
-        named = named[:NAMED_HOLDERS]
-    held = ", ".join(h.describe() for h in named)
-    if len(found) > len(named):
-        held += f" and {len(found) - len(named)} more"
-    return LockConflict(image, f"cannot claim {mode.value}: held {held}", found)
+    text = f"cannot claim {mode.value}"
+    if holders:
+        first = _blocking_holder(holders, exc.lock)
+        # Several imglock holders (shared readers, shared writers) are all in
+        # the way: name each of them, up to a few.
+        named = [first]
+        if first.layer == "imglock":
+            named += [h for h in holders if h is not first and h.layer == "imglock"]
+            named = named[:NAMED_HOLDERS]
+        text += ": held " + ", ".join(h.describe() for h in named)
+        if len(holders) > len(named):
+            text += f" and {len(holders) - len(named)} more"
+    elif not ahead:
+        text += ": held by another process"
+    if ahead:
+        text += f"; {len(ahead)} waiting ahead, first {ahead[0].describe()}"
+    return LockConflict(image, text, holders, ahead)
 
 
-def _blocking_holder(found: list[Holder], lock: RangeLock) -> Holder:
+def _blocking_holder(found: Sequence[Holder], lock: RangeLock) -> Holder:
     """The holder worth naming: the one whose lock was in the way, else a writer."""
     for holder in found:
         if holder.owner is not None and holder.mode is not None:
-            byte = imglock_byte(Mode(holder.mode), Owner.from_id(holder.owner))
+            byte, _length = holder_range(Mode(holder.mode), Owner.from_id(holder.owner))
             if lock.start <= byte < lock.end:
                 return holder
-    if lock.end <= IMGLOCK_EXCLUSIVE_BASE:  # QEMU's bytes, or a foreign lock
+    if lock.end <= IMGLOCK_START:  # QEMU's bytes, or a foreign lock
         for holder in found:
             if holder.range is not None and holder.range == (lock.start, lock.end):
                 return holder
@@ -642,6 +702,8 @@ class ImageReport(NamedTuple):
     dirty: bool | None = None
     corrupt: bool | None = None
     backing_filename: str | None = None
+    #: Claimers waiting in the image's queue, first first: not holders.
+    waiting: list[Holder] = []  # noqa: RUF012 - a NamedTuple field default, never mutated
 
     @property
     def not_closed_cleanly(self) -> bool:
@@ -654,6 +716,7 @@ class ImageReport(NamedTuple):
             "format": self.format,
             "backing-filename": self.backing_filename,
             "holders": [h.to_json() for h in self.holders],
+            "waiting": [w.to_json() for w in self.waiting],
             "stale-records": [r.to_json() for r in self.stale_records],
             "dirty-flag": self.dirty,
             "corrupt": self.corrupt,
@@ -667,10 +730,10 @@ def inspect(
     lockspace: str | None = None,
     local: LocalLocks | None = None,
 ) -> ImageReport:
-    """Who holds *path*, and the header facts that matter for it; takes no lock."""
-    from imglock.formats import open_image
+    """Who holds *path* (any file), and the header facts that matter for it; takes no lock."""
+    from imglock.formats import open_for_locks
 
-    image = open_image(as_path(path))
+    image = open_for_locks(as_path(path))
     try:
         return inspect_image(image, lockspace=lockspace, local=local)
     finally:
@@ -678,7 +741,10 @@ def inspect(
 
 
 def inspect_image(
-    image: OpenImage, *, lockspace: str | None = None, local: LocalLocks | None = None
+    image: OpenImage,
+    *,
+    lockspace: str | None = None,
+    local: LocalLocks | None = None,
 ) -> ImageReport:
     """:func:`inspect` for an image the caller has open (and closes afterwards)."""
     from imglock.lock.discovery import survey
@@ -699,4 +765,5 @@ def inspect_image(
         dirty=facts.get("dirty-flag"),
         corrupt=specific.get("corrupt"),
         backing_filename=facts.get("backing-filename"),
+        waiting=found.waiting,
     )

@@ -72,6 +72,19 @@ class FormatError(ImageError):
     exit_status = EX_DATAERR
 
 
+class UnreadableFormat(FormatError):
+    """The image is in a format QEMU knows and imglock does not read (vmdk, vdi...).
+
+    Its chain cannot be followed, so it cannot be claimed as an image; its
+    locks can still be looked at (``imglock status``): :attr:`format` is
+    QEMU's name for the format.
+    """
+
+    def __init__(self, filename: str | os.PathLike[str] | None, message: str, format: str) -> None:
+        self.format = format
+        super().__init__(filename, message)
+
+
 class ChainError(ImageError):
     """The backing chain cannot be followed: a loop, too deep, or not a local file."""
 
@@ -97,7 +110,9 @@ class LockConflict(LockError):
     """Someone else holds the image in a way that excludes the claim asked for.
 
     :attr:`holders` lists who was seen holding it (possibly empty when the
-    rival vanished between the conflict and the look-up).
+    rival vanished between the conflict and the look-up), and, separately,
+    :attr:`waiting` those queued ahead of the claimer (never holders: they
+    wait too, and would be served first).
     """
 
     exit_status = EX_TEMPFAIL
@@ -107,8 +122,10 @@ class LockConflict(LockError):
         filename: str | os.PathLike[str] | None,
         message: str,
         holders: Sequence[Holder] = (),
+        waiting: Sequence[Holder] = (),
     ) -> None:
         self.holders: tuple[Holder, ...] = tuple(holders)
+        self.waiting: tuple[Holder, ...] = tuple(waiting)
         super().__init__(filename, message)
 
 

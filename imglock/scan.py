@@ -6,7 +6,8 @@ met in a walk, is walked recursively, in name order, and in it a regular
 file counts as an image when
 
 * probing recognises a format: qcow2 by its magic, or a format imglock
-  cannot read (vmdk, vhdx, LUKS...), which is then reported as an error;
+  cannot read (vmdk, vhdx, LUKS...), which is then looked at as plain data
+  (its locks do not depend on its format);
 * its name ends in an image suffix (:data:`IMAGE_SUFFIXES`, any case); or
 * some process holds a byte-range (fcntl) lock on it: a raw disk named
   ``disk`` or a pflash file while QEMU uses it (flock(2) locks are not
@@ -37,8 +38,8 @@ import stat
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Final, TypeVar
 
-from imglock.errors import ImageError, ImglockError
-from imglock.formats import HEAD_SIZE, PROBE_SIZE, OpenImage, open_image, probe
+from imglock.errors import ImageError, ImglockError, UnreadableFormat
+from imglock.formats import HEAD_SIZE, PROBE_SIZE, OpenImage, driver_for, open_for_locks, probe
 from imglock.lock.records import RECORD_DIR
 from imglock.safeio import OPEN_FLAGS, close_quietly, read_at
 
@@ -294,7 +295,7 @@ def _skip(path: str, why: str, skipped: SkipHook) -> None:
 
 def _named(path: str, _skipped: SkipHook) -> Found:
     try:
-        return Found(path, image=open_image(path))
+        return Found(path, image=open_for_locks(path))
     except ImglockError as exc:
         return Found(path, error=exc)
 
@@ -324,11 +325,16 @@ def _regular(path: str, name: str, skipped: SkipHook) -> Found | None:
             skipped(path, "no longer a regular file")
         else:
             head = read_at(fd, 0, HEAD_SIZE, path)
-            # Probing raises FormatError for a format imglock cannot read.
-            driver = probe(head[:PROBE_SIZE], path)
-            if driver.name != "raw" or suffix or _locked(fd, path, skipped):
+            read_as = None
+            try:
+                driver = probe(head[:PROBE_SIZE], path)
+            except UnreadableFormat as exc:  # a vmdk, a vdi: its locks are read all the same
+                driver, read_as = driver_for("raw"), exc.format
+            if read_as or driver.name != "raw" or suffix or _locked(fd, path, skipped):
                 os.set_blocking(fd, True)
-                return Found(path, image=driver.open(path, fd, st, head))
+                image = driver.open(path, fd, st, head)
+                image.read_as = read_as
+                return Found(path, image=image)
             skipped(path, "not an image (no known format, image suffix or lock)")
     except ImglockError as exc:
         close_quietly(fd)

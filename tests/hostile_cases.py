@@ -87,8 +87,11 @@ class Hostile:
     qemu: bool = False
     #: A limit on open files for the commands, or None.
     max_files: int | None = None
-    #: Commands for which the case is no fault at all (``status`` walks a directory).
+    #: Commands for which the case is no fault at all (``status`` walks a
+    #: directory, or looks at the locks of a file in any format).
     not_for: frozenset[str] = frozenset()
+    #: A format imglock cannot read: ``status`` and inspect() look at its locks all the same.
+    unreadable_format: bool = False
 
     @property
     def top_status(self) -> int:
@@ -415,7 +418,16 @@ FIELDS = [
         EX_DATAERR,
         "Unsupported qcow2 feature(s): evil name\\x1b[2J",
     ),
-    Hostile("qcow-version-1", header(version=1), EX_DATAERR, "is a qcow image", qemu=True),
+    # A format imglock cannot read: claims refuse it; status shows its holders.
+    Hostile(
+        "qcow-version-1",
+        header(version=1),
+        EX_DATAERR,
+        "is a qcow image",
+        qemu=True,
+        not_for=frozenset({"status"}),
+        unreadable_format=True,
+    ),
     Hostile("qcow2-version-4", header(version=4), EX_DATAERR, "Unsupported qcow2 version 4"),
     Hostile(
         "extension-length-2^32-1",

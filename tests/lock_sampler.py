@@ -21,15 +21,16 @@ import time
 
 from imglock.lock import fcntl_locks
 from imglock.lock.identity import Owner
-from imglock.lock.protocol import IMGLOCK_EXCLUSIVE_BASE, IMGLOCK_REGION_SIZE
+from imglock.lock.protocol import HOLDER_BASE, SLOT_SIZE, Mode, read_holding
 
 
 def owners(fd: int, image: str) -> list[Owner]:
-    locks = fcntl_locks.all_conflicting(fd, IMGLOCK_EXCLUSIVE_BASE, IMGLOCK_REGION_SIZE, image)
+    base = HOLDER_BASE[Mode.EXCLUSIVE]
+    locks = fcntl_locks.all_conflicting(fd, base, SLOT_SIZE, image)
     return [
-        Owner.from_id(byte - IMGLOCK_EXCLUSIVE_BASE)
+        holding.owner
         for lock in locks
-        for byte in range(lock.start, lock.end)
+        if (holding := read_holding(lock.start, lock.length)) is not None
     ]
 
 

@@ -144,7 +144,7 @@ class _Recorder:
         held = set(before)
         states = []
         for cmd, ltype, start, length in self.calls:
-            if cmd == fcntl_locks.F_OFD_SETLK and length == 1 and protocol.mode_at(start):
+            if cmd == fcntl_locks.F_OFD_SETLK and protocol.read_holding(start, length):
                 if ltype == fcntl_locks.F_RDLCK:
                     held.add(start)
                 elif ltype == fcntl_locks.F_UNLCK:
@@ -178,9 +178,10 @@ def test_a_mode_change_alone_holds_the_new_mode_bytes_and_never_lets_go_between(
         assert changed.mode is new
         take, _test = protocol.qemu_bytes(new)
         owner = Owner.current()
-        assert _own_bytes(raw_image) == {protocol.imglock_byte(new, owner), *take}
+        start, length = protocol.holder_range(new, owner, ALL_LAYERS)
+        assert _own_bytes(raw_image) == {*range(start, start + length), *take}
         states = recorder.holder_bytes_after_each_call(
-            {b for b in before if protocol.mode_at(b) is not None}
+            {b for b in before if protocol.mode_at(b) is not None and b % 2 == 0}
         )
         assert all(states), "the claim was let go of during the change"
         monkeypatch.undo()
@@ -257,9 +258,12 @@ def test_conflicts_are_checked_by_a_lock_test_not_by_mode_names(raw_image: Path)
     fd, probe = _open(raw_image), _open(raw_image)
     try:
         protocol.acquire(fd, str(raw_image), Mode.SHARED_WRITE)
-        byte = protocol.imglock_byte(Mode.SHARED_WRITE, Owner.current())
-        lock = fcntl_locks.conflicting(probe, byte, 1, str(raw_image))
-        assert lock is not None and protocol.mode_at(lock.start) is Mode.SHARED_WRITE
+        start, length = protocol.holder_range(Mode.SHARED_WRITE, Owner.current())
+        lock = fcntl_locks.conflicting(probe, start, length, str(raw_image))
+        assert lock is not None
+        assert protocol.read_holding(lock.start, lock.length) == protocol.Holding(
+            Mode.SHARED_WRITE, Owner.current(), with_qemu=False
+        )
     finally:
         os.close(fd)
         os.close(probe)

@@ -124,15 +124,15 @@ def test_a_symlink_named_on_the_command_line_is_followed(
     assert listed(imglock_cli, tmp_path / "tree") == [str(tmp_path / "tree" / "vm.qcow2")]
 
 
-def test_a_format_imglock_cannot_read_is_an_error_not_a_skipped_file(
+def test_a_format_imglock_cannot_read_is_listed_by_its_name_not_skipped(
     imglock_cli: ImglockCli, tmp_path: Path
 ) -> None:
     (tmp_path / "legacy").write_bytes(b"KDMV" + bytes(508))  # a vmdk, whatever its name
     image = raw(tmp_path / "disk.raw")
     proc = status(imglock_cli, tmp_path)
-    assert proc.returncode == EX_DATAERR
-    assert proc.stderr.startswith(f"imglock: {tmp_path / 'legacy'}: is a vmdk image;")
-    assert [r["IMAGE"] for r in rows(proc.stdout)] == [str(image)]
+    assert proc.returncode == EX_OK, proc.stderr
+    listed = [(r["IMAGE"], r["FORMAT"]) for r in rows(proc.stdout)]
+    assert listed == [(str(image), "raw"), (str(tmp_path / "legacy"), "vmdk")]
 
 
 def test_a_fifo_or_socket_in_a_directory_is_skipped_without_being_opened(

@@ -49,18 +49,22 @@ COMMAND_WIDTH: Final = 80
 def status(as_json: bool, lockspace: str | None, paths: tuple[str, ...]) -> None:
     """Show who holds each IMAGE, and every image under each DIR.
 
-    One row per holder: imglock holders (exclusive or shared), QEMU with
-    the permissions it holds and refuses to share (PERMS, UNSHARED), and
-    other programs' locks (foreign, with the bytes they lock); HOLDER is
-    "none" for a free image.  FLAGS: corrupt, dirty, not-closed-cleanly (a
+    One row per holder: imglock holders (exclusive, shared or
+    shared-write), QEMU with the permissions it holds and refuses to share
+    (PERMS, UNSHARED), flock(2) holders on this host (flock), and other
+    programs' locks (foreign, with the bytes they lock); HOLDER is "none"
+    for a free image.  Then one row per claimer waiting in the image's
+    queue (HOLDER "waiting", first first, SINCE when it arrived): waiters
+    are never holders.  FLAGS: corrupt, dirty, not-closed-cleanly (a
     dirty qcow2 that no one holds), stale-records=N (holder records whose
     lock is gone).  Commands are cut at 80 characters; --json shows them
     whole, with the same data and qemu-img's key names.
 
     A named IMAGE is looked at whatever it holds.  A DIR is walked
     recursively, in name order, and in it a file counts as an image when
-    its magic names a format (qcow2; vmdk and other formats imglock cannot
-    read are reported as errors), when its name ends in .qcow2, .raw, .img
+    its magic names a format (qcow2; vmdk, vdi and other formats imglock
+    cannot read are looked at as plain data: locks do not depend on the
+    format), when its name ends in .qcow2, .raw, .img
     or .iso (any case), or while a process holds a byte-range lock on it
     (a raw disk named "disk", in use).  Other files are skipped quietly (-v
     says which and why).  A walk does not follow symbolic links (name one
@@ -105,7 +109,8 @@ def status(as_json: bool, lockspace: str | None, paths: tuple[str, ...]) -> None
     if as_json:
         import json
 
-        click.echo(json.dumps([r.to_json() for r in reports], indent=2))
+        text = json.dumps(utf8_clean([r.to_json() for r in reports]), indent=2, ensure_ascii=False)
+        click.echo(text.encode("utf-8"))
     elif reports:
         from imglock.cli.table import render
 
@@ -113,6 +118,22 @@ def status(as_json: bool, lockspace: str | None, paths: tuple[str, ...]) -> None
         # Names that are not UTF-8 go out as the bytes they are on disk.
         click.echo(text.encode("utf-8", "surrogateescape"))
     sys.exit(exit_status(reports, errors))
+
+
+def utf8_clean(value: object) -> object:
+    """*value* with every string made valid UTF-8 for strict JSON parsers.
+
+    Names are kept as the bytes they are on disk (surrogateescape); a byte
+    that is not part of a UTF-8 character comes out as the four characters
+    ``\\xHH`` (Python's backslashreplace), never as a lone surrogate.
+    """
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    if isinstance(value, list):
+        return [utf8_clean(v) for v in value]
+    if isinstance(value, dict):
+        return {k: utf8_clean(v) for k, v in value.items()}
+    return value
 
 
 def exit_status(reports: Sequence[ImageReport], errors: Sequence[ImglockError]) -> int:
@@ -128,14 +149,12 @@ def exit_status(reports: Sequence[ImageReport], errors: Sequence[ImglockError]) 
 
 
 def table_rows(report: ImageReport) -> list[list[str]]:
-    """The table's rows for one image: one per holder, or one saying it is free."""
+    """The table's rows for one image: one per holder (or one saying it is free), then waiters."""
     from imglock.cli.table import cell
 
     image = [cell(report.filename), cell(report.format), cell(report.backing_filename)]
     flags = cell(",".join(flags_of(report)))
-    if not report.holders:
-        return [[*image, "none", *["-"] * 6, flags, "-"]]
-    return [
+    rows = [
         [
             *image,
             holder.layer,
@@ -149,7 +168,23 @@ def table_rows(report: ImageReport) -> list[list[str]]:
             cell(holder.command, COMMAND_WIDTH),
         ]
         for holder in report.holders
+    ] or [[*image, "none", *["-"] * 6, flags, "-"]]
+    rows += [
+        [
+            *image,
+            "waiting",
+            cell(waiter.mode),
+            "-",
+            "-",
+            cell(None if waiter.pid is None else str(waiter.pid)),
+            cell(waiter.host),
+            cell(waiter.since),
+            flags,
+            cell(waiter.command, COMMAND_WIDTH),
+        ]
+        for waiter in report.waiting
     ]
+    return rows
 
 
 def _locks_held(holder: Holder) -> str:

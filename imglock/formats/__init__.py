@@ -13,7 +13,7 @@ import importlib
 import os
 from typing import TYPE_CHECKING, Any, Final
 
-from imglock.errors import FormatError, UsageError
+from imglock.errors import UnreadableFormat, UsageError
 from imglock.formats.base import Child, FormatDriver, OpenImage
 from imglock.safeio import close_quietly, open_image_fd, read_at
 
@@ -25,6 +25,7 @@ __all__ = [
     "FormatDriver",
     "OpenImage",
     "driver_for",
+    "open_for_locks",
     "open_image",
     "probe",
 ]
@@ -97,8 +98,9 @@ def driver_for(name: str) -> FormatDriver:
 def probe(head: bytes, filename: str) -> FormatDriver:
     """The format of the file whose first bytes are *head* (the best score wins).
 
-    Raises FormatError for a format QEMU knows but imglock cannot read
-    (vmdk, qcow version 1, LUKS...), rather than treating it as raw.
+    Raises UnreadableFormat (a FormatError) for a format QEMU knows but
+    imglock cannot read (vmdk, qcow version 1, LUKS...), rather than
+    treating it as raw.
     """
     # A driver scores only files with its magic: the others are not even imported.
     candidates = []
@@ -109,12 +111,28 @@ def probe(head: bytes, filename: str) -> FormatDriver:
     if best.name == "raw":
         for offset, signature, foreign in _FOREIGN_SIGNATURES:
             if head[offset : offset + len(signature)] == signature:
-                raise FormatError(
+                raise UnreadableFormat(
                     filename,
                     f"is a {foreign} image; imglock reads only {' and '.join(FORMAT_NAMES)} "
                     "(name the format raw to treat it as plain data)",
+                    foreign,
                 )
     return best
+
+
+def open_for_locks(path: str | os.PathLike[str]) -> OpenImage:
+    """Open any file to look at its locks.
+
+    Locks do not depend on the format: a vmdk, a vdi or an ISO is opened
+    as plain data (its :attr:`~OpenImage.format` still names what it is),
+    and only following a backing chain needs its format.
+    """
+    try:
+        return open_image(path)
+    except UnreadableFormat as exc:
+        image = open_image(path, "raw")
+        image.read_as = exc.format
+        return image
 
 
 def open_image(path: str | os.PathLike[str], format: str | None = None) -> OpenImage:

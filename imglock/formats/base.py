@@ -49,7 +49,17 @@ class OpenImage:
     the OFD locks belong to it.
     """
 
-    __slots__ = ("driver", "fd", "filename", "header", "held", "lock_fd", "lock_filename", "st")
+    __slots__ = (
+        "driver",
+        "fd",
+        "filename",
+        "header",
+        "held",
+        "lock_fd",
+        "lock_filename",
+        "read_as",
+        "st",
+    )
 
     def __init__(
         self, filename: str, fd: int, st: os.stat_result, driver: FormatDriver, header: Any = None
@@ -66,6 +76,9 @@ class OpenImage:
         #: for the image; otherwise -1 and the image itself carries the locks.
         self.lock_fd = -1
         self.lock_filename: str | None = None
+        #: For a file in a format imglock cannot read (a vmdk, a vdi), opened
+        #: as plain data to look at its locks: that format's name.
+        self.read_as: str | None = None
 
     def __repr__(self) -> str:
         return (
@@ -82,7 +95,7 @@ class OpenImage:
 
     @property
     def format(self) -> str:
-        return self.driver.name
+        return self.read_as or self.driver.name
 
     def children(self) -> list[Child]:
         return self.driver.children(self)
@@ -134,18 +147,20 @@ class FormatDriver(ABC):
         mode: protocol.Mode,
         layers: protocol.Layer,
         owner: Owner | None = None,
+        place: protocol.Place | None = None,
     ) -> None:
         """Lock the byte ranges that stand for *image* being claimed in *mode*.
 
         Every format locks the same ranges today (the imglock layer past
         any data, and QEMU's permission bytes when asked); a format whose
-        lock lives elsewhere overrides this.  Raises LockConflict or
-        LockError, with nothing held on failure.
+        lock lives elsewhere overrides this.  *place* is the claimer's
+        place in the image's queue, if it waits there.  Raises LockConflict
+        or LockError, with nothing held on failure.
         """
         from imglock.lock import protocol
 
         fd, filename = image.lock_target
-        image.held = protocol.acquire(fd, filename, mode, layers, owner)
+        image.held = protocol.acquire(fd, filename, mode, layers, owner, place)
 
     def release(self, image: OpenImage) -> None:
         """Drop what :meth:`claim` took.  Idempotent."""

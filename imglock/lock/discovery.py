@@ -21,28 +21,30 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Final, Literal
+from typing import TYPE_CHECKING, Literal
 
 from imglock.lock import fcntl_locks, records
 from imglock.lock.fcntl_locks import RangeLock
 from imglock.lock.holder import Holder as Holder
-from imglock.lock.identity import Owner, hostname
+from imglock.lock.identity import hostname
 from imglock.lock.protocol import (
-    IMGLOCK_END,
-    IMGLOCK_EXCLUSIVE_BASE,
     QEMU_PERM_BASE,
     QEMU_PERM_NAMES,
     QEMU_PERM_SLOTS,
     QEMU_SHARED_BASE,
-    REGION_BASE,
-    mode_at,
+    TICKET_BITS,
+    Holding,
+    Mode,
+    Waiting,
+    in_imglock_layer,
+    qemu_bytes,
+    read_holding,
+    read_intent,
+    read_waiting,
 )
 
 if TYPE_CHECKING:  # imported when some lock is seen: most images have none
     from imglock.lock import procfs
-
-#: A lock range in the imglock layer wider than this is not one holder's bytes.
-_MAX_OWNER_BYTES: Final = 64
 
 
 class LocalLocks:
@@ -64,14 +66,21 @@ class LocalLocks:
 
 
 class Survey:
-    """All that is known about one image's holders."""
+    """All that is known about one image's holders and waiters."""
 
-    __slots__ = ("holders", "stale_records")
+    __slots__ = ("holders", "stale_records", "waiting")
 
-    def __init__(self, holders: list[Holder], stale_records: list[records.Record]) -> None:
+    def __init__(
+        self,
+        holders: list[Holder],
+        stale_records: list[records.Record],
+        waiting: list[Holder] | None = None,
+    ) -> None:
         self.holders = holders
         #: Records whose lock is gone: shown, never obeyed.
         self.stale_records = stale_records
+        #: Claimers waiting in the image's queue, first first (never holders).
+        self.waiting = waiting or []
 
 
 def _iso(timestamp: float | None) -> str | None:
@@ -80,12 +89,20 @@ def _iso(timestamp: float | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
 
 
-def _bytes_of(start: int, end: int) -> range:
-    return range(start, min(end, start + _MAX_OWNER_BYTES))
+def _since_ticket(ticket: int, now: float) -> str | None:
+    """When a waiter arrived, from its ticket (seconds modulo 2**TICKET_BITS, its clock)."""
+    period = 1 << TICKET_BITS
+    ago = (int(now) - ticket) % period
+    if ago > period // 2:  # a ticket a little ahead of this clock (skew, a burst)
+        ago = 0
+    return _iso(now - ago)
 
 
 def _kind(start: int, end: int) -> Literal["imglock", "qemu", "foreign"]:
-    if start >= IMGLOCK_EXCLUSIVE_BASE and end <= IMGLOCK_END and end - start <= _MAX_OWNER_BYTES:
+    if in_imglock_layer(start, end) and (
+        read_holding(start, end - start) is not None
+        or (end - start == 1 and (read_waiting(start) or read_intent(start)) is not None)
+    ):
         return "imglock"
     for base in (QEMU_PERM_BASE, QEMU_SHARED_BASE):
         if base <= start and end <= base + QEMU_PERM_SLOTS:
@@ -113,11 +130,9 @@ class _Attributor:
         argv = procfs.argv(pid)
         return (records.redact(argv) if argv else None), _iso(procfs.start_time(pid))
 
-    def imglock(self, byte: int, local_pids: list[int]) -> Holder:
-        mode = mode_at(byte)
-        assert mode is not None  # only bytes of the imglock layer come here
-        owner_id = byte - REGION_BASE[mode]
-        owner = Owner.from_id(owner_id)
+    def imglock(self, holding: Holding, local_pids: list[int]) -> Holder:
+        owner = holding.owner
+        owner_id = owner.id
         record = self.by_owner.get(owner_id)
         if record is not None:
             self.used.add(owner_id)
@@ -136,13 +151,30 @@ class _Attributor:
                 since = since or started
         return Holder(
             layer="imglock",
-            mode=mode.value,
+            mode=holding.mode.value,
             pid=pid,
             host=host or owner.tag_text,
             command=command,
             since=since,
             owner=owner_id,
             local_pids=tuple(sorted(local_pids)),
+        )
+
+    def waiter(self, waiting: Waiting, local_pids: list[int], now: float) -> Holder:
+        command = None
+        host = f"host#{waiting.host_bits:04x}"
+        if local_pids:
+            host = hostname()
+            command, _started = self.local(min(local_pids))
+        return Holder(
+            layer="imglock",
+            mode=waiting.mode.value,
+            pid=waiting.pid,
+            host=host,
+            command=command,
+            since=_since_ticket(waiting.ticket, now),
+            local_pids=tuple(sorted(local_pids)),
+            place=waiting.offset,
         )
 
 
@@ -163,16 +195,23 @@ def survey(
     names = _Attributor(recs)
     holders: list[Holder] = []
 
-    # imglock layer: one holder per owner byte, from the tests and from /proc.
-    owner_pids: dict[int, list[int]] = defaultdict(list)
-    for lock in seen:
-        if _kind(lock.start, lock.end) == "imglock":
-            for byte in _bytes_of(lock.start, lock.end):
-                owner_pids.setdefault(byte, [])
-    for ll in local_locks:
-        if _kind(ll.start, ll.end) == "imglock":
-            for byte in _bytes_of(ll.start, ll.end):
-                owner_pids[byte].append(ll.pid)
+    # imglock layer: holder ranges and queue bytes, from the tests and from /proc.
+    # (Intent bytes are a claimer deciding, neither holder nor waiter yet.)
+    holding_pids: dict[tuple[int, int], list[int]] = {}
+    waiting_pids: dict[int, list[int]] = {}
+    for start, end, pid in [(lock.start, lock.end, None) for lock in seen] + [
+        (ll.start, ll.end, ll.pid) for ll in local_locks
+    ]:
+        if _kind(start, end) != "imglock":
+            continue
+        if read_holding(start, end - start) is not None:
+            pids = holding_pids.setdefault((start, end - start), [])
+        elif read_waiting(start) is not None:
+            pids = waiting_pids.setdefault(start, [])
+        else:
+            continue
+        if pid is not None:
+            pids.append(pid)
     # QEMU layer, locally: the bytes each process holds.
     qemu_by_pid: dict[int, set[int]] = defaultdict(set)
     for ll in local_locks:
@@ -180,17 +219,27 @@ def survey(
             qemu_by_pid[ll.pid].update(range(ll.start, ll.end))
     explained = set().union(*qemu_by_pid.values()) if qemu_by_pid else set()
 
-    for byte, pids in sorted(owner_pids.items()):
-        holder = names.imglock(byte, sorted(set(pids)))
+    marked: list[int] = []  # holders that carry QEMU's bytes, by index
+    for (start, length), pids in sorted(holding_pids.items()):
+        holding = read_holding(start, length)
+        assert holding is not None
+        holder = names.imglock(holding, sorted(set(pids)))
         # QEMU bytes held by the same processes belong to the same claim
         # (imglock's QEMU layer, or the wrapped QEMU itself): one holder.
-        qemu_bytes = set().union(*(qemu_by_pid.pop(pid, set()) for pid in holder.local_pids))
-        if qemu_bytes:
+        qemu_bytes_held = set().union(*(qemu_by_pid.pop(p, set()) for p in holder.local_pids))
+        if qemu_bytes_held:
             holder = holder._replace(
-                perms=_perm_names(qemu_bytes, QEMU_PERM_BASE),
-                unshared=_perm_names(qemu_bytes, QEMU_SHARED_BASE),
+                perms=_perm_names(qemu_bytes_held, QEMU_PERM_BASE),
+                unshared=_perm_names(qemu_bytes_held, QEMU_SHARED_BASE),
             )
+        elif holding.with_qemu:
+            marked.append(len(holders))
         holders.append(holder)
+    now = time.time()
+    waiting = [
+        names.waiter(w, sorted(set(waiting_pids[w.offset])), now)
+        for w in sorted(filter(None, map(read_waiting, waiting_pids)))
+    ]
 
     for pid, held in sorted(qemu_by_pid.items()):
         command, since = names.local(pid)
@@ -202,12 +251,23 @@ def survey(
         for b in range(lock.start, lock.end)
         if b not in explained
     }
+    # From another host, QEMU's bytes of a holder that marks them as its own
+    # are its, not a second, anonymous QEMU's (see imglock(7) for where
+    # this is ambiguous): only bytes no such holder would hold remain.
+    for at in marked:
+        holder = holders[at]
+        own = set(qemu_bytes(Mode(holder.mode))[0]) if holder.mode else set()
+        if own & remote:
+            holders[at] = holder._replace(
+                perms=_perm_names(own, QEMU_PERM_BASE), unshared=_perm_names(own, QEMU_SHARED_BASE)
+            )
+    remote -= {b for i in marked for b in qemu_bytes(Mode(holders[i].mode or "shared"))[0]}
     if remote:
         holders.append(_qemu_holder(remote, None, None, None, None))
 
     # Anything else is someone else's lock.
     holders += _foreign(seen, local_locks, names)
-    return Survey(holders, stale_records=[r for r in recs if r.owner not in names.used])
+    return Survey(holders, [r for r in recs if r.owner not in names.used], waiting)
 
 
 def _qemu_holder(

@@ -33,6 +33,8 @@ class Holder(NamedTuple):
     local_pids: tuple[int, ...] = ()
     #: The locked byte range [start, end) for foreign locks.
     range: tuple[int, int] | None = None
+    #: For a waiter: its byte in the image's queue (lower is further ahead).
+    place: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {

@@ -1,22 +1,38 @@
-"""The imglock lock protocol: which bytes stand for a claim, and how conflicts are decided.
+"""The imglock lock protocol (version 2): which bytes stand for a claim, and how it is won.
 
-Two layers of byte-range read locks live on an image (see imglock(7)):
+Two layers of byte-range read locks live on an image (imglock(7) is the
+specification; this module is its one implementation):
 
-* the **imglock layer**, far past any data an image can hold: a holder
-  read-locks one byte, ``IMGLOCK_EXCLUSIVE_BASE + owner_id`` for an
-  exclusive claim or ``IMGLOCK_SHARED_BASE + owner_id`` for a shared one.
-  The offset names the holder to anyone who tests the range, on any host.
-* the **QEMU layer**, QEMU's own permission bytes (``file-posix``): a holder
-  read-locks ``QEMU_PERM_BASE + perm`` for each permission it uses and
-  ``QEMU_SHARED_BASE + perm`` for each it refuses to share, exactly as a
-  QEMU writer (exclusive) or reader (shared) would, so that qemu-img and
-  qemu-system refuse what imglock holds and the other way round.
+* the **imglock layer**, far past any data an image can hold, in three
+  kinds of region: a *holder* region per mode, where a claimer that has won
+  locks ``HOLDER_BASE[mode] + 2 * owner_id`` (two bytes when it also
+  carries QEMU's bytes, one otherwise); an *intent* region per mode, where a
+  claimer locks ``INTENT_BASE[mode] + owner_id`` while it decides; and one
+  *queue*, where a waiter locks a byte whose offset packs its arrival
+  ticket, its mode and who it is.
+* the **QEMU layer**, QEMU's own permission bytes (``file-posix``), taken
+  and tested exactly as a QEMU writer, reader or ``share-rw=on`` disk would.
 
-Every claim first takes its own bytes, then tests the bytes that would
-conflict with F_WRLCK, and rolls back if any other open file description
-holds one.  Two racing claimers may therefore both fail; callers that wait
-retry with jittered backoff (:mod:`imglock.api`).  Bytes 0 (libvirt's
-virtlockd), 100-163 and 200-263 (QEMU) are never locked by the imglock layer.
+A claim is won like this (every test is F_OFD_GETLK with F_WRLCK over the
+ranges of conflicting modes, so it sees the others' read locks):
+
+1. take the intent byte;
+2. test the rivals: conflicting holders and intents, and (first attempt)
+   every conflicting waiter, or (a waiter's attempt) after testing, without
+   an intent, that no conflicting waiter is ahead of it in the queue;
+3. test QEMU's bytes, take them, test them again (QEMU's own order);
+4. take the holder bytes, then drop the intent.
+
+Two claimers that both hold intents and test see each other and both back
+off, so at most one of any conflicting pair gets to step 4 (each takes its
+intent before it tests, and keeps it until its holder bytes are taken); and
+holder bytes are only ever taken by a claimer that has won, so no one, on
+any host, ever sees a holder that is not one.  A claimer that loses and may
+wait takes a place in the queue; later arrivals see it and queue behind it,
+which serves a waiting writer once those ahead of it have left.
+
+Bytes 0 (libvirt's virtlockd), 100-163 and 200-263 (QEMU) are never locked
+by the imglock layer.
 
 The lifetime rule (imglock(7), LIFETIME).  An OFD lock belongs to the open
 file description, and so to every process that inherited a descriptor of
@@ -40,52 +56,15 @@ from __future__ import annotations
 
 import contextlib
 import enum
-from collections.abc import Iterable
-from typing import Final
+import time
+from collections.abc import Iterable, Sequence
+from typing import Final, NamedTuple
 
 from imglock import faults
 from imglock.errors import LockConflict, LockError, LockLost
 from imglock.lock import fcntl_locks
-from imglock.lock.identity import OWNER_BITS, Owner
-
-# The imglock layer: three adjacent regions of 2**56 bytes starting at 2**62,
-# far beyond any image (and any QEMU or virtlockd byte), below OFFSET_MAX.
-IMGLOCK_REGION_SIZE: Final = 1 << OWNER_BITS
-IMGLOCK_EXCLUSIVE_BASE: Final = 1 << 62
-IMGLOCK_SHARED_BASE: Final = IMGLOCK_EXCLUSIVE_BASE + IMGLOCK_REGION_SIZE
-IMGLOCK_SHARED_WRITE_BASE: Final = IMGLOCK_SHARED_BASE + IMGLOCK_REGION_SIZE
-IMGLOCK_END: Final = IMGLOCK_SHARED_WRITE_BASE + IMGLOCK_REGION_SIZE
-
-# QEMU's layer (block/file-posix.c: RAW_LOCK_PERM_BASE, RAW_LOCK_SHARED_BASE).
-QEMU_PERM_BASE: Final = 100
-QEMU_SHARED_BASE: Final = 200
-#: QEMU reserves 64 bits for each set; only the first five have ever been used.
-QEMU_PERM_SLOTS: Final = 64
-
-#: BlockPermission bits in QEMU's order, with the names its messages use.
-QEMU_PERM_NAMES: Final = (
-    "consistent read",
-    "write",
-    "write unchanged",
-    "resize",
-    "change children",  # QEMU <= 6.1 only
-)
-PERM_CONSISTENT_READ: Final = 0
-PERM_WRITE: Final = 1
-PERM_RESIZE: Final = 3
-
-#: What a running QEMU writer holds on its top image, and what it refuses to share.
-QEMU_WRITER_PERMS: Final = (PERM_CONSISTENT_READ, PERM_WRITE, PERM_RESIZE)
-QEMU_WRITER_UNSHARED: Final = (PERM_WRITE, PERM_RESIZE)
-#: ... and on a backing file it only reads.
-QEMU_READER_PERMS: Final = (PERM_CONSISTENT_READ,)
-QEMU_READER_UNSHARED: Final = (PERM_WRITE, PERM_RESIZE)
-#: What a QEMU 7.2 disk device with ``share-rw=on`` holds on a raw image
-#: (measured: bytes 100 and 101 only): it reads and writes, and shares all.
-#: (On a qcow2 the format layer refuses to share write and resize whatever
-#: the device says, so QEMU holds a writer's bytes there.)
-QEMU_SHARED_WRITER_PERMS: Final = (PERM_CONSISTENT_READ, PERM_WRITE)
-QEMU_SHARED_WRITER_UNSHARED: Final = ()
+from imglock.lock.fcntl_locks import RangeLock
+from imglock.lock.identity import HOST_TAG_BITS, OWNER_BITS, PID_BITS, PID_MASK, Owner
 
 
 class Mode(enum.StrEnum):
@@ -124,6 +103,92 @@ class Layer(enum.Flag):
 
 Layers = Layer
 
+# --- The imglock layer's map ------------------------------------------------------------
+#
+#   2^62                 queue: one byte per waiter, in arrival order    (2^61 bytes)
+#   2^62 + 2^61 + 0 S    holders, shared-write   (S = 2^57 bytes each)
+#               + 1 S    intents, shared-write
+#               + 2 S    holders, exclusive
+#               + 3 S    intents, exclusive
+#               + 4 S    holders, shared
+#               + 5 S    intents, shared
+#
+# The order is chosen so that each mode's rivals lie in few ranges: an
+# exclusive claimer's in one ([2^62, end): every waiter, holder and intent),
+# a shared one's in one (the queue, then shared-write and exclusive holders
+# and intents), a shared-write one's in two.
+
+QUEUE_BASE: Final = 1 << 62
+QUEUE_SIZE: Final = 1 << 61
+SLOT_SIZE: Final = 1 << (OWNER_BITS + 1)
+_SLOTS_BASE: Final = QUEUE_BASE + QUEUE_SIZE
+#: (holder slot, intent slot) of each mode, counted in SLOT_SIZE from _SLOTS_BASE.
+_SLOT_OF: Final = {
+    Mode.SHARED_WRITE: (0, 1),
+    Mode.EXCLUSIVE: (2, 3),
+    Mode.SHARED: (4, 5),
+}
+HOLDER_BASE: Final = {m: _SLOTS_BASE + h * SLOT_SIZE for m, (h, _i) in _SLOT_OF.items()}
+INTENT_BASE: Final = {m: _SLOTS_BASE + i * SLOT_SIZE for m, (_h, i) in _SLOT_OF.items()}
+IMGLOCK_START: Final = QUEUE_BASE
+IMGLOCK_END: Final = _SLOTS_BASE + 6 * SLOT_SIZE
+
+#: A holder's lock is two bytes long when it also carries QEMU's bytes (so
+#: that another host can tell them from a second, plain QEMU), else one.
+HOLDER_PLAIN: Final = 1
+HOLDER_WITH_QEMU: Final = 2
+
+# A queue byte, from the top bit down: ticket (arrival second, 24 bits),
+# mode (2 bits), host tag (its top 13 bits), pid (22 bits): 61 bits in all.
+TICKET_BITS: Final = 24
+TICKET_MAX: Final = (1 << TICKET_BITS) - 1
+WAITER_HOST_BITS: Final = 13
+_MODE_SHIFT: Final = PID_BITS + WAITER_HOST_BITS
+_TICKET_SHIFT: Final = _MODE_SHIFT + 2
+_MODE_CODE: Final = {Mode.EXCLUSIVE: 0, Mode.SHARED: 1, Mode.SHARED_WRITE: 2}
+_CODE_MODE: Final = {code: mode for mode, code in _MODE_CODE.items()}
+assert QUEUE_SIZE.bit_length() - 1 == _TICKET_SHIFT + TICKET_BITS
+
+# --- QEMU's layer (block/file-posix.c: RAW_LOCK_PERM_BASE, RAW_LOCK_SHARED_BASE) ----------
+QEMU_PERM_BASE: Final = 100
+QEMU_SHARED_BASE: Final = 200
+#: QEMU reserves 64 bits for each set; only the first five have ever been used.
+QEMU_PERM_SLOTS: Final = 64
+
+#: BlockPermission bits in QEMU's order, with the names its messages use.
+QEMU_PERM_NAMES: Final = (
+    "consistent read",
+    "write",
+    "write unchanged",
+    "resize",
+    "change children",  # QEMU <= 6.1 only
+)
+PERM_CONSISTENT_READ: Final = 0
+PERM_WRITE: Final = 1
+PERM_RESIZE: Final = 3
+
+#: What a running QEMU writer holds on its top image, and what it refuses to share.
+QEMU_WRITER_PERMS: Final = (PERM_CONSISTENT_READ, PERM_WRITE, PERM_RESIZE)
+QEMU_WRITER_UNSHARED: Final = (PERM_WRITE, PERM_RESIZE)
+#: ... and on a backing file it only reads.
+QEMU_READER_PERMS: Final = (PERM_CONSISTENT_READ,)
+QEMU_READER_UNSHARED: Final = (PERM_WRITE, PERM_RESIZE)
+#: What a QEMU 7.2 disk device with ``share-rw=on`` holds on a raw image
+#: (measured: bytes 100 and 101 only): it reads and writes, and shares all.
+#: (On a qcow2 the format layer refuses to share write and resize whatever
+#: the device says, so QEMU holds a writer's bytes there.)
+QEMU_SHARED_WRITER_PERMS: Final = (PERM_CONSISTENT_READ, PERM_WRITE)
+QEMU_SHARED_WRITER_UNSHARED: Final = ()
+
+#: QEMU's (perms, unshared) for each mode: as a writer, a reader, a share-rw=on writer.
+QEMU_PERMISSIONS: Final = {
+    Mode.EXCLUSIVE: (QEMU_WRITER_PERMS, QEMU_WRITER_UNSHARED),
+    Mode.SHARED: (QEMU_READER_PERMS, QEMU_READER_UNSHARED),
+    Mode.SHARED_WRITE: (QEMU_SHARED_WRITER_PERMS, QEMU_SHARED_WRITER_UNSHARED),
+}
+
+Range = tuple[int, int]  # (start, length)
+
 
 # A plain class, not a dataclass or NamedTuple: those cost far more to define,
 # and every command that takes or looks at a lock loads this module.
@@ -133,47 +198,152 @@ class Held:
     __slots__ = ("layers", "mode", "owner", "ranges")
 
     def __init__(
-        self, mode: Mode, layers: Layer, owner: Owner, ranges: tuple[tuple[int, int], ...] = ()
+        self, mode: Mode, layers: Layer, owner: Owner, ranges: tuple[Range, ...] = ()
     ) -> None:
         self.mode = mode
         self.layers = layers
         self.owner = owner
-        #: (start, length) of every byte range taken.
+        #: (start, length) of every byte range taken, the holder range first.
         self.ranges = ranges
 
 
-#: Where each mode's holders lock their byte.
-REGION_BASE: Final = {
-    Mode.EXCLUSIVE: IMGLOCK_EXCLUSIVE_BASE,
-    Mode.SHARED: IMGLOCK_SHARED_BASE,
-    Mode.SHARED_WRITE: IMGLOCK_SHARED_WRITE_BASE,
-}
+class Place(NamedTuple):
+    """A waiter's place in an image's queue: the byte it holds there."""
+
+    offset: int
+    mode: Mode
+
+
+# --- Where each thing lies ------------------------------------------------------------
+
+
+def carries_qemu(layers: Layer) -> bool:
+    """Whether a holder with *layers* marks that QEMU's bytes are its own."""
+    return bool(layers & (Layer.QEMU | Layer.QEMU_TEST))
+
+
+def holder_range(mode: Mode, owner: Owner, layers: Layer = Layer.IMGLOCK) -> Range:
+    """The bytes a holder locks in the imglock layer."""
+    length = HOLDER_WITH_QEMU if carries_qemu(layers) else HOLDER_PLAIN
+    return HOLDER_BASE[mode] + 2 * owner.id, length
 
 
 def imglock_byte(mode: Mode, owner: Owner) -> int:
-    """The byte a holder locks in the imglock layer."""
-    return REGION_BASE[mode] + owner.id
+    """The first byte of a holder's range: what names it to any host."""
+    return holder_range(mode, owner)[0]
+
+
+def intent_byte(mode: Mode, owner: Owner) -> int:
+    return INTENT_BASE[mode] + owner.id
+
+
+def queue_byte(ticket: int, mode: Mode, owner: Owner) -> int:
+    """A waiter's byte: arrival ticket, mode, the host tag's top bits, pid."""
+    host = owner.host_tag >> (HOST_TAG_BITS - WAITER_HOST_BITS)
+    return (
+        QUEUE_BASE
+        | ticket << _TICKET_SHIFT
+        | _MODE_CODE[mode] << _MODE_SHIFT
+        | host << PID_BITS
+        | owner.pid
+    )
+
+
+class Waiting(NamedTuple):
+    """A queue byte, read back."""
+
+    offset: int
+    ticket: int
+    mode: Mode
+    #: The top WAITER_HOST_BITS of the waiter's host tag.
+    host_bits: int
+    pid: int
+
+    def is_host(self, host_tag: int) -> bool:
+        return self.host_bits == host_tag >> (HOST_TAG_BITS - WAITER_HOST_BITS)
+
+
+class Holding(NamedTuple):
+    """A holder range, read back."""
+
+    mode: Mode
+    owner: Owner
+    #: The holder marks that QEMU's bytes on this image are its own.
+    with_qemu: bool
+
+
+def read_waiting(offset: int) -> Waiting | None:
+    """The waiter whose queue byte is *offset*, or None if it is no queue byte."""
+    rel = offset - QUEUE_BASE
+    if not 0 <= rel < QUEUE_SIZE:
+        return None
+    mode = _CODE_MODE.get(rel >> _MODE_SHIFT & 3)
+    if mode is None:
+        return None
+    host = rel >> PID_BITS & ((1 << WAITER_HOST_BITS) - 1)
+    return Waiting(offset, rel >> _TICKET_SHIFT, mode, host, rel & PID_MASK)
+
+
+def read_holding(start: int, length: int) -> Holding | None:
+    """The holder whose range is [start, start+length), or None if it is none."""
+    for mode, base in HOLDER_BASE.items():
+        rel = start - base
+        if 0 <= rel < SLOT_SIZE and rel % 2 == 0 and length in (1, 2):
+            return Holding(mode, Owner.from_id(rel // 2), length == HOLDER_WITH_QEMU)
+    return None
+
+
+def read_intent(offset: int) -> tuple[Mode, Owner] | None:
+    for mode, base in INTENT_BASE.items():
+        if 0 <= offset - base < SLOT_SIZE // 2:
+            return mode, Owner.from_id(offset - base)
+    return None
 
 
 def mode_at(offset: int) -> Mode | None:
-    """The mode whose region holds *offset*, if any."""
-    for mode, base in REGION_BASE.items():
-        if base <= offset < base + IMGLOCK_REGION_SIZE:
+    """The mode whose holder region holds *offset*, if any."""
+    for mode, base in HOLDER_BASE.items():
+        if base <= offset < base + SLOT_SIZE:
             return mode
     return None
 
 
-def _imglock_rivals(mode: Mode) -> list[tuple[int, int]]:
-    """The ranges whose other holders conflict with a claim in *mode*: one test each."""
-    return _joined((REGION_BASE[m], IMGLOCK_REGION_SIZE) for m in Mode if conflicts(mode, m))
+def in_imglock_layer(start: int, end: int) -> bool:
+    return start >= IMGLOCK_START and end <= IMGLOCK_END
 
 
-#: QEMU's (perms, unshared) for each mode: as a writer, a reader, a share-rw=on writer.
-QEMU_PERMISSIONS: Final = {
-    Mode.EXCLUSIVE: (QEMU_WRITER_PERMS, QEMU_WRITER_UNSHARED),
-    Mode.SHARED: (QEMU_READER_PERMS, QEMU_READER_UNSHARED),
-    Mode.SHARED_WRITE: (QEMU_SHARED_WRITER_PERMS, QEMU_SHARED_WRITER_UNSHARED),
-}
+def _joined(ranges: Iterable[Range]) -> list[Range]:
+    """(start, length) ranges in order, adjacent ones joined: one fcntl call per run."""
+    runs: list[Range] = []
+    for start, length in sorted(ranges):
+        if runs and runs[-1][0] + runs[-1][1] == start:
+            runs[-1] = (runs[-1][0], runs[-1][1] + length)
+        else:
+            runs.append((start, length))
+    return runs
+
+
+def _runs(offsets: Iterable[int]) -> list[Range]:
+    """Single bytes as (start, length) runs of adjacent ones."""
+    return _joined((byte, 1) for byte in set(offsets))
+
+
+def _bytes(ranges: Iterable[Range]) -> set[int]:
+    return {b for start, length in ranges for b in range(start, start + length)}
+
+
+def rival_ranges(mode: Mode, *, with_queue: bool) -> list[Range]:
+    """The ranges whose others' locks may stand in the way of a claim in *mode*.
+
+    Holders and intents of conflicting modes and, *with_queue*, the whole
+    queue (where waiters of a compatible mode are then skipped): adjacent
+    regions joined, so that an exclusive or a shared claim tests one range.
+    """
+    ranges = [(QUEUE_BASE, QUEUE_SIZE)] if with_queue else []
+    for other in Mode:
+        if conflicts(mode, other):
+            ranges += [(HOLDER_BASE[other], SLOT_SIZE), (INTENT_BASE[other], SLOT_SIZE)]
+    return _joined(ranges)
 
 
 def qemu_bytes(mode: Mode) -> tuple[list[int], list[int]]:
@@ -186,58 +356,81 @@ def qemu_bytes(mode: Mode) -> tuple[list[int], list[int]]:
     return take, test
 
 
-def _joined(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-    """(start, length) ranges in order, adjacent ones joined: one fcntl call per run."""
-    runs: list[tuple[int, int]] = []
-    for start, length in sorted(ranges):
-        if runs and runs[-1][0] + runs[-1][1] == start:
-            runs[-1] = (runs[-1][0], runs[-1][1] + length)
-        else:
-            runs.append((start, length))
-    return runs
+# --- Tests ------------------------------------------------------------------------------
 
 
-def _runs(offsets: Iterable[int]) -> list[tuple[int, int]]:
-    """Single bytes as (start, length) runs of adjacent ones."""
-    return _joined((byte, 1) for byte in set(offsets))
+class ProtocolConflict(LockConflict):
+    """A claim lost; :attr:`lock` is the lock that was in the way.
+
+    :attr:`queued` says that the lock was a waiter's place ahead of the
+    claimer (the image may be free of holders).
+    """
+
+    def __init__(self, filename: str, mode: Mode, lock: RangeLock) -> None:
+        self.lock = lock
+        self.queued = read_waiting(lock.start) is not None
+        super().__init__(filename, f"cannot claim {mode.value}: held by another process")
 
 
-def _bytes(ranges: Iterable[tuple[int, int]]) -> set[int]:
-    return {b for start, length in ranges for b in range(start, start + length)}
+def _in_the_way(fd: int, filename: str, mode: Mode, start: int, end: int) -> RangeLock | None:
+    """The first lock in [start, end) that conflicts with *mode*.
+
+    Queue bytes of waiters whose mode is compatible are stepped over; any
+    other lock found is in the way.  Uncontended, this is one test.
+    """
+    while start < end:
+        lock = fcntl_locks.conflicting(fd, start, end - start, filename)
+        if lock is None:
+            return None
+        waiting = read_waiting(lock.start) if lock.length == 1 else None
+        if waiting is None or conflicts(mode, waiting.mode):
+            return lock
+        start = lock.start + 1
+    return None
 
 
-def _ranges_for(
-    mode: Mode, layers: Layer, owner: Owner
-) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """(ranges to take, ranges to test), the holder's own imglock byte first."""
-    take: list[tuple[int, int]] = []
-    test: list[tuple[int, int]] = []
-    if Layer.IMGLOCK in layers:
-        take.append((imglock_byte(mode, owner), 1))
-        test += _imglock_rivals(mode)
-    if layers & (Layer.QEMU | Layer.QEMU_TEST):
-        qemu_take, qemu_test = qemu_bytes(mode)
-        take += _runs(qemu_take) if Layer.QEMU in layers else []
-        test += _runs(qemu_test)
-    return take, test
-
-
-def _first_conflict(
-    fd: int, filename: str, tests: Iterable[tuple[int, int]]
-) -> fcntl_locks.RangeLock | None:
-    for start, length in tests:
-        lock = fcntl_locks.conflicting(fd, start, length, filename)
+def _first_rival(fd: int, filename: str, mode: Mode, ranges: Iterable[Range]) -> RangeLock | None:
+    for start, length in ranges:
+        lock = _in_the_way(fd, filename, mode, start, start + length)
         if lock is not None:
             return lock
     return None
 
 
-class ProtocolConflict(LockConflict):
-    """A claim lost to another holder; :attr:`lock` is the lock that was in the way."""
+def _qemu_conflict(fd: int, filename: str, tests: Sequence[int]) -> RangeLock | None:
+    """QEMU's conflict test for *tests*: one test over their span, precise ones on a hit."""
+    if not tests:
+        return None
+    lo, hi = min(tests), max(tests) + 1
+    lock = fcntl_locks.conflicting(fd, lo, hi - lo, filename)
+    if lock is None or (len(tests) == hi - lo):
+        return lock
+    # The span holds bytes no one needs to test (another reader's 100...): look closer.
+    for start, length in _runs(tests):
+        found = fcntl_locks.conflicting(fd, start, length, filename)
+        if found is not None:
+            return found
+    return None
 
-    def __init__(self, filename: str, mode: Mode, lock: fcntl_locks.RangeLock) -> None:
-        self.lock = lock
-        super().__init__(filename, f"cannot claim {mode.value}: held by another process")
+
+def _take(fd: int, filename: str, mode: Mode, start: int, length: int) -> None:
+    """Read-lock [start, start+length); a write lock in the way is a conflict."""
+    if not fcntl_locks.try_read_lock(fd, start, length, filename):
+        lock = fcntl_locks.conflicting(fd, start, length, filename)
+        raise ProtocolConflict(
+            filename, mode, lock or RangeLock(fcntl_locks.F_WRLCK, start, length, -1)
+        )
+
+
+def _unlock_quietly(fd: int, filename: str, ranges: Iterable[Range]) -> None:
+    # Rolling back after a failure must not hide the failure itself; an
+    # unlock that fails leaves a lock that dies with the descriptor anyway.
+    for start, length in ranges:
+        with contextlib.suppress(Exception):
+            fcntl_locks.unlock(fd, start, length, filename)
+
+
+# --- Claiming ---------------------------------------------------------------------------
 
 
 def acquire(
@@ -246,43 +439,106 @@ def acquire(
     mode: Mode,
     layers: Layer = Layer.IMGLOCK,
     owner: Owner | None = None,
+    place: Place | None = None,
+    *,
+    keep: Iterable[int] = (),
 ) -> Held:
-    """Claim the image open on *fd* in *mode*; on conflict hold nothing and raise.
+    """Try once to claim the image open on *fd* in *mode*; on conflict hold nothing new and raise.
+
+    Without *place*, every conflicting waiter in the queue is in the way;
+    with the *place* of a waiter (see :func:`enqueue`), only those ahead of
+    it.  *keep* lists bytes this descriptor already holds (a mode change):
+    they are neither taken again nor dropped on failure.
 
     Raises :class:`ProtocolConflict` (a LockConflict) when another open file
-    description holds a conflicting byte, LockError when the system refuses
-    the lock itself (ENOLCK, EIO...).
+    description is in the way, LockError when the system refuses the lock
+    itself (ENOLCK, EIO...).
     """
     owner = owner or Owner.current()
-    take, tests = _ranges_for(mode, layers, owner)
-    taken: list[tuple[int, int]] = []
+    kept = set(keep)
+    taken: list[Range] = []
+    intent: Range | None = None
     try:
-        for start, length in take:
-            if not fcntl_locks.try_read_lock(fd, start, length, filename):
-                lock = fcntl_locks.conflicting(fd, start, length, filename)
-                raise ProtocolConflict(
-                    filename,
-                    mode,
-                    lock or fcntl_locks.RangeLock(fcntl_locks.F_WRLCK, start, length, -1),
-                )
-            taken.append((start, length))
-            faults.point("acquire:own-byte" if len(taken) == 1 else "acquire:qemu-byte")
-        faults.point("acquire:untested")
-        lock = _first_conflict(fd, filename, tests)
-        if lock is not None:
-            raise ProtocolConflict(filename, mode, lock)
+        if place is not None:  # a waiter defers, without an intent, to those ahead
+            lock = _in_the_way(fd, filename, mode, QUEUE_BASE, place.offset)
+            if lock is not None:
+                raise ProtocolConflict(filename, mode, lock)
+        if Layer.IMGLOCK in layers:
+            intent = (intent_byte(mode, owner), 1)
+            _take(fd, filename, mode, *intent)
+            faults.point("acquire:own-byte")
+            lock = _first_rival(fd, filename, mode, rival_ranges(mode, with_queue=place is None))
+            if lock is not None:
+                raise ProtocolConflict(filename, mode, lock)
+        if carries_qemu(layers):
+            qemu_take, qemu_test = qemu_bytes(mode)
+            lock = _qemu_conflict(fd, filename, qemu_test)
+            if lock is not None:
+                raise ProtocolConflict(filename, mode, lock)
+            if Layer.QEMU in layers:
+                for run in _runs(set(qemu_take) - kept):
+                    _take(fd, filename, mode, *run)
+                    taken.append(run)
+                    faults.point("acquire:qemu-byte")
+                faults.point("acquire:untested")
+                lock = _qemu_conflict(fd, filename, qemu_test)
+                if lock is not None:
+                    raise ProtocolConflict(filename, mode, lock)
+        if Layer.IMGLOCK in layers:
+            _take(fd, filename, mode, *holder_range(mode, owner, layers))
     except BaseException:
-        _unlock_quietly(fd, filename, taken)
+        _unlock_quietly(fd, filename, [*taken, *([intent] if intent else [])])
         raise
-    return Held(mode, layers, owner, tuple(taken))
+    if intent is not None:
+        fcntl_locks.unlock(fd, intent[0], intent[1], filename)
+    return _held(mode, layers, owner)
 
 
-def _unlock_quietly(fd: int, filename: str, ranges: Iterable[tuple[int, int]]) -> None:
-    # Rolling back after a failure must not hide the failure itself; an
-    # unlock that fails leaves a lock that dies with the descriptor anyway.
-    for start, length in ranges:
-        with contextlib.suppress(Exception):
-            fcntl_locks.unlock(fd, start, length, filename)
+def _held(mode: Mode, layers: Layer, owner: Owner) -> Held:
+    """What a holder in *mode* with *layers* holds: its holder range first."""
+    ranges = [holder_range(mode, owner, layers)] if Layer.IMGLOCK in layers else []
+    if Layer.QEMU in layers:
+        ranges += _runs(qemu_bytes(mode)[0])
+    return Held(mode, layers, owner, tuple(ranges))
+
+
+def ticket_now() -> int:
+    """This host's clock as a queue ticket: seconds, modulo 2**TICKET_BITS."""
+    return int(time.time()) & TICKET_MAX
+
+
+def waiters(fd: int, filename: str) -> list[Waiting]:
+    """Everyone in the image's queue, first first (seen through *fd*, which is not among them)."""
+    found = fcntl_locks.all_conflicting(fd, QUEUE_BASE, QUEUE_SIZE, filename)
+    out = []
+    for lock in found:
+        for offset in range(lock.start, min(lock.end, lock.start + 64)):
+            waiting = read_waiting(offset)
+            if waiting is not None:
+                out.append(waiting)
+    return out
+
+
+def enqueue(fd: int, filename: str, mode: Mode, owner: Owner | None = None) -> Place:
+    """Take a place at the end of the image's queue.
+
+    The ticket is this host's clock in seconds, but never earlier than one
+    already in the queue: a claimer that arrives after a waiter is visible
+    queues behind it whatever the hosts' clocks say.
+    """
+    owner = owner or Owner.current()
+    ahead = waiters(fd, filename)
+    ticket = ticket_now()
+    if ahead:
+        ticket = max(ticket, min(TICKET_MAX, max(w.ticket for w in ahead) + 1))
+    offset = queue_byte(ticket, mode, owner)
+    _take(fd, filename, mode, offset, 1)
+    return Place(offset, mode)
+
+
+def leave(fd: int, filename: str, place: Place) -> None:
+    """Give up a place in the queue (having won, or stopped waiting)."""
+    fcntl_locks.unlock(fd, place.offset, 1, filename)
 
 
 def release(fd: int, filename: str, held: Held) -> None:
@@ -296,26 +552,59 @@ def release(fd: int, filename: str, held: Held) -> None:
 
 
 def relabel(fd: int, filename: str, held: Held, owner: Owner) -> Held:
-    """Move *held*'s imglock byte to *owner* (the process now using the image).
+    """Move *held*'s holder range to *owner* (the process now using the image).
 
-    The new byte is taken first and the old one dropped after, on the same
+    The new range is taken first and the old one dropped after, on the same
     open file description, so the claim is held throughout; a crash in
-    between leaves both bytes, which name the same claim.  Raises LockError
-    if the new byte cannot be taken (then nothing changed).
+    between leaves both, which name the same claim.  Raises LockError if the
+    new range cannot be taken (then nothing changed).
     """
     if Layer.IMGLOCK not in held.layers or owner == held.owner:
         return held
-    old = imglock_byte(held.mode, held.owner)
-    new = imglock_byte(held.mode, owner)
-    if not fcntl_locks.try_read_lock(fd, new, 1, filename):
+    old = holder_range(held.mode, held.owner, held.layers)
+    new = holder_range(held.mode, owner, held.layers)
+    if not fcntl_locks.try_read_lock(fd, *new, filename):
         raise LockError(filename, "cannot take the new owner's byte: a conflicting lock covers it")
     faults.point("relabel:both")
-    fcntl_locks.unlock(fd, old, 1, filename)
-    ranges = tuple(
-        (new, 1) if (start, length) == (old, 1) else (start, length)
-        for start, length in held.ranges
-    )
+    fcntl_locks.unlock(fd, *old, filename)
+    ranges = tuple(new if r == old else r for r in held.ranges)
     return Held(held.mode, held.layers, owner, ranges)
+
+
+def change_mode(fd: int, filename: str, held: Held, new_mode: Mode) -> Held:
+    """Turn the claim *held* on *fd* into one in *new_mode*, on the same descriptor.
+
+    The image is never unclaimed in between: the new mode's bytes are won
+    (a stronger or other mode, through an intent and the usual tests, the
+    queue included) or simply taken (a weaker mode: an exclusive holder
+    has no rival to test) before the old mode's bytes are dropped.  On a
+    conflict the old claim stays exactly as it was and
+    :class:`ProtocolConflict` is raised.  (A second descriptor cannot do
+    this: two open file descriptions of one file conflict with each other.)
+    """
+    if new_mode is held.mode:
+        return held
+    old = _bytes(held.ranges)
+    if held.mode is Mode.EXCLUSIVE:
+        new = _downgraded(fd, filename, held, new_mode, old)
+    else:
+        new = acquire(fd, filename, new_mode, held.layers, held.owner, keep=old)
+    for start, length in _runs(old - _bytes(new.ranges)):
+        fcntl_locks.unlock(fd, start, length, filename)
+    return new
+
+
+def _downgraded(fd: int, filename: str, held: Held, new_mode: Mode, old: set[int]) -> Held:
+    new = _held(new_mode, held.layers, held.owner)
+    taken: list[Range] = []
+    try:
+        for run in _runs(_bytes(new.ranges) - old):
+            _take(fd, filename, new_mode, *run)
+            taken.append(run)
+    except BaseException:
+        _unlock_quietly(fd, filename, taken)
+        raise
+    return new
 
 
 def verify(fd: int, filename: str, held: Held) -> None:
@@ -323,55 +612,22 @@ def verify(fd: int, filename: str, held: Held) -> None:
 
     Re-taking a held read lock is a no-op for the kernel but a round trip to
     the lock manager on NFS, where a lost lease shows up as EIO or ENOLCK.
-    A rival that holds a conflicting byte means the lock was lost silently.
+    A rival holder of a conflicting mode means the lock was lost silently.
     """
     try:
         for start, length in held.ranges:
             if not fcntl_locks.try_read_lock(fd, start, length, filename):
                 raise LockLost(filename, "lock lost: a conflicting lock now covers it")
+        tests: list[Range] = []
+        if Layer.IMGLOCK in held.layers:
+            tests += [(HOLDER_BASE[m], SLOT_SIZE) for m in Mode if conflicts(held.mode, m)]
         # Once running, a wrapped QEMU holds its own bytes: not a rival.
-        _take, tests = _ranges_for(held.mode, held.layers & ~Layer.QEMU_TEST, held.owner)
-        if _first_conflict(fd, filename, tests) is not None:
-            raise LockLost(filename, "lock lost: another process now holds the image")
+        if Layer.QEMU in held.layers:
+            tests += _runs(qemu_bytes(held.mode)[1])
+        for start, length in _joined(tests):
+            if fcntl_locks.conflicting(fd, start, length, filename) is not None:
+                raise LockLost(filename, "lock lost: another process now holds the image")
     except LockLost:
         raise
     except LockError as exc:
         raise LockLost(filename, f"lock lost: {exc.message}", exc.errno) from None
-
-
-def change_mode(fd: int, filename: str, held: Held, new_mode: Mode) -> Held:
-    """Turn the claim *held* on *fd* into one in *new_mode*, on the same descriptor.
-
-    The image is never unclaimed in between: the new mode's bytes are taken
-    and tested first, and only then are the bytes the new mode does not use
-    dropped.  On a conflict the old claim stays exactly as it was and
-    :class:`ProtocolConflict` is raised.  (A second descriptor cannot do
-    this: two open file descriptions of one file conflict with each other.)
-    """
-    if new_mode is held.mode:
-        return held
-    take, tests = _ranges_for(new_mode, held.layers, held.owner)
-    old = _bytes(held.ranges)
-    wanted = _bytes(take)
-    added: list[tuple[int, int]] = []
-    try:
-        for start, length in _runs(wanted - old):
-            if not fcntl_locks.try_read_lock(fd, start, length, filename):
-                lock = fcntl_locks.conflicting(fd, start, length, filename)
-                raise ProtocolConflict(
-                    filename,
-                    new_mode,
-                    lock or fcntl_locks.RangeLock(fcntl_locks.F_WRLCK, start, length, -1),
-                )
-            added.append((start, length))
-        lock = _first_conflict(fd, filename, tests)
-        if lock is not None:
-            raise ProtocolConflict(filename, new_mode, lock)
-    except BaseException:
-        _unlock_quietly(fd, filename, added)
-        raise
-    for start, length in _runs(old - wanted):
-        fcntl_locks.unlock(fd, start, length, filename)
-    own = imglock_byte(new_mode, held.owner)
-    ranges = sorted(_runs(wanted), key=lambda r: r[0] != own)  # own imglock byte first
-    return Held(new_mode, held.layers, held.owner, tuple(ranges))
