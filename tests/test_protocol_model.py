@@ -1,0 +1,291 @@
+"""The protocol, checked exhaustively, and the implementation held to the checked model.
+
+:mod:`protocol_model` writes the protocol of imglock(7) as a table of
+steps.  Here every interleaving of the steps of two and three claimers,
+in every mix of modes, crashes and give-ups included, is explored and
+every state checked; protocols with one thing changed are shown to be
+caught; and real claims, recorded at the fcntl seam, are shown to be
+paths through the same table.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from protocol_model import (
+    PROTOCOL,
+    Claimer,
+    Table,
+    accepts,
+    explore,
+    mutate,
+)
+
+from imglock.api import Claim, ClaimSpec
+from imglock.errors import LockConflict
+from imglock.lock import discovery, fcntl_locks, protocol
+from imglock.lock.identity import Owner
+from imglock.lock.protocol import Layer, Mode
+
+MIXES_OF_TWO = list(itertools.combinations_with_replacement(Mode, 2))
+MIXES_OF_THREE = list(itertools.combinations_with_replacement(Mode, 3))
+
+
+def _names(modes: tuple[Mode, ...]) -> str:
+    return "+".join(m.value for m in modes)
+
+
+@pytest.mark.parametrize("qemu", [False, True], ids=["imglock-layer", "with-qemu-layer"])
+@pytest.mark.parametrize("modes", MIXES_OF_TWO, ids=_names)
+def test_two_claimers_claiming_twice_each_in_any_interleaving(
+    modes: tuple[Mode, ...], qemu: bool
+) -> None:
+    claimers = [Claimer(m, qemu=qemu, cycles=2) for m in modes]
+    result = explore(PROTOCOL, claimers)
+    print(f"\n{_names(modes)}, qemu={qemu}: {result.states} states, {result.transitions} steps")
+    assert result.violations == []
+    assert result.states > 100
+
+
+@pytest.mark.parametrize("modes", MIXES_OF_THREE, ids=_names)
+def test_three_claimers_in_any_interleaving(modes: tuple[Mode, ...]) -> None:
+    claimers = [Claimer(m) for m in modes]
+    result = explore(PROTOCOL, claimers)
+    print(f"\n{_names(modes)}: {result.states} states, {result.transitions} steps")
+    assert result.violations == []
+    assert result.states > 300
+    # Concurrent arrivals may go first, each once; no later arrival ever does.
+    assert result.max_overtaken <= len(claimers) - 1
+
+
+def test_a_claimer_that_does_not_wait_and_one_that_does() -> None:
+    claimers = [Claimer(Mode.EXCLUSIVE, wait=False), Claimer(Mode.EXCLUSIVE), Claimer(Mode.SHARED)]
+    result = explore(PROTOCOL, claimers)
+    assert result.violations == [] and result.states > 1000
+
+
+# --- Mutations: a protocol with one thing changed is caught ---------------------------
+
+#: Protocol v1: the holder byte taken first, then the test, then a rollback.
+HOLDER_BEFORE_TEST = mutate(
+    PROTOCOL,
+    "idle",
+    [("take-holder", "fast-test", "")],
+    **{
+        "fast-test": [("test-rivals", "held", "clear"), ("test-rivals", "v1-lost", "blocked")],
+        "v1-lost": [("drop-holder", "failed", "")],
+    },
+)
+#: No intent: test, then take the holder range.
+NO_INTENT = mutate(
+    PROTOCOL,
+    "idle",
+    [("test-rivals", "take-holder", "clear plain"), ("test-rivals", "failed", "blocked")],
+)
+#: The intent dropped before the holder range is taken.
+INTENT_DROPPED_EARLY = mutate(
+    PROTOCOL,
+    "fast-test",
+    [("test-rivals", "early", "clear plain"), ("test-rivals", "lost", "blocked")],
+    early=[("drop-intent", "take-holder", "")],
+    won=[("leave-queue", "held", "queued"), ("drop-holder", "done", "unqueued")],
+)
+#: A newcomer's first attempt looks at holders and intents only, not at the queue.
+QUEUE_IGNORED = mutate(
+    PROTOCOL,
+    "queued-test",
+    [("test-rivals", "take-holder", "clear plain"), ("test-rivals", "lost", "blocked")],
+    **{
+        "queued": [("test-ahead", "queued-intent", ""), ("test-ahead", "queued", "blocked")],
+    },
+)
+
+
+@pytest.mark.parametrize(
+    ("mutant", "claimers", "caught"),
+    [
+        (HOLDER_BEFORE_TEST, [Claimer(Mode.EXCLUSIVE)] * 2, "phantom holder"),
+        (NO_INTENT, [Claimer(Mode.EXCLUSIVE)] * 2, "mutual exclusion"),
+        (INTENT_DROPPED_EARLY, [Claimer(Mode.EXCLUSIVE), Claimer(Mode.SHARED)], "mutual exclusion"),
+        (QUEUE_IGNORED, [Claimer(Mode.EXCLUSIVE)] * 3, "bypass"),
+    ],
+    ids=["holder-before-test", "no-intent", "intent-dropped-early", "queue-ignored"],
+)
+def test_a_mutated_protocol_is_caught(mutant: Table, claimers: list[Claimer], caught: str) -> None:
+    result = explore(mutant, claimers)
+    assert result.violations, "the mutation went unnoticed"
+    print(f"\ncaught after {result.states} states: {result.violations[0]}")
+    assert caught in result.violations[0]
+
+
+# --- The implementation performs the modelled steps ------------------------------------
+
+
+class StepRecorder:
+    """The fcntl calls made on one descriptor, named as the model names its steps."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, fd: int) -> None:
+        self.fd = fd
+        self.steps: list[str] = []
+        self.intent = False
+        self.place = False
+        self.lock = threading.Lock()
+        real = fcntl_locks._fcntl
+
+        def record(fd: int, cmd: int, arg: bytes) -> bytes:
+            reply: bytes = real(fd, cmd, arg)
+            if fd == self.fd and not self.surveying:
+                with self.lock:
+                    self._name(cmd, *fcntl_locks.FLOCK.unpack(arg)[:4])
+            return reply
+
+        monkeypatch.setattr(fcntl_locks, "_fcntl", record)
+        fcntl_locks._commands.probed = True  # no probe call in the middle of a record
+        # Naming the holders after a conflict reads every lock: no protocol step.
+        self.surveying = False
+        real_survey = discovery.survey
+
+        def survey(*args: Any, **kwargs: Any) -> discovery.Survey:
+            self.surveying = True
+            try:
+                return real_survey(*args, **kwargs)
+            finally:
+                self.surveying = False
+
+        monkeypatch.setattr(discovery, "survey", survey)
+
+    def _name(self, cmd: int, ltype: int, _whence: int, start: int, length: int) -> None:
+        end = start + length
+        if cmd == fcntl_locks.F_OFD_GETLK:
+            if start < protocol.QEMU_SHARED_BASE + protocol.QEMU_PERM_SLOTS and start >= 100:
+                step = "test-qemu"
+            elif start >= protocol.IMGLOCK_START and (
+                self.intent or end > protocol.QUEUE_BASE + protocol.QUEUE_SIZE
+            ):
+                step = "test-rivals"
+            elif start >= protocol.IMGLOCK_START:
+                step = "test-ahead" if self.place else "read-queue"
+            else:
+                step = f"unknown test {start}+{length}"
+        else:
+            taking = ltype == fcntl_locks.F_RDLCK
+            if protocol.read_holding(start, length) is not None:
+                step = "take-holder" if taking else "drop-holder"
+            elif protocol.read_intent(start) is not None:
+                step = "take-intent" if taking else "drop-intent"
+                self.intent = taking
+            elif protocol.read_waiting(start) is not None:
+                step = "take-place" if taking else "leave-queue"
+                self.place = taking
+            elif end <= protocol.QEMU_SHARED_BASE + protocol.QEMU_PERM_SLOTS:
+                step = "take-qemu" if taking else "drop-qemu"
+            else:
+                step = f"unknown {start}+{length}"
+        if not self.steps or self.steps[-1] != step or step in ("take-intent", "drop-intent"):
+            self.steps.append(step)
+
+    def protocol_steps(self) -> list[str]:
+        return list(self.steps)
+
+
+@pytest.fixture
+def image(raw_image: Path) -> Iterator[Path]:
+    yield raw_image
+
+
+def _claim(path: Path, mode: Mode, layers: Layer, wait: float = 0.0) -> Claim:
+    return Claim([ClaimSpec(str(path), mode)], wait=wait, layers=layers, record=False)
+
+
+LAYERS = [Layer.IMGLOCK, Layer.IMGLOCK | Layer.QEMU]
+
+
+def _model(mode: Mode, layers: Layer, wait: bool = True) -> Claimer:
+    return Claimer(mode, wait=wait, qemu=Layer.QEMU in layers)
+
+
+@pytest.mark.parametrize("layers", LAYERS, ids=["imglock-layer", "with-qemu-layer"])
+@pytest.mark.parametrize("mode", list(Mode))
+def test_an_uncontended_claim_and_release_are_the_modelled_steps(
+    image: Path, monkeypatch: pytest.MonkeyPatch, mode: Mode, layers: Layer
+) -> None:
+    claim = _claim(image, mode, layers).open()
+    recorder = StepRecorder(monkeypatch, claim.fds[0])
+    claim.acquire()
+    claim.release(close=False)
+    steps = recorder.protocol_steps()
+    claim.close()
+    qemu = ["test-qemu", "take-qemu", "test-qemu"] if Layer.QEMU in layers else []
+    release = ["drop-holder", *(["drop-qemu"] if qemu else [])]
+    assert steps == ["take-intent", "test-rivals", *qemu, "take-holder", "drop-intent", *release]
+    assert accepts(PROTOCOL, _model(mode, layers), steps)
+
+
+@pytest.mark.parametrize("layers", LAYERS, ids=["imglock-layer", "with-qemu-layer"])
+def test_a_claim_that_may_not_wait_backs_off_as_modelled(
+    image: Path, monkeypatch: pytest.MonkeyPatch, layers: Layer
+) -> None:
+    rival = _claim(image, Mode.SHARED, layers).acquire()
+    claim = _claim(image, Mode.EXCLUSIVE, layers).open()
+    recorder = StepRecorder(monkeypatch, claim.fds[0])
+    with pytest.raises(LockConflict):
+        claim.acquire()
+    steps = recorder.protocol_steps()
+    claim.close()
+    rival.release()
+    assert steps == ["take-intent", "test-rivals", "drop-intent"]
+    assert accepts(PROTOCOL, _model(Mode.EXCLUSIVE, layers, wait=False), steps)
+
+
+@pytest.mark.parametrize("layers", LAYERS, ids=["imglock-layer", "with-qemu-layer"])
+def test_a_waiter_queues_defers_and_wins_as_modelled(
+    image: Path, monkeypatch: pytest.MonkeyPatch, layers: Layer
+) -> None:
+    """Behind a holder and a waiter ahead of it: every step is a step of the model."""
+    holder = _claim(image, Mode.EXCLUSIVE, layers).acquire()
+    ahead_fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    ahead = protocol.enqueue(ahead_fd, str(image), Mode.EXCLUSIVE, Owner.current(1))
+    claim = _claim(image, Mode.EXCLUSIVE, layers, wait=30).open()
+    recorder = StepRecorder(monkeypatch, claim.fds[0])
+
+    def step_aside() -> None:
+        # Once the claimer has queued, the holder goes, then the waiter ahead of it.
+        while "take-place" not in recorder.steps:
+            threading.Event().wait(0.001)
+        holder.release()
+        threading.Event().wait(0.05)  # it goes on deferring to the waiter ahead meanwhile
+        protocol.leave(ahead_fd, str(image), ahead)
+
+    helper = threading.Thread(target=step_aside)
+    helper.start()
+    try:
+        claim.acquire()
+    finally:
+        helper.join()
+        os.close(ahead_fd)
+    claim.release(close=False)
+    steps = recorder.protocol_steps()
+    claim.close()
+    assert steps[:5] == ["take-intent", "test-rivals", "drop-intent", "read-queue", "take-place"]
+    assert steps[5] == "test-ahead"
+    assert steps[-3:-1] == ["drop-intent", "leave-queue"] or steps[-4:-2] == [
+        "drop-intent",
+        "leave-queue",
+    ]
+    assert accepts(PROTOCOL, _model(Mode.EXCLUSIVE, layers), steps), steps
+
+
+def test_accepts_refuses_steps_out_of_the_modelled_order() -> None:
+    """The conformance check can fail: the v1 order is no path through the table."""
+    claimer = Claimer(Mode.EXCLUSIVE)
+    assert not accepts(PROTOCOL, claimer, ["take-holder", "test-rivals", "drop-holder"])
+    assert not accepts(PROTOCOL, claimer, ["take-intent", "drop-intent", "take-holder"])
+    assert not accepts(
+        PROTOCOL, Claimer(Mode.SHARED, qemu=True), ["take-intent", "test-rivals", "take-holder"]
+    )
