@@ -1,0 +1,92 @@
+"""Seen from another host, an imglock holder's QEMU bytes are its own, a plain QEMU's are QEMU's.
+
+"Another host" is a process in its own UTS, PID and mount namespaces with
+its own /proc: it has a different host name, and /proc names none of the
+holders, so all it knows is what lock tests read back, as on a second
+machine (where GlusterFS, say, reports l_pid -1 and /proc shows nothing).
+A holder that carries QEMU's bytes marks its holder range (two bytes
+instead of one), which is how the two are told apart (imglock(7)).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import ENV, QemuImg, SpawnRival
+from qemu_vm import NONE_MACHINE, QemuVMs
+
+ELSEWHERE = ["unshare", "--uts", "--pid", "--mount-proc", "--fork"]
+
+
+@pytest.fixture
+def qemu_vms(qemu_system_path: str) -> Iterator[QemuVMs]:
+    with QemuVMs(qemu_system_path) as vms:
+        yield vms
+
+
+def _status_elsewhere(image: Path) -> list[dict[str, object]]:
+    proc = subprocess.run(
+        [*ELSEWHERE, sys.executable, "-m", "imglock", "status", "--json", str(image)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=ENV,
+    )
+    assert proc.returncode in (0, 1), proc.stderr
+    (report,) = json.loads(proc.stdout)
+    return report["holders"]  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("mode", ["exclusive", "shared", "shared-write"])
+def test_an_imglock_holder_with_qemu_bytes_is_one_holder_from_another_host(
+    raw_image: Path, rival: SpawnRival, mode: str
+) -> None:
+    holder = rival("--mode", mode, raw_image)
+    assert holder.ok
+    (seen,) = _status_elsewhere(raw_image)
+    assert (seen["layer"], seen["mode"], seen["pid"]) == ("imglock", mode, holder.reply["pid"])
+    assert seen["perms"], "its QEMU permissions are shown as its own"
+
+    refused = rival("--mode", "exclusive", raw_image, prefix=ELSEWHERE)
+    assert not refused.ok
+    assert " more" not in str(refused.reply["error"])
+    assert f"pid {holder.reply['pid']}" in str(refused.reply["error"])
+
+
+def test_a_plain_qemu_is_still_a_qemu_holder_from_another_host(
+    qemu_vms: QemuVMs, qemu_img: QemuImg, tmp_path: Path
+) -> None:
+    image = tmp_path / "vm.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", image, "16M")
+    vm = qemu_vms.start([*NONE_MACHINE, "-drive", f"file={image},if=none,id=d0"])
+    deadline = time.monotonic() + 20
+    while not (seen := _status_elsewhere(image)):
+        assert time.monotonic() < deadline and vm.alive(), "QEMU never locked the image"
+        time.sleep(0.05)
+    (holder,) = seen
+    assert holder["layer"] == "qemu" and holder["pid"] is None
+    assert "write" in holder["perms"]  # type: ignore[operator]
+
+
+def test_imglock_without_qemu_bytes_beside_a_qemu_reader_stays_two_holders(
+    qemu_vms: QemuVMs, rival: SpawnRival, raw_image: Path
+) -> None:
+    """An unmarked holder (no QEMU layer) never takes a QEMU's bytes for its own."""
+    holder = rival("--mode", "shared", "--no-qemu", raw_image)
+    assert holder.ok
+    vm = qemu_vms.start(
+        [*NONE_MACHINE, "-drive", f"file={raw_image},format=raw,if=none,id=d0,readonly=on"]
+    )
+    deadline = time.monotonic() + 20
+    while len(seen := _status_elsewhere(raw_image)) < 2:
+        assert time.monotonic() < deadline and vm.alive(), seen
+        time.sleep(0.05)
+    assert sorted(str(h["layer"]) for h in seen) == ["imglock", "qemu"]
+    (mine,) = [h for h in seen if h["layer"] == "imglock"]
+    assert mine["perms"] == []
