@@ -665,6 +665,7 @@ def claim(
     wait: float = 0.0,
     format: str | None = None,
     qemu_locks: bool = True,
+    flock: str = "auto",
     lockspace: str | None = None,
     record: bool = True,
 ) -> Claim:
@@ -676,7 +677,10 @@ def claim(
     trying while someone else holds it, in seconds (``math.inf``: until it
     is free).  With *qemu_locks*, QEMU's own lock bytes are held too, so
     that qemu-img and qemu-system refuse the image meanwhile.
-    *path* may be a str, bytes or a path-like object.
+    With *flock* "auto" (or "on", "off"), a whole-file flock(2) is held
+    too where the filesystem keeps flock apart from fcntl locks (or
+    everywhere, or nowhere), so that crosvm, hyperkit and alioth see the
+    claim.  *path* may be a str, bytes or a path-like object.
     Raises LockConflict (with ``.holders``) if the image stays held,
     FormatError/ImageError/ChainError if it cannot be read, and UsageError
     (also a ValueError) for a bad argument (a *wait* that is not a number of
@@ -685,7 +689,11 @@ def claim(
     The claim is owned by the calling process; see :class:`Claim` for what
     a forked child may do with it.
     """
-    layers = Layer.IMGLOCK | (Layer.QEMU if qemu_locks else Layer(0))
+    from imglock.lock.protocol import flock_layer
+
+    if flock not in ("auto", "on", "off"):
+        raise UsageError(None, f"unknown flock policy {flock!r} (auto, on, off)")
+    layers = Layer.IMGLOCK | (Layer.QEMU if qemu_locks else Layer(0)) | flock_layer(flock)
     spec = ClaimSpec(as_path(path), as_mode(mode), format)
     return Claim([spec], wait=wait, layers=layers, lockspace=lockspace, record=record).acquire()
 

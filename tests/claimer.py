@@ -21,7 +21,7 @@ import sys
 import imglock
 from imglock import faults
 from imglock.api import Claim, ClaimSpec, as_mode
-from imglock.lock.protocol import Layer
+from imglock.lock.protocol import Layer, flock_layer
 
 
 def main() -> int:
@@ -33,9 +33,11 @@ def main() -> int:
     parser.add_argument("--fork-child", action="store_true")
     parser.add_argument("--lockspace")
     parser.add_argument("--no-chain", action="store_true", help="claim no backing or data file")
+    parser.add_argument("--flock", choices=["auto", "on", "off"], default="off")
     args = parser.parse_args()
     faults.install_from_environment()
     layers = Layer.IMGLOCK if args.no_qemu else Layer.IMGLOCK | Layer.QEMU
+    layers |= flock_layer(args.flock)
     follow = not args.no_chain
     specs = [
         ClaimSpec(path, as_mode(args.mode), backing=follow, data_file=follow)

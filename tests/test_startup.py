@@ -125,16 +125,26 @@ def test_status_of_a_held_image_reads_proc(raw_image: Path, rival: SpawnRival) -
     assert (NEVER | CHAIN | RUN) & modules == set()
 
 
+#: portalocker, and what it loads: only a claim that takes the flock layer needs it.
+FLOCK = {"portalocker", "imglock.lock.flock"}
+
+
 def test_run_of_a_command_that_is_not_qemu_never_loads_the_monitor(raw_image: Path) -> None:
-    modules = imglock("run", "--image", raw_image, "--", "true")
+    modules = imglock("run", "--flock", "off", "--image", raw_image, "--", "true")
     assert modules >= RUN
-    assert NEVER & modules == set()
+    assert (NEVER | FLOCK) & modules == set()
+
+
+def test_only_a_claim_that_takes_the_flock_layer_loads_portalocker(raw_image: Path) -> None:
+    assert imglock("run", "--image", raw_image, "--", "true") >= FLOCK  # auto, on a local disk
+    assert FLOCK & imglock("status", raw_image) == set()
+    assert FLOCK & imglock("info", raw_image) == set()
 
 
 def test_run_of_a_command_that_is_not_qemu_loads_no_qemu_parser_json_or_discovery(
     raw_image: Path,
 ) -> None:
-    modules = imglock("run", "--image", raw_image, "--", "true")
+    modules = imglock("run", "--flock", "off", "--image", raw_image, "--", "true")
     assert modules >= RUN | {"imglock.lock.records"}  # a holder record was written, without json
     unwanted = DATACLASSES | QCOW2 | QEMU_CMDLINE | PROC
     assert (unwanted | {"json", "imglock.lock.discovery"}) & modules == set()

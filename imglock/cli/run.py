@@ -60,6 +60,14 @@ from imglock.errors import EX_TEMPFAIL
     help="Also hold QEMU's lock bytes (auto: unless COMMAND is QEMU itself).",
 )
 @click.option(
+    "--flock",
+    "flock_policy",
+    type=click.Choice(["auto", "on", "off"]),
+    default="auto",
+    show_default=True,
+    help="Also hold a flock(2) on each image, as crosvm's (auto: where flock is not fcntl).",
+)
+@click.option(
     "--handoff-timeout",
     type=Seconds(),
     default=30.0,
@@ -107,6 +115,7 @@ def run(
     wait: float,
     conflict_exit_code: int,
     qemu_locks: str,
+    flock_policy: str,
     handoff_timeout: float,
     lockspace: str | None,
     check_interval: float,
@@ -137,6 +146,7 @@ def run(
             wait=wait,
             conflict_exit=conflict_exit_code,
             qemu_locks=qemu_locks,
+            flock=flock_policy,
             handoff_timeout=handoff_timeout,
             lockspace=lockspace,
             check_interval=check_interval,

@@ -51,11 +51,31 @@ class LocalLocks:
     """The /proc view of local locks, taken once and reused for many images
     (with the record directories' listings, also read once)."""
 
-    __slots__ = ("_index", "record_dirs")
+    __slots__ = ("_flocked", "_index", "record_dirs")
 
     def __init__(self) -> None:
         self._index: dict[procfs.FileKey, list[procfs.LocalLock]] | None = None
+        self._flocked: set[str] | None = None
         self.record_dirs = records.RecordDirs()
+
+    def flocked(self, st: os.stat_result) -> bool:
+        """Whether some local process holds a flock(2) lock on the file (from /proc/locks).
+
+        Lock tests do not see flock locks, so this is what says that /proc
+        is worth reading for a file whose fcntl locks are all free.
+        """
+        if self._flocked is None:
+            self._flocked = set()
+            try:
+                with open("/proc/locks", "rb") as f:
+                    for line in f:
+                        fields = line.split()
+                        if len(fields) > 5 and fields[1] == b"FLOCK":
+                            self._flocked.add(fields[5].decode())
+            except OSError:
+                pass
+        dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        return dev in self._flocked
 
     def on(self, st: os.stat_result) -> list[procfs.LocalLock]:
         if self._index is None:
@@ -189,8 +209,9 @@ def survey(
 ) -> Survey:
     """Everyone holding locks on the file open as *fd* (a descriptor with no locks of its own)."""
     seen = fcntl_locks.all_conflicting(fd, 0, fcntl_locks.OFFSET_MAX, filename)
-    local_locks = (local or LocalLocks()).on(st) if seen else []
-    index = local.record_dirs if local is not None else None
+    local = local or LocalLocks()
+    local_locks = local.on(st) if seen or local.flocked(st) else []
+    index = local.record_dirs
     recs = records.read_all(record_dir, record_name, index) if record_dir and record_name else []
     names = _Attributor(recs)
     holders: list[Holder] = []
@@ -265,8 +286,14 @@ def survey(
     if remote:
         holders.append(_qemu_holder(remote, None, None, None, None))
 
+    # flock(2) locks, seen only on their own host (in /proc): those of an
+    # imglock holder's processes are its flock layer, the others holders.
+    claimed_pids = {p for h in holders if h.layer == "imglock" for p in h.local_pids}
+    flocks = [ll for ll in local_locks if ll.kind == "FLOCK"]
+    holders += _flock_holders([ll for ll in flocks if ll.pid not in claimed_pids], names)
+
     # Anything else is someone else's lock.
-    holders += _foreign(seen, local_locks, names)
+    holders += _foreign(seen, [ll for ll in local_locks if ll.kind != "FLOCK"], names)
     return Survey(holders, [r for r in recs if r.owner not in names.used], waiting)
 
 
@@ -283,6 +310,28 @@ def _qemu_holder(
         since=since,
         local_pids=(pid,) if pid is not None else (),
     )
+
+
+def _flock_holders(flocks: list[procfs.LocalLock], names: _Attributor) -> list[Holder]:
+    """One holder per process holding a flock(2) lock (fdinfo lists it under each)."""
+    seen: dict[int, bool] = {}
+    for ll in flocks:
+        seen[ll.pid] = seen.get(ll.pid, False) or ll.write
+    out = []
+    for pid, write in sorted(seen.items()):
+        command, since = names.local(pid)
+        out.append(
+            Holder(
+                layer="flock",
+                mode="exclusive" if write else "shared",
+                pid=pid,
+                host=hostname(),
+                command=command,
+                since=since,
+                local_pids=(pid,),
+            )
+        )
+    return out
 
 
 def _foreign(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, NamedTuple
 
-HolderLayer = Literal["imglock", "qemu", "foreign"]
+HolderLayer = Literal["imglock", "qemu", "flock", "foreign"]
 
 
 # A NamedTuple, not a dataclass: as immutable, and far cheaper to define at start-up.
@@ -17,7 +17,7 @@ class Holder(NamedTuple):
 
     layer: HolderLayer
     #: "exclusive", "shared" or "shared-write" for the imglock layer, "exclusive"
-    #: or "shared" for foreign locks; None for QEMU.
+    #: or "shared" for flock and foreign locks; None for QEMU.
     mode: str | None = None
     #: QEMU's permission names held, and refused to others (QEMU layer).
     perms: tuple[str, ...] = ()

@@ -99,9 +99,19 @@ class Layer(enum.Flag):
     #: Test QEMU's bytes as a QEMU writer (or reader) would, without taking
     #: them: for wrapping QEMU itself, which takes its own bytes once it runs.
     QEMU_TEST = enum.auto()
+    #: A whole-file flock(2) too, where the filesystem keeps flock apart from
+    #: fcntl locks (see :mod:`imglock.lock.flock`) ...
+    FLOCK = enum.auto()
+    #: ... or on any filesystem (``--flock on``).
+    FLOCK_EVERYWHERE = enum.auto()
 
 
 Layers = Layer
+
+
+def flock_layer(policy: str) -> Layer:
+    """The flock layer for ``--flock`` *policy*: auto, on or off."""
+    return {"auto": Layer.FLOCK, "on": Layer.FLOCK_EVERYWHERE, "off": Layer(0)}[policy]
 
 # --- The imglock layer's map ------------------------------------------------------------
 #
@@ -195,16 +205,23 @@ Range = tuple[int, int]  # (start, length)
 class Held:
     """What one descriptor holds for one claim: enough to release or verify it."""
 
-    __slots__ = ("layers", "mode", "owner", "ranges")
+    __slots__ = ("flock", "layers", "mode", "owner", "ranges")
 
     def __init__(
-        self, mode: Mode, layers: Layer, owner: Owner, ranges: tuple[Range, ...] = ()
+        self,
+        mode: Mode,
+        layers: Layer,
+        owner: Owner,
+        ranges: tuple[Range, ...] = (),
+        flock: bool = False,
     ) -> None:
         self.mode = mode
         self.layers = layers
         self.owner = owner
         #: (start, length) of every byte range taken, the holder range first.
         self.ranges = ranges
+        #: Whether a flock(2) is held too.
+        self.flock = flock
 
 
 class Place(NamedTuple):
@@ -363,11 +380,15 @@ class ProtocolConflict(LockConflict):
     """A claim lost; :attr:`lock` is the lock that was in the way.
 
     :attr:`queued` says that the lock was a waiter's place ahead of the
-    claimer (the image may be free of holders).
+    claimer (the image may be free of holders); :attr:`flock` that it was
+    someone's flock(2) on the whole file.
     """
 
-    def __init__(self, filename: str, mode: Mode, lock: RangeLock) -> None:
+    def __init__(
+        self, filename: str, mode: Mode, lock: RangeLock, *, flock: bool = False
+    ) -> None:
         self.lock = lock
+        self.flock = flock
         self.queued = read_waiting(lock.start) is not None
         super().__init__(filename, f"cannot claim {mode.value}: held by another process")
 
@@ -442,13 +463,15 @@ def acquire(
     place: Place | None = None,
     *,
     keep: Iterable[int] = (),
+    had_flock: Mode | None = None,
 ) -> Held:
     """Try once to claim the image open on *fd* in *mode*; on conflict hold nothing new and raise.
 
     Without *place*, every conflicting waiter in the queue is in the way;
     with the *place* of a waiter (see :func:`enqueue`), only those ahead of
     it.  *keep* lists bytes this descriptor already holds (a mode change):
-    they are neither taken again nor dropped on failure.
+    they are neither taken again nor dropped on failure; *had_flock* says
+    the mode of the flock layer it holds, which is then converted.
 
     Raises :class:`ProtocolConflict` (a LockConflict) when another open file
     description is in the way, LockError when the system refuses the lock
@@ -458,6 +481,7 @@ def acquire(
     kept = set(keep)
     taken: list[Range] = []
     intent: Range | None = None
+    with_flock = flock_taken = False
     try:
         if place is not None:  # a waiter defers, without an intent, to those ahead
             lock = _in_the_way(fd, filename, mode, QUEUE_BASE, place.offset)
@@ -484,22 +508,57 @@ def acquire(
                 lock = _qemu_conflict(fd, filename, qemu_test)
                 if lock is not None:
                     raise ProtocolConflict(filename, mode, lock)
+        if layers & (Layer.FLOCK | Layer.FLOCK_EVERYWHERE):
+            with_flock = _take_flock(fd, filename, mode, layers, had_flock)
+            flock_taken = with_flock and had_flock is None
         if Layer.IMGLOCK in layers:
             _take(fd, filename, mode, *holder_range(mode, owner, layers))
     except BaseException:
         _unlock_quietly(fd, filename, [*taken, *([intent] if intent else [])])
+        if flock_taken:
+            _release_flock(fd, filename)
         raise
     if intent is not None:
         fcntl_locks.unlock(fd, intent[0], intent[1], filename)
-    return _held(mode, layers, owner)
+    return _held(mode, layers, owner, with_flock)
 
 
-def _held(mode: Mode, layers: Layer, owner: Owner) -> Held:
+def _take_flock(
+    fd: int, filename: str, mode: Mode, layers: Layer, had: Mode | None = None
+) -> bool:
+    """Take the flock layer (or convert the one held in mode *had*); False if it does not apply."""
+    from imglock.lock import flock
+
+    if had is None and not flock.applies(fd, bool(layers & Layer.FLOCK_EVERYWHERE)):
+        return False
+    import portalocker  # for flock.take's errors other than a conflict
+
+    try:
+        if flock.take(fd, exclusive=mode is Mode.EXCLUSIVE):
+            return True
+    except portalocker.LockException as exc:
+        raise LockError(filename, f"cannot flock: {exc}") from None
+    # flock(2) cannot convert a lock atomically: a refused conversion has
+    # dropped the old one, so take it back as it was (see imglock(7)).
+    if had is not None:
+        with contextlib.suppress(Exception):
+            flock.take(fd, exclusive=had is Mode.EXCLUSIVE)
+    raise ProtocolConflict(filename, mode, RangeLock(fcntl_locks.F_WRLCK, 0, 0, -1), flock=True)
+
+
+def _release_flock(fd: int, filename: str) -> None:
+    from imglock.lock import flock
+
+    with contextlib.suppress(Exception):
+        flock.release(fd)
+
+
+def _held(mode: Mode, layers: Layer, owner: Owner, with_flock: bool = False) -> Held:
     """What a holder in *mode* with *layers* holds: its holder range first."""
     ranges = [holder_range(mode, owner, layers)] if Layer.IMGLOCK in layers else []
     if Layer.QEMU in layers:
         ranges += _runs(qemu_bytes(mode)[0])
-    return Held(mode, layers, owner, tuple(ranges))
+    return Held(mode, layers, owner, tuple(ranges), with_flock)
 
 
 def ticket_now() -> int:
@@ -542,13 +601,17 @@ def leave(fd: int, filename: str, place: Place) -> None:
 
 
 def release(fd: int, filename: str, held: Held) -> None:
-    """Drop every range of *held* (for every process sharing *fd*'s description).
+    """Drop every range of *held*, and its flock (for every process sharing *fd*'s description).
 
     Only for the cases of the lifetime rule above; ending a claim closes the
     descriptor instead.  Unlocking what is not held is harmless.
     """
     for start, length in held.ranges:
         fcntl_locks.unlock(fd, start, length, filename)
+    if held.flock:
+        from imglock.lock import flock
+
+        flock.release(fd)
 
 
 def relabel(fd: int, filename: str, held: Held, owner: Owner) -> Held:
@@ -588,19 +651,29 @@ def change_mode(fd: int, filename: str, held: Held, new_mode: Mode) -> Held:
     if held.mode is Mode.EXCLUSIVE:
         new = _downgraded(fd, filename, held, new_mode, old)
     else:
-        new = acquire(fd, filename, new_mode, held.layers, held.owner, keep=old)
+        new = acquire(
+            fd,
+            filename,
+            new_mode,
+            held.layers,
+            held.owner,
+            keep=old,
+            had_flock=held.mode if held.flock else None,
+        )
     for start, length in _runs(old - _bytes(new.ranges)):
         fcntl_locks.unlock(fd, start, length, filename)
     return new
 
 
 def _downgraded(fd: int, filename: str, held: Held, new_mode: Mode, old: set[int]) -> Held:
-    new = _held(new_mode, held.layers, held.owner)
+    new = _held(new_mode, held.layers, held.owner, held.flock)
     taken: list[Range] = []
     try:
         for run in _runs(_bytes(new.ranges) - old):
             _take(fd, filename, new_mode, *run)
             taken.append(run)
+        if held.flock:  # exclusive to shared: no one else holds a flock to take it meanwhile
+            _take_flock(fd, filename, new_mode, held.layers, had=held.mode)
     except BaseException:
         _unlock_quietly(fd, filename, taken)
         raise

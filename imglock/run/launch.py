@@ -16,7 +16,7 @@ from typing import Any, Final, NamedTuple
 
 from imglock.api import Claim, ClaimSpec
 from imglock.errors import EX_TEMPFAIL, UsageError
-from imglock.lock.protocol import Layer, Mode
+from imglock.lock.protocol import Layer, Mode, flock_layer
 from imglock.qemu.names import is_qemu
 from imglock.run.runner import RunConfig, Runner, Say, run_command
 
@@ -34,6 +34,7 @@ class Launch:
         conflict_exit: int = EX_TEMPFAIL,
         qemu_locks: str = "auto",
         handoff_timeout: float = 30.0,
+        flock: str = "auto",
         lockspace: str | None = None,
         check_interval: float = 5.0,
         lock_lost_signal: int = signal.SIGSTOP,
@@ -49,6 +50,7 @@ class Launch:
         self.wait = wait
         self.conflict_exit = conflict_exit
         self.qemu_locks = qemu_locks
+        self.flock = flock
         self.handoff_timeout = handoff_timeout
         self.lockspace = lockspace
         self.check_interval = check_interval
@@ -237,7 +239,7 @@ def launch(plan: Launch) -> int:
     claim = Claim(
         images.specs,
         wait=plan.wait,
-        layers=layers_for(plan.qemu_locks, takes_qemu_locks(plan.argv)),
+        layers=layers_for(plan.qemu_locks, takes_qemu_locks(plan.argv)) | flock_layer(plan.flock),
         lockspace=plan.lockspace,
     )
     config = RunConfig(
