@@ -289,3 +289,39 @@ def test_accepts_refuses_steps_out_of_the_modelled_order() -> None:
     assert not accepts(
         PROTOCOL, Claimer(Mode.SHARED, qemu=True), ["take-intent", "test-rivals", "take-holder"]
     )
+
+
+#: imglock(7), ROUND TRIPS: lock calls and tests of an uncontended claim, and of its release.
+ROUND_TRIPS = {
+    (Layer.IMGLOCK, Mode.EXCLUSIVE): (4, 1),
+    (Layer.IMGLOCK, Mode.SHARED): (4, 1),
+    (Layer.IMGLOCK, Mode.SHARED_WRITE): (5, 1),
+    (Layer.IMGLOCK | Layer.QEMU, Mode.EXCLUSIVE): (10, 5),
+    (Layer.IMGLOCK | Layer.QEMU, Mode.SHARED): (9, 4),
+    (Layer.IMGLOCK | Layer.QEMU, Mode.SHARED_WRITE): (8, 2),
+    (Layer.IMGLOCK | Layer.QEMU_TEST, Mode.EXCLUSIVE): (5, 1),
+    (Layer.IMGLOCK | Layer.QEMU_TEST, Mode.SHARED): (5, 1),
+    (Layer.IMGLOCK | Layer.QEMU_TEST, Mode.SHARED_WRITE): (6, 1),
+}
+
+
+@pytest.mark.parametrize(("layers", "mode"), list(ROUND_TRIPS), ids=lambda v: str(v))
+def test_an_uncontended_claim_makes_as_many_lock_calls_as_documented(
+    image: Path, monkeypatch: pytest.MonkeyPatch, layers: Layer, mode: Mode
+) -> None:
+    claim = _claim(image, mode, layers).open()
+    fcntl_locks.conflicting(claim.fds[0], 0, 1, str(image))  # the kernel probed, not counted
+    calls = []
+    counted = fcntl_locks._fcntl
+
+    def count(fd: int, cmd: int, arg: bytes) -> bytes:
+        calls.append(fd)
+        return counted(fd, cmd, arg)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(fcntl_locks, "_fcntl", count)
+    claim.acquire()
+    taken = len(calls)
+    claim.release(close=False)
+    released = len(calls) - taken
+    claim.close()
+    assert (taken, released) == ROUND_TRIPS[layers, mode]

@@ -104,6 +104,9 @@ class Layer(enum.Flag):
     FLOCK = enum.auto()
     #: ... or on any filesystem (``--flock on``).
     FLOCK_EVERYWHERE = enum.auto()
+    #: The claim's own QEMU runs and holds QEMU's bytes (nothing to take or
+    #: test): the holder range still marks them as this holder's.
+    QEMU_HELD = enum.auto()
 
 
 Layers = Layer
@@ -236,7 +239,7 @@ class Place(NamedTuple):
 
 def carries_qemu(layers: Layer) -> bool:
     """Whether a holder with *layers* marks that QEMU's bytes are its own."""
-    return bool(layers & (Layer.QEMU | Layer.QEMU_TEST))
+    return bool(layers & (Layer.QEMU | Layer.QEMU_TEST | Layer.QEMU_HELD))
 
 
 def holder_range(mode: Mode, owner: Owner, layers: Layer = Layer.IMGLOCK) -> Range:
@@ -494,7 +497,7 @@ def acquire(
             lock = _first_rival(fd, filename, mode, rival_ranges(mode, with_queue=place is None))
             if lock is not None:
                 raise ProtocolConflict(filename, mode, lock)
-        if carries_qemu(layers):
+        if layers & (Layer.QEMU | Layer.QEMU_TEST):
             qemu_take, qemu_test = qemu_bytes(mode)
             lock = _qemu_conflict(fd, filename, qemu_test)
             if lock is not None:

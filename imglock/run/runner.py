@@ -242,7 +242,8 @@ class Runner:
         faults.point("run:started")
         # QEMU's bytes were tested before it started; from now on it holds
         # them itself, so later claims (a migration handoff) judge imglock's layer.
-        claim.layers &= ~Layer.QEMU_TEST
+        if Layer.QEMU_TEST in claim.layers:
+            claim.layers = claim.layers & ~Layer.QEMU_TEST | Layer.QEMU_HELD
         self.guest = self.guest or SignalGuest(self.child, self.config.lock_lost_signal)
         if self.on_started is not None:
             self.on_started(self)
