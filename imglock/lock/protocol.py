@@ -634,7 +634,7 @@ def relabel(fd: int, filename: str, held: Held, owner: Owner) -> Held:
     faults.point("relabel:both")
     fcntl_locks.unlock(fd, *old, filename)
     ranges = tuple(new if r == old else r for r in held.ranges)
-    return Held(held.mode, held.layers, owner, ranges)
+    return Held(held.mode, held.layers, owner, ranges, held.flock)
 
 
 def change_mode(fd: int, filename: str, held: Held, new_mode: Mode) -> Held:
