@@ -480,17 +480,32 @@ class Claim:
                 member.image.close()
 
     def _unlock(self) -> None:
-        """Drop every lock but keep the descriptors (case 3 of the lifetime rule)."""
+        """Drop every lock but keep the descriptors (case 3 of the lifetime rule).
+
+        Every lock goes first, then the records: at a migration handoff the
+        destination is waiting for the locks, not for the records.
+        """
         held, self.held = self.held, False
-        for member in self.members if held else ():
-            owner = member.image.held.owner if member.image.held else None
-            try:
+        owners = [m.image.held.owner if m.image.held else None for m in self.members]
+        try:
+            for member in self.members if held else ():
                 member.image.driver.release(member.image)
                 faults.point("release:unlocked")
-            finally:
-                if member.recorded and owner is not None:
+        finally:
+            for member, owner in zip(self.members, owners, strict=True):
+                if held and member.recorded and owner is not None:
                     records.remove(member.record_dir, member.record_name, owner)
                     member.recorded = False
+
+    def write_records(self) -> None:
+        """Write the holder records of a claim taken without them (``record=False``).
+
+        A migration destination claims without records, so that only the
+        locks are between the switch-over and the guest running again, and
+        writes them once the guest runs.  Does nothing unless held here.
+        """
+        if self.held and self.owned_here:
+            self._write_records(Owner.current(self.owner_pid))
 
     def relabel(self, pid: int, command: list[str] | None = None) -> None:
         """Name process *pid* as the holder (case 2 of the lifetime rule).

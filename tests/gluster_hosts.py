@@ -114,16 +114,19 @@ class Host:
         """*name* in the test's directory, as this host sees it."""
         return self.dir / name
 
-    def prefix(self) -> list[str]:
+    def prefix(self, *, as_init: bool = True) -> list[str]:
         """A command prefix that runs a command on this host.
 
         The command is pid 1 of a fresh PID namespace (with its own /proc),
         in a UTS namespace whose host name is this host's; it and everything
-        it started die with the ``unshare`` process that runs it.
+        it started die with the ``unshare`` process that runs it.  With
+        *as_init* false a shell is pid 1 and the command its child: a pid 1
+        ignores the signals it sends itself (such as a SIGSTOP fault).
         """
+        run = 'hostname "$0" && exec "$@"' if as_init else 'hostname "$0" && "$@"'
         return [
             "unshare", "--uts", "--pid", "--fork", "--mount-proc", "--kill-child",
-            "sh", "-c", 'hostname "$0" && exec "$@"', self.name,
+            "sh", "-c", run, self.name,
         ]  # fmt: skip
 
     def run(
@@ -146,12 +149,12 @@ class Host:
         return self.run([sys.executable, "-m", "imglock", *args], **kwargs)
 
     def popen(
-        self, argv: Sequence[str | os.PathLike[str]], **kwargs: object
+        self, argv: Sequence[str | os.PathLike[str]], as_init: bool = True, **kwargs: object
     ) -> subprocess.Popen[str]:
-        """Start *argv* on this host; the caller ends it."""
+        """Start *argv* on this host (its pid 1 unless *as_init* is false); the caller ends it."""
         kwargs.setdefault("env", {**os.environ, "PYTHONPATH": REPO})
         return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
-            [*self.prefix(), *map(os.fspath, argv)], text=True, **kwargs
+            [*self.prefix(as_init=as_init), *map(os.fspath, argv)], text=True, **kwargs
         )
 
     # -- the host's kernel, as far as the datastore is concerned -----------

@@ -96,7 +96,12 @@ class Cluster:
         return host.path("top.qcow2")
 
     def start(
-        self, name: str, host: Host, *extra: str, env: dict[str, str] | None = None
+        self,
+        name: str,
+        host: Host,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        as_init: bool = True,
     ) -> HostVM:
         qmp = str(self.sockets / f"{name}.qmp")
         argv = [
@@ -107,7 +112,8 @@ class Cluster:
         log_path = self.sockets / f"{name}.log"
         with log_path.open("w") as log:
             process = host.popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+                argv,
+                as_init, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
                 env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), **(env or {})},
             )  # fmt: skip
         vm = HostVM(host, process, qmp, log_path)
@@ -187,6 +193,15 @@ def cluster(datastore: Datastore, qemu_img: QemuImg, qemu_system_path: str) -> I
         sockets.rmdir()
 
 
+def _exclusive_from_c(cluster: Cluster) -> dict[str, object]:
+    """The image's exclusive imglock holder as ``imglock status --json`` on host C shows it."""
+    c = cluster.store.c
+    proc = c.imglock("status", "--json", cluster.image(c))
+    (report,) = json.loads(proc.stdout)
+    (holder,) = [h for h in report["holders"] if h["mode"] == "exclusive"]
+    return holder  # type: ignore[no-any-return]
+
+
 def _the_owners(samples: list[tuple[float, list[str]]]) -> list[str]:
     """The succession of exclusive holders, each named once per uninterrupted stretch."""
     assert max(len(holders) for _t, holders in samples) == 1, "two exclusive holders at once"
@@ -204,6 +219,9 @@ def test_a_vm_migrates_from_a_to_b_and_back_and_the_claim_follows_it(cluster: Cl
         _until(lambda: on_b.status() == RUNNING, what="the guest to run on B")
         _until(lambda: cluster.holders() == ["host-b"], what="host B's claim")
         assert on_a.status() == "postmigrate"
+        # B writes its holder record once the guest runs: C then names its command.
+        _until(lambda: "qemu-system" in str(_exclusive_from_c(cluster)), what="B's record")
+        assert _exclusive_from_c(cluster)["host"] == "host-b"
         cluster.stop(on_a)
 
         back = cluster.migrate(on_b, "a2", a)
@@ -223,25 +241,38 @@ def test_the_destination_host_resumes_the_guest_only_once_it_holds_the_claim(
     a, b, _c = cluster.store.hosts
     on_a = cluster.start("a1", a)
     _until(lambda: cluster.holders() == ["host-a"], what="host A's claim")
-    # Freeze B's wrapper right after it has claimed, before it lets the guest run.
+    # Freeze B's wrapper right after it has claimed, before it lets the guest
+    # run (not as host B's pid 1, which would ignore its own SIGSTOP).
     on_b = cluster.start(
         "b1", b, "-incoming", f"unix:{cluster.sockets / 'b1.migrate'}",
-        env={"IMGLOCK_FAULTS": "stop=handoff:claimed"},
+        env={"IMGLOCK_FAULTS": "stop=handoff:claimed"}, as_init=False,
     )  # fmt: skip
     _until((cluster.sockets / "b1.migrate").exists, what="the incoming socket")
     on_a.execute("migrate", {"uri": f"unix:{cluster.sockets / 'b1.migrate'}"})
-    _until(lambda: cluster.holders() == ["host-b"], what="host B's claim")
+    wrapper = _wrapper_of(on_b)
+    _until(lambda: _stopped(wrapper), what="B's wrapper to stop at the claimed step")
+    assert cluster.holders() == ["host-b"]
     assert on_b.status() != RUNNING
-    wrapper = _pid_1_of(on_b)
     os.kill(wrapper, signal.SIGCONT)
     _until(lambda: on_b.status() == RUNNING, what="the guest to run on B")
 
 
-def _pid_1_of(vm: HostVM) -> int:
-    """The host's pid 1 (the wrapper), as this test's PID namespace numbers it."""
-    with open(f"/proc/{vm.process.pid}/task/{vm.process.pid}/children") as f:
-        (pid,) = f.read().split()
-    return int(pid)
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def _wrapper_of(vm: HostVM) -> int:
+    """The wrapper's pid (as this test's PID namespace numbers it): unshare -> sh -> wrapper."""
+    (shell,) = _children(vm.process.pid)
+    _until(lambda: len(_children(shell)) == 1, what="the host's shell to start the wrapper")
+    (wrapper,) = _children(shell)
+    return wrapper
+
+
+def _stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"
 
 
 def test_a_cancelled_migration_leaves_the_claim_on_the_source_host(cluster: Cluster) -> None:

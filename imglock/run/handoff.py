@@ -78,6 +78,8 @@ class Handoff:
     monitor: MonitorThread | None = None
     #: Keeps the claim equal to QEMU's block graph while it runs (imglock.run.graph).
     follower: GraphFollower | None = None
+    #: The destination's holder records are still to be written.
+    _records_due: bool = False
     _closed: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
@@ -179,6 +181,8 @@ class Handoff:
 
     async def _destination_then_source(self, monitor: Monitor) -> None:
         await watch_destination(monitor, claim=self._claim, resume=self.resume)
+        # The guest runs: now the holder records, off the guest's downtime.
+        threading.Thread(target=self._record, name="imglock-records", daemon=True).start()
         await self._source(monitor)
 
     def _release(self) -> None:
@@ -209,14 +213,27 @@ class Handoff:
         with runner.claim_lock:
             claim.wait = self.timeout
             claim.backoff_cap = HANDOFF_BACKOFF_CAP
+            # Only the locks are on the critical path; the records follow
+            # once the guest runs (_record).
+            self._records_due, claim.record = claim.record, False
             try:
                 claim.acquire()
             except ImglockError as exc:
                 runner.config.say(f"{exc}; the migrated guest stays paused")
                 raise
+            finally:
+                claim.record = self._records_due
             runner.lock_expected = True
         faults.point("handoff:claimed")
         runner.config.note("incoming migration completed: claim taken")
+
+    def _record(self) -> None:
+        runner = self.runner
+        assert runner is not None
+        if not self._records_due:
+            return
+        with runner.claim_lock:
+            runner.config.claim.write_records()
 
 
 def _alive(pid: int) -> bool:
