@@ -9,6 +9,7 @@ any of them still holds the descriptors, and is free once the last is gone.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -299,3 +300,35 @@ def test_closing_the_terminal_stops_qemu_and_frees_the_image(
     exit_status_within(wrapper)
     wait_until("QEMU is gone", lambda: not alive(vm))
     assert imglock.holders(raw_image) == []
+
+
+def test_the_claim_moves_to_the_next_background_child_when_the_one_it_names_exits(
+    raw_image: Path, rival: SpawnRival, imglock_cli: ImglockCli, tmp_path: Path
+) -> None:
+    first, second = tmp_path / "first.pid", tmp_path / "second.pid"
+    script = (
+        f"sleep 30 >/dev/null 2>&1 & echo $! > {first}; "
+        f"sleep 31 >/dev/null 2>&1 & echo $! > {second}"
+    )
+    proc = imglock_cli("run", "--image", raw_image, "--", "sh", "-c", script)
+    assert proc.returncode == 0, proc.stderr
+    older, younger = int(first.read_text()), int(second.read_text())
+
+    def named() -> set[int]:
+        """The pids the lock offsets name (two for a moment, while the name moves)."""
+        return {
+            Owner.from_id(h.owner).pid
+            for h in imglock.holders(raw_image)
+            if h.layer == "imglock" and h.owner is not None
+        }
+
+    try:
+        assert named() == {older}  # the oldest survivor
+        os.kill(older, signal.SIGKILL)
+        wait_until("the lock names the remaining child", lambda: named() == {younger})
+        assert_refused(raw_image, rival)
+    finally:
+        for pid in (older, younger):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    wait_until("the image is free", lambda: not imglock.holders(raw_image))

@@ -258,7 +258,8 @@ class Runner:
         claim = self.config.claim
         if self.subreaper and not _has_children():
             return  # every descendant would be our child by now: there is none
-        survivors = using(descendants(os.getpid()), claim.file_keys())
+        files = claim.file_keys()
+        survivors = using(descendants(os.getpid()), files)
         if not survivors:
             _reap_orphans()
             return
@@ -276,6 +277,10 @@ class Runner:
         for pid in survivors:
             with contextlib.suppress(OSError):  # gone meanwhile: nothing to keep for it
                 pidfds[pid] = os.pidfd_open(pid)
+        # A pid seen in /proc may have been reused before its pidfd was
+        # opened: keep only the pidfds of processes that still use the files.
+        for pid in set(pidfds) - using(pidfds, files):
+            os.close(pidfds.pop(pid))
         # Only now, with a pidfd on each survivor, may their zombies be reaped
         # (a reaped pid may be reused at once).
         _reap_orphans()
@@ -299,8 +304,10 @@ class Runner:
         )
 
     def _heir(self, survivors: set[int]) -> int:
-        """The survivor to name in the lock: one of the command's own processes, the oldest."""
-        return min(survivors)
+        """The survivor to name in the lock: the oldest (a daemon, before its workers)."""
+        from imglock.lock import procfs
+
+        return min(survivors, key=lambda pid: (procfs.start_time(pid) or 0.0, pid))
 
     def _wait(self) -> int:
         interval = check_interval(self.config.check_interval)
