@@ -144,13 +144,15 @@ def running_writer(qemu_img: QemuImg, qemu_img_path: str, tmp_path: Path) -> Ite
         stderr=subprocess.PIPE,
     )
     try:
-        # qemu-io holds the image from its first prompt until it quits.
-        for _ in range(100):
-            if qemu_img("info", image, check=False).returncode != 0:
-                break
+        # qemu-io holds the image from its first prompt until it quits; on a
+        # loaded machine it may take a while to get there.
+        deadline = time.monotonic() + 30
+        while qemu_img("info", image, check=False).returncode == 0:
+            if proc.poll() is not None:
+                pytest.fail(f"qemu-io exited ({proc.returncode}) without taking its locks")
+            if time.monotonic() > deadline:
+                pytest.fail("qemu-io never took its locks")
             time.sleep(0.05)
-        else:
-            pytest.fail("qemu-io never took its locks")
         yield image
     finally:
         proc.communicate(b"quit\n", timeout=30)
