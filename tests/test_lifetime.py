@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ENV, ImglockCli, SpawnRival
-from processes import TIMEOUT, alive, wait_until
+from processes import TIMEOUT, alive, state, wait_until
 
 import imglock
 from imglock.errors import UsageError
@@ -329,6 +329,29 @@ def test_the_claim_moves_to_the_next_background_child_when_the_one_it_names_exit
         assert_refused(raw_image, rival)
     finally:
         for pid in (older, younger):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    wait_until("the image is free", lambda: not imglock.holders(raw_image))
+
+
+def test_a_lost_lock_stops_every_background_child_still_using_the_image(
+    raw_image: Path, imglock_cli: ImglockCli, tmp_path: Path
+) -> None:
+    # A lost lock cannot be caused for real here: from 1 s after start-up,
+    # every lock call of the wrapper (and so of its watcher) fails with EIO.
+    pids = [tmp_path / "first.pid", tmp_path / "second.pid"]
+    script = "; ".join(f"sleep 30 >/dev/null 2>&1 & echo $! > {p}" for p in pids)
+    proc = imglock_cli(
+        "run", "--check-interval", "0.1", "--image", raw_image, "--", "sh", "-c", script,
+        env={**ENV, "IMGLOCK_FAULTS": "fcntl=EIO,after=1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    children = [int(p.read_text()) for p in pids]
+    try:
+        for pid in children:
+            wait_until(f"pid {pid} is stopped", lambda pid=pid: state(pid) == "T")
+    finally:
+        for pid in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     wait_until("the image is free", lambda: not imglock.holders(raw_image))

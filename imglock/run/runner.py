@@ -104,18 +104,33 @@ class GuestControl(Protocol):
 
 
 class SignalGuest:
-    """Any command: pause it with a signal (SIGSTOP by default)."""
+    """Any command: pause it with a signal (SIGSTOP by default).
+
+    Once the command has exited leaving processes that use the images (see
+    :mod:`imglock.run.watcher`), every one of them gets the signal.
+    """
 
     def __init__(self, pid: int, signo: int = signal.SIGSTOP) -> None:
-        self.pid = pid
+        self.pids = [pid]
         self.signo = signo
 
     def pause(self, reason: str) -> str:
-        try:
-            os.kill(self.pid, self.signo)
-        except ProcessLookupError:
+        sent = []
+        for pid in self.pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, self.signo)
+                sent.append(str(pid))
+        if not sent:
             return "the command had already exited"
-        return f"sent {signal.Signals(self.signo).name} to pid {self.pid}"
+        return f"sent {signal_name(self.signo)} to pid {', '.join(sent)}"
+
+
+def signal_name(signo: int) -> str:
+    """SIGSTOP for 19; a real-time signal, which has no name of its own, by number."""
+    try:
+        return signal.Signals(signo).name
+    except ValueError:
+        return f"signal {signo}"
 
 
 class Handover(Protocol):
@@ -288,7 +303,7 @@ class Runner:
             return
         self.child = heir if heir in pidfds else min(pidfds)
         if isinstance(self.guest, SignalGuest):
-            self.guest.pid = self.child
+            self.guest.pids = sorted(pidfds)
         if self.handover is not None:
             self.handover.before_fork()
         from imglock.run import watcher

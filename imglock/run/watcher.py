@@ -139,6 +139,7 @@ class Watcher:
                 os.close(fd)
                 del self.pidfds[by_fd[fd]]
             self._relabel_if_gone()
+            self._guest_is_everyone()
 
     def _relabel_if_gone(self) -> None:
         """When the process the lock names has exited, name one that still uses it."""
@@ -155,10 +156,13 @@ class Watcher:
             except LockError as exc:
                 _log(f"{exc} (the claim stays held, under the old name)")
         runner.child = heir
+
+    def _guest_is_everyone(self) -> None:
+        """A lost lock pauses every process still using the images (not QEMU: QMP stops it)."""
         from imglock.run.runner import SignalGuest
 
-        if isinstance(runner.guest, SignalGuest):
-            runner.guest.pid = heir
+        if isinstance(self.runner.guest, SignalGuest):
+            self.runner.guest.pids = sorted(self.pidfds)
 
     def _adopt_others(self) -> bool:
         """Processes that still share the claim's descriptors though none watched is left.
@@ -176,6 +180,7 @@ class Watcher:
                 self.pidfds[pid] = os.pidfd_open(pid)
         if self.pidfds:
             self._relabel_if_gone()
+            self._guest_is_everyone()
         return bool(self.pidfds)
 
 
