@@ -154,37 +154,16 @@ def table_rows(report: ImageReport) -> list[list[str]]:
 
     image = [cell(report.filename), cell(report.format), cell(report.backing_filename)]
     flags = cell(",".join(flags_of(report)))
+
+    def row(kind: str, who: Holder, locks: str, unshared: str) -> list[str]:
+        pid = cell(None if who.pid is None else str(who.pid))
+        when = [cell(who.host), cell(who.since), flags, cell(who.command, COMMAND_WIDTH)]
+        return [*image, kind, cell(who.mode), locks, unshared, pid, *when]
+
     rows = [
-        [
-            *image,
-            holder.layer,
-            cell(holder.mode),
-            cell(_locks_held(holder)),
-            cell(",".join(holder.unshared)),
-            cell(None if holder.pid is None else str(holder.pid)),
-            cell(holder.host),
-            cell(holder.since),
-            flags,
-            cell(holder.command, COMMAND_WIDTH),
-        ]
-        for holder in report.holders
+        row(h.layer, h, cell(_locks_held(h)), cell(",".join(h.unshared))) for h in report.holders
     ] or [[*image, "none", *["-"] * 6, flags, "-"]]
-    rows += [
-        [
-            *image,
-            "waiting",
-            cell(waiter.mode),
-            "-",
-            "-",
-            cell(None if waiter.pid is None else str(waiter.pid)),
-            cell(waiter.host),
-            cell(waiter.since),
-            flags,
-            cell(waiter.command, COMMAND_WIDTH),
-        ]
-        for waiter in report.waiting
-    ]
-    return rows
+    return rows + [row("waiting", w, "-", "-") for w in report.waiting]
 
 
 def _locks_held(holder: Holder) -> str:
