@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ENV, QemuImg, SpawnRival
+from conftest import CLAIMER, ENV, QemuImg, SpawnRival
 from qemu_vm import NONE_MACHINE, QemuVMs
 
 ELSEWHERE = ["unshare", "--uts", "--pid", "--mount-proc", "--fork"]
@@ -90,3 +90,52 @@ def test_imglock_without_qemu_bytes_beside_a_qemu_reader_stays_two_holders(
     assert sorted(str(h["layer"]) for h in seen) == ["imglock", "qemu"]
     (mine,) = [h for h in seen if h["layer"] == "imglock"]
     assert mine["perms"] == []
+
+
+def test_waiters_on_two_hosts_with_the_same_pid_are_told_apart_from_a_third(
+    raw_image: Path, rival: SpawnRival, started: list[subprocess.Popen[str]]
+) -> None:
+    """Each waiter is pid 1 of its own host: the queue still holds both, in order."""
+    from soak_worker import on_host
+
+    holder = rival(raw_image)
+    assert holder.ok
+    for host in ("host-a", "host-b"):
+        waiter = subprocess.Popen(
+            [*on_host(host), sys.executable, CLAIMER, "--wait", "300", str(raw_image)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=ENV,
+        )
+        started.append(waiter)
+        deadline = time.monotonic() + 30
+        while len(_report_elsewhere(raw_image)["waiting"]) < 1 + (host == "host-b"):
+            assert time.monotonic() < deadline and waiter.poll() is None
+            time.sleep(0.02)
+    report = _report_elsewhere(raw_image)
+    waiting = report["waiting"]
+    assert [w["pid"] for w in waiting] == [1, 1]
+    assert len({w["host"] for w in waiting}) == 2
+    assert all(str(w["host"]).startswith("host#") for w in waiting)
+    assert [h["pid"] for h in report["holders"]] == [holder.reply["pid"]]
+    holder.stop()
+    for waiter in started:
+        assert waiter.stdout is not None
+        assert '"ok": true' in waiter.stdout.readline()  # each gets the image in turn
+        assert waiter.stdin is not None
+        waiter.stdin.close()
+        assert waiter.wait(30) == 0
+
+
+def _report_elsewhere(image: Path) -> dict[str, list[dict[str, object]]]:
+    proc = subprocess.run(
+        [*ELSEWHERE, sys.executable, "-m", "imglock", "status", "--json", str(image)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=ENV,
+    )
+    assert proc.returncode in (0, 1), proc.stderr
+    (report,) = json.loads(proc.stdout)
+    return report  # type: ignore[no-any-return]
