@@ -305,8 +305,13 @@ class Claim:
     def _claim_all(self, queued: _Queued | None = None) -> None:
         owner = Owner.current(self.owner_pid)
         taken: list[_Member] = []
+        # A waiter tries the file it waits for first: the others are taken
+        # only once it has that one, not again and again while it waits.
+        members = self.members
+        if queued is not None:
+            members = [queued.member, *(m for m in members if m is not queued.member)]
         try:
-            for member in self.members:
+            for member in members:
                 place = queued.place if queued and queued.member is member else None
                 try:
                     member.image.driver.claim(member.image, member.mode, self.layers, owner, place)

@@ -19,7 +19,8 @@ ranges of conflicting modes, so it sees the others' read locks):
 1. take the intent byte;
 2. test the rivals: conflicting holders and intents, and (first attempt)
    every conflicting waiter, or (a waiter's attempt) after testing, without
-   an intent, that no conflicting waiter is ahead of it in the queue;
+   an intent, that no conflicting waiter is ahead of it in the queue and
+   that no rival holds or claims the image;
 3. test QEMU's bytes, take them, test them again (QEMU's own order);
 4. take the holder bytes, then drop the intent.
 
@@ -486,8 +487,12 @@ def acquire(
     intent: Range | None = None
     with_flock = flock_taken = False
     try:
-        if place is not None:  # a waiter defers, without an intent, to those ahead
+        if place is not None:
+            # A waiter defers to those ahead of it, and looks before it
+            # leaps: while the image is held it tests without taking an
+            # intent (which would make others' attempts fail meanwhile).
             lock = _in_the_way(fd, filename, mode, QUEUE_BASE, place.offset)
+            lock = lock or _first_rival(fd, filename, mode, rival_ranges(mode, with_queue=False))
             if lock is not None:
                 raise ProtocolConflict(filename, mode, lock)
         if Layer.IMGLOCK in layers:
