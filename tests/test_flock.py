@@ -134,3 +134,34 @@ def test_a_crosvm_stand_in_holding_a_disk_refuses_an_exclusive_claim_not_a_share
     with pytest.raises(imglock.LockConflict, match="flock shared by pid"):
         imglock.claim(raw_image)
     imglock.claim(raw_image, mode="shared").release()
+
+
+def test_a_refused_upgrade_keeps_the_shared_flock(
+    raw_image: Path, started: list[subprocess.Popen[str]]
+) -> None:
+    """flock(2) converts a lock by dropping it first: a refused upgrade takes it back."""
+    import os
+
+    from imglock.lock import protocol
+    from imglock.lock.protocol import Layer, Mode
+
+    layers = Layer.IMGLOCK | Layer.QEMU | Layer.FLOCK
+    fd = os.open(raw_image, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        held = protocol.acquire(fd, str(raw_image), Mode.SHARED, layers)
+        assert held.flock
+        assert crosvm(raw_image, "shared", started)  # a read-only crosvm disk beside us
+        with pytest.raises(imglock.LockConflict):
+            protocol.change_mode(fd, str(raw_image), held, Mode.EXCLUSIVE)
+        # Still shared: a writable crosvm is refused, as before the attempt.
+        assert not crosvm(raw_image, "exclusive", started)
+        started[0].stdin.close()  # type: ignore[union-attr]
+        started[0].wait(10)
+        upgraded = protocol.change_mode(fd, str(raw_image), held, Mode.EXCLUSIVE)
+        assert upgraded.flock and upgraded.mode is Mode.EXCLUSIVE
+        assert not crosvm(raw_image, "shared", started)
+        shared = protocol.change_mode(fd, str(raw_image), upgraded, Mode.SHARED)
+        assert shared.flock
+        assert crosvm(raw_image, "shared", started)
+    finally:
+        os.close(fd)

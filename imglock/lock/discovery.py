@@ -372,7 +372,10 @@ def _foreign(
 
 
 def holders(path: str | os.PathLike[str], *, lockspace: str | None = None) -> list[Holder]:
-    """Everyone holding *path*: imglock holders, QEMU, and foreign locks.
+    """Everyone holding *path* (any file): imglock holders, QEMU, flock and foreign locks.
+
+    Never a claimer that has not won: those waiting are listed by
+    :func:`imglock.inspect` (``.waiting``), apart from the holders.
 
     Takes no lock and reads no more of the image than its header's format
     needs.  With *lockspace*, the image's lock file there is read instead.
