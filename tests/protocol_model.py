@@ -77,11 +77,29 @@ PROTOCOL: Table = {
     "leave": [("leave-queue", "held", "")],
     "held": [("drop-holder", "release-qemu", "qemu"), ("drop-holder", "done", "plain")],
     "release-qemu": [("drop-qemu", "done", "")],
+    # A holder changing to a mode that is not weaker (protocol.change_mode):
+    # an attempt in the new mode on its own descriptor, never waiting, and
+    # only then is the old holder range dropped.
+    "change": [("take-intent", "change-test", "")],
+    "change-test": [
+        ("test-rivals", "change-take", "clear"),
+        ("test-rivals", "unchanged", "blocked"),
+    ],
+    "change-take": [("take-holder", "change-won", "")],
+    "change-won": [("drop-intent", "change-drop-old", "")],
+    "change-drop-old": [("drop-holder", "held", "")],
+    "unchanged": [("drop-intent", "held-old", "")],
+    "held-old": [("drop-holder", "done", "")],
+    # ... and from exclusive to a weaker mode: no rival can exist to test.
+    "downgrade": [("take-holder", "change-drop-old", "")],
 }
 #: Points where a waiter may stop waiting (its time is up): it leaves the queue.
 GIVE_UP_FROM = frozenset({"queued"})
 #: Points at which a claimer has won: the only ones where it may hold a holder range.
 WON = frozenset({"won", "leave", "held", "release-qemu"})
+#: Points of a holder changing mode: it holds the image throughout.
+CHANGING = frozenset({"change", "change-test", "change-take", "change-won", "change-drop-old",
+                      "unchanged", "held-old", "downgrade"})  # fmt: skip
 FINAL = frozenset({"done", "failed", "crashed"})
 
 
@@ -92,6 +110,8 @@ class Claimer:
     qemu: bool = False
     #: How many claims it makes one after the other.
     cycles: int = 1
+    #: A holder in this mode from the start, which changes to :attr:`mode`.
+    changes_from: Mode | None = None
 
 
 @dataclass(frozen=True)
@@ -173,6 +193,8 @@ def _effect(
     drop = {"drop-intent": "I", "drop-holder": "H", "drop-qemu": "B", "leave-queue": "Q"}
     if step in add:
         return locks | {add[step]}, proc
+    if step == "drop-holder" and proc.point == "change-drop-old":  # the old mode's range only
+        return locks - {("H", me, claimer.changes_from)}, proc
     if step in drop:
         kept = frozenset(lock for lock in locks if not (lock[0] == drop[step] and lock[1] == me))
         return kept, replace(proc, ticket=None) if step == "leave-queue" else proc
@@ -293,9 +315,12 @@ def violations(
         for b in holders:
             if a[1] < b[1] and conflicts(a[2], b[2]):  # type: ignore[arg-type]
                 found.append(f"mutual exclusion: {a[1]} ({a[2]}) and {b[1]} ({b[2]}) both hold")
+    for index, proc in enumerate(state.procs):
+        if proc.point in CHANGING and not _has(state.locks, "H", index):
+            found.append(f"let go while changing mode: claimer {index} at {proc.point!r}")
     for lock in holders:
         point = state.procs[lock[1]].point  # type: ignore[index]
-        if point not in WON:
+        if point not in WON | CHANGING:
             found.append(f"phantom holder: claimer {lock[1]} holds at {point!r}, not having won")
     if step == "take-holder":
         for j, i in state.later:
@@ -308,9 +333,18 @@ def violations(
     return found
 
 
+def _first_point(claimer: Claimer) -> str:
+    if claimer.changes_from is None:
+        return "idle"
+    return "downgrade" if claimer.changes_from is Mode.EXCLUSIVE else "change"
+
+
 def explore(table: Table, claimers: Sequence[Claimer], limit: int = 2_000_000) -> Result:
     """Every state reachable by any interleaving; the properties checked in each."""
-    start = State(tuple(Proc() for _ in claimers), frozenset())
+    start = State(
+        tuple(Proc(_first_point(c)) for c in claimers),
+        frozenset(("H", i, c.changes_from) for i, c in enumerate(claimers) if c.changes_from),
+    )
     seen = {start}
     edges: dict[State, list[State]] = {}
     queue = deque([start])
@@ -388,7 +422,7 @@ def accepts(table: Table, claimer: Claimer, steps: Sequence[str]) -> bool:
     condition must hold: a waiter's path goes through the queue, a claim
     with QEMU's layer tests and takes QEMU's bytes, and so on.
     """
-    current = {Proc()}
+    current = {Proc(_first_point(claimer))}
     for step in steps:
         nxt = set()
         for proc in current:
