@@ -307,7 +307,8 @@ def test_blockdev_snapshot(lab: Lab) -> None:
     assert vm.quit() == 0
 
 
-def test_drive_mirror_completed(lab: Lab) -> None:
+def drive_mirror_ready(lab: Lab) -> tuple[WrappedVM, Path, Path]:
+    """A VM whose disk drive-mirror copies to a new file, the job ready."""
     source = lab.image("source.qcow2")
     target = lab.dir / "target.qcow2"
     vm = lab.start(*drive(source))
@@ -315,6 +316,11 @@ def test_drive_mirror_completed(lab: Lab) -> None:
                             "format": "qcow2", "sync": "full"})  # fmt: skip
     until(lambda: job_ready(vm, "m"), what="the mirror to be ready")
     lab.expect(vm, {source: EXCLUSIVE, target: EXCLUSIVE})
+    return vm, source, target
+
+
+def test_drive_mirror_completed(lab: Lab) -> None:
+    vm, source, target = drive_mirror_ready(lab)
     vm.qmp("block-job-complete", {"device": "m"})
     until(lambda: job_gone(vm, "m"))
     lab.expect(vm, {source: FREE, target: EXCLUSIVE})
@@ -322,20 +328,15 @@ def test_drive_mirror_completed(lab: Lab) -> None:
 
 
 def test_drive_mirror_cancelled(lab: Lab) -> None:
-    source = lab.image("source.qcow2")
-    target = lab.dir / "target.qcow2"
-    vm = lab.start(*drive(source))
-    vm.qmp("drive-mirror", {"job-id": "m", "device": "drive0", "target": str(target),
-                            "format": "qcow2", "sync": "full"})  # fmt: skip
-    until(lambda: job_ready(vm, "m"), what="the mirror to be ready")
-    lab.expect(vm, {source: EXCLUSIVE, target: EXCLUSIVE})
+    vm, source, target = drive_mirror_ready(lab)
     vm.qmp("block-job-cancel", {"device": "m"})
     until(lambda: job_gone(vm, "m"))
     lab.expect(vm, {source: EXCLUSIVE, target: FREE})
     assert vm.quit() == 0
 
 
-def test_blockdev_mirror_completed(lab: Lab) -> None:
+def blockdev_mirror_ready(lab: Lab) -> tuple[WrappedVM, Path, Path]:
+    """A VM whose disk blockdev-mirror copies to a node added for it, the job ready."""
     source = lab.image("source.qcow2")
     target = lab.image("target.qcow2")
     vm = lab.start(*blockdev(source, "source"), *disk_device("source"), machine=FROZEN_PC)
@@ -344,6 +345,11 @@ def test_blockdev_mirror_completed(lab: Lab) -> None:
                                "sync": "full"})  # fmt: skip
     until(lambda: job_ready(vm, "m"), what="the mirror to be ready")
     lab.expect(vm, {source: EXCLUSIVE, target: EXCLUSIVE})
+    return vm, source, target
+
+
+def test_blockdev_mirror_completed(lab: Lab) -> None:
+    vm, source, target = blockdev_mirror_ready(lab)
     vm.qmp("block-job-complete", {"device": "m"})
     until(lambda: job_gone(vm, "m"))
     delete_qcow2(vm, "source")  # as libvirt does once the job is done
@@ -352,13 +358,7 @@ def test_blockdev_mirror_completed(lab: Lab) -> None:
 
 
 def test_blockdev_mirror_cancelled(lab: Lab) -> None:
-    source = lab.image("source.qcow2")
-    target = lab.image("target.qcow2")
-    vm = lab.start(*blockdev(source, "source"), *disk_device("source"), machine=FROZEN_PC)
-    add_qcow2(vm, target, "target")
-    vm.qmp("blockdev-mirror", {"job-id": "m", "device": "source", "target": "target",
-                               "sync": "full"})  # fmt: skip
-    until(lambda: job_ready(vm, "m"), what="the mirror to be ready")
+    vm, source, target = blockdev_mirror_ready(lab)
     vm.qmp("block-job-cancel", {"device": "m"})
     until(lambda: job_gone(vm, "m"))
     delete_qcow2(vm, "target")

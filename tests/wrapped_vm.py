@@ -24,12 +24,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from processes import wait_until
 from qemu_vm import NONE_MACHINE
 
 from imglock.qemu.monitor import MonitorThread
@@ -37,12 +37,7 @@ from imglock.qemu.monitor import MonitorThread
 
 def until(predicate: Callable[[], object], timeout: float = 20.0, what: str = "") -> None:
     """Poll *predicate* until it is true; fail after *timeout* seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what or predicate}")
+    wait_until(what or "the condition", predicate, timeout)
 
 
 @dataclass
