@@ -68,6 +68,10 @@ GRAPH_EVENTS: Final = frozenset(
     }
 )
 
+#: Run states in which QEMU's images may be inactive (qapi/run-state.json):
+#: an incoming migration, and an outgoing one from its last phase on.
+INACTIVE_RUNSTATES: Final = frozenset({"inmigrate", "finish-migrate", "postmigrate"})
+
 #: Protocol drivers whose nodes are local files (block/file-posix.c).
 FILE_DRIVERS: Final = frozenset({"file", "host_device", "host_cdrom"})
 
@@ -191,11 +195,16 @@ class GraphFollower:
         try:
             while True:
                 try:
+                    before = await monitor.query_status()
                     files = await query_open_files(monitor)
+                    after = await monitor.query_status()
                 except MonitorClosed:
                     return
-                await call_hook(lambda files=files: self.apply(files))  # type: ignore[misc]
-                await self._hand_over(monitor)
+                # Around a migration QEMU's images are inactive, with no
+                # permissions: that graph says nothing of what the VM uses.
+                if not {before.status, after.status} & INACTIVE_RUNSTATES:
+                    await call_hook(lambda files=files: self.apply(files))  # type: ignore[misc]
+                    await self._hand_over(monitor)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(listener.get(), self.interval)
                     listener.clear()  # one reading covers every event so far
