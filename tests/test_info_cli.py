@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from qcow2_builder import Qcow2Spec, QemuImg, assert_matches_qemu, build
 
+from imglock import holders
 from imglock.errors import EX_DATAERR, EX_NOINPUT, EX_USAGE
 
 REPO = Path(__file__).resolve().parent.parent
@@ -145,9 +146,11 @@ def running_writer(qemu_img: QemuImg, qemu_img_path: str, tmp_path: Path) -> Ite
     )
     try:
         # qemu-io holds the image from its first prompt until it quits; on a
-        # loaded machine it may take a while to get there.
+        # loaded machine it may take a while to get there.  Its locks are
+        # looked at without taking any: a `qemu-img info` here would lock the
+        # image itself and could make qemu-io fail to start.
         deadline = time.monotonic() + 30
-        while qemu_img("info", image, check=False).returncode == 0:
+        while not [h for h in holders(image) if h.layer == "qemu" and "write" in h.perms]:
             if proc.poll() is not None:
                 pytest.fail(f"qemu-io exited ({proc.returncode}) without taking its locks")
             if time.monotonic() > deadline:
