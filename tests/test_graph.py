@@ -34,7 +34,7 @@ from imglock.run.graph import open_files
 
 pytestmark = pytest.mark.qemu
 
-EXCLUSIVE, SHARED, FREE = "exclusive", "shared", None
+EXCLUSIVE, SHARED, SHARED_WRITE, FREE = "exclusive", "shared", "shared-write", None
 
 #: A PC with the guest frozen (-S): enough for devices, no guest code runs.
 FROZEN_PC = (*TINY_PC, "-S")
@@ -121,7 +121,7 @@ class Lab:
     def _check_rival(self, vm: WrappedVM, path: Path, mode: str | None) -> None:
         # A reader conflicts with a writer, a writer with anyone: the
         # weakest claim that must fail shows the mode from outside.
-        probe = SHARED if mode == EXCLUSIVE else EXCLUSIVE
+        probe = SHARED if mode in (EXCLUSIVE, SHARED_WRITE) else EXCLUSIVE
         space = [] if self.lockspace is None else ["--lockspace", self.lockspace]
         other = self.rival("--mode", probe, "--no-qemu", "--no-chain", *space, path)
         if mode is None:
@@ -264,6 +264,20 @@ def test_hot_plug_and_unplug(lab: Lab) -> None:
     lab.expect(vm, {disk: EXCLUSIVE})
     delete_qcow2(vm, "hot")
     lab.expect(vm, {disk: FREE})
+    assert vm.quit() == 0
+
+
+def test_hot_plug_of_a_shared_disk_is_shared_write(lab: Lab) -> None:
+    disk = lab.raw("cluster.raw")
+    vm = lab.start("-device", "virtio-scsi-pci,id=scsi0", machine=FROZEN_PC)
+    vm.qmp("blockdev-add", {"driver": "file", "filename": str(disk), "node-name": "c-file"})
+    vm.qmp("blockdev-add", {"driver": "raw", "file": "c-file", "node-name": "c"})
+    # A raw node passes on its users' permissions: with none, QEMU uses the
+    # file for nothing yet (and locks none of its bytes); the device writes it.
+    lab.expect(vm, {disk: FREE})
+    vm.qmp("device_add", {"driver": "scsi-hd", "drive": "c", "bus": "scsi0.0", "id": "disk1",
+                          "share-rw": True})  # fmt: skip
+    lab.expect(vm, {disk: SHARED_WRITE})
     assert vm.quit() == 0
 
 
