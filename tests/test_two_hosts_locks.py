@@ -88,20 +88,22 @@ def test_an_exclusive_claim_on_one_host_is_refused_on_the_other_which_names_it(
     holder = claimers.start(first, first.path("top.qcow2"))
     assert holder.ok and holder.reply["pid"] == 1
 
-    # The library: LockConflict, naming the first host among the holders.
+    # The library: LockConflict, naming the first host as the one holder
+    # (its QEMU bytes are its own, not a second, anonymous holder's).
     refused = claimers.start(second, second.path("top.qcow2"))
     assert not refused.ok and refused.reply["status"] == EX_TEMPFAIL
     assert first.name in str(refused.reply["error"])
-    assert (first.name, 1, "exclusive") in [
-        (h["host"], h["pid"], h["mode"])
+    assert [
+        (h["host"], h["pid"], h["mode"], h["perms"])
         for h in refused.reply["holders"]  # type: ignore[attr-defined]
-    ]
+    ] == [(first.name, 1, "exclusive", ["consistent read", "write", "resize"])]
 
     # The command line: exit 75 and one line naming the holder's host.
     proc = second.imglock("run", "--image", second.path("top.qcow2"), "--", "true")
     assert proc.returncode == EX_TEMPFAIL
     (line,) = proc.stderr.splitlines()
     assert str(second.path("top.qcow2")) in line and f"pid 1 on {first.name}" in line
+    assert "more" not in line
 
     holder.stop()
     proc = second.imglock("run", "--image", second.path("top.qcow2"), "--", "true")

@@ -348,3 +348,25 @@ def test_a_hung_host_keeps_its_claim_and_loses_nothing(cluster: Cluster) -> None
     assert on_a.status() == RUNNING
     assert "lock lost" not in on_a.stderr()
     assert on_a.process.poll() is None
+
+
+def test_status_from_another_host_shows_a_wrapped_qemu_as_one_holder_with_its_perms(
+    cluster: Cluster,
+) -> None:
+    a, b, _c = cluster.store.hosts
+    on_a = cluster.start("a1", a)
+    _until(lambda: on_a.status() == RUNNING, what="the guest to run on A")
+    _until(lambda: cluster.holders() == ["host-a"], what="host A's claim")
+    proc = b.imglock("status", "--json", cluster.image(b), b.path("base.qcow2"))
+    assert proc.returncode == 1, proc.stderr
+    top, base = json.loads(proc.stdout)
+    # QEMU's own bytes and the wrapper's are one holder: the VM on host A.
+    ((layer, mode, host, perms, unshared),) = [
+        (h["layer"], h["mode"], h["host"], h["perms"], h["unshared"]) for h in top["holders"]
+    ]
+    assert (layer, mode, host) == ("imglock", "exclusive", "host-a")
+    assert perms == ["consistent read", "write", "resize"] and unshared == ["write", "resize"]
+    ((layer, mode, host, perms),) = [
+        (h["layer"], h["mode"], h["host"], h["perms"]) for h in base["holders"]
+    ]
+    assert (layer, mode, host, perms) == ("imglock", "shared", "host-a", ["consistent read"])
