@@ -3,7 +3,8 @@
 Each figure is a median printed beside the peer or floor it is compared
 with, measured in the same run on the same machine: claim+release beside
 the syscall floor, each command beside its counterpart (qemu-img, lslocks,
-flock) and its start-up beside ``python -c pass``, and the downtime a
+flock) and its start-up beside ``python -c pass`` (and, installed into a
+fresh venv, beside ``import click``), and the downtime a
 migration handoff adds (from ``benchmarks/bench_migration.py``, when
 present), and the same through a network filesystem when the GlusterFS
 mounts of ``tests/gluster/up`` are there (``benchmarks/bench_gluster.py``).
@@ -21,7 +22,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from benchmarks import bench_claim, bench_cli, bench_gluster
+from benchmarks import bench_claim, bench_cli, bench_gluster, bench_startup
 from benchmarks.timing import Row, Unavailable, table_lines
 
 MIGRATION = "migration downtime added by the handoff"
@@ -63,6 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[Row] = []
     rows += _guarded("claim+release", bench_claim.figures, args.quick)
     rows += _guarded("imglock commands", bench_cli.figures, args.quick)
+    rows += _guarded("start-up in a fresh venv", bench_startup.figures, args.quick)
     rows += migration_rows(args.quick)
     rows += _guarded(bench_gluster.SECTION, bench_gluster.figures, args.quick)
     print(f"imglock benchmarks ({'quick' if args.quick else 'full'}): {describe_machine()}")

@@ -3,8 +3,8 @@
 Every lock call, open, read and close through a FUSE mount of GlusterFS is
 a round trip to the brick, so these figures are about round trips.  Each is
 printed beside its floor measured through the same mount in the same run,
-with the filesystem calls per operation (counted with strace, the figure
-itself measured without it):
+with the filesystem calls per operation through the mount (each at least
+one round trip; counted with strace, the figure itself measured without):
 
 * ``imglock status DIR`` of 1,000 images (5 held from host A), run through
   host B's mount, beside a serial open + F_OFD_GETLK + close of each file
@@ -78,31 +78,30 @@ def workspace(a: Path, b: Path) -> Iterator[tuple[Path, Path]]:
         shutil.rmtree(a / name, ignore_errors=True)
 
 
-def fs_calls(argv: Sequence[str], baseline: Sequence[str], per: int) -> str:
-    """The filesystem calls *argv* makes beyond *baseline*'s, per operation, by name."""
+def fs_calls(argv: Sequence[str], through: Path, per: int) -> str:
+    """The filesystem calls *argv* makes through the mount at *through*, per operation.
 
-    def counts(command: Sequence[str]) -> collections.Counter[str]:
-        with tempfile.NamedTemporaryFile("r", suffix=".strace") as out:
-            subprocess.run(
-                ["strace", "-f", "-c", "-U", "calls,name", "-o", out.name, *command],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False, timeout=600,
-            )  # fmt: skip
-            found: collections.Counter[str] = collections.Counter()
-            for line in out:
-                fields = line.split()
-                if len(fields) == 2 and fields[0].isdigit() and fields[1] in FS_CALLS:
-                    found[fields[1]] += int(fields[0])
-            return found
-
+    Each is at least one round trip to the brick.  Counted with ``strace
+    -y`` (which names each descriptor's file), keeping the calls whose path
+    or descriptor is under *through*.
+    """
     if shutil.which("strace") is None:
         return "calls not counted: no strace"
-    extra = counts(argv)
-    extra.subtract(counts(baseline))
-    total = sum(n for n in extra.values() if n > 0) / per
-    detail = ", ".join(
-        f"{name} {n / per:.3g}" for name, n in sorted(extra.items(), key=lambda kv: -kv[1]) if n > 0
-    )
-    return f"{total:.3g} fs calls/op: {detail}"
+    with tempfile.NamedTemporaryFile("r", suffix=".strace") as out:
+        subprocess.run(
+            ["strace", "-f", "-qq", "-y", "-e", f"trace={','.join(FS_CALLS)}", "-o", out.name,
+             *argv],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False, timeout=600,
+        )  # fmt: skip
+        found: collections.Counter[str] = collections.Counter()
+        for line in out:
+            _pid, _, call = line.partition(" ")
+            name = call.split("(", 1)[0].strip()
+            if name in FS_CALLS and str(through) in call:
+                found[name] += 1
+    total = sum(found.values()) / per
+    detail = ", ".join(f"{name} {n / per:.3g}" for name, n in found.most_common())
+    return f"{total:.3g} calls/op through the mount: {detail}"
 
 
 # -- status of a directory -------------------------------------------------
@@ -156,9 +155,7 @@ def status_rows(on_a: Path, on_b: Path, runs: int, env: dict[str, str]) -> list[
             t_status.append(timed(lambda: subprocess.run(status, **quiet), 1))  # type: ignore[call-overload]
             t_floor.append(timed(lambda: serial_floor(directory), 1))
             t_ls.append(timed(lambda: subprocess.run(["ls", "-l", directory], **quiet), 1))  # type: ignore[call-overload]
-        empty = on_b / "empty"
-        empty.mkdir()
-        calls = fs_calls(status, [*IMGLOCK, "status", str(empty)], IMAGES)
+        calls = fs_calls(status, on_b, IMAGES)
     finally:
         for claim in held:
             claim.release()
@@ -215,7 +212,7 @@ def claim_rows(on_a: Path, on_b: Path, rounds: int) -> list[Row]:
 
         t = per_call(cycle)
         flag = "1" if record else "0"
-        calls = fs_calls([PY, "-c", CYCLE, top, "20", flag], [PY, "-c", CYCLE, top, "0", flag], 20)
+        calls = fs_calls([PY, "-c", CYCLE, top, "20", flag], on_b, 20)
         what = f"claim+release qcow2 + backing file from host B, {label} ({calls})"
         peer = "floor: open+lock+pread+unlock+close, both files"
         rows.append(Figure(what, t, peer, floor, "" if record else "≤ 3x"))

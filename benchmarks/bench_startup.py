@@ -1,0 +1,80 @@
+"""Start-up as a user gets it: imglock installed with pip into a fresh venv.
+
+Every command pays its start-up, and for ``status``, ``info`` and
+``--version`` it is most of the cost.  The floor is ``python -c 'import
+click'`` in the same venv: any click command pays at least that.  The
+package is installed as a user installs it (``pip install .``, not
+editable, bytecode compiled by pip), so that the figures do not depend on
+a development tree.  Commands run in turns, so that a change in the
+machine's load falls on all of them alike.
+Run: ``python -m benchmarks.bench_startup`` (part of ``python -m benchmarks``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks.timing import Figure, Row, Unavailable, command_medians, print_table
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET = "≤ 1.2x"
+
+
+def venv_with_imglock(root: Path) -> Path:
+    """A fresh venv under *root* with imglock installed from this tree; its bin directory."""
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    pip = [venv / "bin" / "python", "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, REPO], check=True, capture_output=True, cwd=root, timeout=600)
+    return venv / "bin"
+
+
+def figures(quick: bool = False) -> list[Row]:
+    runs = 10 if quick else 40
+    what = "start-up in a fresh venv (pip install .)"
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        try:
+            bin_dir = venv_with_imglock(root)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+            return [Unavailable(what, f"not measured: pip install failed: {exc}")]
+        image = root / "vm.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", image, "1G"], check=True)
+        python, imglock = str(bin_dir / "python"), str(bin_dir / "imglock")
+        commands = {
+            "pass": [python, "-c", "pass"],
+            "click": [python, "-c", "import click"],
+            "version": [imglock, "--version"],
+            "info": [imglock, "info", str(image)],
+            "status": [imglock, "status", str(image)],
+        }
+        # Run from the venv's directory, so that no development tree is on the path.
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+        os.chdir(root)
+        try:
+            t = command_medians(commands, runs, env)
+        finally:
+            os.chdir(REPO)
+    click = t["click"]
+    rows: list[Row] = [
+        Figure("start-up (venv): python -c 'import click'", click, "python -c pass", t["pass"])
+    ]
+    for key, label in (
+        ("version", "imglock --version"),
+        ("info", "imglock info IMG"),
+        ("status", "imglock status IMG"),
+    ):
+        rows.append(Figure(f"start-up (venv): {label}", t[key], "import click", click, TARGET))
+    return rows
+
+
+def main() -> None:
+    print_table(figures(quick="--quick" in sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
