@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Iterable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, NamedTuple, Self
+from typing import TYPE_CHECKING, Final, NamedTuple, Self
 
 from imglock import faults
 from imglock.errors import LockConflict, LockError, UsageError
@@ -32,13 +32,14 @@ from imglock.lock.protocol import (
     holder_range,
     strongest,
 )
+from imglock.report import ImageReport, inspect_image
 
 if TYPE_CHECKING:
     # Discovery (who holds an image) is imported when a claim meets a
     # holder, or by `status`: a claim that succeeds never needs it.
     from imglock.chain import ChainLink
     from imglock.formats.base import OpenImage
-    from imglock.lock.discovery import Holder, LocalLocks, Survey
+    from imglock.lock.discovery import Holder, LocalLocks
     from imglock.lock.fcntl_locks import RangeLock
 
 #: Backoff between attempts while waiting: first delay and cap, in seconds.
@@ -718,40 +719,6 @@ def claim(
     return Claim([spec], wait=wait, layers=layers, lockspace=lockspace, record=record).acquire()
 
 
-# A NamedTuple, not a dataclass: as immutable, and far cheaper to define at start-up.
-class ImageReport(NamedTuple):
-    """What ``imglock status`` knows about one image."""
-
-    filename: str
-    format: str | None
-    holders: list[Holder]
-    stale_records: list[records.Record]
-    #: qcow2's dirty bit (None for formats without one).
-    dirty: bool | None = None
-    corrupt: bool | None = None
-    backing_filename: str | None = None
-    #: Claimers waiting in the image's queue, first first: not holders.
-    waiting: list[Holder] = []  # noqa: RUF012 - a NamedTuple field default, never mutated
-
-    @property
-    def not_closed_cleanly(self) -> bool:
-        """A dirty qcow2 that no one holds: its last writer died without closing it."""
-        return bool(self.dirty) and not self.holders
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "filename": self.filename,
-            "format": self.format,
-            "backing-filename": self.backing_filename,
-            "holders": [h.to_json() for h in self.holders],
-            "waiting": [w.to_json() for w in self.waiting],
-            "stale-records": [r.to_json() for r in self.stale_records],
-            "dirty-flag": self.dirty,
-            "corrupt": self.corrupt,
-            "not-closed-cleanly": self.not_closed_cleanly,
-        }
-
-
 def inspect(
     path: str | bytes | os.PathLike[str] | os.PathLike[bytes],
     *,
@@ -766,32 +733,3 @@ def inspect(
         return inspect_image(image, lockspace=lockspace, local=local)
     finally:
         image.close()
-
-
-def inspect_image(
-    image: OpenImage,
-    *,
-    lockspace: str | None = None,
-    local: LocalLocks | None = None,
-) -> ImageReport:
-    """:func:`inspect` for an image the caller has open (and closes afterwards)."""
-    from imglock.lock.discovery import survey
-
-    facts = image.driver.info(image)
-    record_dir, record_name = attach(image, lockspace)
-    fd, target = image.lock_target
-    st = image.st if fd == image.fd else os.fstat(fd)
-    found: Survey = survey(
-        fd, target, st, record_dir=record_dir, record_name=record_name, local=local
-    )
-    specific = facts.get("format-specific", {}).get("data", {})
-    return ImageReport(
-        filename=image.filename,
-        format=image.format,
-        holders=found.holders,
-        stale_records=found.stale_records,
-        dirty=facts.get("dirty-flag"),
-        corrupt=specific.get("corrupt"),
-        backing_filename=facts.get("backing-filename"),
-        waiting=found.waiting,
-    )

@@ -12,10 +12,10 @@ from imglock.cli.common import Voice, verbosity_options
 from imglock.errors import EX_HELD, EX_OK
 
 if TYPE_CHECKING:
-    from imglock.api import ImageReport
     from imglock.errors import ImglockError
     from imglock.formats import OpenImage
     from imglock.lock.holder import Holder
+    from imglock.report import ImageReport
 
 HEADER: Final = (
     "IMAGE",
@@ -75,9 +75,9 @@ def status(as_json: bool, lockspace: str | None, paths: tuple[str, ...]) -> None
     not be read (one line on stderr each), the first such error's status
     (65 malformed, 66 cannot be opened, 74 read error); otherwise 0.
     """
-    from imglock.api import inspect_image
     from imglock.errors import ImglockError
     from imglock.lock.discovery import LocalLocks
+    from imglock.report import inspect_image
     from imglock.scan import survey
 
     voice = Voice.current()
