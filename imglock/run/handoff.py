@@ -23,7 +23,6 @@ a private 0700 directory, added beside whatever monitors the user has.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import os
 import signal
 import threading
@@ -98,6 +97,11 @@ class Handoff:
         runner.on_started = self._started
         runner.guest = self
         runner.handover = self
+        if self.incoming:
+            # Here, in the main thread before anything is forked: an import
+            # in another thread at the moment of a fork (a daemonizing QEMU's
+            # watcher) would leave the child's import lock held forever.
+            self._prepare()
 
     # -- a daemonized QEMU (-daemonize): the watcher takes over -----------
 
@@ -181,9 +185,6 @@ class Handoff:
         await watch_source(monitor, release=self._release, reclaim=self._reclaim)
 
     async def _destination_then_source(self, monitor: Monitor) -> None:
-        # While the migration runs, get ready for the switch-over, so that
-        # only the locks themselves are left between it and the guest running.
-        threading.Thread(target=self._prepare, name="imglock-prepare", daemon=True).start()
         await watch_destination(monitor, claim=self._claim, resume=self.resume)
         # The guest runs: now the holder records, off the guest's downtime.
         threading.Thread(target=self._record, name="imglock-records", daemon=True).start()
@@ -232,27 +233,20 @@ class Handoff:
         runner.config.note("incoming migration completed: claim taken")
 
     def _prepare(self) -> None:
-        """Load what the destination's claim will need: never on the guest's downtime.
+        """Load now what a destination's claim needs at the switch-over.
 
         Loading portalocker for the flock layer alone takes some 20 ms,
-        more than a whole migration's downtime; the retry's jitter needs
-        random; the flock layer reads the mount table once per filesystem.
+        more than a whole migration's downtime, and the retry's jitter needs
+        random: loaded at the claim, they were on the guest's downtime.
         """
         runner = self.runner
         assert runner is not None
-        claim = runner.config.claim
         import random  # noqa: F401  (imported for its side effect: loaded)
 
         from imglock.lock.protocol import Layer
 
-        if claim.layers & (Layer.FLOCK | Layer.FLOCK_EVERYWHERE):
+        if runner.config.claim.layers & (Layer.FLOCK | Layer.FLOCK_EVERYWHERE):
             import portalocker  # noqa: F401
-
-            from imglock.lock import flock
-
-            for member in claim.members:
-                with contextlib.suppress(OSError):
-                    flock.filesystem_type(os.fstat(member.image.lock_target[0]).st_dev)
 
     def _record(self) -> None:
         runner = self.runner
