@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import processes
@@ -57,7 +57,9 @@ class Lab:
     dir: Path
     image: Path
     lockspace: str | None
-    pids: list[int]
+    #: Processes to kill at the end (daemons, watchers, wrapped QEMUs).
+    pids: list[int] = field(default_factory=list)
+    wrappers: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def path(self, name: str) -> str:
         return str(self.dir / name)
@@ -85,9 +87,10 @@ class Lab:
         proc = subprocess.run(
             argv, capture_output=True, text=True, timeout=TIMEOUT, env={**ENV, **(env or {})}
         )
+        if os.path.exists(pidfile):
+            self.pids.append(int(Path(pidfile).read_text()))
         assert proc.returncode == 0, proc.stderr
         pid = int(Path(pidfile).read_text())
-        self.pids.append(pid)
         found = re.search(r"watched by pid (\d+)", proc.stderr)
         assert found, proc.stderr
         watcher = int(found[1])
@@ -101,6 +104,34 @@ class Lab:
         return [
             h for h in imglock.holders(self.image, lockspace=self.lockspace) if h.layer == "imglock"
         ]
+
+    def wrapped(self, *args: str, machine: tuple[str, ...] = TINY_PC) -> subprocess.Popen[bytes]:
+        """``imglock run -- QEMU ARGS`` in the background (not daemonized)."""
+        argv = [
+            *IMGLOCK,
+            "run",
+            *self.lockspace_options(),
+            "--",
+            *self.qemu_argv(*args, machine=machine),
+        ]
+        wrapper = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=ENV,
+        )
+        self.wrappers.append(wrapper)
+        return wrapper
+
+    def end_wrappers(self) -> None:
+        """Kill every wrapper this lab started, and its QEMU, which would outlive it."""
+        for wrapper in self.wrappers:
+            children = f"/proc/{wrapper.pid}/task/{wrapper.pid}/children"
+            with contextlib.suppress(OSError), open(children) as f:
+                self.pids += [int(pid) for pid in f.read().split()]
+            wrapper.kill()
+            wrapper.wait()
 
     def run(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -118,10 +149,11 @@ def lab(request: pytest.FixtureRequest, qemu_system_path: str, qemu_img_path: st
     if request.param == "lockspace":
         lockspace = str(tmp / "lockspace")
         os.mkdir(lockspace)
-    lab = Lab(qemu_system_path, tmp, image, lockspace, [])
+    lab = Lab(qemu_system_path, tmp, image, lockspace)
     try:
         yield lab
     finally:
+        lab.end_wrappers()
         for pid in lab.pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -192,25 +224,11 @@ def test_the_lock_check_goes_on_for_a_daemon_and_pauses_it_through_qmp(lab: Lab)
     assert alive(daemon.pid)
 
 
-def test_a_daemonized_source_hands_its_claim_over_in_a_live_migration(
-    lab: Lab, started: list[subprocess.Popen[str]]
-) -> None:
+def test_a_daemonized_source_hands_its_claim_over_in_a_live_migration(lab: Lab) -> None:
     source_qmp = lab.path("source.qmp")
     source = lab.daemonize("-qmp", f"unix:{source_qmp},server=on,wait=off", machine=TINY_PC)
     migration = lab.path("migrate.sock")
-    dest_argv = [
-        *IMGLOCK, "run", *lab.lockspace_options(), "--",
-        *lab.qemu_argv("-incoming", f"unix:{migration}", machine=TINY_PC),
-    ]  # fmt: skip
-    dest = subprocess.Popen(
-        dest_argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=ENV,
-    )
-    started.append(dest)
+    dest = lab.wrapped("-incoming", f"unix:{migration}")
     wait_until("the destination listens", lambda: os.path.exists(migration))
     monitor = MonitorThread.connect(source_qmp, timeout=TIMEOUT)
     try:
@@ -253,22 +271,9 @@ def test_a_watcher_ended_by_a_signal_leaves_the_claim_and_the_socket_to_the_daem
     shutil.rmtree(daemon.private_dir)  # no watcher is left to remove it
 
 
-def test_a_daemonized_destination_takes_the_claim_over_in_a_live_migration(
-    lab: Lab, started: list[subprocess.Popen[str]]
-) -> None:
+def test_a_daemonized_destination_takes_the_claim_over_in_a_live_migration(lab: Lab) -> None:
     source_qmp, migration = lab.path("source.qmp"), lab.path("migrate.sock")
-    source_argv = [
-        *IMGLOCK, "run", *lab.lockspace_options(), "--",
-        *lab.qemu_argv("-qmp", f"unix:{source_qmp},server=on,wait=off", machine=TINY_PC),
-    ]  # fmt: skip
-    source = subprocess.Popen(
-        source_argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=ENV,
-    )
-    started.append(source)  # type: ignore[arg-type]
+    source = lab.wrapped("-qmp", f"unix:{source_qmp},server=on,wait=off")
     wait_until("the source holds the claim", lambda: lab.imglock_holders() != [])
     dest = lab.daemonize("-incoming", f"unix:{migration}", machine=TINY_PC)
     # Until the migration completes the destination holds nothing: the source does.
