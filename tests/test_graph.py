@@ -231,7 +231,7 @@ def test_modes_come_from_the_permissions_on_each_file() -> None:
     ]
     found = {f.filename: f.mode for f in open_files(graph, nodes)}
     assert found == {
-        "/vm/shared.raw": Mode.SHARED,  # read by a drive with no device
+        "/vm/shared.raw": Mode.SHARED_WRITE,  # read by a drive with no device, which shares
         "/vm/top.qcow2": Mode.EXCLUSIVE,
         "/vm/base.qcow2": Mode.SHARED,
     }
@@ -279,6 +279,29 @@ def test_hot_plug_of_a_shared_disk_is_shared_write(lab: Lab) -> None:
                           "share-rw": True})  # fmt: skip
     lab.expect(vm, {disk: SHARED_WRITE})
     assert vm.quit() == 0
+
+
+def test_a_read_only_device_that_shares_writes_stays_beside_the_writers(lab: Lab) -> None:
+    disk = lab.raw("cluster.raw")
+    writer = lab.start(
+        "-drive", f"file={disk},format=raw,if=none,id=d0",
+        "-device", "virtio-blk-pci,drive=d0,share-rw=on",
+        machine=FROZEN_PC,
+    )  # fmt: skip
+    reader = lab.start(
+        "-drive", f"file={disk},format=raw,if=none,id=d0,readonly=on",
+        "-device", "virtio-blk-pci,drive=d0,share-rw=on",
+        machine=FROZEN_PC,
+    )  # fmt: skip
+    wanted = {writer.qemu_pid: SHARED_WRITE, reader.qemu_pid: SHARED_WRITE}
+    until(lambda: lab.modes(disk) == wanted, what="both VMs to share the disk")
+    # Once the reader's wrapper has surely read its graph (it claimed a disk
+    # added after start), the shared disk is as it was, and no guest stopped.
+    probe = lab.image("probe.qcow2")
+    add_qcow2(reader, probe, "probe")
+    until(lambda: lab.modes(probe) == {reader.qemu_pid: EXCLUSIVE}, what="the probe's claim")
+    assert lab.modes(disk) == wanted
+    assert "guest paused" not in reader.stderr() + writer.stderr()
 
 
 def test_a_file_held_elsewhere_stops_the_guest_and_names_the_holder(lab: Lab) -> None:

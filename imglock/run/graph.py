@@ -14,10 +14,11 @@ block graph holds and how it uses each:
   the files QEMU has open;
 * ``x-debug-query-block-graph`` gives every edge into a node with the
   permissions its parent holds (``perm``) and lets others have
-  (``shared-perm``).  A file some parent writes is claimed **exclusive**,
-  or **shared-write** when every parent shares writes (a raw disk behind a
-  ``share-rw=on`` device); a file only read is claimed **shared**; a file
-  no parent uses at all (QEMU takes none of its own lock bytes on it
+  (``shared-perm``).  A file some parent writes is claimed **exclusive**, or **shared-write**
+  when every parent shares writes (a raw disk behind a ``share-rw=on``
+  device); a file only read is claimed **shared**, or shared-write when
+  its readers let others write (a read-only ``share-rw=on`` device); a
+  file no parent uses at all (QEMU takes none of its own lock bytes on it
   either) is not claimed.
 
 The claim is then reconciled with that: new files are claimed, modes are
@@ -140,10 +141,14 @@ def open_files(graph: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]]) -> 
         used = perms.get(key, set())
         if not used:
             continue  # opened, but used by no one: QEMU locks none of its bytes either
+        writes_shared = PERM_WRITE in shared.get(key, set())
         if PERM_WRITE in used:
-            mode = Mode.SHARED_WRITE if PERM_WRITE in shared.get(key, set()) else Mode.EXCLUSIVE
+            mode = Mode.SHARED_WRITE if writes_shared else Mode.EXCLUSIVE
         else:
-            mode = Mode.SHARED
+            # A reader that lets others write (a read-only device with
+            # share-rw=on, a drive with no device) sits beside writers that
+            # share the file, not beside readers who need it unchanged.
+            mode = Mode.SHARED_WRITE if writes_shared else Mode.SHARED
         seen = found.get(filename)
         found[filename] = OpenFile(filename, strongest(seen.mode, mode) if seen else mode, name)
     return list(found.values())
