@@ -75,13 +75,17 @@ def status(as_json: bool, lockspace: str | None, paths: tuple[str, ...]) -> None
     not be read (one line on stderr each), the first such error's status
     (65 malformed, 66 cannot be opened, 74 read error); otherwise 0.
     """
+    from imglock.lock.proclocks import FlockTable
+
+    flocks = FlockTable(background=True)  # the kernel's slow part, while the imports below run
+
     from imglock.errors import ImglockError
     from imglock.lock.discovery import LocalLocks
     from imglock.report import inspect_image
     from imglock.scan import survey
 
     voice = Voice.current()
-    local = LocalLocks()  # one /proc scan, and only once some lock is seen
+    local = LocalLocks(flocks)  # one /proc scan, and only once some lock is seen
     reports: list[ImageReport] = []
     errors: list[ImglockError] = []
     skipped = 0

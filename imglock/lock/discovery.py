@@ -44,18 +44,19 @@ from imglock.lock.protocol import (
 )
 
 if TYPE_CHECKING:  # imported when some lock is seen: most images have none
-    from imglock.lock import procfs
+    from imglock.lock import procfs, proclocks
 
 
 class LocalLocks:
     """The /proc view of local locks, taken once and reused for many images
     (with the record directories' listings, also read once)."""
 
-    __slots__ = ("_flocked", "_index", "record_dirs")
+    __slots__ = ("_flocks", "_index", "record_dirs")
 
-    def __init__(self) -> None:
+    def __init__(self, flocks: proclocks.FlockTable | None = None) -> None:
         self._index: dict[procfs.FileKey, list[procfs.LocalLock]] | None = None
-        self._flocked: set[str] | None = None
+        #: /proc/locks, read at most once (``status`` starts it in the background).
+        self._flocks = flocks
         self.record_dirs = records.RecordDirs()
 
     def flocked(self, st: os.stat_result) -> bool:
@@ -64,18 +65,11 @@ class LocalLocks:
         Lock tests do not see flock locks, so this is what says that /proc
         is worth reading for a file whose fcntl locks are all free.
         """
-        if self._flocked is None:
-            self._flocked = set()
-            try:
-                with open("/proc/locks", "rb") as f:
-                    for line in f:
-                        fields = line.split()
-                        if len(fields) > 5 and fields[1] == b"FLOCK":
-                            self._flocked.add(fields[5].decode())
-            except OSError:
-                pass
-        dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-        return dev in self._flocked
+        if self._flocks is None:
+            from imglock.lock.proclocks import FlockTable
+
+            self._flocks = FlockTable()
+        return self._flocks.has(st)
 
     def on(self, st: os.stat_result) -> list[procfs.LocalLock]:
         if self._index is None:
