@@ -13,6 +13,10 @@ import os
 import sys
 from typing import Any
 
+# First, before click: it starts the work whose waiting start-up can overlap.
+from imglock.cli import early  # noqa: F401
+
+# isort: split
 import click
 
 from imglock import __version__

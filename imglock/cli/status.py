@@ -75,9 +75,9 @@ def status(as_json: bool, lockspace: str | None, paths: tuple[str, ...]) -> None
     not be read (one line on stderr each), the first such error's status
     (65 malformed, 66 cannot be opened, 74 read error); otherwise 0.
     """
-    from imglock.lock.proclocks import FlockTable
+    from imglock.cli.early import take_flocks
 
-    flocks = FlockTable(background=True)  # the kernel's slow part, while the imports below run
+    flocks = take_flocks()  # /proc/locks, read while the imports run
 
     from imglock.errors import ImglockError
     from imglock.lock.discovery import LocalLocks
