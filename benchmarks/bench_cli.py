@@ -42,9 +42,8 @@ class Datastore:
     raw: Path  # a free raw image
 
 
-@contextmanager
-def datastore(root: Path, count: int = IMAGES, held: int = HELD) -> Iterator[Datastore]:
-    """*count* images under *root*, *held* of them claimed by this process meanwhile."""
+def make_images(root: Path, count: int = IMAGES) -> list[Path]:
+    """*count* images in root/images, half qcow2 and half sparse 1 GiB raw, a raw last."""
     template = root / "template.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", template, "1G"], check=True)
     images = root / "images"
@@ -57,9 +56,16 @@ def datastore(root: Path, count: int = IMAGES, held: int = HELD) -> Iterator[Dat
         with raw.open("wb") as f:
             f.truncate(1 << 30)  # sparse
         paths += [qcow2, raw]
+    return paths
+
+
+@contextmanager
+def datastore(root: Path, count: int = IMAGES, held: int = HELD) -> Iterator[Datastore]:
+    """*count* images under *root*, *held* of them claimed by this process meanwhile."""
+    paths = make_images(root, count)
     claims = [Claim([ClaimSpec(str(path))]).acquire() for path in paths[:held]]
     try:
-        yield Datastore(images, qcow2=paths[-2], raw=paths[-1])
+        yield Datastore(paths[-1].parent, qcow2=paths[-2], raw=paths[-1])
     finally:
         for claim in claims:
             claim.release()

@@ -28,13 +28,22 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from benchmarks.timing import Figure, Row, Unavailable, bytecode_env, median_per_call, print_table
+from benchmarks.bench_claim import floor as per_file_floor
+from benchmarks.bench_cli import make_images
+from benchmarks.timing import (
+    Figure,
+    Row,
+    Unavailable,
+    bytecode_env,
+    median_of,
+    median_per_call,
+    print_table,
+)
 from imglock.api import Claim, ClaimSpec
 from imglock.lock import fcntl_locks
 from imglock.lock.protocol import Layer
@@ -107,20 +116,9 @@ def fs_calls(argv: Sequence[str], through: Path, per: int) -> str:
 # -- status of a directory -------------------------------------------------
 
 
-def make_images(directory: Path, count: int = IMAGES) -> list[Path]:
-    template = directory / "template.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", template, "1G"], check=True)
-    images = directory / "images"
-    images.mkdir()
-    paths = []
-    for i in range(count // 2):
-        qcow2 = images / f"vm{i:04d}.qcow2"
-        shutil.copyfile(template, qcow2)
-        raw = images / f"disk{i:04d}.raw"
-        with raw.open("wb") as f:
-            f.truncate(1 << 30)
-        paths += [qcow2, raw]
-    return paths
+def once(fn: Callable[[], object]) -> float:
+    """Wall time of one call: the three are interleaved, a round each, for a fair median."""
+    return median_of(fn, 1, warmup=0)
 
 
 def serial_floor(directory: Path) -> None:
@@ -133,17 +131,8 @@ def serial_floor(directory: Path) -> None:
             os.close(fd)
 
 
-def timed(fn: Callable[[], object], runs: int) -> float:
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
-
-
 def status_rows(on_a: Path, on_b: Path, runs: int, env: dict[str, str]) -> list[Row]:
-    paths = make_images(on_a)
+    paths = make_images(on_a, IMAGES)
     held = [Claim([ClaimSpec(str(p))]).acquire() for p in paths[:HELD]]
     try:
         directory = on_b / "images"
@@ -152,9 +141,9 @@ def status_rows(on_a: Path, on_b: Path, runs: int, env: dict[str, str]) -> list[
         subprocess.run(status, **quiet)  # type: ignore[call-overload]  # warm
         t_status, t_floor, t_ls = [], [], []
         for _ in range(runs):  # in turns, so that the load falls on each alike
-            t_status.append(timed(lambda: subprocess.run(status, **quiet), 1))  # type: ignore[call-overload]
-            t_floor.append(timed(lambda: serial_floor(directory), 1))
-            t_ls.append(timed(lambda: subprocess.run(["ls", "-l", directory], **quiet), 1))  # type: ignore[call-overload]
+            t_status.append(once(lambda: subprocess.run(status, **quiet)))  # type: ignore[call-overload]
+            t_floor.append(once(lambda: serial_floor(directory)))
+            t_ls.append(once(lambda: subprocess.run(["ls", "-l", directory], **quiet)))  # type: ignore[call-overload]
         calls = fs_calls(status, on_b, IMAGES)
     finally:
         for claim in held:
@@ -168,16 +157,6 @@ def status_rows(on_a: Path, on_b: Path, runs: int, env: dict[str, str]) -> list[
 
 
 # -- claim+release ---------------------------------------------------------
-
-
-def per_file_floor(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        fcntl_locks.try_read_lock(fd, 1 << 62, 1, path)
-        os.pread(fd, 512, 0)
-        fcntl_locks.unlock(fd, 1 << 62, 1, path)
-    finally:
-        os.close(fd)
 
 
 CYCLE = """
