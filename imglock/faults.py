@@ -31,7 +31,15 @@ _kill_points: dict[str, int] = {}
 def point(name: str) -> None:
     """A named step where a test may crash or freeze this process."""
     if name in _kill_points:
-        os.kill(os.getpid(), _kill_points[name])
+        import signal
+        import threading
+
+        # At the calling thread, not the process: a signal sent to the whole
+        # process is taken by whichever thread the kernel picks (the main
+        # one, usually), and this thread may run on past the step before the
+        # stop reaches it.  A thread's own SIGSTOP or SIGKILL still stops or
+        # kills the whole process, starting with this thread.
+        signal.pthread_kill(threading.get_ident(), _kill_points[name])
 
 
 def _errno(name: str) -> int:
