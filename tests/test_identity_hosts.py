@@ -31,16 +31,7 @@ def qemu_vms(qemu_system_path: str) -> Iterator[QemuVMs]:
 
 
 def _status_elsewhere(image: Path) -> list[dict[str, object]]:
-    proc = subprocess.run(
-        [*ELSEWHERE, sys.executable, "-m", "imglock", "status", "--json", str(image)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=ENV,
-    )
-    assert proc.returncode in (0, 1), proc.stderr
-    (report,) = json.loads(proc.stdout)
-    return report["holders"]  # type: ignore[no-any-return]
+    return _report_elsewhere(image)["holders"]
 
 
 @pytest.mark.parametrize("mode", ["exclusive", "shared", "shared-write"])
