@@ -165,3 +165,24 @@ def test_completion_imports_no_image_code(shell: str) -> None:
     modules = imported("-m", "imglock", env={**os.environ, "_IMGLOCK_COMPLETE": f"{shell}_source"})
     assert "click.shell_completion" in modules
     assert not {"imglock.formats", "imglock.api", "imglock.lock.discovery"} & modules
+
+
+def test_the_program_runs_its_command_with_start_up_set_aside_and_the_collector_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import gc
+
+    import imglock.__main__ as program
+    import imglock.cli
+
+    seen: list[tuple[bool, int]] = []
+    monkeypatch.setattr(
+        imglock.cli, "main", lambda: seen.append((gc.isenabled(), gc.get_freeze_count()))
+    )
+    try:
+        program.main()
+    finally:
+        gc.unfreeze()
+    [(collector_on, frozen)] = seen
+    assert collector_on  # a long `imglock run` collects what it makes
+    assert frozen > 10_000  # what loading the command line made is out of the collector's way

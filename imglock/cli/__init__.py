@@ -88,7 +88,7 @@ def cli() -> None:
 
 
 def main(argv: list[str] | None = None) -> Any:
-    """Console-script entry point."""
+    """Run the imglock command line (the program itself starts in :mod:`imglock.__main__`)."""
     if "IMGLOCK_FAULTS" in os.environ:
         from imglock import faults
 
