@@ -29,6 +29,7 @@ from imglock.lock.protocol import (
     Mode,
     Place,
     ProtocolConflict,
+    flock_layer_for_file,
     holder_range,
     strongest,
 )
@@ -106,13 +107,14 @@ class _Member:
 
     __slots__ = (
         "depth",
+        "flock",
         "image",
         "mode",
         "named",
         "record_dir",
         "record_name",
         "record_problem",
-        "recorded",
+        "recorded_as",
         "role",
     )
 
@@ -129,9 +131,13 @@ class _Member:
         self.depth = depth
         self.record_dir = ""
         self.record_name = ""
-        self.recorded = False
+        #: The owner this file's holder record names, while there is one.
+        self.recorded_as: Owner | None = None
         #: Why no holder record was written for this file, if none was.
         self.record_problem: str | None = None
+        #: ``--flock auto`` as decided for this file (protocol.flock_layer_for_file),
+        #: once a claim has asked.
+        self.flock: Layer | None = None
 
 
 class Claim:
@@ -224,6 +230,39 @@ class Claim:
             self.process = os.getpid()
         return self
 
+    def prepare(self) -> Self:
+        """Open the images and settle now all that :meth:`acquire` needs besides locks.
+
+        That is the descriptors, which lock commands the kernel has (one
+        lock test), this host's identity, and which lock layers each file
+        takes; each costs a system call or a file read, and through a
+        network filesystem a round trip.  A migration destination prepares
+        before the switch-over, so that the guest's downtime holds only the
+        lock calls themselves.
+        """
+        from imglock.lock import fcntl_locks
+
+        self.open()
+        Owner.current(self.owner_pid)  # hashes the host name, once
+        for member in self.members:
+            fd, filename = member.image.lock_target
+            if fd >= 0:
+                fcntl_locks.ensure_commands(fd, filename)
+                if self._layers_of(member) & Layer.FLOCK_EVERYWHERE:
+                    import portalocker  # noqa: F401  (some 20 ms to load)
+        import random  # noqa: F401  (the jitter between attempts, should the first one fail)
+
+        return self
+
+    def _layers_of(self, member: _Member) -> Layer:
+        """The claim's layers as they apply to *member*'s file (``--flock auto`` decided)."""
+        if Layer.FLOCK not in self.layers:
+            return self.layers
+        if member.flock is None:
+            fd = member.image.lock_target[0]
+            member.flock = flock_layer_for_file(fd) if fd >= 0 else Layer(0)
+        return self.layers & ~Layer.FLOCK | member.flock
+
     def file_keys(self) -> set[tuple[int, int]]:
         """(st_dev, st_ino) of every open file of the claim: images and lock files."""
         keys = set()
@@ -315,7 +354,9 @@ class Claim:
             for member in members:
                 place = queued.place if queued and queued.member is member else None
                 try:
-                    member.image.driver.claim(member.image, member.mode, self.layers, owner, place)
+                    member.image.driver.claim(
+                        member.image, member.mode, self._layers_of(member), owner, place
+                    )
                 except ProtocolConflict as exc:
                     raise _Contended(member, exc) from None
                 taken.append(member)
@@ -369,7 +410,7 @@ class Claim:
         member.record_problem = records.write(
             member.record_dir, member.record_name, record, create=create
         )
-        member.recorded = member.record_problem is None
+        member.recorded_as = owner if member.record_problem is None else None
 
     # -- following a VM's block graph (imglock.run.graph) ------------------
 
@@ -390,7 +431,7 @@ class Claim:
             self._attach_lockspace(member)
             owner = Owner.current(self.owner_pid)
             try:
-                image.driver.claim(image, mode, self.layers, owner)
+                image.driver.claim(image, mode, self._layers_of(member), owner)
             except ProtocolConflict as exc:
                 raise _named_conflict(member, exc) from None
         except BaseException:
@@ -409,14 +450,11 @@ class Claim:
         layer has closed the file and no longer uses it.
         """
         self.members.remove(member)
-        owner = member.image.held.owner if member.image.held else None
         try:
             member.image.driver.release(member.image)
         finally:
             member.image.close()
-            if member.recorded and owner is not None:
-                member.recorded = False
-                records.remove(member.record_dir, member.record_name, owner)
+            _remove_record(member)
 
     def change_file_mode(self, member: _Member, mode: Mode) -> None:
         """Turn one file's claim into one in *mode* on the same descriptor.
@@ -436,7 +474,7 @@ class Claim:
         except ProtocolConflict as exc:
             raise _named_conflict(member, exc, mode=mode) from None
         member.mode = mode
-        if self.record and member.recorded:
+        if self.record and member.recorded_as is not None:
             self._write_record(member, held.owner)
 
     def verify(self) -> None:
@@ -460,8 +498,10 @@ class Claim:
         ``close=False`` is the explicit unlock of a migration source whose
         QEMU has inactivated its images: the locks are dropped for every
         process sharing the descriptors, which are kept for a later
-        :meth:`acquire` (the guest may be resumed here).  Outside the owner
-        process it does nothing.
+        :meth:`acquire` (the guest may be resumed here), and so are the
+        holder records, until :meth:`remove_records` (a record whose lock is
+        gone names no holder: ``status`` flags it as stale).  Outside the
+        owner process it does nothing.
         """
         if not self.owned_here:
             self.held = False
@@ -471,37 +511,35 @@ class Claim:
         if not close:
             self._unlock()
             return
-        held, self.held = self.held, False
+        self.held = False
         members, self.members = self.members, []
         try:
             for member in members:
-                owner = member.image.held.owner if held and member.image.held else None
                 member.image.close()
                 faults.point("release:unlocked")
-                if member.recorded and owner is not None:
-                    member.recorded = False
-                    records.remove(member.record_dir, member.record_name, owner)
+                _remove_record(member)
         finally:
             for member in members:
                 member.image.close()
 
     def _unlock(self) -> None:
-        """Drop every lock but keep the descriptors (case 3 of the lifetime rule).
-
-        Every lock goes first, then the records: at a migration handoff the
-        destination is waiting for the locks, not for the records.
-        """
+        """Drop every lock, keep the descriptors and records (case 3 of the lifetime rule)."""
         held, self.held = self.held, False
-        owners = [m.image.held.owner if m.image.held else None for m in self.members]
-        try:
-            for member in self.members if held else ():
-                member.image.driver.release(member.image)
-                faults.point("release:unlocked")
-        finally:
-            for member, owner in zip(self.members, owners, strict=True):
-                if held and member.recorded and owner is not None:
-                    records.remove(member.record_dir, member.record_name, owner)
-                    member.recorded = False
+        for member in self.members if held else ():
+            member.image.driver.release(member.image)
+            faults.point("release:unlocked")
+
+    def remove_records(self) -> None:
+        """Remove the holder records of a claim that is no longer held here.
+
+        After ``release(close=False)``: a migration source removes them once
+        the destination has had time to take over, so that their removal is
+        not file system traffic at the destination's critical moment.
+        Does nothing while the claim is held.
+        """
+        if not self.held and self.owned_here:
+            for member in self.members:
+                _remove_record(member)
 
     def write_records(self) -> None:
         """Write the holder records of a claim taken without them (``record=False``).
@@ -533,7 +571,6 @@ class Claim:
             if held is None or held.owner == new:
                 continue
             fd, filename = member.image.lock_target
-            old = held.owner
             from imglock.lock import protocol
 
             member.image.held = protocol.relabel(fd, filename, held, new)
@@ -542,9 +579,8 @@ class Claim:
                     member.image.filename, new, member.mode.value, command or self.command
                 )
                 problem = records.write(member.record_dir, member.record_name, record, create=False)
-                if member.recorded:
-                    records.remove(member.record_dir, member.record_name, old)
-                member.recorded = problem is None
+                _remove_record(member)  # the old owner's
+                member.recorded_as = new if problem is None else None
                 member.record_problem = problem
         self.owner_pid = pid
         if command is not None:
@@ -572,6 +608,13 @@ class Claim:
         # A claim dropped without release must not leak descriptors (and so locks).
         for member in getattr(self, "members", ()):
             member.image.close()
+
+
+def _remove_record(member: _Member) -> None:
+    """Remove *member*'s holder record, if it has one."""
+    owner, member.recorded_as = member.recorded_as, None
+    if owner is not None:
+        records.remove(member.record_dir, member.record_name, owner)
 
 
 def _chain_modes(spec: ClaimSpec) -> Iterable[tuple[OpenImage, Mode, ChainLink]]:

@@ -363,13 +363,9 @@ ROUND_TRIPS = {
 }
 
 
-@pytest.mark.parametrize(("layers", "mode"), list(ROUND_TRIPS), ids=lambda v: str(v))
-def test_an_uncontended_claim_makes_as_many_lock_calls_as_documented(
-    image: Path, monkeypatch: pytest.MonkeyPatch, layers: Layer, mode: Mode
-) -> None:
-    claim = _claim(image, mode, layers).open()
-    fcntl_locks.conflicting(claim.fds[0], 0, 1, str(image))  # the kernel probed, not counted
-    calls = []
+def _count_lock_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """From now on, the descriptor of each lock call made, in order."""
+    calls: list[int] = []
     counted = fcntl_locks._fcntl
 
     def count(fd: int, cmd: int, arg: bytes) -> bytes:
@@ -377,9 +373,42 @@ def test_an_uncontended_claim_makes_as_many_lock_calls_as_documented(
         return counted(fd, cmd, arg)  # type: ignore[no-any-return]
 
     monkeypatch.setattr(fcntl_locks, "_fcntl", count)
+    return calls
+
+
+@pytest.mark.parametrize(("layers", "mode"), list(ROUND_TRIPS), ids=lambda v: str(v))
+def test_an_uncontended_claim_makes_as_many_lock_calls_as_documented(
+    image: Path, monkeypatch: pytest.MonkeyPatch, layers: Layer, mode: Mode
+) -> None:
+    claim = _claim(image, mode, layers).open()
+    fcntl_locks.conflicting(claim.fds[0], 0, 1, str(image))  # the kernel probed, not counted
+    calls = _count_lock_calls(monkeypatch)
     claim.acquire()
     taken = len(calls)
     claim.release(close=False)
     released = len(calls) - taken
     claim.close()
     assert (taken, released) == ROUND_TRIPS[layers, mode]
+
+
+def test_a_prepared_claim_makes_only_its_lock_calls_when_taken(
+    image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a migration destination does before the switch-over, so that it is not downtime."""
+    from imglock.lock import flock
+
+    monkeypatch.setattr(fcntl_locks._commands, "probed", False)  # a fresh process
+    layers = Layer.IMGLOCK | Layer.QEMU_TEST | Layer.FLOCK
+    claim = _claim(image, Mode.EXCLUSIVE, layers).prepare()
+    assert fcntl_locks._commands.probed
+
+    def decided_already(st_dev: int) -> str | None:
+        raise AssertionError("the flock layer is decided when the claim is prepared")
+
+    monkeypatch.setattr(flock, "filesystem_type", decided_already)
+    calls = _count_lock_calls(monkeypatch)
+    claim.acquire()
+    try:
+        assert len(calls) == ROUND_TRIPS[Layer.IMGLOCK | Layer.QEMU_TEST, Mode.EXCLUSIVE][0]
+    finally:
+        claim.release()

@@ -216,6 +216,35 @@ def test_migration_hands_the_claim_over_and_never_to_two_at_once(lab: Lab) -> No
     assert source.wrapper.poll() is None  # the source VM is still there, without the claim
 
 
+def test_the_source_removes_its_record_after_the_switch_over_never_naming_a_holder_by_it(
+    lab: Lab,
+) -> None:
+    # Records are files: removed at the switch-over, they would be file
+    # system traffic while the destination activates the image.  The source
+    # drops its locks at once and its record a little later; meanwhile the
+    # record names nobody.
+    source = lab.start("source")
+    _until(lambda: lab.exclusive_holders() == [source.qemu_pid], what="the source's claim")
+    dest = _migrate(lab, source, "dest")
+    _until(lambda: dest.status() == RUNNING, what="the destination guest to run")
+    stale_seen = False
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        report = imglock.inspect(lab.image)
+        # (The source's QEMU keeps QEMU's "consistent read" byte: a qemu holder.)
+        assert source.qemu_pid not in [h.pid for h in report.holders if h.layer == "imglock"]
+        stale_pids = [r.pid for r in report.stale_records]
+        stale_seen |= source.qemu_pid in stale_pids
+        named = [h.command for h in report.holders if h.pid == dest.qemu_pid]
+        if not stale_pids and named and named[0]:
+            break
+        time.sleep(0.01)
+    else:
+        raise AssertionError("the source's record stayed, or the destination's never came")
+    assert stale_seen  # removed after the switch-over, not during it
+    assert source.wrapper.poll() is None
+
+
 def test_destination_resumes_the_guest_only_once_it_holds_the_claim(lab: Lab) -> None:
     source = lab.start("source")
     _until(lambda: lab.exclusive_holders() == [source.qemu_pid], what="the source's claim")

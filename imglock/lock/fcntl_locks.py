@@ -110,8 +110,12 @@ def _describe(exc: OSError) -> str:
     return f"cannot lock: {reason}"
 
 
-def _ensure_commands(fd: int, filename: str) -> None:
-    """Find out once whether the kernel has OFD locks; fall back to POSIX if not."""
+def ensure_commands(fd: int, filename: str) -> None:
+    """Find out once whether the kernel has OFD locks; fall back to POSIX if not.
+
+    The first lock call of a process does it (one lock test on *fd*); a
+    caller whose first lock call must be quick calls this ahead of it.
+    """
     if _commands.probed:
         return
     try:
@@ -136,7 +140,7 @@ def uses_ofd() -> bool:
 
 def try_read_lock(fd: int, start: int, length: int, filename: str) -> bool:
     """Take a read lock on [start, start+length); False if a write lock is in the way."""
-    _ensure_commands(fd, filename)
+    ensure_commands(fd, filename)
     try:
         _call(fd, _commands.setlk, F_RDLCK, start, length, filename)
     except (BlockingIOError, PermissionError):
@@ -146,7 +150,7 @@ def try_read_lock(fd: int, start: int, length: int, filename: str) -> bool:
 
 def unlock(fd: int, start: int, length: int, filename: str) -> None:
     """Drop whatever this descriptor holds on [start, start+length)."""
-    _ensure_commands(fd, filename)
+    ensure_commands(fd, filename)
     try:
         _call(fd, _commands.setlk, F_UNLCK, start, length, filename)
     except OSError as exc:
@@ -159,7 +163,7 @@ def conflicting(fd: int, start: int, length: int, filename: str) -> RangeLock | 
     Returns one such lock (the kernel picks which), or None when the range
     is free of others' locks.  The caller's own locks on *fd* never count.
     """
-    _ensure_commands(fd, filename)
+    ensure_commands(fd, filename)
     try:
         reply = _call(fd, _commands.getlk, F_WRLCK, start, length, filename)
     except OSError as exc:

@@ -49,8 +49,9 @@ each where no other live process relies on the bytes it drops:
    (:func:`relabel`) or a new mode (:func:`change_mode`): the new bytes are
    taken before the old ones are dropped, so the image is never unclaimed
    in between;
-3. the source of a live migration, once its QEMU has reported that it
-   inactivated its images (``postmigrate``): that QEMU no longer writes.
+3. the source of a live migration, once its QEMU has reported that the
+   migration completed (it inactivated its images before it said so):
+   that QEMU no longer writes.
 """
 
 from __future__ import annotations
@@ -116,6 +117,19 @@ Layers = Layer
 def flock_layer(policy: str) -> Layer:
     """The flock layer for ``--flock`` *policy*: auto, on or off."""
     return {"auto": Layer.FLOCK, "on": Layer.FLOCK_EVERYWHERE, "off": Layer(0)}[policy]
+
+
+def flock_layer_for_file(fd: int) -> Layer:
+    """The ``auto`` flock layer decided for the file open on *fd*: taken there, or not.
+
+    It depends only on the file's filesystem, which does not change while
+    the file is open, so a claim decides it once per file (a stat and a
+    mountinfo read) instead of in every attempt.
+    """
+    from imglock.lock import flock
+
+    return Layer.FLOCK_EVERYWHERE if flock.applies(fd, everywhere=False) else Layer(0)
+
 
 # --- The imglock layer's map ------------------------------------------------------------
 #

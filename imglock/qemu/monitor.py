@@ -6,12 +6,13 @@ VM's life:
 
 * **Source side** (:func:`watch_source`): when an outgoing migration
   completes, QEMU has already inactivated the images (it flushed them and
-  will not write again), and the VM ends in the ``postmigrate`` run state.
-  Only then is the claim released, so the destination can take it.  A
-  failed or cancelled migration leaves the source running with its images
-  active: the claim is kept.  Should the VM be resumed after the handoff
-  (an operator's ``cont`` once the destination gave up), the claim is taken
-  back, and the VM is stopped if that fails.
+  will not write again), and the guest is stopped (``finish-migrate``,
+  then ``postmigrate``).  The claim is released at once, so the
+  destination can take it.  A failed or cancelled migration leaves the
+  source running with its images active: the claim is kept.  Should the
+  VM be resumed after the handoff (an operator's ``cont`` once the
+  destination gave up), the claim is taken back, and the VM is stopped if
+  that fails.
 * **Destination side** (:func:`watch_destination`): QEMU runs with
   ``-incoming`` and ``-S``, so the guest cannot start on its own.  When
   the incoming migration has completed, the claim is taken (waiting for
@@ -112,9 +113,10 @@ CAPABILITY_LATE_BLOCK_ACTIVATE: Final = "late-block-activate"
 #: How often connect() retries while QEMU has not created its socket yet.
 CONNECT_RETRY_INTERVAL: Final = 0.02
 #: How often run states are polled where QEMU sends no event for a change
-#: (on a source between ``completed`` and ``postmigrate``, every millisecond
-#: of it is downtime for the guest being handed over).
-POLL_INTERVAL: Final = 0.001
+#: (a source settling after a migration ended).  Nothing waits on it: a
+#: source lets go of the claim at ``completed``, and a poll each millisecond
+#: only took CPU from the QEMUs at the switch-over.
+POLL_INTERVAL: Final = 0.010
 #: How often a destination's run state is polled between events.
 INCOMING_POLL_INTERVAL: Final = 0.1
 #: How long a source may take from ``completed`` to ``postmigrate``.
@@ -623,48 +625,54 @@ class Monitor:
             error = desc if isinstance(desc, str) else None
         return MigrationOutcome(status, state, error)
 
-    async def wait_incoming(self, *, timeout: float | None = None) -> MigrationOutcome:
+    async def wait_incoming(self, *, timeout: float | None = None) -> None:
         """Wait until the incoming migration has completed (destination side).
 
-        The signal is the run state leaving ``inmigrate``, confirmed by
+        The quick signal is the ``completed`` event: QEMU sets the run state
+        before it announces it, so nothing more need be asked, and the
+        guest's downtime does not wait for another round trip.  The other
+        is the run state leaving ``inmigrate``, confirmed by
         ``query-migrate`` saying ``completed``: it is seen even when the
         migration finished before this monitor was connected, and it does
-        not depend on MIGRATION events.  The ``completed`` event QEMU sends
-        just before that reply (when events are on) is consumed here, so
-        that a later :func:`watch_source` does not take it for an outgoing
-        migration.  Raises :class:`MonitorClosed` when QEMU exits (which is
-        what QEMU 7.2 does when an incoming migration fails).
+        not depend on MIGRATION events; the ``completed`` event QEMU sent
+        before (when events were on) is consumed then, so that a later
+        :func:`watch_source` does not take it for an outgoing migration.
+        Raises :class:`MonitorClosed` when QEMU exits (which is what QEMU
+        7.2 does when an incoming migration fails).
         """
         saw_completed = False
         try:
             async with asyncio.timeout(timeout):
-                while True:
-                    state = await self.query_status()
-                    if state.status != RUNSTATE_INMIGRATE:
-                        break
+                state = await self.query_status()
+                while state.status == RUNSTATE_INMIGRATE and not saw_completed:
                     # Events make this quick; the poll covers a migration
                     # whose events are off or were sent before we listened.
-                    with contextlib.suppress(TimeoutError):
+                    try:
                         event = await self.next_event(timeout=INCOMING_POLL_INTERVAL)
-                        if event.migration_status == MIGRATION_COMPLETED:
-                            saw_completed = True
+                    except TimeoutError:
+                        state = await self.query_status()
+                        continue
+                    saw_completed = event.migration_status == MIGRATION_COMPLETED
         except MonitorClosed:
             raise MonitorClosed(
                 self.path, "QEMU exited before the incoming migration completed "
                 "(QEMU ends when an incoming migration fails)",
             ) from None  # fmt: skip
-        status = MIGRATION_COMPLETED if saw_completed else await self.migration_status()
+        # Left inmigrate: with events on, the completed event came before
+        # the reply that said so, and is consumed here.
         self._absorb()
         while not saw_completed and self._pending:
             saw_completed = self._pending.popleft().migration_status == MIGRATION_COMPLETED
         if not self._pending:
             self._arrived.clear()
+        if saw_completed:
+            return
+        status = await self.migration_status()
         if status != MIGRATION_COMPLETED:
             raise MonitorError(
                 self.path, f"left {RUNSTATE_INMIGRATE} for {state.status} with migration "
                 f"status {status}",
             )  # fmt: skip
-        return MigrationOutcome(MIGRATION_COMPLETED, state)
 
 
 # --------------------------------------------------------------------------
@@ -681,13 +689,13 @@ async def watch_source(
     """Follow a VM that may migrate away; release its claim when it has.
 
     Turns MIGRATION events on, then for each migration: on ``completed``
-    (the images are inactive and the VM is in ``postmigrate``) call
-    ``release``; on ``failed``/``cancelled`` keep the claim.  If the VM
-    runs again after a release (``RESUME``), call ``reclaim``; when that
-    raises, the VM is stopped and the exception propagates.  Returns when
-    QEMU exits; raises what ``release`` raises.  ``on_outcome`` hears of
-    every migration's end (for logs); it runs on the monitor's event loop
-    and must not block.
+    (the images are inactive and the VM is stopped in ``finish-migrate``,
+    on its way to ``postmigrate``) call ``release`` at once; on
+    ``failed``/``cancelled`` keep the claim.  If the VM runs again after
+    a release (``RESUME``), call ``reclaim``; when that raises, the VM is
+    stopped and the exception propagates.  Returns when QEMU exits; raises
+    what ``release`` raises.  ``on_outcome`` hears of every migration's
+    end (for logs); it runs on the monitor's event loop and must not block.
     """
     await monitor.enable_migration_events()
     released = False
@@ -709,19 +717,19 @@ async def watch_source(
         status = event.migration_status
         if status not in MIGRATION_TERMINAL:
             continue
+        if status == MIGRATION_COMPLETED and not released:
+            # The images are inactive, and the guest is stopped in
+            # finish-migrate, from which nothing resumes it ("migration is
+            # not finalized yet"): the destination may take over now.
+            # Waiting for postmigrate first would add to the guest's downtime.
+            await _call_hook(release)
+            released = True
         try:
             outcome = await monitor.settle(status or "")
         except MonitorClosed:
-            if status == MIGRATION_COMPLETED:
-                # QEMU quit right after the handoff (as management does):
-                # its images are inactive and its process is gone.
-                await _call_hook(release)
-            return
+            return  # QEMU quit right after the handoff, as management does
         if on_outcome is not None:
             on_outcome(outcome)
-        if outcome.completed and outcome.runstate.status == RUNSTATE_POSTMIGRATE and not released:
-            await _call_hook(release)
-            released = True
 
 
 async def watch_destination(
@@ -747,12 +755,12 @@ async def watch_destination(
     better passes ``resume=False``.
     """
     await monitor.enable_migration_events()
-    outcome = await monitor.wait_incoming(timeout=timeout)
+    await monitor.wait_incoming(timeout=timeout)
     await _call_hook(claim)
-    if resume and not outcome.runstate.running:
+    if resume:
+        # With -S the guest cannot be running yet: no need to ask first.
         await monitor.cont()
-        outcome = MigrationOutcome(outcome.status, await monitor.query_status(), outcome.error)
-    return outcome
+    return MigrationOutcome(MIGRATION_COMPLETED, await monitor.query_status())
 
 
 # --------------------------------------------------------------------------

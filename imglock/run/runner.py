@@ -239,6 +239,11 @@ class Runner:
                 for line in claim_notes(claim):
                     self.config.note(line)
             else:
+                # Here, in the main thread and before COMMAND runs: what the
+                # handoff's claim needs besides its locks is not then on the
+                # guest's downtime, and no import runs in another thread when
+                # a daemonizing QEMU makes us fork.
+                claim.prepare()
                 self.config.note("migration destination: images are claimed at the handoff")
             self.lock_expected = self.config.claim_at_start
             faults.point("run:claimed")
