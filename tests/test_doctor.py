@@ -21,7 +21,8 @@ import pytest
 from conftest import ImglockCli
 from soak_worker import REPO, on_host
 
-from imglock.lock.sharing import Verdict, assess, mount_of, parse_mountinfo, slot_offsets
+from imglock.lock.mounts import parse_mountinfo
+from imglock.lock.sharing import Verdict, assess, mount_of, slot_offsets
 
 EX_NOT_SHOWN = 1
 

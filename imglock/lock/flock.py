@@ -20,6 +20,8 @@ import functools
 import os
 from typing import Final
 
+from imglock.lock.mounts import mount_of_device
+
 #: Filesystem types (as /proc/self/mountinfo names them) on which Linux
 #: carries out flock(2) as a whole-file fcntl lock, or only emulates it.
 FLOCK_AS_FCNTL: Final = frozenset(
@@ -33,16 +35,8 @@ POLICIES: Final = ("auto", "on", "off")
 @functools.cache
 def filesystem_type(st_dev: int) -> str | None:
     """The type of the filesystem mounted as device *st_dev*, from mountinfo."""
-    wanted = f"{os.major(st_dev)}:{os.minor(st_dev)}"
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) > 2 and fields[2] == wanted and " - " in line:
-                    return line.split(" - ", 1)[1].split()[0]
-    except OSError:
-        return None
-    return None
+    mount = mount_of_device(st_dev)
+    return mount.fstype if mount is not None else None
 
 
 def separate_from_fcntl(fstype: str | None) -> bool:

@@ -87,24 +87,6 @@ def _filesystem_uuid(dev: int) -> str | None:
     return None
 
 
-def _mount_source(dev: int, mountinfo: str = "/proc/self/mountinfo") -> str | None:
-    """``TYPE:SOURCE`` of the filesystem mounted from *dev* (any of its mounts: binds agree)."""
-    wanted = f"{os.major(dev)}:{os.minor(dev)}"
-    try:
-        with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
-            lines = f.readlines()
-    except OSError:
-        return None
-    for line in lines:
-        # ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [TAGS...] - TYPE SOURCE SUPEROPTIONS
-        fields = line.split()
-        if len(fields) > 2 and fields[2] == wanted and "-" in fields:
-            after = fields[fields.index("-") + 1 :]
-            if len(after) >= 2:
-                return f"{after[0]}:{after[1]}"
-    return None
-
-
 def filesystem_identity(dev: int) -> str | None:
     """A name for the filesystem on *dev* that every host that mounts it shares, if any."""
     if os.major(dev) != 0:  # a real block device, not an anonymous one (NFS, FUSE, overlay)
@@ -114,8 +96,10 @@ def filesystem_identity(dev: int) -> str | None:
         wwid = _sysfs_identity(dev)
         if wwid:
             return f"block:{wwid}"
-    source = _mount_source(dev)
-    return f"mount:{source}" if source else None
+    from imglock.lock.mounts import mount_of_device
+
+    mount = mount_of_device(dev)  # any of its mounts: bind mounts agree
+    return f"mount:{mount.fstype}:{mount.raw_source}" if mount is not None else None
 
 
 def identity(path: str, st: os.stat_result) -> str:

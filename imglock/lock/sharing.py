@@ -28,8 +28,8 @@ from typing import Final, NamedTuple
 from imglock.errors import ImageError, LockError
 from imglock.lock import fcntl_locks
 from imglock.lock.identity import hostname
+from imglock.lock.mounts import MOUNTINFO, Mount, read_mounts
 
-MOUNTINFO: Final = "/proc/self/mountinfo"
 PROC_LOCKS: Final = "/proc/locks"
 
 #: The probe file, created (empty, never written) in the directory probed.
@@ -55,25 +55,6 @@ class Verdict(enum.StrEnum):
     SHARED = "shared"
     LOCAL = "local"
     UNKNOWN = "unknown"
-
-
-class Mount(NamedTuple):
-    """One line of /proc/self/mountinfo, the parts that matter here."""
-
-    mount_point: str
-    fstype: str
-    source: str
-    #: Per-mount and superblock options together.
-    options: tuple[str, ...]
-    device: tuple[int, int]
-
-    def option(self, name: str) -> str | None:
-        """The value of option *name* ("" for a flag), or None if absent."""
-        for option in self.options:
-            key, _, value = option.partition("=")
-            if key == name:
-                return value
-        return None
 
 
 class Assessment(NamedTuple):
@@ -126,49 +107,11 @@ SHARED_FILESYSTEMS: Final = {
 }
 
 
-def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as \\ooo."""
-    if "\\" not in field:
-        return field
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def parse_mountinfo(lines: Iterable[str]) -> list[Mount]:
-    """The mounts of a mountinfo(5) text; lines that do not parse are skipped."""
-    mounts = []
-    for line in lines:
-        fields = line.split()
-        try:
-            dash = fields.index("-", 6)
-            major, minor = fields[2].split(":")
-            mounts.append(
-                Mount(
-                    mount_point=_unescape(fields[4]),
-                    fstype=fields[dash + 1],
-                    source=_unescape(fields[dash + 2]),
-                    options=(*fields[5].split(","), *fields[dash + 3].split(",")),
-                    device=(int(major), int(minor)),
-                )
-            )
-        except (ValueError, IndexError):
-            continue
-    return mounts
-
-
 def mount_of(path: str) -> Mount:
     """The mount that *path* (a directory) lives on."""
     try:
         st = os.stat(path)
-        with open(MOUNTINFO, encoding="utf-8", errors="surrogateescape") as f:
-            mounts = parse_mountinfo(f)
+        mounts = read_mounts()
     except OSError as exc:
         raise ImageError(path, f"cannot look at the mount: {os.strerror(exc.errno or 0)}") from None
     real = os.path.realpath(path)
