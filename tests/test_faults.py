@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ENV, SpawnRival
+from conftest import ENV, QemuImg, SpawnRival
 from hostile_cases import no_descriptor_leaked
 
 import imglock
@@ -234,6 +234,27 @@ def test_run_says_which_file_failed_to_lock_exits_74_and_runs_nothing(
     assert not ran.exists()
     assert_free_for_others(raw_image, rival)
     assert_no_record_left(raw_image)
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("code", HARD_ERRNOS)
+def test_a_migration_destination_whose_locks_fail_says_so_before_qemu_starts(
+    qemu_img: QemuImg, qemu_system_path: str, tmp_path: Path, rival: SpawnRival, code: str
+) -> None:
+    # It prepares its claim (one lock test, among other things) before it
+    # starts QEMU, so that the switch-over is lock calls only: a filesystem
+    # that refuses locks is found out then, not when the guest arrives.
+    image, incoming = tmp_path / "disk.qcow2", tmp_path / "incoming.sock"
+    qemu_img("create", "-q", "-f", "qcow2", image, "16M")
+    proc = cli(
+        "run", "--", qemu_system_path, "-M", "none", "-display", "none", "-nodefaults",
+        "-drive", f"file={image},if=none", "-incoming", f"unix:{incoming}",
+        spec=f"fcntl={code}",
+    )  # fmt: skip
+    assert proc.returncode == EX_IOERR
+    assert one_line(proc).startswith(f"imglock: {image}: cannot lock: ")
+    assert not incoming.exists()  # QEMU never ran
+    assert_free_for_others(image, rival)
 
 
 #: The first lock call after the claim in a fresh ``imglock run``: after the probe and the claim.
