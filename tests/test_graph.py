@@ -479,8 +479,8 @@ def test_a_file_claimed_while_running_stays_claimed_when_the_wrapper_is_killed(l
     add_qcow2(vm, disk, "hot")
     lab.expect(vm, {disk: EXCLUSIVE})
     until(lambda: vm.qemu_pid in lab.holder_pids(disk), what="QEMU to hold the descriptor")
-    vm.wrapper.kill()
-    vm.wrapper.wait()
+    vm.process.kill()
+    vm.process.wait()
     assert lab.modes(disk) == {vm.qemu_pid: EXCLUSIVE}
     assert vm.qmp("query-status")["status"] == "prelaunch"
 

@@ -10,14 +10,17 @@ beside it on the command line (``-qmp``), as a management tool's would::
 
     vm = vms.start("-blockdev", ..., options=("--lockspace", space))
     vm.qmp("blockdev-add", {...})
+    until(lambda: vm.runstate() == "running", what="the guest to run")
 
 Leaving the context ends every wrapper and every QEMU it started, also a
-QEMU whose wrapper was killed.
+QEMU whose wrapper was killed.  :class:`Watcher` samples an image's
+exclusive holders from a process of its own while a test moves the claim.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -29,34 +32,46 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from processes import wait_until
+from processes import alive, wait_until
 from qemu_vm import NONE_MACHINE
 
 from imglock.qemu.monitor import MonitorThread
 
+#: Seconds a QEMU under TCG on a busy machine gets to get somewhere.
+TIMEOUT = 20.0
 
-def until(predicate: Callable[[], object], timeout: float = 20.0, what: str = "") -> None:
+REPO = str(Path(__file__).parents[1])
+
+
+def until(predicate: Callable[[], object], timeout: float = TIMEOUT, what: str = "") -> None:
     """Poll *predicate* until it is true; fail after *timeout* seconds."""
     wait_until(what or "the condition", predicate, timeout)
 
 
+def children(pid: int) -> list[int]:
+    """The child processes of *pid* (none once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(child) for child in f.read().split()]
+    except OSError:
+        return []
+
+
+def process_tree(pid: int) -> list[int]:
+    """*pid* and all its descendants, parents first."""
+    return [pid, *[q for child in children(pid) for q in process_tree(child)]]
+
+
 @dataclass
-class WrappedVM:
-    """One ``imglock run -- qemu-system-x86_64 ...`` and the test's monitor on that QEMU."""
+class MonitoredVM:
+    """A QEMU seen through the test's own QMP monitor (``-qmp`` on its command line)."""
 
-    wrapper: subprocess.Popen[bytes]
-    log_path: Path
     monitor: MonitorThread
-    _qemu_pid: int | None = None
 
-    @property
-    def qemu_pid(self) -> int:
-        """The wrapped QEMU: the wrapper's only child."""
-        if self._qemu_pid is None:
-            with open(f"/proc/{self.wrapper.pid}/task/{self.wrapper.pid}/children") as f:
-                (pid,) = f.read().split()
-            self._qemu_pid = int(pid)
-        return self._qemu_pid
+    @classmethod
+    def connect(cls, path: str | os.PathLike[str], timeout: float = TIMEOUT) -> MonitoredVM:
+        """Connect to the QMP socket at *path* (of a QEMU the test did not start itself)."""
+        return cls(MonitorThread.connect(path, timeout=timeout))
 
     def qmp(self, command: str, arguments: dict[str, object] | None = None) -> Any:
         """Run a QMP command on the test's own monitor."""
@@ -64,6 +79,41 @@ class WrappedVM:
 
     def runstate(self) -> str:
         return self.monitor.query_status(timeout=10).status
+
+    def migration(self) -> str | None:
+        """The outgoing migration's status (``query-migrate``), if any."""
+        status: str | None = self.qmp("query-migrate").get("status")
+        return status
+
+    def close(self) -> None:
+        self.monitor.close()
+
+    def __enter__(self) -> MonitoredVM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+@dataclass
+class WrappedVM(MonitoredVM):
+    """One ``imglock run -- qemu-system-x86_64 ...`` and the test's monitor on that QEMU."""
+
+    #: What the test started: the wrapper (QEMU itself when not wrapped, or
+    #: the command that runs the wrapper on a host of its own).
+    process: subprocess.Popen[Any]
+    log_path: Path
+    _qemu_pid: int | None = None
+
+    @property
+    def qemu_pid(self) -> int:
+        """The QEMU: the end of the started process's line of only children."""
+        if self._qemu_pid is None:
+            pid = self.process.pid
+            while below := children(pid):
+                (pid,) = below
+            self._qemu_pid = pid
+        return self._qemu_pid
 
     def stderr(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -73,17 +123,25 @@ class WrappedVM:
         with contextlib.suppress(Exception):
             self.qmp("quit")
         self.monitor.close()
-        return self.wrapper.wait(timeout=20)
+        return self.process.wait(timeout=20)
+
+
+#: Starts a command line, as :class:`subprocess.Popen` does.
+Popen = Callable[..., "subprocess.Popen[Any]"]
 
 
 class WrappedVMs:
     """Starts wrapped VMs in a private 0700 directory; ends them all on exit."""
 
-    def __init__(self, qemu: str) -> None:
+    def __init__(self, qemu: str, prefix: str = "imglock-wrap-") -> None:
         self.qemu = qemu
         # /tmp keeps unix socket paths short (107 bytes at most).
-        self.dir = Path(tempfile.mkdtemp(prefix="imglock-wrap-", dir="/tmp"))
+        self.dir = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
         self.vms: list[WrappedVM] = []
+
+    def path(self, name: str) -> Path:
+        """A path in the private directory, for a socket or a file."""
+        return self.dir / name
 
     def start(
         self,
@@ -91,41 +149,57 @@ class WrappedVMs:
         options: Sequence[str | os.PathLike[str]] = (),
         machine: Sequence[str] = NONE_MACHINE,
         env: dict[str, str] | None = None,
+        name: str | None = None,
+        wrapped: bool = True,
+        popen: Popen = subprocess.Popen,
     ) -> WrappedVM:
-        """Start ``imglock -v run OPTIONS -- qemu MACHINE QEMU_ARGS -qmp TEST-SOCKET``."""
-        name = f"vm{len(self.vms)}"
-        qmp = self.dir / f"{name}.qmp"
+        """Start ``imglock -v run OPTIONS -- qemu MACHINE QEMU_ARGS -qmp TEST-SOCKET``.
+
+        Without *wrapped*, QEMU alone (a VM outside imglock); *popen* starts
+        the command line (on a host of its own, for instance).
+        """
+        name = name or f"vm{len(self.vms)}"
+        qmp = self.path(f"{name}.qmp")
         argv = [
-            sys.executable, "-m", "imglock", "-v", "run", *map(os.fspath, options), "--",
             self.qemu, *machine, *map(os.fspath, qemu_args),
             "-qmp", f"unix:{qmp},server=on,wait=off",
         ]  # fmt: skip
-        log_path = self.dir / f"{name}.log"
+        if wrapped:
+            argv = [sys.executable, "-m", "imglock", "-v", "run", *map(os.fspath, options), "--",
+                    *argv]  # fmt: skip
+        log_path = self.path(f"{name}.log")
         with log_path.open("wb") as log:
-            wrapper = subprocess.Popen(
+            process = popen(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
-                env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), **(env or {})},
+                env={**os.environ, "PYTHONPATH": REPO, **(env or {})},
             )  # fmt: skip
         try:
-            monitor = MonitorThread.connect(qmp, timeout=30, process=wrapper)
+            monitor = MonitorThread.connect(qmp, timeout=30, process=process)
         except BaseException:
-            wrapper.kill()
-            wrapper.wait()
+            for pid in reversed(process_tree(process.pid)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            process.wait()
             raise AssertionError(f"QEMU did not start: {log_path.read_text()}") from None
-        vm = WrappedVM(wrapper, log_path, monitor)
+        vm = WrappedVM(monitor, process, log_path)
         self.vms.append(vm)
-        vm.qemu_pid  # noqa: B018 - remembered now, for cleaning up after a killed wrapper
+        vm.qemu_pid  # noqa: B018 - remembered now, for ending it after a killed wrapper
         return vm
+
+    def end(self, vm: WrappedVM) -> None:
+        """Kill *vm*: what the test started, all below it, and its QEMU, orphaned or not."""
+        vm.monitor.close()
+        for pid in {*process_tree(vm.process.pid), vm.qemu_pid}:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        vm.process.wait()
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(vm.qemu_pid, os.WNOHANG)
+        until(lambda: not alive(vm.qemu_pid), what=f"QEMU (pid {vm.qemu_pid}) to be gone")
 
     def close(self) -> None:
         for vm in self.vms:
-            vm.monitor.close()
-            for pid in (vm.wrapper.pid, vm.qemu_pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            vm.wrapper.wait()
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(vm.qemu_pid, os.WNOHANG)
+            self.end(vm)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> WrappedVMs:
@@ -133,3 +207,38 @@ class WrappedVMs:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+SAMPLER = str(Path(__file__).with_name("lock_sampler.py"))
+
+
+class Watcher:
+    """tests/lock_sampler.py in a process of its own, sampling an image's exclusive holders.
+
+    The holders are pids, or with *owners* ``HOSTTAG:PID`` names (for holders
+    on several hosts).  Leaving the context ends the sampler if :meth:`stop`
+    did not.
+    """
+
+    def __init__(self, image: str | os.PathLike[str], *, owners: bool = False) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, SAMPLER, *(["--owners"] if owners else []), image],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert self.proc.stdout is not None and self.proc.stdout.readline() == "ready\n"
+
+    def stop(self) -> list[tuple[float, list[Any]]]:
+        """End the sampling; its samples: (monotonic time, holders)."""
+        out, _ = self.proc.communicate(timeout=30)
+        return [(t, holders) for t, holders in json.loads(out)]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> Watcher:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.kill()
