@@ -8,42 +8,36 @@ mount, as an operator's ``imglock status`` would, sample after sample.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import wrapped_vm
 from conftest import CLAIMER, QemuImg
 from gluster_hosts import HOST_NAMES, Datastore, Host
 from lock_sampler import owner_names
+from processes import state
 from qemu_vm import TINY_PC
+from wrapped_vm import Watcher, WrappedVM, WrappedVMs, children
 
 from imglock.lock.identity import host_tag
-from imglock.qemu.monitor import MonitorThread
 
 pytestmark = [pytest.mark.gluster, pytest.mark.qemu]
 
 RUNNING = "running"
 #: How often the wrappers re-check their locks here.
 CHECK_INTERVAL = 0.2
-
-
-def _until(predicate: Callable[[], object], timeout: float = 30.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.005)
-    raise AssertionError(f"timed out waiting for {what or predicate}")
-
+#: Mounts of a network filesystem: give them longer.
+until = functools.partial(wrapped_vm.until, timeout=30.0)
 
 HOST_BY_TAG = {f"{host_tag(name):x}": name for name in HOST_NAMES}
 
@@ -54,43 +48,11 @@ def hosts_of(owners: list[str]) -> list[str]:
 
 
 @dataclass
-class HostVM:
-    """``imglock run -- qemu-system-x86_64 ...`` on a host, with a QMP monitor of the test's."""
-
-    host: Host
-    process: subprocess.Popen[str]
-    qmp_path: str
-    log_path: Path
-    monitor: MonitorThread | None = None
-
-    def connect(self) -> None:
-        self.monitor = MonitorThread.connect(self.qmp_path, timeout=30, process=self.process)
-
-    def execute(self, command: str, arguments: dict[str, object] | None = None) -> object:
-        assert self.monitor is not None
-        return self.monitor.call(self.monitor.monitor.execute(command, arguments))
-
-    def status(self) -> str:
-        assert self.monitor is not None
-        return self.monitor.query_status().status
-
-    def migration(self) -> str | None:
-        reply = self.execute("query-migrate")
-        assert isinstance(reply, dict)
-        return reply.get("status")
-
-    def stderr(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-@dataclass
 class Cluster:
-    """The datastore's hosts, a qcow2 chain on it, a private socket directory, the VMs."""
+    """The datastore's hosts, a qcow2 chain on it, and VMs on the hosts."""
 
     store: Datastore
-    qemu: str
-    sockets: Path
-    vms: list[HostVM] = field(default_factory=list)
+    vms: WrappedVMs
 
     def image(self, host: Host) -> Path:
         return host.path("top.qcow2")
@@ -102,31 +64,27 @@ class Cluster:
         *extra: str,
         env: dict[str, str] | None = None,
         as_init: bool = True,
-    ) -> HostVM:
-        qmp = str(self.sockets / f"{name}.qmp")
-        argv = [
-            sys.executable, "-m", "imglock", "-v", "run", "--check-interval", str(CHECK_INTERVAL),
-            "--", self.qemu, *TINY_PC, "-drive", f"file={self.image(host)},if=virtio",
-            "-qmp", f"unix:{qmp},server=on,wait=off", *extra,
-        ]  # fmt: skip
-        log_path = self.sockets / f"{name}.log"
-        with log_path.open("w") as log:
-            process = host.popen(
-                argv,
-                as_init, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
-                env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), **(env or {})},
-            )  # fmt: skip
-        vm = HostVM(host, process, qmp, log_path)
-        self.vms.append(vm)
-        vm.connect()
-        return vm
+    ) -> WrappedVM:
+        """Start a VM on the image under ``imglock run`` on *host* (its pid 1 with *as_init*)."""
+        return self.vms.start(
+            "-drive", f"file={self.image(host)},if=virtio", *extra,
+            name=name, options=("--check-interval", str(CHECK_INTERVAL)), machine=TINY_PC,
+            env=env, popen=functools.partial(host.popen, as_init=as_init),
+        )  # fmt: skip
 
-    def migrate(self, source: HostVM, name: str, host: Host) -> HostVM:
-        """Start a destination on *host* and migrate *source* to it."""
-        sock = self.sockets / f"{name}.migrate"
-        dest = self.start(name, host, "-incoming", f"unix:{sock}")
-        _until(sock.exists, what="the incoming socket")
-        source.execute("migrate", {"uri": f"unix:{sock}"})
+    def migrate(
+        self,
+        source: WrappedVM,
+        name: str,
+        host: Host,
+        env: dict[str, str] | None = None,
+        as_init: bool = True,
+    ) -> WrappedVM:
+        """Start a destination *name* on *host* and migrate *source* to it."""
+        socket = self.vms.path(f"{name}.migrate")
+        dest = self.start(name, host, "-incoming", f"unix:{socket}", env=env, as_init=as_init)
+        until(socket.exists, what="the incoming socket")
+        source.qmp("migrate", {"uri": f"unix:{socket}"})
         return dest
 
     def holders(self) -> list[str]:
@@ -138,40 +96,13 @@ class Cluster:
         finally:
             os.close(fd)
 
-    def stop(self, vm: HostVM) -> None:
-        if vm.monitor is not None:
-            vm.monitor.close()
-            vm.monitor = None
+    def watch(self) -> Watcher:
+        """Sample the image's exclusive holders through host C's mount."""
+        return Watcher(self.image(self.store.c), owners=True)
+
+    def stop(self, vm: WrappedVM) -> None:
         # unshare --kill-child: the host's whole PID namespace goes with it.
-        vm.process.kill()
-        vm.process.wait()
-
-    def close(self) -> None:
-        for vm in self.vms:
-            self.stop(vm)
-
-
-SAMPLER = str(Path(__file__).with_name("lock_sampler.py"))
-
-
-class Watcher:
-    """tests/lock_sampler.py on host C's mount, sampling the exclusive holders."""
-
-    def __init__(self, cluster: Cluster) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, SAMPLER, "--owners", cluster.image(cluster.store.c)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        assert self.proc.stdout is not None and self.proc.stdout.readline() == "ready\n"
-
-    def stop(self) -> list[tuple[float, list[str]]]:
-        out, _ = self.proc.communicate(timeout=30)
-        return [(t, hosts_of(owners)) for t, owners in json.loads(out)]
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        self.vms.end(vm)
 
 
 @pytest.fixture
@@ -181,16 +112,8 @@ def cluster(datastore: Datastore, qemu_img: QemuImg, qemu_system_path: str) -> I
     qemu_img(
         "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", directory / "top.qcow2"
     )
-    # Unix socket paths are short: keep them in a 0700 directory under /tmp.
-    sockets = Path(tempfile.mkdtemp(prefix="imglock-2h-", dir="/tmp"))
-    cluster = Cluster(datastore, qemu_system_path, sockets)
-    try:
-        yield cluster
-    finally:
-        cluster.close()
-        for entry in sockets.iterdir():
-            entry.unlink()
-        sockets.rmdir()
+    with WrappedVMs(qemu_system_path, prefix="imglock-2h-") as vms:
+        yield Cluster(datastore, vms)
 
 
 def _exclusive_from_c(cluster: Cluster) -> dict[str, object]:
@@ -203,36 +126,33 @@ def _exclusive_from_c(cluster: Cluster) -> dict[str, object]:
 
 
 def _the_owners(samples: list[tuple[float, list[str]]]) -> list[str]:
-    """The succession of exclusive holders, each named once per uninterrupted stretch."""
+    """The succession of exclusive holders' hosts, each named once per uninterrupted stretch."""
     assert max(len(holders) for _t, holders in samples) == 1, "two exclusive holders at once"
-    seen = [holders[0] for _t, holders in samples if holders]
+    seen = [hosts_of(holders)[0] for _t, holders in samples if holders]
     return [who for who, _run in itertools.groupby(seen)]
 
 
 def test_a_vm_migrates_from_a_to_b_and_back_and_the_claim_follows_it(cluster: Cluster) -> None:
     a, b, _c = cluster.store.hosts
     on_a = cluster.start("a1", a)
-    _until(lambda: cluster.holders() == ["host-a"], what="host A's claim")
-    watcher = Watcher(cluster)
-    try:
+    until(lambda: cluster.holders() == ["host-a"], what="host A's claim")
+    with cluster.watch() as watcher:
         on_b = cluster.migrate(on_a, "b1", b)
-        _until(lambda: on_b.status() == RUNNING, what="the guest to run on B")
-        _until(lambda: cluster.holders() == ["host-b"], what="host B's claim")
-        assert on_a.status() == "postmigrate"
+        until(lambda: on_b.runstate() == RUNNING, what="the guest to run on B")
+        until(lambda: cluster.holders() == ["host-b"], what="host B's claim")
+        assert on_a.runstate() == "postmigrate"
         # B writes its holder record once the guest runs: C then names its command.
-        _until(lambda: "qemu-system" in str(_exclusive_from_c(cluster)), what="B's record")
+        until(lambda: "qemu-system" in str(_exclusive_from_c(cluster)), what="B's record")
         assert _exclusive_from_c(cluster)["host"] == "host-b"
         cluster.stop(on_a)
 
         back = cluster.migrate(on_b, "a2", a)
-        _until(lambda: back.status() == RUNNING, what="the guest to run on A again")
-        _until(lambda: cluster.holders() == ["host-a"], what="host A's claim again")
+        until(lambda: back.runstate() == RUNNING, what="the guest to run on A again")
+        until(lambda: cluster.holders() == ["host-a"], what="host A's claim again")
         samples = watcher.stop()
-    finally:
-        watcher.kill()
     # Never two at once; the claim moved A -> B -> A, each move once.
     assert _the_owners(samples) == ["host-a", "host-b", "host-a"]
-    assert on_b.status() == "postmigrate"
+    assert on_b.runstate() == "postmigrate"
 
 
 def test_the_destination_host_resumes_the_guest_only_once_it_holds_the_claim(
@@ -240,62 +160,49 @@ def test_the_destination_host_resumes_the_guest_only_once_it_holds_the_claim(
 ) -> None:
     a, b, _c = cluster.store.hosts
     on_a = cluster.start("a1", a)
-    _until(lambda: cluster.holders() == ["host-a"], what="host A's claim")
+    until(lambda: cluster.holders() == ["host-a"], what="host A's claim")
     # Freeze B's wrapper right after it has claimed, before it lets the guest
     # run (not as host B's pid 1, which would ignore its own SIGSTOP).
-    on_b = cluster.start(
-        "b1", b, "-incoming", f"unix:{cluster.sockets / 'b1.migrate'}",
-        env={"IMGLOCK_FAULTS": "stop=handoff:claimed"}, as_init=False,
-    )  # fmt: skip
-    _until((cluster.sockets / "b1.migrate").exists, what="the incoming socket")
-    on_a.execute("migrate", {"uri": f"unix:{cluster.sockets / 'b1.migrate'}"})
+    on_b = cluster.migrate(
+        on_a, "b1", b, env={"IMGLOCK_FAULTS": "stop=handoff:claimed"}, as_init=False
+    )
     wrapper = _wrapper_of(on_b)
-    _until(lambda: _stopped(wrapper), what="B's wrapper to stop at the claimed step")
+    until(lambda: state(wrapper) == "T", what="B's wrapper to stop at the claimed step")
     assert cluster.holders() == ["host-b"]
-    assert on_b.status() != RUNNING
+    assert on_b.runstate() != RUNNING
     os.kill(wrapper, signal.SIGCONT)
-    _until(lambda: on_b.status() == RUNNING, what="the guest to run on B")
+    until(lambda: on_b.runstate() == RUNNING, what="the guest to run on B")
 
 
-def _children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(p) for p in f.read().split()]
-
-
-def _wrapper_of(vm: HostVM) -> int:
+def _wrapper_of(vm: WrappedVM) -> int:
     """The wrapper's pid (as this test's PID namespace numbers it): unshare -> sh -> wrapper."""
-    (shell,) = _children(vm.process.pid)
-    _until(lambda: len(_children(shell)) == 1, what="the host's shell to start the wrapper")
-    (wrapper,) = _children(shell)
+    (shell,) = children(vm.process.pid)
+    until(lambda: len(children(shell)) == 1, what="the host's shell to start the wrapper")
+    (wrapper,) = children(shell)
     return wrapper
-
-
-def _stopped(pid: int) -> bool:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] == "T"
 
 
 def test_a_cancelled_migration_leaves_the_claim_on_the_source_host(cluster: Cluster) -> None:
     a, b, _c = cluster.store.hosts
     on_a = cluster.start("a1", a)
-    _until(lambda: cluster.holders() == ["host-a"], what="host A's claim")
-    on_a.execute("migrate-set-parameters", {"max-bandwidth": 1 << 20})  # still going at cancel
+    until(lambda: cluster.holders() == ["host-a"], what="host A's claim")
+    on_a.qmp("migrate-set-parameters", {"max-bandwidth": 1 << 20})  # still going at cancel
     on_b = cluster.migrate(on_a, "b1", b)
-    _until(lambda: on_a.migration() == "active", what="the migration to be active")
-    on_a.execute("migrate_cancel")
-    _until(lambda: on_a.migration() == "cancelled", what="the cancellation")
+    until(lambda: on_a.migration() == "active", what="the migration to be active")
+    on_a.qmp("migrate_cancel")
+    until(lambda: on_a.migration() == "cancelled", what="the cancellation")
     assert on_b.process.wait(timeout=30) != 0  # the destination QEMU gave up
-    assert on_a.status() == RUNNING
+    assert on_a.runstate() == RUNNING
     assert cluster.holders() == ["host-a"]
 
 
 def test_a_failed_migration_leaves_the_claim_on_the_source_host(cluster: Cluster) -> None:
     a, _b, _c = cluster.store.hosts
     on_a = cluster.start("a1", a)
-    _until(lambda: cluster.holders() == ["host-a"], what="host A's claim")
-    on_a.execute("migrate", {"uri": f"unix:{cluster.sockets / 'nobody-listens.sock'}"})
-    _until(lambda: on_a.migration() == "failed", what="the failure")
-    assert on_a.status() == RUNNING
+    until(lambda: cluster.holders() == ["host-a"], what="host A's claim")
+    on_a.qmp("migrate", {"uri": f"unix:{cluster.vms.path('nobody-listens.sock')}"})
+    until(lambda: on_a.migration() == "failed", what="the failure")
+    assert on_a.runstate() == RUNNING
     assert cluster.holders() == ["host-a"]
 
 
@@ -305,14 +212,14 @@ def test_a_crashed_host_loses_its_claim_its_wrapper_pauses_the_guest_and_b_takes
     _a, b, _c = cluster.store.hosts
     a = cluster.store.own_host("host-a")  # a mount of its own, to crash
     on_a = cluster.start("a1", a)
-    _until(lambda: on_a.status() == RUNNING, what="the guest to run on A")
-    _until(lambda: cluster.holders() == ["host-a"], what="host A's claim")
+    until(lambda: on_a.runstate() == RUNNING, what="the guest to run on A")
+    until(lambda: cluster.holders() == ["host-a"], what="host A's claim")
 
     a.crash()  # host A's client dies: the lock manager drops all of A's locks
     # The wrapper on A notices at its next check, says so, and pauses the guest
     # (its QMP monitor is a local socket, still there).
-    _until(lambda: "lock lost" in on_a.stderr(), timeout=10 * CHECK_INTERVAL + 5, what="the loss")
-    _until(lambda: on_a.status() == "paused", what="the guest to be paused")
+    until(lambda: "lock lost" in on_a.stderr(), timeout=10 * CHECK_INTERVAL + 5, what="the loss")
+    until(lambda: on_a.runstate() == "paused", what="the guest to be paused")
     (line,) = [x for x in on_a.stderr().splitlines() if "lock lost" in x]
     assert str(cluster.image(a)) in line and "guest paused (QMP stop)" in line
     assert on_a.process.poll() is None  # the wrapper and its QEMU are still there
@@ -331,8 +238,8 @@ def test_a_hung_host_keeps_its_claim_and_loses_nothing(cluster: Cluster) -> None
     _a, b, c = cluster.store.hosts
     a = cluster.store.own_host("host-a")  # a mount of its own, to hang
     on_a = cluster.start("a1", a)
-    _until(lambda: on_a.status() == RUNNING, what="the guest to run on A")
-    _until(lambda: cluster.holders() == ["host-a"], what="host A's claim")
+    until(lambda: on_a.runstate() == RUNNING, what="the guest to run on A")
+    until(lambda: cluster.holders() == ["host-a"], what="host A's claim")
 
     a.hang()  # host A's client stops: nothing expires its locks
     try:
@@ -345,7 +252,7 @@ def test_a_hung_host_keeps_its_claim_and_loses_nothing(cluster: Cluster) -> None
     finally:
         a.resume()
     assert cluster.holders() == ["host-a"]
-    assert on_a.status() == RUNNING
+    assert on_a.runstate() == RUNNING
     assert "lock lost" not in on_a.stderr()
     assert on_a.process.poll() is None
 
@@ -355,8 +262,8 @@ def test_status_from_another_host_shows_a_wrapped_qemu_as_one_holder_with_its_pe
 ) -> None:
     a, b, _c = cluster.store.hosts
     on_a = cluster.start("a1", a)
-    _until(lambda: on_a.status() == RUNNING, what="the guest to run on A")
-    _until(lambda: cluster.holders() == ["host-a"], what="host A's claim")
+    until(lambda: on_a.runstate() == RUNNING, what="the guest to run on A")
+    until(lambda: cluster.holders() == ["host-a"], what="host A's claim")
     proc = b.imglock("status", "--json", cluster.image(b), b.path("base.qcow2"))
     assert proc.returncode == 1, proc.stderr
     top, base = json.loads(proc.stdout)
