@@ -10,34 +10,28 @@ is real (TCG), and so is every rival: another process, as on another host.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import processes
 import pytest
 from conftest import ENV
 from processes import alive
 from qemu_vm import NONE_MACHINE, TINY_PC
+from wrapped_vm import TIMEOUT, MonitoredVM, WrappedVM, WrappedVMs, children, until
 
 import imglock
 from imglock.lock.identity import Owner, hostname
-from imglock.qemu.monitor import MonitorThread
 
 pytestmark = pytest.mark.qemu
 
-TIMEOUT = 20.0
 IMGLOCK = [sys.executable, "-m", "imglock"]
-#: QEMUs under TCG on a busy machine: give them time.
-wait_until = functools.partial(processes.wait_until, timeout=TIMEOUT)
 
 
 @dataclass
@@ -53,23 +47,29 @@ class Daemon:
 
 @dataclass
 class Lab:
-    qemu: str
-    dir: Path
+    """An image (in a lockspace or not), daemons and wrapped VMs on it."""
+
+    vms: WrappedVMs
     image: Path
     lockspace: str | None
-    #: Processes to kill at the end (daemons, watchers, wrapped QEMUs).
+    #: Daemons and their watchers, to kill at the end.
     pids: list[int] = field(default_factory=list)
-    wrappers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def dir(self) -> Path:
+        return self.vms.dir
 
     def path(self, name: str) -> str:
-        return str(self.dir / name)
+        return str(self.vms.path(name))
 
     def lockspace_options(self) -> list[str]:
         return ["--lockspace", self.lockspace] if self.lockspace else []
 
+    def drive(self) -> list[str]:
+        return ["-drive", f"file={self.image},format=qcow2,if=none,id=disk"]
+
     def qemu_argv(self, *extra: str, machine: tuple[str, ...] = NONE_MACHINE) -> list[str]:
-        drive = f"file={self.image},format=qcow2,if=none,id=disk"
-        return [self.qemu, *machine, "-drive", drive, *extra]
+        return [self.vms.qemu, *machine, *self.drive(), *extra]
 
     def daemonize(
         self,
@@ -105,33 +105,11 @@ class Lab:
             h for h in imglock.holders(self.image, lockspace=self.lockspace) if h.layer == "imglock"
         ]
 
-    def wrapped(self, *args: str, machine: tuple[str, ...] = TINY_PC) -> subprocess.Popen[bytes]:
+    def wrapped(self, *args: str) -> WrappedVM:
         """``imglock run -- QEMU ARGS`` in the background (not daemonized)."""
-        argv = [
-            *IMGLOCK,
-            "run",
-            *self.lockspace_options(),
-            "--",
-            *self.qemu_argv(*args, machine=machine),
-        ]
-        wrapper = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=ENV,
+        return self.vms.start(
+            *self.drive(), *args, options=self.lockspace_options(), machine=TINY_PC
         )
-        self.wrappers.append(wrapper)
-        return wrapper
-
-    def end_wrappers(self) -> None:
-        """Kill every wrapper this lab started, and its QEMU, which would outlive it."""
-        for wrapper in self.wrappers:
-            children = f"/proc/{wrapper.pid}/task/{wrapper.pid}/children"
-            with contextlib.suppress(OSError), open(children) as f:
-                self.pids += [int(pid) for pid in f.read().split()]
-            wrapper.kill()
-            wrapper.wait()
 
     def run(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -141,25 +119,22 @@ class Lab:
 
 @pytest.fixture(params=[None, "lockspace"])
 def lab(request: pytest.FixtureRequest, qemu_system_path: str, qemu_img_path: str) -> Iterator[Lab]:
-    # Unix socket paths are short: a 0700 directory under /tmp.
-    tmp = Path(tempfile.mkdtemp(prefix="imglock-dmn-", dir="/tmp"))
-    image = tmp / "vm.qcow2"
-    subprocess.run([qemu_img_path, "create", "-q", "-f", "qcow2", image, "64M"], check=True)
-    lockspace = None
-    if request.param == "lockspace":
-        lockspace = str(tmp / "lockspace")
-        os.mkdir(lockspace)
-    lab = Lab(qemu_system_path, tmp, image, lockspace)
-    try:
-        yield lab
-    finally:
-        lab.end_wrappers()
-        for pid in lab.pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        for pid in lab.pids:
-            wait_until(f"pid {pid} is gone", lambda pid=pid: not alive(pid))
-        shutil.rmtree(tmp, ignore_errors=True)
+    with WrappedVMs(qemu_system_path, prefix="imglock-dmn-") as vms:
+        image = vms.path("vm.qcow2")
+        subprocess.run([qemu_img_path, "create", "-q", "-f", "qcow2", image, "64M"], check=True)
+        lockspace = None
+        if request.param == "lockspace":
+            lockspace = str(vms.path("lockspace"))
+            os.mkdir(lockspace)
+        lab = Lab(vms, image, lockspace)
+        try:
+            yield lab
+        finally:
+            for pid in lab.pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            for pid in lab.pids:
+                until(lambda pid=pid: not alive(pid), what=f"pid {pid} is gone")
 
 
 def test_a_daemonized_qemu_keeps_its_claim_for_its_whole_life(lab: Lab) -> None:
@@ -197,9 +172,9 @@ def test_a_daemonized_qemu_keeps_its_claim_for_its_whole_life(lab: Lab) -> None:
 
     # The daemon exits: the claim, the watcher, the record and the socket go with it.
     os.kill(daemon.pid, signal.SIGTERM)
-    wait_until("the image is free", lambda: not imglock.holders(lab.image, lockspace=lab.lockspace))
-    wait_until("the watcher is gone", lambda: not alive(daemon.watcher))
-    wait_until("the private directory is gone", lambda: not os.path.exists(daemon.private_dir))
+    until(lambda: not imglock.holders(lab.image, lockspace=lab.lockspace), what="the image is free")
+    until(lambda: not alive(daemon.watcher), what="the watcher is gone")
+    until(lambda: not os.path.exists(daemon.private_dir), what="the private directory is gone")
     record_dir = Path(lab.lockspace or lab.dir) / ".imglock"
     assert not record_dir.exists() or not any(record_dir.iterdir())
     with imglock.claim(lab.image, lockspace=lab.lockspace):
@@ -214,13 +189,8 @@ def test_the_lock_check_goes_on_for_a_daemon_and_pauses_it_through_qmp(lab: Lab)
         "-qmp", f"unix:{qmp},server=on,wait=off", machine=TINY_PC,
         env={"IMGLOCK_FAULTS": "fcntl=EIO,after=1"},
     )  # fmt: skip
-    monitor = MonitorThread.connect(qmp, timeout=TIMEOUT)
-    try:
-        wait_until(
-            "the daemon's guest is paused", lambda: monitor.query_status().status == "paused"
-        )
-    finally:
-        monitor.close()
+    with MonitoredVM.connect(qmp) as guest:
+        until(lambda: guest.runstate() == "paused", what="the daemon's guest is paused")
     assert alive(daemon.pid)
 
 
@@ -229,28 +199,24 @@ def test_a_daemonized_source_hands_its_claim_over_in_a_live_migration(lab: Lab) 
     source = lab.daemonize("-qmp", f"unix:{source_qmp},server=on,wait=off", machine=TINY_PC)
     migration = lab.path("migrate.sock")
     dest = lab.wrapped("-incoming", f"unix:{migration}")
-    wait_until("the destination listens", lambda: os.path.exists(migration))
-    monitor = MonitorThread.connect(source_qmp, timeout=TIMEOUT)
-    try:
-        monitor.call(monitor.monitor.execute("migrate", {"uri": f"unix:{migration}"}))
-        wait_until(
-            "the destination holds the claim",
+    until(lambda: os.path.exists(migration), what="the destination listens")
+    with MonitoredVM.connect(source_qmp) as source_vm:
+        source_vm.qmp("migrate", {"uri": f"unix:{migration}"})
+        until(
             lambda: [h.pid for h in lab.imglock_holders()] not in ([], [source.pid]),
+            what="the destination holds the claim",
         )
         (holder,) = lab.imglock_holders()
-        with open(f"/proc/{dest.pid}/task/{dest.pid}/children") as f:
-            assert holder.pid in [int(p) for p in f.read().split()]  # the destination's QEMU
-        assert monitor.query_status().status == "postmigrate"
-        monitor.call(monitor.monitor.execute("quit"))
-    finally:
-        monitor.close()
-    wait_until("the source's watcher is gone", lambda: not alive(source.watcher))
-    wait_until("the source's daemon is gone", lambda: not alive(source.pid))
+        assert holder.pid in children(dest.process.pid)  # the destination's QEMU
+        assert source_vm.runstate() == "postmigrate"
+        source_vm.qmp("quit")
+    until(lambda: not alive(source.watcher), what="the source's watcher is gone")
+    until(lambda: not alive(source.pid), what="the source's daemon is gone")
     # The destination keeps the claim after the source has gone.
     assert [h.pid for h in lab.imglock_holders()] == [holder.pid]
-    dest.terminate()
-    dest.wait(timeout=TIMEOUT)
-    wait_until("the image is free", lambda: not imglock.holders(lab.image, lockspace=lab.lockspace))
+    dest.process.terminate()
+    dest.process.wait(timeout=TIMEOUT)
+    until(lambda: not imglock.holders(lab.image, lockspace=lab.lockspace), what="the image is free")
 
 
 @pytest.mark.parametrize("signo", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
@@ -259,7 +225,7 @@ def test_a_watcher_ended_by_a_signal_leaves_the_claim_and_the_socket_to_the_daem
 ) -> None:
     daemon = lab.daemonize()
     os.kill(daemon.watcher, signo)
-    wait_until("the watcher is gone", lambda: not alive(daemon.watcher))
+    until(lambda: not alive(daemon.watcher), what="the watcher is gone")
     assert alive(daemon.pid)
     (holder,) = lab.imglock_holders()
     assert holder.pid == daemon.pid and holder.local_pids == (daemon.pid,)
@@ -267,32 +233,28 @@ def test_a_watcher_ended_by_a_signal_leaves_the_claim_and_the_socket_to_the_daem
         imglock.claim(lab.image, qemu_locks=False, lockspace=lab.lockspace)
     assert os.path.exists(os.path.join(daemon.private_dir, "qmp.sock"))
     os.kill(daemon.pid, signal.SIGKILL)
-    wait_until("the image is free", lambda: not imglock.holders(lab.image, lockspace=lab.lockspace))
+    until(lambda: not imglock.holders(lab.image, lockspace=lab.lockspace), what="the image is free")
     shutil.rmtree(daemon.private_dir)  # no watcher is left to remove it
 
 
 def test_a_daemonized_destination_takes_the_claim_over_in_a_live_migration(lab: Lab) -> None:
-    source_qmp, migration = lab.path("source.qmp"), lab.path("migrate.sock")
-    source = lab.wrapped("-qmp", f"unix:{source_qmp},server=on,wait=off")
-    wait_until("the source holds the claim", lambda: lab.imglock_holders() != [])
+    migration = lab.path("migrate.sock")
+    source = lab.wrapped()
+    until(lambda: lab.imglock_holders() != [], what="the source holds the claim")
     dest = lab.daemonize("-incoming", f"unix:{migration}", machine=TINY_PC)
     # Until the migration completes the destination holds nothing: the source does.
     assert [h.pid for h in lab.imglock_holders()] != [dest.pid]
-    monitor = MonitorThread.connect(source_qmp, timeout=TIMEOUT)
-    try:
-        monitor.call(monitor.monitor.execute("migrate", {"uri": f"unix:{migration}"}))
-        wait_until(
-            "the daemonized destination holds the claim",
-            lambda: [h.pid for h in lab.imglock_holders()] == [dest.pid],
-        )
-        monitor.call(monitor.monitor.execute("quit"))
-    finally:
-        monitor.close()
-    source.wait(timeout=TIMEOUT)
+    source.qmp("migrate", {"uri": f"unix:{migration}"})
+    until(
+        lambda: [h.pid for h in lab.imglock_holders()] == [dest.pid],
+        what="the daemonized destination holds the claim",
+    )
+    source.qmp("quit")
+    source.process.wait(timeout=TIMEOUT)
     (holder,) = lab.imglock_holders()
     assert holder.pid == dest.pid and holder.command is not None and "-incoming" in holder.command
     # The lock offset itself, which every host reads, names the daemon.
     assert holder.owner is not None and Owner.from_id(holder.owner).pid == dest.pid
     os.kill(dest.pid, signal.SIGTERM)
-    wait_until("the image is free", lambda: not imglock.holders(lab.image, lockspace=lab.lockspace))
-    wait_until("the watcher is gone", lambda: not alive(dest.watcher))
+    until(lambda: not imglock.holders(lab.image, lockspace=lab.lockspace), what="the image is free")
+    until(lambda: not alive(dest.watcher), what="the watcher is gone")
