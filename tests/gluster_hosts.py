@@ -24,11 +24,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from processes import wait_until
 
 REPO = str(Path(__file__).parents[1])
 DEFAULT_STATE_DIR = "/tmp/imglock-gluster"
@@ -86,15 +87,6 @@ def unavailable_reason() -> str | None:
     if missing:
         return f"no GlusterFS mount at {', '.join(missing)} (run tests/gluster/up as root)"
     return None
-
-
-def _until(predicate: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @dataclass
@@ -170,7 +162,7 @@ class Host:
         """The host dies, as the datastore sees it: its client process is killed."""
         pid = self.client_pid()
         os.kill(pid, signal.SIGKILL)
-        _until(lambda: not os.path.exists(f"/proc/{pid}"), 10, "the client to die")
+        wait_until("the client to die", lambda: not os.path.exists(f"/proc/{pid}"), 10)
 
     def hang(self) -> None:
         """The host hangs: its client process stops, its locks stay with the server."""
@@ -212,7 +204,7 @@ class Datastore:
         subprocess.run(
             [argv[0], *options, f"--log-file={log}", mount], check=True, timeout=REMOUNT_TIMEOUT
         )
-        _until(lambda: answers(mount), REMOUNT_TIMEOUT, f"{mount} to answer")
+        wait_until(f"{mount} to answer", lambda: answers(mount), REMOUNT_TIMEOUT)
         return Host(name, mount, self.a.workdir)
 
     def close(self) -> None:
@@ -224,7 +216,7 @@ class Datastore:
             if pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGTERM)
-                _until(lambda p=pid: not os.path.exists(f"/proc/{p}"), 10, "the client to end")  # type: ignore[misc]
+                wait_until("the client to end", lambda p=pid: not os.path.exists(f"/proc/{p}"), 10)  # type: ignore[misc]
             with contextlib.suppress(OSError):
                 mount.rmdir()
             with contextlib.suppress(OSError):
