@@ -70,7 +70,7 @@ class MonitoredVM:
 
     @classmethod
     def connect(cls, path: str | os.PathLike[str], timeout: float = TIMEOUT) -> MonitoredVM:
-        """Connect to the QMP socket at *path* (of a QEMU the test did not start itself)."""
+        """Connect to the QMP socket at *path* (of a QEMU not started here, such as a daemon)."""
         return cls(MonitorThread.connect(path, timeout=timeout))
 
     def qmp(self, command: str, arguments: dict[str, object] | None = None) -> Any:
@@ -78,7 +78,8 @@ class MonitoredVM:
         return self.monitor.call(self.monitor.monitor.execute(command, arguments), timeout=30)
 
     def runstate(self) -> str:
-        return self.monitor.query_status(timeout=10).status
+        status: str = self.monitor.query_status(timeout=10).status
+        return status
 
     def migration(self) -> str | None:
         """The outgoing migration's status (``query-migrate``), if any."""
@@ -126,10 +127,6 @@ class WrappedVM(MonitoredVM):
         return self.process.wait(timeout=20)
 
 
-#: Starts a command line, as :class:`subprocess.Popen` does.
-Popen = Callable[..., "subprocess.Popen[Any]"]
-
-
 class WrappedVMs:
     """Starts wrapped VMs in a private 0700 directory; ends them all on exit."""
 
@@ -151,7 +148,7 @@ class WrappedVMs:
         env: dict[str, str] | None = None,
         name: str | None = None,
         wrapped: bool = True,
-        popen: Popen = subprocess.Popen,
+        popen: Callable[..., subprocess.Popen[Any]] = subprocess.Popen,
     ) -> WrappedVM:
         """Start ``imglock -v run OPTIONS -- qemu MACHINE QEMU_ARGS -qmp TEST-SOCKET``.
 
@@ -161,12 +158,12 @@ class WrappedVMs:
         name = name or f"vm{len(self.vms)}"
         qmp = self.path(f"{name}.qmp")
         argv = [
-            self.qemu, *machine, *map(os.fspath, qemu_args),
+            self.qemu, *machine, *[os.fspath(arg) for arg in qemu_args],
             "-qmp", f"unix:{qmp},server=on,wait=off",
         ]  # fmt: skip
         if wrapped:
-            argv = [sys.executable, "-m", "imglock", "-v", "run", *map(os.fspath, options), "--",
-                    *argv]  # fmt: skip
+            wrapper = [sys.executable, "-m", "imglock", "-v", "run"]
+            argv = [*wrapper, *[os.fspath(option) for option in options], "--", *argv]
         log_path = self.path(f"{name}.log")
         with log_path.open("wb") as log:
             process = popen(
