@@ -34,6 +34,7 @@ from imglock import faults
 from imglock.errors import ImglockError
 from imglock.qemu.cmdline import has_freeze_cpu, migration_incoming, with_extra_args
 from imglock.qemu.monitor import Monitor, MonitorThread, watch_destination, watch_source
+from imglock.run.private_dir import SOCKET_NAME
 from imglock.run.runner import Runner
 
 if TYPE_CHECKING:
@@ -49,7 +50,6 @@ HANDOFF_BACKOFF_CAP: Final = 0.0005
 #: A switch-over takes milliseconds; meanwhile ``status`` flags the records
 #: as stale and names no holder by them.
 RECORDS_AFTER_HANDOFF: Final = 1.0
-QMP_SOCKET_NAME: Final = "qmp.sock"
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +92,7 @@ class Handoff:
     @classmethod
     def for_command(cls, argv: list[str], private_dir: str, timeout: float) -> Handoff:
         """Prepare the QEMU command line: our monitor, and -S on a destination."""
-        socket = os.path.join(private_dir, QMP_SOCKET_NAME)
+        socket = os.path.join(private_dir, SOCKET_NAME)
         incoming = migration_incoming(argv) is not None
         user_paused = has_freeze_cpu(argv)
         extended = with_extra_args(argv, qmp_socket=socket, freeze_cpu=incoming and not user_paused)

@@ -260,11 +260,12 @@ def _launch_qemu(plan: Launch, config: RunConfig) -> int:
     """Run QEMU with a private QMP monitor that hands the claim over on migration."""
     # Only a QEMU command gets a monitor, and so a private directory for its socket.
     import shutil
-    import tempfile
 
+    from imglock.run import private_dir
     from imglock.run.handoff import Handoff
 
-    private = tempfile.mkdtemp(prefix="imglock-")  # mode 0700: only we can reach the socket
+    private_dir.sweep()  # those of wrappers that were killed
+    private = private_dir.make()  # mode 0700: only we can reach the socket
     runner: Runner | None = None
     try:
         handoff = Handoff.for_command(plan.argv, private, plan.handoff_timeout)
