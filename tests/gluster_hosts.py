@@ -162,7 +162,7 @@ class Host:
         """The host dies, as the datastore sees it: its client process is killed."""
         pid = self.client_pid()
         os.kill(pid, signal.SIGKILL)
-        wait_until("the client to die", lambda: not os.path.exists(f"/proc/{pid}"), 10)
+        wait_until(lambda: not os.path.exists(f"/proc/{pid}"), what="the client to die", timeout=10)
 
     def hang(self) -> None:
         """The host hangs: its client process stops, its locks stay with the server."""
@@ -204,7 +204,7 @@ class Datastore:
         subprocess.run(
             [argv[0], *options, f"--log-file={log}", mount], check=True, timeout=REMOUNT_TIMEOUT
         )
-        wait_until(f"{mount} to answer", lambda: answers(mount), REMOUNT_TIMEOUT)
+        wait_until(lambda: answers(mount), what=f"{mount} to answer", timeout=REMOUNT_TIMEOUT)
         return Host(name, mount, self.a.workdir)
 
     def close(self) -> None:
@@ -216,7 +216,11 @@ class Datastore:
             if pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGTERM)
-                wait_until("the client to end", lambda p=pid: not os.path.exists(f"/proc/{p}"), 10)  # type: ignore[misc]
+                wait_until(
+                    lambda p=pid: not os.path.exists(f"/proc/{p}"),
+                    what="the client to end",
+                    timeout=10,
+                )  # type: ignore[misc]
             with contextlib.suppress(OSError):
                 mount.rmdir()
             with contextlib.suppress(OSError):

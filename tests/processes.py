@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import pytest
+
+T = TypeVar("T")
 
 #: Seconds a test waits for a process to get somewhere, unless told otherwise.
 TIMEOUT = 10.0
@@ -25,10 +28,14 @@ def alive(pid: int) -> bool:
     return state(pid) not in (None, "Z")
 
 
-def wait_until(what: str, predicate: Callable[[], object], timeout: float = TIMEOUT) -> None:
-    """Poll *predicate* until it holds; fail the test, saying *what*, after *timeout* seconds."""
+def wait_until(predicate: Callable[[], T], *, what: str, timeout: float = TIMEOUT) -> T:
+    """Poll *predicate* until it is true, and return what it said.
+
+    Fail the test, saying *what* was awaited, after *timeout* seconds.
+    """
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while not (value := predicate()):
         if time.monotonic() > deadline:
             pytest.fail(f"not within {timeout} s: {what}")
         time.sleep(0.01)
+    return value

@@ -190,8 +190,8 @@ def assert_held_by_live_processes_or_free(files: tuple[Path, ...]) -> set[int]:
     takes its locks along: such a lock must be gone when looked at again.
     """
     wait_until(
-        "every lock belongs to a live process",
         lambda: not holders_without_a_live_process(files),
+        what="every lock belongs to a live process",
     )
     return {pid for path in files for h in imglock.holders(path) for pid in h.local_pids}
 
@@ -205,7 +205,7 @@ def crash_at(step: Step, mode: str, top: Path, files: tuple[Path, ...], marked: 
     """Run into *step* and die there by SIGKILL (from itself, or from the test once frozen)."""
     proc = start(step, mode, top, marked)
     if mode == "stop":
-        wait_until(f"{step.id} stops at {step.point}", lambda: state(proc.pid) in ("T", None))
+        wait_until(lambda: state(proc.pid) in ("T", None), what=f"{step.id} stops at {step.point}")
         assert proc.poll() is None, f"exited ({proc.returncode}) without reaching {step.point}"
         # A run has forked its child (which waits at the gate or runs the
         # command) at every step but its release, by when the command is gone.
@@ -237,7 +237,7 @@ def test_a_holder_killed_at_any_step_leaves_the_image_held_by_a_live_process_or_
         for pid in survivors:
             kill_quietly(pid)
     # Nothing else is left running: a child at the gate exits once it closes.
-    wait_until(f"no process of {step.id} is left", lambda: not marked.pids())
+    wait_until(lambda: not marked.pids(), what=f"no process of {step.id} is left")
 
     assert_free(files)
     with imglock.claim(top):  # the next claim works
@@ -307,8 +307,8 @@ def test_a_wrapper_or_watcher_killed_while_a_daemon_runs_leaves_the_image_held_b
     in_wrapper = not point.startswith("watch:")
     if mode == "stop":
         wait_until(
-            f"a process stops at {point}",
             lambda: any(state(pid) == "T" for pid in marked.pids()),
+            what=f"a process stops at {point}",
         )
         (frozen,) = [pid for pid in marked.pids() if state(pid) == "T"]
         assert (frozen == wrapper.pid) == in_wrapper
@@ -317,7 +317,6 @@ def test_a_wrapper_or_watcher_killed_while_a_daemon_runs_leaves_the_image_held_b
         kill_quietly(frozen)
     else:
         wait_until(
-            f"the process at {point} kills itself",
             lambda: (
                 wrapper.poll() is not None
                 and (
@@ -325,6 +324,7 @@ def test_a_wrapper_or_watcher_killed_while_a_daemon_runs_leaves_the_image_held_b
                     or not [p for p in marked.pids() if argv(p)[1:3] == ["-m", "imglock"]]
                 )
             ),
+            what=f"the process at {point} kills itself",
         )
     status = wrapper.wait(timeout=TIMEOUT)
     assert status == (-signal.SIGKILL if in_wrapper else 0)
@@ -345,9 +345,9 @@ def test_a_wrapper_or_watcher_killed_while_a_daemon_runs_leaves_the_image_held_b
     }
     for pid in survivors:
         kill_quietly(pid)
-    wait_until(f"no process of {point} is left", lambda: not marked.pids())
+    wait_until(lambda: not marked.pids(), what=f"no process of {point} is left")
     # A process being torn down hides its environment before it closes its files.
-    wait_until("the image is free", lambda: not any(imglock.holders(p) for p in files))
+    wait_until(lambda: not any(imglock.holders(p) for p in files), what="the image is free")
     with imglock.claim(top):
         pass
     for directory in private:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 from conftest import ENV
-from processes import alive
+from processes import alive, wait_until
 from qemu_vm import NONE_MACHINE, TINY_PC
-from wrapped_vm import TIMEOUT, MonitoredVM, WrappedVM, WrappedVMs, children, until
+from wrapped_vm import TIMEOUT, MonitoredVM, WrappedVM, WrappedVMs, children
 
 import imglock
 from imglock.lock.identity import Owner, hostname
@@ -134,7 +134,9 @@ def lab(request: pytest.FixtureRequest, qemu_system_path: str, qemu_img_path: st
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             for pid in lab.pids:
-                until(lambda pid=pid: not alive(pid), what=f"pid {pid} is gone")
+                wait_until(
+                    lambda pid=pid: not alive(pid), what=f"pid {pid} is gone", timeout=TIMEOUT
+                )
 
 
 def test_a_daemonized_qemu_keeps_its_claim_for_its_whole_life(lab: Lab) -> None:
@@ -172,9 +174,17 @@ def test_a_daemonized_qemu_keeps_its_claim_for_its_whole_life(lab: Lab) -> None:
 
     # The daemon exits: the claim, the watcher, the record and the socket go with it.
     os.kill(daemon.pid, signal.SIGTERM)
-    until(lambda: not imglock.holders(lab.image, lockspace=lab.lockspace), what="the image is free")
-    until(lambda: not alive(daemon.watcher), what="the watcher is gone")
-    until(lambda: not os.path.exists(daemon.private_dir), what="the private directory is gone")
+    wait_until(
+        lambda: not imglock.holders(lab.image, lockspace=lab.lockspace),
+        what="the image is free",
+        timeout=TIMEOUT,
+    )
+    wait_until(lambda: not alive(daemon.watcher), what="the watcher is gone", timeout=TIMEOUT)
+    wait_until(
+        lambda: not os.path.exists(daemon.private_dir),
+        what="the private directory is gone",
+        timeout=TIMEOUT,
+    )
     record_dir = Path(lab.lockspace or lab.dir) / ".imglock"
     assert not record_dir.exists() or not any(record_dir.iterdir())
     with imglock.claim(lab.image, lockspace=lab.lockspace):
@@ -190,7 +200,11 @@ def test_the_lock_check_goes_on_for_a_daemon_and_pauses_it_through_qmp(lab: Lab)
         env={"IMGLOCK_FAULTS": "fcntl=EIO,after=1"},
     )  # fmt: skip
     with MonitoredVM.connect(qmp) as guest:
-        until(lambda: guest.runstate() == "paused", what="the daemon's guest is paused")
+        wait_until(
+            lambda: guest.runstate() == "paused",
+            what="the daemon's guest is paused",
+            timeout=TIMEOUT,
+        )
     assert alive(daemon.pid)
 
 
@@ -199,24 +213,31 @@ def test_a_daemonized_source_hands_its_claim_over_in_a_live_migration(lab: Lab) 
     source = lab.daemonize("-qmp", f"unix:{source_qmp},server=on,wait=off", machine=TINY_PC)
     migration = lab.path("migrate.sock")
     dest = lab.wrapped("-incoming", f"unix:{migration}")
-    until(lambda: os.path.exists(migration), what="the destination listens")
+    wait_until(lambda: os.path.exists(migration), what="the destination listens", timeout=TIMEOUT)
     with MonitoredVM.connect(source_qmp) as source_vm:
         source_vm.qmp("migrate", {"uri": f"unix:{migration}"})
-        until(
+        wait_until(
             lambda: [h.pid for h in lab.imglock_holders()] not in ([], [source.pid]),
             what="the destination holds the claim",
+            timeout=TIMEOUT,
         )
         (holder,) = lab.imglock_holders()
         assert holder.pid in children(dest.process.pid)  # the destination's QEMU
         assert source_vm.runstate() == "postmigrate"
         source_vm.qmp("quit")
-    until(lambda: not alive(source.watcher), what="the source's watcher is gone")
-    until(lambda: not alive(source.pid), what="the source's daemon is gone")
+    wait_until(
+        lambda: not alive(source.watcher), what="the source's watcher is gone", timeout=TIMEOUT
+    )
+    wait_until(lambda: not alive(source.pid), what="the source's daemon is gone", timeout=TIMEOUT)
     # The destination keeps the claim after the source has gone.
     assert [h.pid for h in lab.imglock_holders()] == [holder.pid]
     dest.process.terminate()
     dest.process.wait(timeout=TIMEOUT)
-    until(lambda: not imglock.holders(lab.image, lockspace=lab.lockspace), what="the image is free")
+    wait_until(
+        lambda: not imglock.holders(lab.image, lockspace=lab.lockspace),
+        what="the image is free",
+        timeout=TIMEOUT,
+    )
 
 
 @pytest.mark.parametrize("signo", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
@@ -225,7 +246,7 @@ def test_a_watcher_ended_by_a_signal_leaves_the_claim_and_the_socket_to_the_daem
 ) -> None:
     daemon = lab.daemonize()
     os.kill(daemon.watcher, signo)
-    until(lambda: not alive(daemon.watcher), what="the watcher is gone")
+    wait_until(lambda: not alive(daemon.watcher), what="the watcher is gone", timeout=TIMEOUT)
     assert alive(daemon.pid)
     (holder,) = lab.imglock_holders()
     assert holder.pid == daemon.pid and holder.local_pids == (daemon.pid,)
@@ -233,21 +254,28 @@ def test_a_watcher_ended_by_a_signal_leaves_the_claim_and_the_socket_to_the_daem
         imglock.claim(lab.image, qemu_locks=False, lockspace=lab.lockspace)
     assert os.path.exists(os.path.join(daemon.private_dir, "qmp.sock"))
     os.kill(daemon.pid, signal.SIGKILL)
-    until(lambda: not imglock.holders(lab.image, lockspace=lab.lockspace), what="the image is free")
+    wait_until(
+        lambda: not imglock.holders(lab.image, lockspace=lab.lockspace),
+        what="the image is free",
+        timeout=TIMEOUT,
+    )
     shutil.rmtree(daemon.private_dir)  # no watcher is left to remove it
 
 
 def test_a_daemonized_destination_takes_the_claim_over_in_a_live_migration(lab: Lab) -> None:
     migration = lab.path("migrate.sock")
     source = lab.wrapped()
-    until(lambda: lab.imglock_holders() != [], what="the source holds the claim")
+    wait_until(
+        lambda: lab.imglock_holders() != [], what="the source holds the claim", timeout=TIMEOUT
+    )
     dest = lab.daemonize("-incoming", f"unix:{migration}", machine=TINY_PC)
     # Until the migration completes the destination holds nothing: the source does.
     assert [h.pid for h in lab.imglock_holders()] != [dest.pid]
     source.qmp("migrate", {"uri": f"unix:{migration}"})
-    until(
+    wait_until(
         lambda: [h.pid for h in lab.imglock_holders()] == [dest.pid],
         what="the daemonized destination holds the claim",
+        timeout=TIMEOUT,
     )
     source.qmp("quit")
     source.process.wait(timeout=TIMEOUT)
@@ -256,5 +284,9 @@ def test_a_daemonized_destination_takes_the_claim_over_in_a_live_migration(lab: 
     # The lock offset itself, which every host reads, names the daemon.
     assert holder.owner is not None and Owner.from_id(holder.owner).pid == dest.pid
     os.kill(dest.pid, signal.SIGTERM)
-    until(lambda: not imglock.holders(lab.image, lockspace=lab.lockspace), what="the image is free")
-    until(lambda: not alive(dest.watcher), what="the watcher is gone")
+    wait_until(
+        lambda: not imglock.holders(lab.image, lockspace=lab.lockspace),
+        what="the image is free",
+        timeout=TIMEOUT,
+    )
+    wait_until(lambda: not alive(dest.watcher), what="the watcher is gone", timeout=TIMEOUT)

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import pytest
 from conftest import ENV, SpawnRival
+from processes import wait_until
 from qemu_vm import TINY_PC
-from wrapped_vm import WrappedVM, WrappedVMs, until
+from wrapped_vm import TIMEOUT, WrappedVM, WrappedVMs
 
 import imglock
 from imglock.lock.protocol import Mode
@@ -101,7 +102,7 @@ class Lab:
                 for path, mode in wanted.items()
             )
 
-        until(reached, timeout=15, what=f"{wanted} ({vm.stderr()})")
+        wait_until(reached, what=f"{wanted} ({vm.stderr()})", timeout=15)
         self._check_status(vm, wanted)
         for path, mode in wanted.items():
             self._check_rival(vm, path, mode)
@@ -260,7 +261,11 @@ def test_hot_plug_and_unplug(lab: Lab) -> None:
     lab.expect(vm, {disk: EXCLUSIVE})
     vm.qmp("device_del", {"id": "disk1"})
     # The node is still open, and writable: QEMU keeps its own locks on it too.
-    until(lambda: not [d for d in vm.qmp("query-block") if d["device"] == "disk1"])
+    wait_until(
+        lambda: not [d for d in vm.qmp("query-block") if d["device"] == "disk1"],
+        what="disk1 to be gone",
+        timeout=TIMEOUT,
+    )
     lab.expect(vm, {disk: EXCLUSIVE})
     delete_qcow2(vm, "hot")
     lab.expect(vm, {disk: FREE})
@@ -294,12 +299,18 @@ def test_a_read_only_device_that_shares_writes_stays_beside_the_writers(lab: Lab
         machine=FROZEN_PC,
     )  # fmt: skip
     wanted = {writer.qemu_pid: SHARED_WRITE, reader.qemu_pid: SHARED_WRITE}
-    until(lambda: lab.modes(disk) == wanted, what="both VMs to share the disk")
+    wait_until(
+        lambda: lab.modes(disk) == wanted, what="both VMs to share the disk", timeout=TIMEOUT
+    )
     # Once the reader's wrapper has surely read its graph (it claimed a disk
     # added after start), the shared disk is as it was, and no guest stopped.
     probe = lab.image("probe.qcow2")
     add_qcow2(reader, probe, "probe")
-    until(lambda: lab.modes(probe) == {reader.qemu_pid: EXCLUSIVE}, what="the probe's claim")
+    wait_until(
+        lambda: lab.modes(probe) == {reader.qemu_pid: EXCLUSIVE},
+        what="the probe's claim",
+        timeout=TIMEOUT,
+    )
     assert lab.modes(disk) == wanted
     assert "guest paused" not in reader.stderr() + writer.stderr()
 
@@ -312,7 +323,9 @@ def test_a_file_held_elsewhere_stops_the_guest_and_names_the_holder(lab: Lab) ->
     vm = lab.start("-device", "virtio-scsi-pci,id=scsi0", machine=TINY_PC)
     assert vm.runstate() == "running"
     add_qcow2(vm, disk, "taken")
-    until(lambda: "guest paused" in vm.stderr(), what="the guest to be stopped")
+    wait_until(
+        lambda: "guest paused" in vm.stderr(), what="the guest to be stopped", timeout=TIMEOUT
+    )
     assert vm.runstate() == "paused"
     assert f"held imglock exclusive by pid {holder.proc.pid}" in vm.stderr()
     assert "guest paused (QMP stop)" in vm.stderr()
@@ -351,7 +364,7 @@ def drive_mirror_ready(lab: Lab) -> tuple[WrappedVM, Path, Path]:
     vm = lab.start(*drive(source))
     vm.qmp("drive-mirror", {"job-id": "m", "device": "drive0", "target": str(target),
                             "format": "qcow2", "sync": "full"})  # fmt: skip
-    until(lambda: job_ready(vm, "m"), what="the mirror to be ready")
+    wait_until(lambda: job_ready(vm, "m"), what="the mirror to be ready", timeout=TIMEOUT)
     lab.expect(vm, {source: EXCLUSIVE, target: EXCLUSIVE})
     return vm, source, target
 
@@ -359,7 +372,7 @@ def drive_mirror_ready(lab: Lab) -> tuple[WrappedVM, Path, Path]:
 def test_drive_mirror_completed(lab: Lab) -> None:
     vm, source, target = drive_mirror_ready(lab)
     vm.qmp("block-job-complete", {"device": "m"})
-    until(lambda: job_gone(vm, "m"))
+    wait_until(lambda: job_gone(vm, "m"), what="the mirror to end", timeout=TIMEOUT)
     lab.expect(vm, {source: FREE, target: EXCLUSIVE})
     assert vm.quit() == 0
 
@@ -367,7 +380,7 @@ def test_drive_mirror_completed(lab: Lab) -> None:
 def test_drive_mirror_cancelled(lab: Lab) -> None:
     vm, source, target = drive_mirror_ready(lab)
     vm.qmp("block-job-cancel", {"device": "m"})
-    until(lambda: job_gone(vm, "m"))
+    wait_until(lambda: job_gone(vm, "m"), what="the mirror to end", timeout=TIMEOUT)
     lab.expect(vm, {source: EXCLUSIVE, target: FREE})
     assert vm.quit() == 0
 
@@ -380,7 +393,7 @@ def blockdev_mirror_ready(lab: Lab) -> tuple[WrappedVM, Path, Path]:
     add_qcow2(vm, target, "target")
     vm.qmp("blockdev-mirror", {"job-id": "m", "device": "source", "target": "target",
                                "sync": "full"})  # fmt: skip
-    until(lambda: job_ready(vm, "m"), what="the mirror to be ready")
+    wait_until(lambda: job_ready(vm, "m"), what="the mirror to be ready", timeout=TIMEOUT)
     lab.expect(vm, {source: EXCLUSIVE, target: EXCLUSIVE})
     return vm, source, target
 
@@ -388,7 +401,7 @@ def blockdev_mirror_ready(lab: Lab) -> tuple[WrappedVM, Path, Path]:
 def test_blockdev_mirror_completed(lab: Lab) -> None:
     vm, source, target = blockdev_mirror_ready(lab)
     vm.qmp("block-job-complete", {"device": "m"})
-    until(lambda: job_gone(vm, "m"))
+    wait_until(lambda: job_gone(vm, "m"), what="the mirror to end", timeout=TIMEOUT)
     delete_qcow2(vm, "source")  # as libvirt does once the job is done
     lab.expect(vm, {source: FREE, target: EXCLUSIVE})
     assert vm.quit() == 0
@@ -397,7 +410,7 @@ def test_blockdev_mirror_completed(lab: Lab) -> None:
 def test_blockdev_mirror_cancelled(lab: Lab) -> None:
     vm, source, target = blockdev_mirror_ready(lab)
     vm.qmp("block-job-cancel", {"device": "m"})
-    until(lambda: job_gone(vm, "m"))
+    wait_until(lambda: job_gone(vm, "m"), what="the mirror to end", timeout=TIMEOUT)
     delete_qcow2(vm, "target")
     lab.expect(vm, {source: EXCLUSIVE, target: FREE})
     assert vm.quit() == 0
@@ -421,11 +434,11 @@ def test_block_commit_active(lab: Lab) -> None:
     vm = lab.start(*chain_drive(top))
     lab.expect(vm, {top: EXCLUSIVE, mid: SHARED, base: SHARED})
     vm.qmp("block-commit", {"job-id": "c", "device": "drive0", "base-node": "base"})
-    until(lambda: job_ready(vm, "c"), what="the commit to be ready")
+    wait_until(lambda: job_ready(vm, "c"), what="the commit to be ready", timeout=TIMEOUT)
     # QEMU now writes the base, and still writes the top.
     lab.expect(vm, {top: EXCLUSIVE, mid: SHARED, base: EXCLUSIVE})
     vm.qmp("block-job-complete", {"device": "c"})
-    until(lambda: job_gone(vm, "c"))
+    wait_until(lambda: job_gone(vm, "c"), what="the commit to end", timeout=TIMEOUT)
     lab.expect(vm, {top: FREE, mid: FREE, base: EXCLUSIVE})
     assert vm.quit() == 0
 
@@ -440,7 +453,7 @@ def test_block_commit_intermediate(lab: Lab, qemu_img_path: str) -> None:
                             "base-node": "base", "speed": 1})  # fmt: skip
     lab.expect(vm, {top: EXCLUSIVE, mid: SHARED, base: EXCLUSIVE})
     vm.qmp("block-job-set-speed", {"device": "c", "speed": 0})
-    until(lambda: job_gone(vm, "c"))
+    wait_until(lambda: job_gone(vm, "c"), what="the commit to end", timeout=TIMEOUT)
     # The base is only read again, and mid is out of the chain.
     lab.expect(vm, {top: EXCLUSIVE, mid: FREE, base: SHARED})
     assert vm.quit() == 0
@@ -451,7 +464,7 @@ def test_block_stream(lab: Lab) -> None:
     vm = lab.start(*chain_drive(top))
     lab.expect(vm, {top: EXCLUSIVE, mid: SHARED, base: SHARED})
     vm.qmp("block-stream", {"job-id": "s", "device": "drive0"})
-    until(lambda: job_gone(vm, "s"))
+    wait_until(lambda: job_gone(vm, "s"), what="the stream to end", timeout=TIMEOUT)
     lab.expect(vm, {top: EXCLUSIVE, mid: FREE, base: FREE})
     assert vm.quit() == 0
 
@@ -478,7 +491,11 @@ def test_a_file_claimed_while_running_stays_claimed_when_the_wrapper_is_killed(l
     vm = lab.start("-device", "virtio-scsi-pci,id=scsi0", machine=FROZEN_PC)
     add_qcow2(vm, disk, "hot")
     lab.expect(vm, {disk: EXCLUSIVE})
-    until(lambda: vm.qemu_pid in lab.holder_pids(disk), what="QEMU to hold the descriptor")
+    wait_until(
+        lambda: vm.qemu_pid in lab.holder_pids(disk),
+        what="QEMU to hold the descriptor",
+        timeout=TIMEOUT,
+    )
     vm.process.kill()
     vm.process.wait()
     assert lab.modes(disk) == {vm.qemu_pid: EXCLUSIVE}

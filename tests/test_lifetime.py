@@ -150,10 +150,10 @@ def test_a_background_child_of_the_command_keeps_the_claim_and_status_names_it(
     finally:
         os.kill(sleeper, signal.SIGKILL)
     wait_until(
-        "the image is free once the background child is gone",
         lambda: not imglock.holders(raw_image),
+        what="the image is free once the background child is gone",
     )
-    wait_until("the watcher is gone", lambda: not alive(watcher))
+    wait_until(lambda: not alive(watcher), what="the watcher is gone")
     assert not (raw_image.parent / ".imglock").exists() or not any(
         (raw_image.parent / ".imglock").iterdir()
     )
@@ -272,7 +272,7 @@ def test_ctrl_c_on_the_terminal_reaches_the_command_once(
         forked,
     )
     try:
-        wait_until("the command runs", ready.exists)
+        wait_until(ready.exists, what="the command runs")
         os.write(master, b"\x03")  # ^C: the kernel signals the foreground process group
         assert exit_status_within(wrapper, master) == 0
         assert count.read_text() == "1"
@@ -292,13 +292,13 @@ def test_closing_the_terminal_stops_qemu_and_frees_the_image(
     drive = f"file={raw_image},format=raw,if=none"
     wrapper, master = on_a_terminal(["run", "--", *qemu, "-drive", drive], forked)
     try:
-        wait_until("QEMU runs and holds the image", lambda: bool(imglock.holders(raw_image)))
+        wait_until(lambda: bool(imglock.holders(raw_image)), what="QEMU runs and holds the image")
         (vm,) = {h.pid for h in imglock.holders(raw_image) if h.layer == "imglock"}
         assert vm is not None and vm != wrapper
     finally:
         os.close(master)  # the terminal goes away
     exit_status_within(wrapper)
-    wait_until("QEMU is gone", lambda: not alive(vm))
+    wait_until(lambda: not alive(vm), what="QEMU is gone")
     assert imglock.holders(raw_image) == []
 
 
@@ -325,13 +325,13 @@ def test_the_claim_moves_to_the_next_background_child_when_the_one_it_names_exit
     try:
         assert named() == {older}  # the oldest survivor
         os.kill(older, signal.SIGKILL)
-        wait_until("the lock names the remaining child", lambda: named() == {younger})
+        wait_until(lambda: named() == {younger}, what="the lock names the remaining child")
         assert_refused(raw_image, rival)
     finally:
         for pid in (older, younger):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-    wait_until("the image is free", lambda: not imglock.holders(raw_image))
+    wait_until(lambda: not imglock.holders(raw_image), what="the image is free")
 
 
 def test_a_lost_lock_stops_every_background_child_still_using_the_image(
@@ -349,9 +349,9 @@ def test_a_lost_lock_stops_every_background_child_still_using_the_image(
     children = [int(p.read_text()) for p in pids]
     try:
         for pid in children:
-            wait_until(f"pid {pid} is stopped", lambda pid=pid: state(pid) == "T")
+            wait_until(lambda pid=pid: state(pid) == "T", what=f"pid {pid} is stopped")
     finally:
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-    wait_until("the image is free", lambda: not imglock.holders(raw_image))
+    wait_until(lambda: not imglock.holders(raw_image), what="the image is free")

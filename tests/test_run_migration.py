@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from processes import state
+from processes import state, wait_until
 from qemu_vm import TINY_PC
-from wrapped_vm import Watcher, WrappedVM, WrappedVMs, until
+from wrapped_vm import TIMEOUT, Watcher, WrappedVM, WrappedVMs
 
 import imglock
 
@@ -59,7 +59,7 @@ class Lab:
         """Start a destination *name* and migrate *source* to it."""
         socket = self.vms.path("migrate.sock")
         dest = self.start(name, "-incoming", f"unix:{socket}", options=options, env=env)
-        until(socket.exists, what="the incoming socket")
+        wait_until(socket.exists, what="the incoming socket", timeout=TIMEOUT)
         source.qmp("migrate", {"uri": f"unix:{socket}"})
         return dest
 
@@ -83,11 +83,21 @@ def lab(qemu_system_path: str, qemu_img_path: str, tmp_path: Path) -> Iterator[L
 
 def test_migration_hands_the_claim_over_and_never_to_two_at_once(lab: Lab) -> None:
     source = lab.start("source")
-    until(lambda: lab.exclusive_holders() == [source.qemu_pid], what="the source's claim")
+    wait_until(
+        lambda: lab.exclusive_holders() == [source.qemu_pid],
+        what="the source's claim",
+        timeout=TIMEOUT,
+    )
     with Watcher(lab.image) as watcher:
         dest = lab.migrate(source, "dest")
-        until(lambda: dest.runstate() == RUNNING, what="the destination guest to run")
-        until(lambda: lab.exclusive_holders() == [dest.qemu_pid], what="the destination's claim")
+        wait_until(
+            lambda: dest.runstate() == RUNNING, what="the destination guest to run", timeout=TIMEOUT
+        )
+        wait_until(
+            lambda: lab.exclusive_holders() == [dest.qemu_pid],
+            what="the destination's claim",
+            timeout=TIMEOUT,
+        )
         samples = watcher.stop()
 
     gaps = sorted(b[0] - a[0] for a, b in itertools.pairwise(samples))
@@ -112,9 +122,15 @@ def test_the_source_removes_its_record_after_the_switch_over_never_naming_a_hold
     # drops its locks at once and its record a little later; meanwhile the
     # record names nobody.
     source = lab.start("source")
-    until(lambda: lab.exclusive_holders() == [source.qemu_pid], what="the source's claim")
+    wait_until(
+        lambda: lab.exclusive_holders() == [source.qemu_pid],
+        what="the source's claim",
+        timeout=TIMEOUT,
+    )
     dest = lab.migrate(source, "dest")
-    until(lambda: dest.runstate() == RUNNING, what="the destination guest to run")
+    wait_until(
+        lambda: dest.runstate() == RUNNING, what="the destination guest to run", timeout=TIMEOUT
+    )
     stale_seen = False
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -135,27 +151,40 @@ def test_the_source_removes_its_record_after_the_switch_over_never_naming_a_hold
 
 def test_destination_resumes_the_guest_only_once_it_holds_the_claim(lab: Lab) -> None:
     source = lab.start("source")
-    until(lambda: lab.exclusive_holders() == [source.qemu_pid], what="the source's claim")
+    wait_until(
+        lambda: lab.exclusive_holders() == [source.qemu_pid],
+        what="the source's claim",
+        timeout=TIMEOUT,
+    )
     # Freeze the destination's wrapper right after it has claimed, before `cont`.
     dest = lab.migrate(source, "dest", env={"IMGLOCK_FAULTS": "stop=handoff:claimed"})
-    until(
+    wait_until(
         lambda: state(dest.process.pid) == "T",
         what="the destination wrapper to reach the claimed step",
+        timeout=TIMEOUT,
     )
     assert lab.exclusive_holders() == [dest.qemu_pid]
     assert dest.runstate() != RUNNING  # claimed, but not yet resumed
     os.kill(dest.process.pid, signal.SIGCONT)
-    until(lambda: dest.runstate() == RUNNING, what="the destination guest to run")
+    wait_until(
+        lambda: dest.runstate() == RUNNING, what="the destination guest to run", timeout=TIMEOUT
+    )
 
 
 def test_a_cancelled_migration_leaves_the_claim_with_the_source(lab: Lab) -> None:
     source = lab.start("source")
-    until(lambda: lab.exclusive_holders() == [source.qemu_pid], what="the source's claim")
+    wait_until(
+        lambda: lab.exclusive_holders() == [source.qemu_pid],
+        what="the source's claim",
+        timeout=TIMEOUT,
+    )
     source.qmp("migrate-set-parameters", {"max-bandwidth": 1 << 20})  # still going at cancel
     dest = lab.migrate(source, "dest")
-    until(lambda: source.migration() == "active", what="the migration to be active")
+    wait_until(
+        lambda: source.migration() == "active", what="the migration to be active", timeout=TIMEOUT
+    )
     source.qmp("migrate_cancel")
-    until(lambda: source.migration() == "cancelled", what="the cancellation")
+    wait_until(lambda: source.migration() == "cancelled", what="the cancellation", timeout=TIMEOUT)
     assert dest.process.wait(timeout=20) != 0  # the destination QEMU gives up
     assert source.runstate() == RUNNING
     time.sleep(0.3)  # the source's watcher has seen the outcome
@@ -164,9 +193,13 @@ def test_a_cancelled_migration_leaves_the_claim_with_the_source(lab: Lab) -> Non
 
 def test_a_failed_migration_leaves_the_claim_with_the_source(lab: Lab) -> None:
     source = lab.start("source")
-    until(lambda: lab.exclusive_holders() == [source.qemu_pid], what="the source's claim")
+    wait_until(
+        lambda: lab.exclusive_holders() == [source.qemu_pid],
+        what="the source's claim",
+        timeout=TIMEOUT,
+    )
     source.qmp("migrate", {"uri": f"unix:{lab.vms.path('nobody-listens.sock')}"})
-    until(lambda: source.migration() == "failed", what="the failure")
+    wait_until(lambda: source.migration() == "failed", what="the failure", timeout=TIMEOUT)
     time.sleep(0.3)
     assert source.runstate() == RUNNING
     assert lab.exclusive_holders() == [source.qemu_pid]
@@ -186,7 +219,11 @@ def test_destination_that_cannot_claim_in_time_stays_paused_and_says_why(lab: La
         assert blocker.stdout is not None
         assert blocker.stdout.readline().strip() == "held"
         dest = lab.migrate(source, "dest", "--handoff-timeout", "0.5")
-        until(lambda: "stays paused" in dest.stderr(), what="the destination to give up")
+        wait_until(
+            lambda: "stays paused" in dest.stderr(),
+            what="the destination to give up",
+            timeout=TIMEOUT,
+        )
         assert dest.runstate() != RUNNING
         assert lab.exclusive_holders() == []
         (line,) = [x for x in dest.stderr().splitlines() if "stays paused" in x]
@@ -198,9 +235,13 @@ def test_destination_that_cannot_claim_in_time_stays_paused_and_says_why(lab: La
 
 def test_lock_loss_stops_a_qemu_guest_through_qmp(lab: Lab) -> None:
     vm = lab.start("vm", env={"IMGLOCK_FAULTS": "fcntl=EIO,after=1.0"})
-    until(lambda: vm.runstate() == RUNNING, what="the guest to run")
-    until(lambda: vm.runstate() == "paused", what="the guest to be paused on lock loss")
-    until(lambda: "lock lost" in vm.stderr(), what="the message")
+    wait_until(lambda: vm.runstate() == RUNNING, what="the guest to run", timeout=TIMEOUT)
+    wait_until(
+        lambda: vm.runstate() == "paused",
+        what="the guest to be paused on lock loss",
+        timeout=TIMEOUT,
+    )
+    wait_until(lambda: "lock lost" in vm.stderr(), what="the message", timeout=TIMEOUT)
     assert "QMP stop" in vm.stderr()
 
 
@@ -210,12 +251,22 @@ def test_a_source_wrapper_killed_right_after_releasing_leaves_the_handoff_intact
     # Crash matrix, handoff:released: the source's wrapper dies the moment it
     # has let go; the destination still claims and runs, the image stuck nowhere.
     source = lab.start("source", env={"IMGLOCK_FAULTS": "crash=handoff:released"})
-    until(lambda: lab.exclusive_holders() == [source.qemu_pid], what="the source's claim")
+    wait_until(
+        lambda: lab.exclusive_holders() == [source.qemu_pid],
+        what="the source's claim",
+        timeout=TIMEOUT,
+    )
     source_qemu = source.qemu_pid
     dest = lab.migrate(source, "dest")
     assert source.process.wait(timeout=20) == -signal.SIGKILL
-    until(lambda: dest.runstate() == RUNNING, what="the destination guest to run")
-    until(lambda: lab.exclusive_holders() == [dest.qemu_pid], what="the destination's claim")
+    wait_until(
+        lambda: dest.runstate() == RUNNING, what="the destination guest to run", timeout=TIMEOUT
+    )
+    wait_until(
+        lambda: lab.exclusive_holders() == [dest.qemu_pid],
+        what="the destination's claim",
+        timeout=TIMEOUT,
+    )
     assert source_qemu not in lab.exclusive_holders()
 
 
@@ -226,11 +277,15 @@ def test_a_destination_wrapper_killed_right_after_claiming_leaves_the_claim_with
     # claiming and `cont`.  Its QEMU inherited the locks: the image is held by
     # a live process (whose guest stays paused), and free once that process ends.
     source = lab.start("source")
-    until(lambda: lab.exclusive_holders() == [source.qemu_pid], what="the source's claim")
+    wait_until(
+        lambda: lab.exclusive_holders() == [source.qemu_pid],
+        what="the source's claim",
+        timeout=TIMEOUT,
+    )
     dest = lab.migrate(source, "dest", env={"IMGLOCK_FAULTS": "crash=handoff:claimed"})
     dest_qemu = dest.qemu_pid
     assert dest.process.wait(timeout=20) == -signal.SIGKILL
     assert lab.exclusive_holders() == [dest_qemu]
     assert dest.runstate() != RUNNING
     os.kill(dest_qemu, signal.SIGKILL)
-    until(lambda: lab.exclusive_holders() == [], what="the image to be free")
+    wait_until(lambda: lab.exclusive_holders() == [], what="the image to be free", timeout=TIMEOUT)

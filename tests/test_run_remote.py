@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from wrapped_vm import WrappedVMs, until
+from processes import wait_until
+from wrapped_vm import TIMEOUT, WrappedVMs
 
 import imglock
 
@@ -35,7 +36,7 @@ def test_a_vm_with_only_a_remote_disk_runs_with_a_warning(
     qemu_nbd = str(Path(qemu_img_path).with_name("qemu-nbd"))
     server = [qemu_nbd, "--persistent", "--socket", socket, "--format", "raw", raw_image]
     started.append(subprocess.Popen(server, text=True))
-    until(socket.exists, what="qemu-nbd's socket")
+    wait_until(socket.exists, what="qemu-nbd's socket", timeout=TIMEOUT)
     vm = vms.start("-drive", f"file=nbd:unix:{socket},format=raw,if=none,id=remote0")
     assert vm.runstate() in ("running", "paused")
     # QEMU reads the file through qemu-nbd, which holds it; imglock holds nothing.

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 from conftest import ENV, SpawnRival
+from processes import wait_until
 from qemu_vm import TINY_PC
-from wrapped_vm import WrappedVMs, until
+from wrapped_vm import TIMEOUT, WrappedVMs
 
 import imglock
 
@@ -47,7 +48,11 @@ def test_two_share_rw_vms_run_side_by_side_and_an_exclusive_user_is_refused(
     first = vms.start(*shared_disk(raw_image), machine=TINY_PC)
     second = vms.start(*shared_disk(raw_image), machine=TINY_PC)
     both = {first.qemu_pid, second.qemu_pid}
-    until(lambda: {h.pid for h in imglock_holders(raw_image)} == both, what="two holders")
+    wait_until(
+        lambda: {h.pid for h in imglock_holders(raw_image)} == both,
+        what="two holders",
+        timeout=TIMEOUT,
+    )
     assert {h.mode for h in imglock_holders(raw_image)} == {"shared-write"}
 
     third = subprocess.run(

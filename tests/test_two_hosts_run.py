@@ -21,11 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import wrapped_vm
 from conftest import CLAIMER, QemuImg
 from gluster_hosts import HOST_NAMES, Datastore, Host
 from lock_sampler import owner_names
-from processes import state
+from processes import state, wait_until
 from qemu_vm import TINY_PC
 from wrapped_vm import Watcher, WrappedVM, WrappedVMs, children
 
@@ -36,8 +35,8 @@ pytestmark = [pytest.mark.gluster, pytest.mark.qemu]
 RUNNING = "running"
 #: How often the wrappers re-check their locks here.
 CHECK_INTERVAL = 0.2
-#: Mounts of a network filesystem: give them longer.
-until = functools.partial(wrapped_vm.until, timeout=30.0)
+#: Seconds to wait for anything here: mounts of a network filesystem get longer.
+TIMEOUT = 30.0
 
 HOST_BY_TAG = {f"{host_tag(name):x}": name for name in HOST_NAMES}
 
@@ -83,7 +82,7 @@ class Cluster:
         """Start a destination *name* on *host* and migrate *source* to it."""
         socket = self.vms.path(f"{name}.migrate")
         dest = self.start(name, host, "-incoming", f"unix:{socket}", env=env, as_init=as_init)
-        until(socket.exists, what="the incoming socket")
+        wait_until(socket.exists, what="the incoming socket", timeout=TIMEOUT)
         source.qmp("migrate", {"uri": f"unix:{socket}"})
         return dest
 
@@ -135,20 +134,30 @@ def _the_owners(samples: list[tuple[float, list[str]]]) -> list[str]:
 def test_a_vm_migrates_from_a_to_b_and_back_and_the_claim_follows_it(cluster: Cluster) -> None:
     a, b, _c = cluster.store.hosts
     on_a = cluster.start("a1", a)
-    until(lambda: cluster.holders() == ["host-a"], what="host A's claim")
+    wait_until(lambda: cluster.holders() == ["host-a"], what="host A's claim", timeout=TIMEOUT)
     with cluster.watch() as watcher:
         on_b = cluster.migrate(on_a, "b1", b)
-        until(lambda: on_b.runstate() == RUNNING, what="the guest to run on B")
-        until(lambda: cluster.holders() == ["host-b"], what="host B's claim")
+        wait_until(
+            lambda: on_b.runstate() == RUNNING, what="the guest to run on B", timeout=TIMEOUT
+        )
+        wait_until(lambda: cluster.holders() == ["host-b"], what="host B's claim", timeout=TIMEOUT)
         assert on_a.runstate() == "postmigrate"
         # B writes its holder record once the guest runs: C then names its command.
-        until(lambda: "qemu-system" in str(_exclusive_from_c(cluster)), what="B's record")
+        wait_until(
+            lambda: "qemu-system" in str(_exclusive_from_c(cluster)),
+            what="B's record",
+            timeout=TIMEOUT,
+        )
         assert _exclusive_from_c(cluster)["host"] == "host-b"
         cluster.stop(on_a)
 
         back = cluster.migrate(on_b, "a2", a)
-        until(lambda: back.runstate() == RUNNING, what="the guest to run on A again")
-        until(lambda: cluster.holders() == ["host-a"], what="host A's claim again")
+        wait_until(
+            lambda: back.runstate() == RUNNING, what="the guest to run on A again", timeout=TIMEOUT
+        )
+        wait_until(
+            lambda: cluster.holders() == ["host-a"], what="host A's claim again", timeout=TIMEOUT
+        )
         samples = watcher.stop()
     # Never two at once; the claim moved A -> B -> A, each move once.
     assert _the_owners(samples) == ["host-a", "host-b", "host-a"]
@@ -160,24 +169,32 @@ def test_the_destination_host_resumes_the_guest_only_once_it_holds_the_claim(
 ) -> None:
     a, b, _c = cluster.store.hosts
     on_a = cluster.start("a1", a)
-    until(lambda: cluster.holders() == ["host-a"], what="host A's claim")
+    wait_until(lambda: cluster.holders() == ["host-a"], what="host A's claim", timeout=TIMEOUT)
     # Freeze B's wrapper right after it has claimed, before it lets the guest
     # run (not as host B's pid 1, which would ignore its own SIGSTOP).
     on_b = cluster.migrate(
         on_a, "b1", b, env={"IMGLOCK_FAULTS": "stop=handoff:claimed"}, as_init=False
     )
     wrapper = _wrapper_of(on_b)
-    until(lambda: state(wrapper) == "T", what="B's wrapper to stop at the claimed step")
+    wait_until(
+        lambda: state(wrapper) == "T",
+        what="B's wrapper to stop at the claimed step",
+        timeout=TIMEOUT,
+    )
     assert cluster.holders() == ["host-b"]
     assert on_b.runstate() != RUNNING
     os.kill(wrapper, signal.SIGCONT)
-    until(lambda: on_b.runstate() == RUNNING, what="the guest to run on B")
+    wait_until(lambda: on_b.runstate() == RUNNING, what="the guest to run on B", timeout=TIMEOUT)
 
 
 def _wrapper_of(vm: WrappedVM) -> int:
     """The wrapper's pid (as this test's PID namespace numbers it): unshare -> sh -> wrapper."""
     (shell,) = children(vm.process.pid)
-    until(lambda: len(children(shell)) == 1, what="the host's shell to start the wrapper")
+    wait_until(
+        lambda: len(children(shell)) == 1,
+        what="the host's shell to start the wrapper",
+        timeout=TIMEOUT,
+    )
     (wrapper,) = children(shell)
     return wrapper
 
@@ -185,12 +202,14 @@ def _wrapper_of(vm: WrappedVM) -> int:
 def test_a_cancelled_migration_leaves_the_claim_on_the_source_host(cluster: Cluster) -> None:
     a, b, _c = cluster.store.hosts
     on_a = cluster.start("a1", a)
-    until(lambda: cluster.holders() == ["host-a"], what="host A's claim")
+    wait_until(lambda: cluster.holders() == ["host-a"], what="host A's claim", timeout=TIMEOUT)
     on_a.qmp("migrate-set-parameters", {"max-bandwidth": 1 << 20})  # still going at cancel
     on_b = cluster.migrate(on_a, "b1", b)
-    until(lambda: on_a.migration() == "active", what="the migration to be active")
+    wait_until(
+        lambda: on_a.migration() == "active", what="the migration to be active", timeout=TIMEOUT
+    )
     on_a.qmp("migrate_cancel")
-    until(lambda: on_a.migration() == "cancelled", what="the cancellation")
+    wait_until(lambda: on_a.migration() == "cancelled", what="the cancellation", timeout=TIMEOUT)
     assert on_b.process.wait(timeout=30) != 0  # the destination QEMU gave up
     assert on_a.runstate() == RUNNING
     assert cluster.holders() == ["host-a"]
@@ -199,9 +218,9 @@ def test_a_cancelled_migration_leaves_the_claim_on_the_source_host(cluster: Clus
 def test_a_failed_migration_leaves_the_claim_on_the_source_host(cluster: Cluster) -> None:
     a, _b, _c = cluster.store.hosts
     on_a = cluster.start("a1", a)
-    until(lambda: cluster.holders() == ["host-a"], what="host A's claim")
+    wait_until(lambda: cluster.holders() == ["host-a"], what="host A's claim", timeout=TIMEOUT)
     on_a.qmp("migrate", {"uri": f"unix:{cluster.vms.path('nobody-listens.sock')}"})
-    until(lambda: on_a.migration() == "failed", what="the failure")
+    wait_until(lambda: on_a.migration() == "failed", what="the failure", timeout=TIMEOUT)
     assert on_a.runstate() == RUNNING
     assert cluster.holders() == ["host-a"]
 
@@ -212,14 +231,16 @@ def test_a_crashed_host_loses_its_claim_its_wrapper_pauses_the_guest_and_b_takes
     _a, b, _c = cluster.store.hosts
     a = cluster.store.own_host("host-a")  # a mount of its own, to crash
     on_a = cluster.start("a1", a)
-    until(lambda: on_a.runstate() == RUNNING, what="the guest to run on A")
-    until(lambda: cluster.holders() == ["host-a"], what="host A's claim")
+    wait_until(lambda: on_a.runstate() == RUNNING, what="the guest to run on A", timeout=TIMEOUT)
+    wait_until(lambda: cluster.holders() == ["host-a"], what="host A's claim", timeout=TIMEOUT)
 
     a.crash()  # host A's client dies: the lock manager drops all of A's locks
     # The wrapper on A notices at its next check, says so, and pauses the guest
     # (its QMP monitor is a local socket, still there).
-    until(lambda: "lock lost" in on_a.stderr(), timeout=10 * CHECK_INTERVAL + 5, what="the loss")
-    until(lambda: on_a.runstate() == "paused", what="the guest to be paused")
+    wait_until(
+        lambda: "lock lost" in on_a.stderr(), what="the loss", timeout=10 * CHECK_INTERVAL + 5
+    )
+    wait_until(lambda: on_a.runstate() == "paused", what="the guest to be paused", timeout=TIMEOUT)
     (line,) = [x for x in on_a.stderr().splitlines() if "lock lost" in x]
     assert str(cluster.image(a)) in line and "guest paused (QMP stop)" in line
     assert on_a.process.poll() is None  # the wrapper and its QEMU are still there
@@ -238,8 +259,8 @@ def test_a_hung_host_keeps_its_claim_and_loses_nothing(cluster: Cluster) -> None
     _a, b, c = cluster.store.hosts
     a = cluster.store.own_host("host-a")  # a mount of its own, to hang
     on_a = cluster.start("a1", a)
-    until(lambda: on_a.runstate() == RUNNING, what="the guest to run on A")
-    until(lambda: cluster.holders() == ["host-a"], what="host A's claim")
+    wait_until(lambda: on_a.runstate() == RUNNING, what="the guest to run on A", timeout=TIMEOUT)
+    wait_until(lambda: cluster.holders() == ["host-a"], what="host A's claim", timeout=TIMEOUT)
 
     a.hang()  # host A's client stops: nothing expires its locks
     try:
@@ -262,8 +283,8 @@ def test_status_from_another_host_shows_a_wrapped_qemu_as_one_holder_with_its_pe
 ) -> None:
     a, b, _c = cluster.store.hosts
     on_a = cluster.start("a1", a)
-    until(lambda: on_a.runstate() == RUNNING, what="the guest to run on A")
-    until(lambda: cluster.holders() == ["host-a"], what="host A's claim")
+    wait_until(lambda: on_a.runstate() == RUNNING, what="the guest to run on A", timeout=TIMEOUT)
+    wait_until(lambda: cluster.holders() == ["host-a"], what="host A's claim", timeout=TIMEOUT)
     proc = b.imglock("status", "--json", cluster.image(b), b.path("base.qcow2"))
     assert proc.returncode == 1, proc.stderr
     top, base = json.loads(proc.stdout)

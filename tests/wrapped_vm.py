@@ -10,7 +10,7 @@ beside it on the command line (``-qmp``), as a management tool's would::
 
     vm = vms.start("-blockdev", ..., options=("--lockspace", space))
     vm.qmp("blockdev-add", {...})
-    until(lambda: vm.runstate() == "running", what="the guest to run")
+    wait_until(lambda: vm.runstate() == "running", what="the guest to run", timeout=TIMEOUT)
 
 Leaving the context ends every wrapper and every QEMU it started, also a
 QEMU whose wrapper was killed.  :class:`Watcher` samples an image's
@@ -41,11 +41,6 @@ from imglock.qemu.monitor import MonitorThread
 TIMEOUT = 20.0
 
 REPO = str(Path(__file__).parents[1])
-
-
-def until(predicate: Callable[[], object], timeout: float = TIMEOUT, what: str = "") -> None:
-    """Poll *predicate* until it is true; fail after *timeout* seconds."""
-    wait_until(what or "the condition", predicate, timeout)
 
 
 def children(pid: int) -> list[int]:
@@ -192,7 +187,11 @@ class WrappedVMs:
         vm.process.wait()
         with contextlib.suppress(ChildProcessError):
             os.waitpid(vm.qemu_pid, os.WNOHANG)
-        until(lambda: not alive(vm.qemu_pid), what=f"QEMU (pid {vm.qemu_pid}) to be gone")
+        wait_until(
+            lambda: not alive(vm.qemu_pid),
+            what=f"QEMU (pid {vm.qemu_pid}) to be gone",
+            timeout=TIMEOUT,
+        )
 
     def close(self) -> None:
         for vm in self.vms:
