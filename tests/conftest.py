@@ -24,6 +24,9 @@ from pathlib import Path
 
 import pytest
 from gluster_hosts import Datastore, unavailable_reason
+from wrapped_vm import WrappedVMs
+
+import imglock
 
 REQUIRE_QEMU = os.environ.get("IMGLOCK_REQUIRE_QEMU") == "1"
 REQUIRE_GLUSTER = os.environ.get("IMGLOCK_REQUIRE_GLUSTER") == "1"
@@ -103,6 +106,11 @@ CLAIMER = str(Path(__file__).with_name("claimer.py"))
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
 
 
+def imglock_holders(image: Path, lockspace: str | None = None) -> list[imglock.Holder]:
+    """The image's holders that hold it through imglock (not QEMU's own lock bytes)."""
+    return [h for h in imglock.holders(image, lockspace=lockspace) if h.layer == "imglock"]
+
+
 @dataclass
 class Rival:
     proc: subprocess.Popen[str]
@@ -146,6 +154,13 @@ def rival() -> Iterator[SpawnRival]:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture
+def vms(qemu_system_path: str) -> Iterator[WrappedVMs]:
+    """QEMUs under ``imglock run``: all of them, and their wrappers, ended afterwards."""
+    with WrappedVMs(qemu_system_path) as wrapped:
+        yield wrapped
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import ENV
+from conftest import ENV, imglock_holders
 from processes import alive, wait_until
 from qemu_vm import NONE_MACHINE, TINY_PC
 from wrapped_vm import TIMEOUT, MonitoredVM, WrappedVM, WrappedVMs, children
@@ -101,9 +101,7 @@ class Lab:
         return Daemon(pid, watcher, socket[1].decode(), proc)
 
     def imglock_holders(self) -> list[imglock.Holder]:
-        return [
-            h for h in imglock.holders(self.image, lockspace=self.lockspace) if h.layer == "imglock"
-        ]
+        return imglock_holders(self.image, self.lockspace)
 
     def wrapped(self, *args: str) -> WrappedVM:
         """``imglock run -- QEMU ARGS`` in the background (not daemonized)."""

@@ -8,22 +8,14 @@ it, so imglock has nothing local to claim, and says so.
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import imglock_holders
 from processes import wait_until
 from wrapped_vm import TIMEOUT, WrappedVMs
 
-import imglock
-
 pytestmark = pytest.mark.qemu
-
-
-@pytest.fixture
-def vms(qemu_system_path: str) -> Iterator[WrappedVMs]:
-    with WrappedVMs(qemu_system_path) as wrapped:
-        yield wrapped
 
 
 def test_a_vm_with_only_a_remote_disk_runs_with_a_warning(
@@ -40,6 +32,6 @@ def test_a_vm_with_only_a_remote_disk_runs_with_a_warning(
     vm = vms.start("-drive", f"file=nbd:unix:{socket},format=raw,if=none,id=remote0")
     assert vm.runstate() in ("running", "paused")
     # QEMU reads the file through qemu-nbd, which holds it; imglock holds nothing.
-    assert not [h for h in imglock.holders(raw_image) if h.layer == "imglock"]
+    assert not imglock_holders(raw_image)
     assert vm.quit() == 0
     assert "nothing local is claimed" in vm.stderr()

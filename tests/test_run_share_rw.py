@@ -11,24 +11,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ENV, SpawnRival
+from conftest import ENV, SpawnRival, imglock_holders
 from processes import wait_until
 from qemu_vm import TINY_PC
 from wrapped_vm import TIMEOUT, WrappedVMs
 
-import imglock
-
 pytestmark = pytest.mark.qemu
-
-
-@pytest.fixture
-def vms(qemu_system_path: str) -> Iterator[WrappedVMs]:
-    with WrappedVMs(qemu_system_path) as wrapped:
-        yield wrapped
 
 
 def shared_disk(image: Path) -> list[str]:
@@ -36,10 +27,6 @@ def shared_disk(image: Path) -> list[str]:
         "-S", "-drive", f"file={image},format=raw,if=none,id=shared0",
         "-device", "virtio-blk-pci,drive=shared0,share-rw=on",
     ]  # fmt: skip
-
-
-def imglock_holders(image: Path) -> list[imglock.Holder]:
-    return [h for h in imglock.holders(image) if h.layer == "imglock"]
 
 
 def test_two_share_rw_vms_run_side_by_side_and_an_exclusive_user_is_refused(

@@ -1,12 +1,8 @@
 """QEMU under the real ``imglock run``, driven through a QMP monitor of the test's own.
 
 ``imglock run`` adds a private monitor of its own; the test's monitor sits
-beside it on the command line (``-qmp``), as a management tool's would::
-
-    @pytest.fixture
-    def vms(qemu_system_path: str) -> Iterator[WrappedVMs]:
-        with WrappedVMs(qemu_system_path) as vms:
-            yield vms
+beside it on the command line (``-qmp``), as a management tool's would
+(``vms`` is the fixture of that name in conftest.py, a :class:`WrappedVMs`)::
 
     vm = vms.start("-blockdev", ..., options=("--lockspace", space))
     vm.qmp("blockdev-add", {...})
