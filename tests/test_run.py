@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ImglockCli
+from conftest import ImglockCli, imglock_holders
+from processes import state, wait_until
 
 import imglock
 
@@ -33,19 +34,6 @@ def _background(
     )
     started.append(proc)
     return proc  # type: ignore[no-any-return]
-
-
-def _wait_until(predicate: object, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.01)
-    raise AssertionError("condition not reached in time")
-
-
-def _imglock_holders(path: Path) -> list[imglock.Holder]:
-    return [h for h in imglock.holders(path) if h.layer == "imglock"]
 
 
 def test_exit_status_is_the_commands(raw_image: Path, imglock_cli: ImglockCli) -> None:
@@ -78,8 +66,7 @@ def test_a_second_run_fails_with_the_conflict_status_and_names_the_holder(
     raw_image: Path, imglock_cli: ImglockCli, started: list[subprocess.Popen[str]]
 ) -> None:
     first = _background(started, "run", "--image", raw_image, "--", "sleep", "30")
-    _wait_until(lambda: _imglock_holders(raw_image))
-    (holder,) = _imglock_holders(raw_image)
+    (holder,) = wait_until(lambda: imglock_holders(raw_image), what="the command holds the image")
     proc = imglock_cli("run", "--image", raw_image, "--", "true")
     assert proc.returncode == 75
     (line,) = proc.stderr.splitlines()
@@ -92,7 +79,7 @@ def test_wait_gets_the_image_when_the_first_holder_exits(
     raw_image: Path, imglock_cli: ImglockCli, started: list[subprocess.Popen[str]]
 ) -> None:
     _background(started, "run", "--image", raw_image, "--", "sleep", "1")
-    _wait_until(lambda: _imglock_holders(raw_image))
+    wait_until(lambda: imglock_holders(raw_image), what="the command holds the image")
     proc = imglock_cli("run", "-w", "20", "--image", raw_image, "--", "true")
     assert proc.returncode == 0, proc.stderr
 
@@ -101,7 +88,7 @@ def test_wait_that_runs_out_exits_with_the_conflict_status(
     raw_image: Path, imglock_cli: ImglockCli, started: list[subprocess.Popen[str]]
 ) -> None:
     _background(started, "run", "--image", raw_image, "--", "sleep", "30")
-    _wait_until(lambda: _imglock_holders(raw_image))
+    wait_until(lambda: imglock_holders(raw_image), what="the command holds the image")
     began = time.monotonic()
     proc = imglock_cli("run", "-w", "0.5", "--image", raw_image, "--", "true")
     assert proc.returncode == 75
@@ -112,12 +99,11 @@ def test_kill_9_of_the_wrapper_leaves_the_command_holding_the_lock(
     raw_image: Path, started: list[subprocess.Popen[str]]
 ) -> None:
     wrapper = _background(started, "run", "--image", raw_image, "--", "sleep", "30")
-    _wait_until(lambda: _imglock_holders(raw_image))
-    (holder,) = _imglock_holders(raw_image)
+    (holder,) = wait_until(lambda: imglock_holders(raw_image), what="the command holds the image")
     wrapper.kill()
     wrapper.wait()
     try:
-        (still,) = _imglock_holders(raw_image)
+        (still,) = imglock_holders(raw_image)
         assert still.pid == holder.pid
         with pytest.raises(imglock.LockConflict):
             imglock.claim(raw_image)
@@ -129,8 +115,7 @@ def test_kill_9_of_the_command_frees_the_image(
     raw_image: Path, started: list[subprocess.Popen[str]]
 ) -> None:
     wrapper = _background(started, "run", "--image", raw_image, "--", "sleep", "30")
-    _wait_until(lambda: _imglock_holders(raw_image))
-    (holder,) = _imglock_holders(raw_image)
+    (holder,) = wait_until(lambda: imglock_holders(raw_image), what="the command holds the image")
     os.kill(holder.pid, signal.SIGKILL)
     assert wrapper.wait(timeout=10) == 128 + signal.SIGKILL
     assert imglock.holders(raw_image) == []
@@ -143,7 +128,7 @@ def test_signals_are_forwarded_to_the_command(
     got = tmp_path / "got"
     script = f"trap 'echo {signo} > {got}; exit 7' {signo}; while :; do sleep 0.05; done"
     wrapper = _background(started, "run", "--image", raw_image, "--", "sh", "-c", script)
-    _wait_until(lambda: _imglock_holders(raw_image))
+    wait_until(lambda: imglock_holders(raw_image), what="the command holds the image")
     time.sleep(0.2)  # let the shell install its trap
     wrapper.send_signal(signo)
     assert wrapper.wait(timeout=10) == 7
@@ -211,15 +196,9 @@ def test_lock_loss_stops_the_command_and_says_so(
         "30",
         env=env,
     )
-    _wait_until(lambda: _imglock_holders(raw_image))
-    (holder,) = _imglock_holders(raw_image)
-
-    def stopped() -> bool:
-        with open(f"/proc/{holder.pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "T"
-
+    (holder,) = wait_until(lambda: imglock_holders(raw_image), what="the command holds the image")
     try:
-        _wait_until(stopped)
+        wait_until(lambda: state(holder.pid) == "T", what="the command is stopped")
     finally:
         os.kill(holder.pid, signal.SIGKILL)
     wrapper.wait(timeout=10)
@@ -236,6 +215,6 @@ def test_qemu_tools_keep_their_own_lock_bytes_under_run(
     proc = imglock_cli("run", "--image", image, "--", "qemu-img", "resize", image, "+1M")
     assert proc.returncode == 0, proc.stderr  # qemu-img takes QEMU's bytes itself
     _background(started, "run", "--image", image, "--", "sleep", "30")
-    _wait_until(lambda: _imglock_holders(image))
+    wait_until(lambda: imglock_holders(image), what="the command holds the image")
     proc = imglock_cli("run", "--image", image, "--", "qemu-img", "resize", image, "+1M")
     assert proc.returncode == 75
