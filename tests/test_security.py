@@ -21,13 +21,13 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from conftest import QemuImg
+from conftest import QemuImg, imglock_holders
+from processes import wait_until
 from qemu_vm import NONE_MACHINE
 
 import imglock
@@ -133,18 +133,6 @@ def status_as_root(*images: Path, table: bool = False) -> str:
     return proc.stdout
 
 
-def wait_for(predicate: Callable[[], T], timeout: float = 10.0) -> T:
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
-    return value
-
-
-def imglock_holders(image: Path) -> list[imglock.Holder]:
-    return [h for h in imglock.holders(image) if h.layer == "imglock"]
-
-
 def fingerprint(path: Path) -> tuple[object, ...]:
     """Everything a write (or chmod, chown, truncate) would change."""
     st = os.lstat(path)
@@ -186,11 +174,11 @@ def run_in_background(
     )
     started.append(proc)
     lockspace = args[args.index("--lockspace") + 1] if "--lockspace" in args else None
-    (holder,) = wait_for(
-        lambda: [h for h in imglock.holders(image, lockspace=lockspace) if h.layer == "imglock"]
+    (holder,) = wait_until(
+        lambda: imglock_holders(image, lockspace), what="the wrapper claims the image"
     )
     # The claim is taken before the gate opens: wait for the command itself.
-    wait_for(lambda: _argv(holder.pid)[: len(HOLD)] == HOLD)
+    wait_until(lambda: _argv(holder.pid)[: len(HOLD)] == HOLD, what="the command runs")
     return proc, holder
 
 
@@ -417,12 +405,12 @@ def test_the_private_qmp_socket_of_a_wrapped_qemu_is_out_of_other_users_reach(
         text=True,
     )
     started.append(wrapper)
-    (qemu,) = wait_for(lambda: imglock_holders(image))
+    (qemu,) = wait_until(lambda: imglock_holders(image), what="QEMU holds the image")
     pid = qemu.pid
     assert pid is not None
-    qmp = wait_for(lambda: _qmp_socket_of(pid))
+    qmp = wait_until(lambda: _qmp_socket_of(pid), what="QEMU's private QMP socket")
     assert qmp is not None
-    wait_for(qmp.exists)
+    wait_until(qmp.exists, what="the QMP socket exists")
 
     st = os.lstat(qmp.parent)
     assert stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o700
