@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import CLAIMER, ENV, SpawnRival
+from processes import wait_until
 
 import imglock
 from imglock.api import Claim, ClaimSpec
@@ -128,9 +129,7 @@ def test_child_that_inherited_the_descriptor_keeps_the_lock_after_its_parent_die
         assert child_pid in [h.pid for h in info.value.holders if h.layer == "imglock"]
     finally:
         os.kill(child_pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while imglock.holders(raw_image) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: not imglock.holders(raw_image), what="the image is free", timeout=5)
     assert imglock.holders(raw_image) == []
 
 

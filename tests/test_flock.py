@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ENV, ImglockCli, SpawnRival
+from processes import wait_until
 
 import imglock
 from imglock.lock import flock
@@ -75,10 +76,9 @@ def test_flock1_holding_an_image_refuses_claims_and_status_names_it(
 ) -> None:
     holder = subprocess.Popen(["flock", flag, str(raw_image), "sleep", "600"])
     started.append(holder)
-    deadline = time.monotonic() + 10
-    while not (seen := flock_holders(imglock_cli, raw_image)):
-        assert time.monotonic() < deadline, "flock(1) never locked the image"
-        time.sleep(0.02)
+    seen = wait_until(
+        lambda: flock_holders(imglock_cli, raw_image), what="flock(1) to lock the image", timeout=10
+    )
     assert holder.pid in [h["pid"] for h in seen]
     assert {h["mode"] for h in seen} == {"exclusive" if flag == "-x" else "shared"}
     assert "flock" in imglock_cli("status", raw_image).stdout

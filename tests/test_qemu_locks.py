@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import SpawnRival
+from processes import wait_until
 from qemu_vm import NONE_MACHINE, QemuVMs
 
 import imglock
@@ -40,14 +41,11 @@ def _qemu_holders(path: Path) -> list[Holder]:
 
 
 def _wait_for_locks(path: Path, vm_pid: int) -> None:
-    import time
-
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if any(h.pid == vm_pid for h in _qemu_holders(path)):
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"QEMU {vm_pid} never locked {path}")
+    wait_until(
+        lambda: any(h.pid == vm_pid for h in _qemu_holders(path)),
+        what=f"QEMU {vm_pid} to lock {path}",
+        timeout=10,
+    )
 
 
 def test_status_names_qemu_and_its_permissions_on_a_chain(

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from processes import wait_until
 from qemu_vm import NONE_MACHINE, TINY_PC, QemuVM, QemuVMs, ofd_lock_bytes
 
 from imglock.qemu.monitor import (
@@ -367,9 +368,7 @@ def test_cancelled_migration_leaves_the_source_running(handoff: Handoff) -> None
     with pytest.raises(MonitorClosed, match="before the incoming migration completed"):
         dst_watch.result(HANDOFF_TIMEOUT)
     assert handoff.dest.wait(5) == 1
-    deadline = time.monotonic() + 5
-    while not outcomes and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: outcomes, what="the migration's outcome", timeout=5)
     assert outcomes == [MigrationOutcome(MIGRATION_CANCELLED, RunState(True, "running"))]
     assert not handoff.released.is_set()
     assert handoff.src_mon.query_status() == RunState(True, "running")
@@ -387,9 +386,7 @@ def test_failed_migration_leaves_the_source_running(handoff: Handoff, qemu_vms: 
     )
     handoff.uri = f"unix:{qemu_vms.path('nobody-listens.sock')}"
     handoff.migrate()
-    deadline = time.monotonic() + 5
-    while not outcomes and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: outcomes, what="the migration's outcome", timeout=5)
     (outcome,) = outcomes
     assert outcome.status == MIGRATION_FAILED
     assert outcome.runstate == RunState(True, "running")

@@ -12,12 +12,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import ENV, SpawnRival
+from processes import wait_until
 
 import imglock
 from imglock.lock import fcntl_locks, protocol
@@ -80,10 +80,11 @@ def test_a_killed_waiter_leaves_the_queue_and_the_next_one_is_served(
             )
         )  # fmt: skip
         started.append(waiters[-1])
-        deadline = time.monotonic() + 30
-        while len(imglock.inspect(raw_image).waiting) < len(waiters):
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_until(
+            lambda: len(imglock.inspect(raw_image).waiting) >= len(waiters),
+            what=f"{len(waiters)} waiters queued",
+            timeout=30,
+        )
     first = imglock.inspect(raw_image).waiting[0]
     assert first.pid is not None
     # The queue names the pid the claim is for (the wrapper's child, which
@@ -91,10 +92,11 @@ def test_a_killed_waiter_leaves_the_queue_and_the_next_one_is_served(
     victim = next(w for w in waiters if w.pid in (first.pid, _parent(first.pid)))
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    deadline = time.monotonic() + 30
-    while len(imglock.inspect(raw_image).waiting) != 1:
-        assert time.monotonic() < deadline, "the killed waiter is still queued"
-        time.sleep(0.01)
+    wait_until(
+        lambda: len(imglock.inspect(raw_image).waiting) == 1,
+        what="the killed waiter to leave the queue",
+        timeout=30,
+    )
     holder.stop()
     survivor = next(w for w in waiters if w is not victim)
     assert survivor.wait(30) == 0

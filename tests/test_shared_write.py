@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import ImglockCli, SpawnRival
+from processes import wait_until
 from qemu_vm import TINY_PC, QemuVMs, ofd_lock_bytes
 
 import imglock
@@ -45,13 +45,9 @@ def _qemu_bytes_of(pid: int, image: Path) -> set[int]:
 
 
 def _wait_for_qemu_bytes(pid: int, image: Path) -> set[int]:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        held = _qemu_bytes_of(pid, image)
-        if held:
-            return held
-        time.sleep(0.02)
-    raise AssertionError(f"QEMU {pid} never locked {image}")
+    return wait_until(
+        lambda: _qemu_bytes_of(pid, image), what=f"QEMU {pid} to lock {image}", timeout=20
+    )
 
 
 @pytest.mark.parametrize("mode", ["exclusive", "shared", "shared-write"])

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ENV, ImglockCli, QemuImg, SpawnRival
+from processes import wait_until
 from qemu_vm import NONE_MACHINE, QemuVMs
 
 import imglock
@@ -102,10 +103,7 @@ def test_status_and_a_conflict_name_the_waiters_apart_from_the_holder(
         env=ENV,
     )
     started.append(waiter)
-    deadline = time.monotonic() + 30
-    while not imglock.inspect(raw_image).waiting:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_until(lambda: imglock.inspect(raw_image).waiting, what="the waiter queued", timeout=30)
 
     proc = imglock_cli("status", "--json", raw_image)
     (report,) = json.loads(proc.stdout)

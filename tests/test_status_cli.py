@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 from conftest import ImglockCli, SpawnRival
+from processes import wait_until
 from qcow2_builder import Qcow2Spec, build
 
 from imglock.errors import EX_DATAERR, EX_HELD, EX_NOINPUT, EX_OK, ImageError
@@ -280,12 +281,7 @@ def test_a_record_whose_lock_is_gone_is_flagged_stale(
 
 
 def _wait_free(imglock_cli: ImglockCli, image: Path) -> None:
-    import time
-
-    deadline = time.monotonic() + 10
-    while status(imglock_cli, image).returncode != EX_OK:
-        assert time.monotonic() < deadline, f"{image} still held"
-        time.sleep(0.05)
+    wait_until(lambda: status(imglock_cli, image).returncode == EX_OK, what=f"{image} to be free")
 
 
 def test_names_with_control_characters_cannot_break_the_table(
