@@ -63,6 +63,10 @@ class Lab:
         source.qmp("migrate", {"uri": f"unix:{socket}"})
         return dest
 
+    def wait_for_claim(self, vm: WrappedVM, what: str) -> None:
+        """Wait until *vm*'s QEMU, and it alone, holds the image exclusive."""
+        wait_until(lambda: self.exclusive_holders() == [vm.qemu_pid], what=what, timeout=TIMEOUT)
+
     def exclusive_holders(self) -> list[int]:
         return sorted(
             h.pid or -1
@@ -83,21 +87,13 @@ def lab(qemu_system_path: str, qemu_img_path: str, tmp_path: Path) -> Iterator[L
 
 def test_migration_hands_the_claim_over_and_never_to_two_at_once(lab: Lab) -> None:
     source = lab.start("source")
-    wait_until(
-        lambda: lab.exclusive_holders() == [source.qemu_pid],
-        what="the source's claim",
-        timeout=TIMEOUT,
-    )
+    lab.wait_for_claim(source, what="the source's claim")
     with Watcher(lab.image) as watcher:
         dest = lab.migrate(source, "dest")
         wait_until(
             lambda: dest.runstate() == RUNNING, what="the destination guest to run", timeout=TIMEOUT
         )
-        wait_until(
-            lambda: lab.exclusive_holders() == [dest.qemu_pid],
-            what="the destination's claim",
-            timeout=TIMEOUT,
-        )
+        lab.wait_for_claim(dest, what="the destination's claim")
         samples = watcher.stop()
 
     gaps = sorted(b[0] - a[0] for a, b in itertools.pairwise(samples))
@@ -122,11 +118,7 @@ def test_the_source_removes_its_record_after_the_switch_over_never_naming_a_hold
     # drops its locks at once and its record a little later; meanwhile the
     # record names nobody.
     source = lab.start("source")
-    wait_until(
-        lambda: lab.exclusive_holders() == [source.qemu_pid],
-        what="the source's claim",
-        timeout=TIMEOUT,
-    )
+    lab.wait_for_claim(source, what="the source's claim")
     dest = lab.migrate(source, "dest")
     wait_until(
         lambda: dest.runstate() == RUNNING, what="the destination guest to run", timeout=TIMEOUT
@@ -151,11 +143,7 @@ def test_the_source_removes_its_record_after_the_switch_over_never_naming_a_hold
 
 def test_destination_resumes_the_guest_only_once_it_holds_the_claim(lab: Lab) -> None:
     source = lab.start("source")
-    wait_until(
-        lambda: lab.exclusive_holders() == [source.qemu_pid],
-        what="the source's claim",
-        timeout=TIMEOUT,
-    )
+    lab.wait_for_claim(source, what="the source's claim")
     # Freeze the destination's wrapper right after it has claimed, before `cont`.
     dest = lab.migrate(source, "dest", env={"IMGLOCK_FAULTS": "stop=handoff:claimed"})
     wait_until(
@@ -173,11 +161,7 @@ def test_destination_resumes_the_guest_only_once_it_holds_the_claim(lab: Lab) ->
 
 def test_a_cancelled_migration_leaves_the_claim_with_the_source(lab: Lab) -> None:
     source = lab.start("source")
-    wait_until(
-        lambda: lab.exclusive_holders() == [source.qemu_pid],
-        what="the source's claim",
-        timeout=TIMEOUT,
-    )
+    lab.wait_for_claim(source, what="the source's claim")
     source.qmp("migrate-set-parameters", {"max-bandwidth": 1 << 20})  # still going at cancel
     dest = lab.migrate(source, "dest")
     wait_until(
@@ -193,11 +177,7 @@ def test_a_cancelled_migration_leaves_the_claim_with_the_source(lab: Lab) -> Non
 
 def test_a_failed_migration_leaves_the_claim_with_the_source(lab: Lab) -> None:
     source = lab.start("source")
-    wait_until(
-        lambda: lab.exclusive_holders() == [source.qemu_pid],
-        what="the source's claim",
-        timeout=TIMEOUT,
-    )
+    lab.wait_for_claim(source, what="the source's claim")
     source.qmp("migrate", {"uri": f"unix:{lab.vms.path('nobody-listens.sock')}"})
     wait_until(lambda: source.migration() == "failed", what="the failure", timeout=TIMEOUT)
     time.sleep(0.3)
@@ -251,22 +231,14 @@ def test_a_source_wrapper_killed_right_after_releasing_leaves_the_handoff_intact
     # Crash matrix, handoff:released: the source's wrapper dies the moment it
     # has let go; the destination still claims and runs, the image stuck nowhere.
     source = lab.start("source", env={"IMGLOCK_FAULTS": "crash=handoff:released"})
-    wait_until(
-        lambda: lab.exclusive_holders() == [source.qemu_pid],
-        what="the source's claim",
-        timeout=TIMEOUT,
-    )
+    lab.wait_for_claim(source, what="the source's claim")
     source_qemu = source.qemu_pid
     dest = lab.migrate(source, "dest")
     assert source.process.wait(timeout=20) == -signal.SIGKILL
     wait_until(
         lambda: dest.runstate() == RUNNING, what="the destination guest to run", timeout=TIMEOUT
     )
-    wait_until(
-        lambda: lab.exclusive_holders() == [dest.qemu_pid],
-        what="the destination's claim",
-        timeout=TIMEOUT,
-    )
+    lab.wait_for_claim(dest, what="the destination's claim")
     assert source_qemu not in lab.exclusive_holders()
 
 
@@ -277,11 +249,7 @@ def test_a_destination_wrapper_killed_right_after_claiming_leaves_the_claim_with
     # claiming and `cont`.  Its QEMU inherited the locks: the image is held by
     # a live process (whose guest stays paused), and free once that process ends.
     source = lab.start("source")
-    wait_until(
-        lambda: lab.exclusive_holders() == [source.qemu_pid],
-        what="the source's claim",
-        timeout=TIMEOUT,
-    )
+    lab.wait_for_claim(source, what="the source's claim")
     dest = lab.migrate(source, "dest", env={"IMGLOCK_FAULTS": "crash=handoff:claimed"})
     dest_qemu = dest.qemu_pid
     assert dest.process.wait(timeout=20) == -signal.SIGKILL
