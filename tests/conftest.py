@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from gluster_hosts import Datastore, unavailable_reason
+from qemu_vm import QemuVMs
 from wrapped_vm import WrappedVMs
 
 import imglock
@@ -154,6 +155,13 @@ def rival() -> Iterator[SpawnRival]:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture
+def qemu_vms(qemu_system_path: str) -> Iterator[QemuVMs]:
+    """Plain QEMUs (no ``imglock run``): all of them ended afterwards."""
+    with QemuVMs(qemu_system_path) as vms:
+        yield vms
 
 
 @pytest.fixture

@@ -6,16 +6,11 @@ it), sockets live in a fresh 0700 directory with a short path (unix socket
 paths are limited to 107 bytes, which pytest's ``tmp_path`` can exceed),
 and the fixture kills every VM it started, whatever the test did.
 
-Use it from a test module through a fixture that asks for
-``qemu_system_path`` (conftest.py), so that the tests are skipped with a
-reason where QEMU is not installed::
+Use it from a test through the ``qemu_vms`` fixture of conftest.py: it asks
+for ``qemu_system_path``, so that the tests are skipped with a reason where
+QEMU is not installed::
 
     from qemu_vm import TINY_PC, QemuVMs
-
-    @pytest.fixture
-    def qemu_vms(qemu_system_path: str) -> Iterator[QemuVMs]:
-        with QemuVMs(qemu_system_path) as vms:
-            yield vms
 
     def test_something(qemu_vms: QemuVMs, raw_image: Path) -> None:
         vm = qemu_vms.start([*TINY_PC, "-drive", f"file={raw_image},format=raw,if=virtio"])

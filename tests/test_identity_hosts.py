@@ -14,7 +14,6 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,12 +21,6 @@ from conftest import CLAIMER, ENV, QemuImg, SpawnRival
 from qemu_vm import NONE_MACHINE, QemuVMs
 
 ELSEWHERE = ["unshare", "--uts", "--pid", "--mount-proc", "--fork"]
-
-
-@pytest.fixture
-def qemu_vms(qemu_system_path: str) -> Iterator[QemuVMs]:
-    with QemuVMs(qemu_system_path) as vms:
-        yield vms
 
 
 def _status_elsewhere(image: Path) -> list[dict[str, object]]:

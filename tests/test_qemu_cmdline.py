@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import string
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -579,12 +578,6 @@ def test_with_extra_args_refuses_what_would_break() -> None:
 # Against a real QEMU: what it opens is what find_images finds
 
 LOCAL_DRIVERS = ("file", "host_device", "host_cdrom")
-
-
-@pytest.fixture
-def qemu_vms(qemu_system_path: str) -> Iterator[QemuVMs]:
-    with QemuVMs(qemu_system_path) as vms:
-        yield vms
 
 
 def _qemu_opened(vms: QemuVMs, args: list[str], under: Path) -> dict[str, bool]:

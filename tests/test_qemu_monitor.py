@@ -51,12 +51,6 @@ HANDOFF_TIMEOUT = 10.0
 
 
 @pytest.fixture
-def qemu_vms(qemu_system_path: str) -> Iterator[QemuVMs]:
-    with QemuVMs(qemu_system_path) as vms:
-        yield vms
-
-
-@pytest.fixture
 def qcow2_image(qemu_vms: QemuVMs, qemu_img: Any) -> str:
     path = qemu_vms.path("disk.qcow2")
     qemu_img("create", "-q", "-f", "qcow2", path, "1M")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,12 +23,6 @@ from imglock.lock.identity import Owner
 from imglock.lock.protocol import Layer, Mode, ProtocolConflict
 
 QEMU_RANGE = range(100, 264)
-
-
-@pytest.fixture
-def qemu_vms(qemu_system_path: str) -> Iterator[QemuVMs]:
-    with QemuVMs(qemu_system_path) as vms:
-        yield vms
 
 
 def _shared_disk(image: Path, share_rw: str) -> list[str]:

@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,12 +20,6 @@ from processes import wait_until
 from qemu_vm import NONE_MACHINE, QemuVMs
 
 import imglock
-
-
-@pytest.fixture
-def qemu_vms(qemu_system_path: str) -> Iterator[QemuVMs]:
-    with QemuVMs(qemu_system_path) as vms:
-        yield vms
 
 
 def _held_by(imglock_cli: ImglockCli, path: Path, pid: int) -> dict[str, object]:
