@@ -100,6 +100,14 @@ class Lab:
         assert socket, "no private QMP socket on the daemon's command line"
         return Daemon(pid, watcher, socket[1].decode(), proc)
 
+    def wait_free(self) -> None:
+        """Wait until nothing holds the image, through any layer."""
+        wait_until(
+            lambda: not imglock.holders(self.image, lockspace=self.lockspace),
+            what="the image is free",
+            timeout=TIMEOUT,
+        )
+
     def imglock_holders(self) -> list[imglock.Holder]:
         return imglock_holders(self.image, self.lockspace)
 
@@ -172,11 +180,7 @@ def test_a_daemonized_qemu_keeps_its_claim_for_its_whole_life(lab: Lab) -> None:
 
     # The daemon exits: the claim, the watcher, the record and the socket go with it.
     os.kill(daemon.pid, signal.SIGTERM)
-    wait_until(
-        lambda: not imglock.holders(lab.image, lockspace=lab.lockspace),
-        what="the image is free",
-        timeout=TIMEOUT,
-    )
+    lab.wait_free()
     wait_until(lambda: not alive(daemon.watcher), what="the watcher is gone", timeout=TIMEOUT)
     wait_until(
         lambda: not os.path.exists(daemon.private_dir),
@@ -231,11 +235,7 @@ def test_a_daemonized_source_hands_its_claim_over_in_a_live_migration(lab: Lab) 
     assert [h.pid for h in lab.imglock_holders()] == [holder.pid]
     dest.process.terminate()
     dest.process.wait(timeout=TIMEOUT)
-    wait_until(
-        lambda: not imglock.holders(lab.image, lockspace=lab.lockspace),
-        what="the image is free",
-        timeout=TIMEOUT,
-    )
+    lab.wait_free()
 
 
 @pytest.mark.parametrize("signo", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
@@ -252,11 +252,7 @@ def test_a_watcher_ended_by_a_signal_leaves_the_claim_and_the_socket_to_the_daem
         imglock.claim(lab.image, qemu_locks=False, lockspace=lab.lockspace)
     assert os.path.exists(os.path.join(daemon.private_dir, "qmp.sock"))
     os.kill(daemon.pid, signal.SIGKILL)
-    wait_until(
-        lambda: not imglock.holders(lab.image, lockspace=lab.lockspace),
-        what="the image is free",
-        timeout=TIMEOUT,
-    )
+    lab.wait_free()
     shutil.rmtree(daemon.private_dir)  # no watcher is left to remove it
 
 
@@ -282,9 +278,5 @@ def test_a_daemonized_destination_takes_the_claim_over_in_a_live_migration(lab: 
     # The lock offset itself, which every host reads, names the daemon.
     assert holder.owner is not None and Owner.from_id(holder.owner).pid == dest.pid
     os.kill(dest.pid, signal.SIGTERM)
-    wait_until(
-        lambda: not imglock.holders(lab.image, lockspace=lab.lockspace),
-        what="the image is free",
-        timeout=TIMEOUT,
-    )
+    lab.wait_free()
     wait_until(lambda: not alive(dest.watcher), what="the watcher is gone", timeout=TIMEOUT)
