@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CLAIMER, ENV, SpawnRival
+from conftest import CLAIMER, ENV, SpawnRival, imglock_holders
 from processes import wait_until
 
 import imglock
@@ -204,7 +204,7 @@ def test_claimers_with_the_same_pid_on_two_hosts_are_told_apart_by_host(
     a = rival(raw_image, "--mode", "shared", prefix=on_host("host-a"))
     b = rival(raw_image, "--mode", "shared", prefix=on_host("host-b"))
     assert a.ok and b.ok and a.reply["pid"] == b.reply["pid"] == 1
-    found = [h for h in imglock.holders(raw_image) if h.layer == "imglock"]
+    found = imglock_holders(raw_image)
     assert sorted((h.host, h.pid) for h in found) == [("host-a", 1), ("host-b", 1)]
 
 

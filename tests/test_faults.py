@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ENV, QemuImg, SpawnRival
+from conftest import ENV, QemuImg, SpawnRival, imglock_holders
 from hostile_cases import no_descriptor_leaked
 
 import imglock
@@ -106,7 +106,7 @@ def assert_no_record_left(image: Path) -> None:
 
 def test_interrupted_lock_calls_are_retried_and_the_claim_succeeds(raw_image: Path) -> None:
     with injected("fcntl=EINTR,count=3"), imglock.claim(raw_image):
-        (holder,) = [h for h in imglock.holders(raw_image) if h.layer == "imglock"]
+        (holder,) = imglock_holders(raw_image)
         assert holder.pid == os.getpid()
 
 
@@ -297,7 +297,7 @@ def test_a_record_that_cannot_be_written_leaves_a_claim_without_a_record(
         claim = imglock.claim(raw_image)
     try:
         assert claim.held
-        (holder,) = [h for h in imglock.holders(raw_image) if h.layer == "imglock"]
+        (holder,) = imglock_holders(raw_image)
         assert holder.pid == os.getpid()
         assert_no_record_left(raw_image)  # not even the temporary file
         assert not rival(raw_image).ok  # the lock is there all the same

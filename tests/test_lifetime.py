@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ENV, ImglockCli, SpawnRival
+from conftest import ENV, ImglockCli, SpawnRival, imglock_holders
 from processes import TIMEOUT, alive, state, wait_until
 
 import imglock
@@ -140,7 +140,7 @@ def test_a_background_child_of_the_command_keeps_the_claim_and_status_names_it(
     try:
         assert alive(sleeper)
         assert_refused(raw_image, rival)
-        (holder,) = [h for h in imglock.holders(raw_image) if h.layer == "imglock"]
+        (holder,) = imglock_holders(raw_image)
         # The lock names the sleep, on every host (its offset, its record) ...
         assert holder.pid == sleeper and holder.owner is not None
         assert Owner.from_id(holder.owner).pid == sleeper
