@@ -116,7 +116,11 @@ def test_a_symbolic_link_by_that_name_is_never_followed(parent: Path, gone_pid: 
 
 
 def test_other_names_are_left_alone(parent: Path, gone_pid: int) -> None:
-    for name in ("imglock-wrap-x1", f"imglock-{gone_pid}", "imglock-", f"other-{gone_pid}-x"):
+    names = (
+        "imglock-wrap-x1", f"imglock-{gone_pid}", "imglock-", f"other-{gone_pid}-x",
+        "imglock-0-x", "imglock-99999999999999999999999-x",  # no process has such a pid
+    )  # fmt: skip
+    for name in names:
         (parent / name).mkdir(mode=0o700)
     assert private_dir.sweep(str(parent)) == []
 

@@ -22,8 +22,9 @@ from typing import Final
 
 PREFIX: Final = "imglock-"
 SOCKET_NAME: Final = "qmp.sock"
-#: ``imglock-PID-RANDOM``: the pid of the wrapper that made it.
-_NAME: Final = re.compile(r"imglock-(\d+)-[A-Za-z0-9_]+\Z")
+#: ``imglock-PID-RANDOM``: the pid of the wrapper that made it (Linux pids
+#: have at most 7 digits; anyone may make a longer name in /tmp).
+_NAME: Final = re.compile(r"imglock-([1-9]\d{0,6})-[A-Za-z0-9_]+\Z")
 _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
