@@ -1,7 +1,7 @@
 """Private socket directories of wrapped QEMUs: a killed wrapper's go at the next start.
 
 ``imglock run`` gives QEMU a monitor socket in a 0700 directory named
-after the wrapper's pid, and removes it when QEMU ends.  A wrapper killed
+after the wrapper's pid and PID namespace, and removes it when QEMU ends.  A wrapper killed
 with SIGKILL cannot; the next wrapped QEMU's start removes every such
 directory it can prove stale, and nothing else.
 """
@@ -44,9 +44,15 @@ def gone_pid() -> int:
     return proc.pid
 
 
-def private(parent: Path, pid: int, socket_state: str | None = "dead") -> Path:
+#: This process's PID namespace, as the directories' names give it.
+NAMESPACE = os.stat("/proc/self/ns/pid").st_ino
+
+
+def private(
+    parent: Path, pid: int, socket_state: str | None = "dead", namespace: int = NAMESPACE
+) -> Path:
     """A private directory as wrapper *pid* leaves it: a dead socket, a live one, or none."""
-    path = parent / f"imglock-{pid}-a1b2c3d4"
+    path = parent / f"imglock-{namespace}-{pid}-a1b2c3d4"
     path.mkdir(mode=0o700)
     if socket_state is not None:
         sock = socket.socket(socket.AF_UNIX)
@@ -95,6 +101,13 @@ def test_one_named_after_a_live_process_is_kept(parent: Path) -> None:
     assert kept.exists()
 
 
+def test_one_from_another_pid_namespace_is_never_judged(parent: Path, gone_pid: int) -> None:
+    # A host or container sharing this /tmp: its pids mean nothing here.
+    kept = private(parent, gone_pid, namespace=NAMESPACE + 1)
+    assert private_dir.sweep(str(parent)) == []
+    assert (kept / private_dir.SOCKET_NAME).exists()
+
+
 def test_one_holding_anything_else_is_kept(parent: Path, gone_pid: int) -> None:
     kept = private(parent, gone_pid)
     (kept / "notes").write_text("not imglock's")
@@ -110,15 +123,16 @@ def test_one_another_could_enter_is_kept(parent: Path, gone_pid: int) -> None:
 
 def test_a_symbolic_link_by_that_name_is_never_followed(parent: Path, gone_pid: int) -> None:
     target = private(parent, gone_pid).rename(parent / "elsewhere")
-    (parent / f"imglock-{gone_pid}-link").symlink_to(target)
+    (parent / f"imglock-{NAMESPACE}-{gone_pid}-link").symlink_to(target)
     assert private_dir.sweep(str(parent)) == []
     assert (target / private_dir.SOCKET_NAME).exists()
 
 
 def test_other_names_are_left_alone(parent: Path, gone_pid: int) -> None:
     names = (
-        "imglock-wrap-x1", f"imglock-{gone_pid}", "imglock-", f"other-{gone_pid}-x",
-        "imglock-0-x", "imglock-99999999999999999999999-x",  # no process has such a pid
+        "imglock-wrap-x1", f"imglock-{NAMESPACE}-{gone_pid}", "imglock-",
+        f"other-{NAMESPACE}-{gone_pid}-x", f"imglock-{gone_pid}-x",
+        f"imglock-{NAMESPACE}-0-x", f"imglock-{NAMESPACE}-99999999999999999999999-x",
     )  # fmt: skip
     for name in names:
         (parent / name).mkdir(mode=0o700)
@@ -139,9 +153,9 @@ def test_a_wrapped_qemu_clears_what_a_killed_wrapper_left(
     tmp = Path(tempfile.gettempdir())
     killed = wrapped()
     try:
-        sockets = f"imglock-{killed.pid}-*/{private_dir.SOCKET_NAME}"
+        sockets = f"imglock-{NAMESPACE}-{killed.pid}-*/{private_dir.SOCKET_NAME}"
         wait_until(lambda: list(tmp.glob(sockets)), what="the wrapper's socket")
-        (left,) = tmp.glob(f"imglock-{killed.pid}-*")
+        (left,) = tmp.glob(f"imglock-{NAMESPACE}-{killed.pid}-*")
         qemu = int(Path(f"/proc/{killed.pid}/task/{killed.pid}/children").read_text().split()[0])
         os.kill(killed.pid, signal.SIGKILL)
         os.kill(qemu, signal.SIGKILL)
@@ -156,7 +170,7 @@ def test_a_wrapped_qemu_clears_what_a_killed_wrapper_left(
     try:
         wait_until(incoming.exists, what="the next wrapped QEMU")
         assert not left.exists()
-        assert list(tmp.glob(f"imglock-{nxt.pid}-*"))  # its own is there
+        assert list(tmp.glob(f"imglock-{NAMESPACE}-{nxt.pid}-*"))  # its own is there
     finally:
         nxt.send_signal(signal.SIGTERM)
         nxt.wait(timeout=20)

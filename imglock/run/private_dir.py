@@ -8,6 +8,11 @@ the OOM killer) cannot.  So each wrapped QEMU's start first removes the
 directories it can prove stale: named after a wrapper process that is
 gone, holding nothing but a socket on which no QEMU listens any more.
 Anything else is left alone.
+
+A directory's name holds the wrapper's pid and its PID namespace: hosts
+or containers that share a temporary directory but not their pids (each
+its own PID namespace) never judge each other's directories, since a pid
+means nothing outside its namespace.
 """
 
 from __future__ import annotations
@@ -22,15 +27,24 @@ from typing import Final
 
 PREFIX: Final = "imglock-"
 SOCKET_NAME: Final = "qmp.sock"
-#: ``imglock-PID-RANDOM``: the pid of the wrapper that made it (Linux pids
-#: have at most 7 digits; anyone may make a longer name in /tmp).
-_NAME: Final = re.compile(r"imglock-([1-9]\d{0,6})-[A-Za-z0-9_]+\Z")
+#: ``imglock-PIDNS-PID-RANDOM``: the PID namespace (its inode) and the pid
+#: of the wrapper that made it.  Linux pids have at most 7 digits; anyone
+#: may make a longer name in /tmp.
+_NAME: Final = re.compile(r"imglock-(\d{1,20})-([1-9]\d{0,6})-[A-Za-z0-9_]+\Z")
 _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def make() -> str:
     """A new private directory (mode 0700) named after this process."""
-    return tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-")
+    return tempfile.mkdtemp(prefix=f"{PREFIX}{_pid_namespace()}-{os.getpid()}-")
+
+
+def _pid_namespace() -> int:
+    """This process's PID namespace (0 where /proc does not say: such names are never swept)."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
 
 
 def sweep(parent: str | None = None) -> list[str]:
@@ -40,6 +54,9 @@ def sweep(parent: str | None = None) -> list[str]:
     """
     parent = parent or tempfile.gettempdir()
     removed: list[str] = []
+    namespace = str(_pid_namespace())
+    if namespace == "0":
+        return removed
     try:
         parent_fd = os.open(parent, _DIR_FLAGS)
     except OSError:
@@ -47,7 +64,12 @@ def sweep(parent: str | None = None) -> list[str]:
     try:
         for name in os.listdir(parent_fd):
             match = _NAME.match(name)
-            if match and not _alive(int(match[1])) and _remove_if_stale(parent, parent_fd, name):
+            if (
+                match
+                and match[1] == namespace
+                and not _alive(int(match[2]))
+                and _remove_if_stale(parent, parent_fd, name)
+            ):
                 removed.append(os.path.join(parent, name))
     except OSError:
         pass
