@@ -162,7 +162,8 @@ def test_a_wrapped_qemu_clears_what_a_killed_wrapper_left(
     finally:
         killed.kill()
         killed.wait()
-    wait_until(lambda: not Path(f"/proc/{qemu}").exists(), what="QEMU to be gone")
+    # Dead, its descriptors are closed, reaped or not (its parent is gone).
+    wait_until(lambda: not _accepts(left / private_dir.SOCKET_NAME), what="QEMU to be gone")
     assert left.exists()  # nobody was left to remove it
 
     incoming = tmp_path / "incoming.sock"
@@ -174,3 +175,12 @@ def test_a_wrapped_qemu_clears_what_a_killed_wrapper_left(
     finally:
         nxt.send_signal(signal.SIGTERM)
         nxt.wait(timeout=20)
+
+
+def _accepts(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as sock:
+        try:
+            sock.connect(str(path))
+        except ConnectionRefusedError:
+            return False
+    return True
