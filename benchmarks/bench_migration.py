@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from benchmarks.timing import Figure, print_table
@@ -114,26 +114,62 @@ def one_migration(
     return resume - stop
 
 
+def downtime_figure(
+    what: str, beside: str, target: str, runs: int, migrate: Callable[[bool], float]
+) -> Figure:
+    """Median STOP→RESUME of *runs* wrapped migrations beside as many plain ones.
+
+    ``migrate(wrapped)`` migrates once; the two kinds take turns, so that a
+    change in the machine's load falls on each alike.
+    """
+    plain, wrapped = [], []
+    for _ in range(runs):
+        plain.append(migrate(False))
+        wrapped.append(migrate(True))
+    plain_s, wrapped_s = statistics.median(plain), statistics.median(wrapped)
+    added = f"added {1e3 * (wrapped_s - plain_s):.1f} ms; target {target}"
+    return Figure(f"{what} ({runs} runs)", wrapped_s, beside, plain_s, added)
+
+
 def figures(quick: bool = False) -> list[Figure]:
-    runs = 3 if quick else 9
     root = Path(tempfile.mkdtemp(prefix="imglock-bench-"))
     try:
         image = root / "vm.qcow2"
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", image, "64M"], check=True)
-        plain = [one_migration(root, image, wrapped=False) for _ in range(runs)]
-        wrapped = [one_migration(root, image, wrapped=True) for _ in range(runs)]
+        return [
+            downtime_figure(
+                "migration downtime, STOP→RESUME, under imglock run",
+                "plain QEMU",
+                "< 10 ms",
+                3 if quick else 9,
+                lambda wrapped: one_migration(root, image, wrapped),
+            )
+        ]
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    plain_ms, wrapped_ms = statistics.median(plain), statistics.median(wrapped)
-    return [
-        Figure(
-            f"migration downtime, STOP→RESUME, under imglock run ({runs} runs)",
-            wrapped_ms,
-            "plain QEMU",
-            plain_ms,
-            f"added {1e3 * (wrapped_ms - plain_ms):.1f} ms; target < 10 ms",
-        )
-    ]
+
+
+def across_hosts(on_a: Path, on_b: Path, quick: bool = False) -> list[Figure]:
+    """Downtime migrating host A -> host B, the image on a shared volume (A's and B's paths)."""
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", on_a / "mig.qcow2", "64M"], check=True
+    )
+    hosts = (on_host("host-a"), on_host("host-b")) if os.geteuid() == 0 else ([], [])
+    root = Path(tempfile.mkdtemp(prefix="imglock-bench-"))
+    try:
+        return [
+            downtime_figure(
+                "migration downtime A→B via GlusterFS, STOP→RESUME, under imglock run",
+                "plain QEMU, A→B on the same mounts",
+                "≤ 5 ms",
+                5 if quick else 9,
+                lambda wrapped: one_migration(
+                    root, on_a / "mig.qcow2", wrapped, on_b / "mig.qcow2", hosts
+                ),
+            )
+        ]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def main() -> None:
@@ -142,32 +178,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
-
-def across_hosts(on_a: Path, on_b: Path, quick: bool = False) -> list[Figure]:
-    """Downtime migrating host A -> host B, the image on a shared volume (A's and B's paths)."""
-    runs = 5 if quick else 9
-    subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", on_a / "mig.qcow2", "64M"], check=True
-    )
-    hosts = (on_host("host-a"), on_host("host-b")) if os.geteuid() == 0 else ([], [])
-    root = Path(tempfile.mkdtemp(prefix="imglock-bench-"))
-    try:
-        plain, wrapped = [], []
-        for _ in range(runs):  # in turns, so that the load falls on each alike
-            for wrap, samples in ((False, plain), (True, wrapped)):
-                samples.append(
-                    one_migration(root, on_a / "mig.qcow2", wrap, on_b / "mig.qcow2", hosts)
-                )
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    plain_s, wrapped_s = statistics.median(plain), statistics.median(wrapped)
-    return [
-        Figure(
-            f"migration downtime A→B via GlusterFS, STOP→RESUME, under imglock run ({runs} runs)",
-            wrapped_s,
-            "plain QEMU, A→B on the same mounts",
-            plain_s,
-            f"added {1e3 * (wrapped_s - plain_s):.1f} ms; target ≤ 5 ms",
-        )
-    ]
