@@ -52,6 +52,8 @@ from dataclasses import dataclass, replace
 from typing import Any, Final
 
 from imglock.errors import UsageError
+from imglock.qemu import drivers as _drivers
+from imglock.qemu.drivers import LOCAL_FILE_MEMBERS
 
 # Judging a program by its name needs none of the parser: ``imglock run``
 # imports these from imglock.qemu.names, and this module only for QEMU.
@@ -424,39 +426,10 @@ def _flatten(node: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 # --------------------------------------------------------------------------
 # Block drivers
 
-#: Protocol drivers whose ``filename`` is a local file or device.
-LOCAL_PROTOCOL_DRIVERS: Final = frozenset({"file", "host_device", "host_cdrom"})
-
-#: Image format drivers: the nearest one above a file names its format.
-FORMAT_DRIVERS: Final = frozenset(
-    {"qcow2", "qcow", "qed", "raw", "vmdk", "vdi", "vhdx", "vpc", "parallels", "luks",
-     "bochs", "cloop", "dmg"}
-)  # fmt: skip
-
-#: Drivers that are neither formats nor local protocols but open no file of
-#: their own: network and userspace-device protocols, virtual and null
-#: devices.  Also the protocol names of file name prefixes (``nbd:``...).
-NONLOCAL_DRIVERS: Final = frozenset(
-    {"nbd", "iscsi", "iser", "rbd", "gluster", "ssh", "http", "https", "ftp", "ftps", "nfs",
-     "nvme", "nvme-io_uring", "vvfat", "null-co", "null-aio", "virtio-blk-vfio-pci",
-     "virtio-blk-vhost-user", "virtio-blk-vhost-vdpa", "io_uring", "sheepdog", "vxhs"}
-)  # fmt: skip
-
-#: BlockdevOptions members that hold child nodes (inline or by node-name):
-#: the child members of the drivers whose children are not the usual
-#: ``file``/``backing``/``data-file`` (qapi/block-core.json, QEMU 7.2).
-#: Every other member of a driver is data: rbd's ``image`` and iscsi's
-#: ``target`` are names on a server, not node references.
-DRIVER_CHILD_KEYS: Final[Mapping[str, tuple[str, ...]]] = {
-    "blkdebug": ("image",),
-    "blkverify": ("test", "raw"),
-    "blklogwrites": ("file", "log"),
-    "quorum": ("children",),
-    "vmdk": ("file", "backing", "extents"),
-    "copy-before-write": ("file", "target"),
-}
-#: What a format or filter driver not listed above may have as children.
-GENERIC_CHILD_KEYS: Final = ("file", "backing", "data-file")
+#: The block driver table (imglock.qemu.drivers, from QEMU's schema).
+LOCAL_PROTOCOL_DRIVERS: Final = frozenset(LOCAL_FILE_MEMBERS)
+NONLOCAL_DRIVERS: Final = _drivers.NONLOCAL_DRIVERS | _drivers.ENDPOINT_DRIVERS
+FORMAT_DRIVERS: Final = _drivers.FORMAT_DRIVERS
 
 #: How a file name prefix ``proto:`` maps to a local driver (the file
 #: drivers strip their own prefix).
@@ -487,11 +460,7 @@ _DRIVER_NAME: Final = r"[A-Za-z0-9][A-Za-z0-9_+-]*"
 
 def child_keys(driver: object) -> tuple[str, ...]:
     """The members of a node of *driver* that hold child nodes (none for a protocol)."""
-    if driver in NONLOCAL_DRIVERS or driver in LOCAL_PROTOCOL_DRIVERS:
-        return ()
-    if isinstance(driver, str) and driver in DRIVER_CHILD_KEYS:
-        return DRIVER_CHILD_KEYS[driver]
-    return GENERIC_CHILD_KEYS
+    return _drivers.child_members(driver)
 
 
 def path_has_protocol(filename: str) -> bool:
@@ -771,17 +740,19 @@ class _Graph:
         valid = isinstance(driver, str) and re.fullmatch(_DRIVER_NAME, driver)
         if driver is not None and not valid:
             raise _RootError(ctx.root, f"Invalid parameter value for 'driver': {driver!r}")
-        if driver in LOCAL_PROTOCOL_DRIVERS:
-            filename = node.get("filename")
+        if isinstance(driver, str) and driver in LOCAL_FILE_MEMBERS:
+            member = LOCAL_FILE_MEMBERS[driver]
+            filename = node.get(member)
             if not isinstance(filename, str):
-                raise _RootError(ctx.root, "Parameter 'filename' is missing")
+                raise _RootError(ctx.root, f"Parameter '{member}' is missing")
             local = not filename.startswith(FDSET_PREFIX)
             found.append(self._image(ctx, filename, read_only, driver, local=local))
             return
         keys = child_keys(driver)
         has_children = any(key in node for key in keys)
         if driver is not None and not has_children:
-            filename = node.get("filename")
+            # A server, a device endpoint (libblkio's "path"), or nothing.
+            filename = node.get("filename", node.get("path"))
             if not isinstance(filename, str):
                 import json  # a node without a file name is described as QEMU would
 
@@ -792,6 +763,11 @@ class _Graph:
         for key in keys:
             if key not in node:
                 continue
+            if key in _HEADER_CHILDREN and _options_only(node[key]):
+                if ctx.root.source == "-blockdev":  # checked against the schema there
+                    missing = "file" if "driver" in node[key] else "driver"
+                    raise _RootError(ctx.root, f"Parameter '{key}.{missing}' is missing")
+                continue  # -drive: the header's file, with options (backing.node-name=...)
             if key == "backing":
                 # A backing node is only read, whatever its users share.
                 child_ctx = replace(
@@ -807,8 +783,8 @@ class _Graph:
                     ctx,
                     format=driver,
                     read_only=read_only,
-                    implicit_backing="backing" not in node,
-                    implicit_data_file="data-file" not in node,
+                    implicit_backing=_options_only(node.get("backing", {})),
+                    implicit_data_file=_options_only(node.get("data-file", {})),
                 )
             elif is_format:
                 child_ctx = replace(ctx, format=None, read_only=read_only)
@@ -837,6 +813,21 @@ class _Graph:
             implicit_data_file=ctx.implicit_data_file,
             share_rw=ctx.share_rw,
         )
+
+
+#: Members whose file an image header names (QEMU opens it unless the
+#: command line names a node or null instead).
+_HEADER_CHILDREN: Final = ("backing", "data-file")
+
+
+def _options_only(child: object) -> bool:
+    """Whether a ``backing``/``data-file`` member only adds options to the file
+    the header names (``backing.node-name=b``), rather than naming a node of
+    its own (a node-name reference, an object with a file, or null)."""
+    if not isinstance(child, dict) or "file" in child or "filename" in child:
+        return False
+    driver = child.get("driver")
+    return driver is None or driver in FORMAT_DRIVERS
 
 
 class _RootError(Exception):
