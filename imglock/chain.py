@@ -22,7 +22,7 @@ from types import TracebackType
 from typing import Final, Literal
 
 from imglock.errors import ChainError, ImageError, UsageError
-from imglock.formats import FORMAT_NAMES, Child, OpenImage, open_image
+from imglock.formats import DATA_FORMATS, FORMAT_NAMES, Child, OpenImage, open_image
 
 ChainRole = Literal["top", "backing", "data-file"]
 
@@ -140,7 +140,7 @@ class _Opener:
         what = "backing file" if child.role == "backing" else "data file"
         if child.filename is None:
             raise ChainError(parent.filename, f"{what} '{child.name}' is not a local file")
-        if format is not None and format not in FORMAT_NAMES:
+        if format is not None and format not in FORMAT_NAMES and format not in DATA_FORMATS:
             raise ChainError(
                 parent.filename,
                 f"{what} '{child.name}' has format '{format}', which imglock cannot read",

@@ -18,6 +18,7 @@ from imglock.formats.base import Child, FormatDriver, OpenImage
 from imglock.safeio import close_quietly, open_image_fd, read_at
 
 __all__ = [
+    "DATA_FORMATS",
     "DRIVERS",
     "FORMAT_NAMES",
     "PROBE_SIZE",
@@ -69,9 +70,10 @@ PROBE_SIZE: Final = 2048
 #: most qcow2 headers with their extensions and backing name.
 HEAD_SIZE: Final = 4096
 
-# Formats QEMU would recognise but imglock does not read: (offset, bytes,
-# QEMU's name).  Probing one of them as raw would claim the image without
-# the files it depends on, so such an image is refused instead.
+# Formats QEMU would recognise but imglock does not parse: (offset, bytes,
+# QEMU's name).  Probing one that may name a backing file (qcow, qed, vmdk)
+# as raw would claim the image without the files it depends on, so such an
+# image is refused instead; one of DATA_FORMATS is opened as plain data.
 _FOREIGN_SIGNATURES: Final = (
     (0, b"QFI\xfb\x00\x00\x00\x01", "qcow"),
     (0, b"QED\x00", "qed"),
@@ -86,12 +88,29 @@ _FOREIGN_SIGNATURES: Final = (
 )
 
 
+#: Formats QEMU reads whose files name no other file: in QEMU's schema
+#: their nodes have a ``file`` and no ``backing`` or ``data-file`` (the
+#: tests check this against the installed QEMU).  imglock claims such a
+#: file as plain data, and reports its format.  A LUKS volume (libvirt's
+#: ``<encryption format='luks'>``) is one.
+DATA_FORMATS: Final = frozenset(
+    {"bochs", "cloop", "dmg", "luks", "parallels", "vdi", "vhdx", "vpc"}
+)
+
+
 def driver_for(name: str) -> FormatDriver:
-    """The driver of format *name*; UsageError for a format imglock does not read."""
+    """The driver of format *name*; UsageError for a format imglock does not read.
+
+    A format of :data:`DATA_FORMATS` is read by the raw driver.
+    """
     if name in _REGISTRY:
         return _driver(name)
+    if name in DATA_FORMATS:
+        return _driver("raw")
     raise UsageError(
-        None, f"unknown image format '{name}' (imglock reads {', '.join(FORMAT_NAMES)})"
+        None,
+        f"unknown image format '{name}' (imglock reads {', '.join(FORMAT_NAMES)}, "
+        f"and {', '.join(sorted(DATA_FORMATS))} as plain data)",
     )
 
 
@@ -99,8 +118,9 @@ def probe(head: bytes, filename: str) -> FormatDriver:
     """The format of the file whose first bytes are *head* (the best score wins).
 
     Raises UnreadableFormat (a FormatError) for a format QEMU knows but
-    imglock cannot read (vmdk, qcow version 1, LUKS...), rather than
-    treating it as raw.
+    imglock does not parse (vmdk, qcow version 1, LUKS...), rather than
+    treating it as raw; :func:`open_image` then opens one of
+    :data:`DATA_FORMATS` as plain data.
     """
     # A driver scores only files with its magic: the others are not even imported.
     candidates = []
@@ -139,18 +159,28 @@ def open_image(path: str | os.PathLike[str], format: str | None = None) -> OpenI
     """Open the image at *path* read-only and parse its header.
 
     *format* None (or "auto") probes the file; a format name uses that
-    driver without probing.  Raises ImageError (cannot open), FormatError
-    (bad header) or UsageError (unknown format name).  The caller closes
-    the returned image.
+    driver without probing.  A file in one of :data:`DATA_FORMATS`, named
+    or probed, is opened as plain data: no children, its
+    :attr:`~OpenImage.format` the one QEMU reads it as.  Raises ImageError
+    (cannot open), FormatError (bad header) or UsageError (unknown format
+    name).  The caller closes the returned image.
     """
     filename = os.fspath(path)
     # An unknown format name is refused before the file is touched.
     named = driver_for(format) if format is not None and format != "auto" else None
+    read_as = format if format in DATA_FORMATS else None
     fd, st = open_image_fd(filename)
     try:
         head = read_at(fd, 0, HEAD_SIZE, filename)
-        driver = named or probe(head[:PROBE_SIZE], filename)
-        return driver.open(filename, fd, st, head)
+        try:
+            driver = named or probe(head[:PROBE_SIZE], filename)
+        except UnreadableFormat as exc:
+            if exc.format not in DATA_FORMATS:
+                raise
+            driver, read_as = _driver("raw"), exc.format
+        image = driver.open(filename, fd, st, head)
+        image.read_as = read_as
+        return image
     except BaseException:
         close_quietly(fd)
         raise
