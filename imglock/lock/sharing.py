@@ -34,6 +34,8 @@ PROC_LOCKS: Final = "/proc/locks"
 
 #: The probe file, created (empty, never written) in the directory probed.
 PROBE_FILE: Final = ".imglock-probe"
+#: Its mode when created (the umask may narrow it): every host's prober reads it.
+PROBE_MODE: Final = 0o644
 #: Probe locks live in one region of the probe file: one slot per prober.
 PROBE_BASE: Final = 1 << 61
 SLOT_BITS: Final = 32
@@ -228,18 +230,37 @@ def _kernel_lock_starts(st: os.stat_result) -> frozenset[int]:
 
 
 def open_probe_file(directory: str) -> tuple[int, str, os.stat_result]:
-    """Open (creating if need be) the probe file in *directory*, read-only, never a link."""
+    """Open the probe file in *directory* read-only, creating it if missing.
+
+    Never through a link (O_NOFOLLOW), never blocking on a FIFO
+    (O_NONBLOCK), created new (O_EXCL) with PROBE_MODE at most, never
+    written.  A file already there is used only if it is a regular file
+    owned by this user, root or the directory's owner: those could replace
+    it anyway, so a file planted by anyone else is refused, not used.
+    """
     path = os.path.join(directory, PROBE_FILE)
-    flags = os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        fd = os.open(path, flags, 0o644)
+        try:
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, PROBE_MODE)
+        except FileExistsError:
+            fd = os.open(path, flags)
+        st = os.fstat(fd)
+        owners = {os.geteuid(), 0, os.stat(directory).st_uid}
     except OSError as exc:
         reason = os.strerror(exc.errno or 0)
         raise ImageError(path, f"cannot open the probe file: {reason}") from None
-    st = os.fstat(fd)
+    problem = None
     if not stat.S_ISREG(st.st_mode):
+        problem = "the probe file is not a regular file"
+    elif st.st_uid not in owners:
+        problem = (
+            f"the probe file belongs to uid {st.st_uid}, not to this user, root or the "
+            "directory's owner: remove it, or probe as its owner"
+        )
+    if problem is not None:
         os.close(fd)
-        raise ImageError(path, "the probe file is not a regular file")
+        raise ImageError(path, problem)
     return fd, path, st
 
 
