@@ -36,11 +36,10 @@ The parsing follows QEMU 7.2 (``softmmu/vl.c``, ``util/qemu-option.c``,
 Images behind ``-readconfig`` files cannot be seen; :func:`find_images`
 refuses such command lines instead of under-claiming.
 
-Wrappers in front of QEMU (``env``, ``sudo``, ``taskset``, ``numactl``...)
-are not looked through: :func:`is_qemu` judges ``argv[0]`` only, because
-each wrapper has its own option syntax and guessing it wrong would hide
-images.  A caller that wraps QEMU in another program names the images
-itself.
+The functions here take QEMU's own argument vector: the exec-wrappers
+that may stand in front of it (``env``, ``sudo``, ``taskset``,
+``numactl``...) are taken off first, by :mod:`imglock.qemu.prefixes`,
+which knows each one's option syntax and refuses to guess.
 """
 
 from __future__ import annotations

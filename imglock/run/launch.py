@@ -8,6 +8,7 @@ monitor through which a live migration hands the claim over.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -17,7 +18,8 @@ from typing import Any, Final, NamedTuple
 from imglock.api import Claim, ClaimSpec
 from imglock.errors import EX_TEMPFAIL, UsageError
 from imglock.lock.protocol import Layer, Mode, flock_layer
-from imglock.qemu.names import is_qemu
+from imglock.lockcheck import DEFAULT_DEADLINE
+from imglock.qemu.names import is_qemu, names_qemu, qemu_start
 from imglock.run.runner import RunConfig, Runner, Say, run_command
 
 
@@ -37,6 +39,7 @@ class Launch:
         flock: str = "auto",
         lockspace: str | None = None,
         check_interval: float = 5.0,
+        check_deadline: float = DEFAULT_DEADLINE,
         lock_lost_signal: int = signal.SIGSTOP,
         graph_interval: float = 0.5,
         say: Say | None = None,
@@ -54,6 +57,8 @@ class Launch:
         self.handoff_timeout = handoff_timeout
         self.lockspace = lockspace
         self.check_interval = check_interval
+        #: Seconds a lock check may take before the guest is paused (inf: no limit).
+        self.check_deadline = check_deadline
         self.lock_lost_signal = lock_lost_signal
         #: Seconds between readings of QEMU's block graph (0: do not follow it).
         self.graph_interval = graph_interval
@@ -72,9 +77,57 @@ def _warn(message: str) -> None:
     print(f"imglock: warning: {message}", file=sys.stderr, flush=True)
 
 
+class Command(NamedTuple):
+    """The command of ``imglock run``, seen through the exec-wrappers in front of it."""
+
+    argv: list[str]
+    #: Where the wrapped program's own arguments start (0 without a wrapper).
+    start: int
+    #: Whether that program is a QEMU system emulator.
+    qemu: bool
+    #: Why the wrappers in front could not be seen through, if they could not.
+    problem: str | None = None
+
+    @classmethod
+    def of(cls, argv: list[str]) -> Command:
+        from imglock.qemu.prefixes import PrefixError
+
+        try:
+            start = qemu_start(argv)
+        except PrefixError as exc:
+            return cls(argv, 0, False, str(exc))
+        return cls(argv, start or 0, start is not None)
+
+    @property
+    def program(self) -> list[str]:
+        """The wrapped program and its arguments (QEMU's command line, for QEMU)."""
+        return self.argv[self.start :]
+
+    @property
+    def prefix(self) -> list[str]:
+        """The exec-wrappers in front of the program, with their arguments."""
+        return self.argv[: self.start]
+
+
+#: What to do about a QEMU behind a prefix that imglock cannot see through.
+PREFIX_ADVICE: Final = (
+    "run QEMU directly, or name its images with --image, --shared or --shared-write "
+    "and add --qemu-locks off, so that QEMU keeps its own lock bytes"
+)
+
+
 def takes_qemu_locks(argv: list[str]) -> bool:
-    """Whether the command is QEMU or one of its tools, which lock QEMU's bytes themselves."""
-    return is_qemu(argv) or os.path.basename(argv[0]) in QEMU_LOCKING_TOOLS
+    """Whether the command is QEMU or one of its tools, which lock QEMU's bytes themselves.
+
+    Seen through the exec-wrappers in front of it (``nice qemu-img ...``).
+    """
+    from imglock.qemu.prefixes import PrefixError, command_start
+
+    try:
+        program = argv[command_start(argv) :]
+    except PrefixError:
+        program = argv
+    return is_qemu(program) or os.path.basename(program[0]) in QEMU_LOCKING_TOOLS
 
 
 def layers_for(qemu_locks: str, speaks_qemu: bool) -> Layer:
@@ -123,7 +176,7 @@ class ImagePlan(NamedTuple):
     remote: list[Remote]
 
 
-def plan_images(plan: Launch, command_is_qemu: bool) -> ImagePlan:
+def plan_images(plan: Launch, command: Command) -> ImagePlan:
     """The images to claim: named ones, else those of a QEMU command line.
 
     Images named with ``--image``/``--shared``/``--shared-write`` replace
@@ -139,9 +192,13 @@ def plan_images(plan: Launch, command_is_qemu: bool) -> ImagePlan:
     sources = {p: option for option, _, paths in named for p in paths}
     if specs:
         return ImagePlan(specs, sources, [])
-    if not command_is_qemu:
+    if command.problem is not None:
+        raise UsageError(None, f"{command.problem}; {PREFIX_ADVICE}")
+    if not command.qemu and names_qemu(command.argv[1:]):
+        raise UsageError(command.argv[0], f"a prefix imglock does not see through; {PREFIX_ADVICE}")
+    if not command.qemu:
         raise UsageError(
-            plan.argv[0],
+            command.argv[0],
             "not a QEMU command line; name the images to claim with --image, --shared "
             "or --shared-write",
         )
@@ -149,7 +206,7 @@ def plan_images(plan: Launch, command_is_qemu: bool) -> ImagePlan:
     from imglock.qemu.cmdline import ROLE_DATA_FILE, find_images
 
     remote: list[Remote] = []
-    for drive in find_images(plan.argv):
+    for drive in find_images(command.program):
         if not drive.local:
             # nbd:, iscsi:, rbd, /dev/fdset...: their servers do the locking.
             remote.append(Remote(drive.filename, drive.protocol, drive.source, drive.role))
@@ -174,8 +231,8 @@ def dry_run(plan: Launch) -> dict[str, Any]:
     bad image fails here too), but no lock is taken, no record written and
     no lock file created.
     """
-    command_is_qemu = is_qemu(plan.argv)
-    images = plan_images(plan, command_is_qemu)
+    command = Command.of(plan.argv)
+    images = plan_images(plan, command)
     layers = layers_for(plan.qemu_locks, takes_qemu_locks(plan.argv))
     entries: list[dict[str, Any]] = []
     claim = Claim(images.specs).open()  # no lockspace: attaching one creates lock files
@@ -219,7 +276,7 @@ def dry_run(plan: Launch) -> dict[str, Any]:
         )
     return {
         "command": list(plan.argv),
-        "qemu": command_is_qemu,
+        "qemu": command.qemu,
         "layers": [name for layer, name in LAYER_NAMES if layer in layers],
         "lockspace": plan.lockspace,
         "images": entries,
@@ -232,8 +289,8 @@ NOTHING_LOCAL: Final = "the QEMU command line opens no local image: nothing loca
 
 def launch(plan: Launch) -> int:
     """Run *plan*; return the wrapper's exit status."""
-    command_is_qemu = is_qemu(plan.argv)
-    images = plan_images(plan, command_is_qemu)
+    command = Command.of(plan.argv)
+    images = plan_images(plan, command)
     if not images.specs:
         (plan.warn or _warn)(NOTHING_LOCAL)
     claim = Claim(
@@ -247,16 +304,17 @@ def launch(plan: Launch) -> int:
         claim=claim,
         conflict_exit=plan.conflict_exit,
         check_interval=plan.check_interval,
+        check_deadline=None if math.isinf(plan.check_deadline) else plan.check_deadline,
         lock_lost_signal=plan.lock_lost_signal,
     )
     config.say = plan.say or config.say
     config.note = plan.note or config.note
-    if not command_is_qemu:
+    if not command.qemu:
         return run_command(config)
-    return _launch_qemu(plan, config)
+    return _launch_qemu(plan, config, command)
 
 
-def _launch_qemu(plan: Launch, config: RunConfig) -> int:
+def _launch_qemu(plan: Launch, config: RunConfig, command: Command) -> int:
     """Run QEMU with a private QMP monitor that hands the claim over on migration."""
     # Only a QEMU command gets a monitor, and so a private directory for its socket.
     import shutil
@@ -268,8 +326,9 @@ def _launch_qemu(plan: Launch, config: RunConfig) -> int:
     private = private_dir.make()  # mode 0700: only we can reach the socket
     runner: Runner | None = None
     try:
-        handoff = Handoff.for_command(plan.argv, private, plan.handoff_timeout)
-        config.argv = handoff.argv
+        handoff = Handoff.for_command(command.program, private, plan.handoff_timeout)
+        # The wrappers in front exec QEMU with the options added at its end.
+        config.argv = command.prefix + handoff.argv
         config.claim_at_start = not handoff.incoming
         runner = Runner(config)
         handoff.attach(runner)
