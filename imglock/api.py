@@ -14,12 +14,12 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Final, NamedTuple, Self
 
 from imglock import faults
-from imglock.errors import LockConflict, LockError, UsageError
+from imglock.errors import LockConflict, LockError, LockLost, UsageError
 from imglock.lock import records
 from imglock.lock.identity import Owner
 from imglock.lock.lockspace import attach
@@ -33,6 +33,7 @@ from imglock.lock.protocol import (
     holder_range,
     strongest,
 )
+from imglock.lockcheck import DEFAULT_DEADLINE, LockWatch
 from imglock.report import ImageReport, inspect_image
 
 if TYPE_CHECKING:
@@ -111,6 +112,7 @@ class _Member:
         "image",
         "mode",
         "named",
+        "observer",
         "record_dir",
         "record_name",
         "record_problem",
@@ -138,6 +140,72 @@ class _Member:
         #: ``--flock auto`` as decided for this file (protocol.flock_layer_for_file),
         #: once a claim has asked.
         self.flock: Layer | None = None
+        #: A second open file description of the lock target, holding nothing:
+        #: where the lock check looks from (protocol.verify); -1 until it has.
+        self.observer = -1
+
+    def observe(self) -> int:
+        """The observer descriptor, opened on first use (see protocol.verify).
+
+        Opened through /proc/self/fd, so it is the very file the claim
+        holds even if its path now leads elsewhere; close-on-exec, so no
+        command inherits it.
+        """
+        if self.observer < 0:
+            fd, filename = self.image.lock_target
+            try:
+                self.observer = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise LockLost(
+                    filename,
+                    f"lock lost: cannot look at the file: {os.strerror(exc.errno or 0)}",
+                    exc.errno,
+                ) from None
+        return self.observer
+
+    def replaced(self) -> str | None:
+        """Why the path no longer leads to the file claimed, or None while it does.
+
+        Compares inode numbers only: a remount of the same filesystem at
+        the same place (``umount -l``, then mount) changes st_dev but is
+        the same file.  A lock file (``--lockspace``) removed or replaced
+        counts too: another claimer would make a new one and lock that.
+        """
+        targets = [(self.image.filename, self.image.fd, "the path now leads to another file")]
+        lock_fd, lock_name = self.image.lock_target
+        if lock_fd != self.image.fd:
+            targets.append((lock_name, lock_fd, "its lock file was replaced"))
+        for path, fd, what in targets:
+            try:
+                now = os.stat(path).st_ino
+            except FileNotFoundError:
+                return (
+                    "its lock file was removed"
+                    if fd == lock_fd != self.image.fd
+                    else ("the path no longer exists")
+                )
+            except OSError:
+                return None  # cannot look (a hung mount): the lock test decides
+            if now != os.fstat(fd).st_ino:
+                return what
+        return None
+
+    def close(self) -> None:
+        """Close the image's descriptors and the observer; never raises.
+
+        A descriptor of a mount that has gone away (a crashed GlusterFS
+        client: ENOTCONN; a reconnected one with strict locks: EBADFD; a
+        dead NFS server: EIO) may fail to close, but it is closed all the
+        same, and its locks are gone with the server's view of it.
+        """
+        observer, self.observer = self.observer, -1
+        with contextlib.suppress(OSError):
+            if observer >= 0:
+                os.close(observer)
+        for _attempt in ("lock file", "image"):  # a failed close still closes the next one
+            with contextlib.suppress(OSError):
+                self.image.close()
+                break
 
 
 class Claim:
@@ -213,6 +281,16 @@ class Claim:
     def fds(self) -> list[int]:
         """Every descriptor that carries a lock of this claim (for a child to inherit)."""
         return [m.image.lock_target[0] for m in self.members]
+
+    @property
+    def descriptors(self) -> set[int]:
+        """Every descriptor the claim has open: images, lock files, and the lock check's."""
+        return {
+            fd
+            for m in self.members
+            for fd in (m.image.fd, m.image.lock_target[0], m.observer)
+            if fd >= 0
+        }
 
     @property
     def images(self) -> list[tuple[str, Mode]]:
@@ -453,7 +531,7 @@ class Claim:
         try:
             member.image.driver.release(member.image)
         finally:
-            member.image.close()
+            member.close()
             _remove_record(member)
 
     def change_file_mode(self, member: _Member, mode: Mode) -> None:
@@ -477,15 +555,66 @@ class Claim:
         if self.record and member.recorded_as is not None:
             self._write_record(member, held.owner)
 
-    def verify(self) -> None:
-        """Raise LockLost if any lock of this claim is gone (see protocol.verify)."""
+    def verify(self) -> list[str]:
+        """Check that every lock of this claim is still held; raise LockLost if not.
+
+        Each file's bytes are looked at from a second open file description
+        (see protocol.verify): a check never takes a byte, so a lock the
+        server forgot is reported, never quietly taken again.  A path that
+        no longer leads to the file claimed (the image, or its lock file,
+        replaced or removed) is reported as a loss too: a claimer arriving
+        now would lock the new file.
+
+        After a loss the claim stays as it is (release() it; a new claim
+        goes through the whole protocol again).  Returns one line for each
+        lock found in the way that is held outside imglock's protocol
+        while the claim's own are intact: not a loss, but worth a word.
+        """
         from imglock.lock import protocol
 
-        for member in self.members:
-            fd, filename = member.image.lock_target
+        notices = []
+        for member in list(self.members) if self.held else ():
             held = member.image.held
-            if held is not None:
-                protocol.verify(fd, filename, held)
+            if held is None:
+                continue
+            why = member.replaced()
+            if why is not None:
+                raise LockLost(
+                    member.image.filename, f"image replaced: {why}; the claim holds the old file"
+                )
+            fd, filename = member.image.lock_target
+            for lock in protocol.verify(fd, filename, held, member.observe()):
+                notices.append(_intruder(member, lock))
+        return notices
+
+    def watch(
+        self,
+        on_loss: Callable[[LockLost], None],
+        *,
+        interval: float = 5.0,
+        deadline: float | None = DEFAULT_DEADLINE,
+        on_stall: Callable[[float], None] | None = None,
+        on_intact: Callable[[], None] | None = None,
+    ) -> LockWatch:
+        """Check this claim every *interval* seconds in a background thread.
+
+        ``on_loss(exc)`` is called once, from that thread, when a lock is
+        lost (see :meth:`verify`), and the watch ends.  A check that has not
+        completed after *deadline* seconds (a server that hangs) calls
+        ``on_stall(deadline)``, and ``on_intact()`` once a check completes
+        with the claim intact.  Stop it with the returned watch's ``stop()``.
+        """
+        interval = as_seconds("interval", interval)
+        if deadline is not None:
+            deadline = as_seconds("deadline", deadline)
+        return LockWatch(
+            self.verify,
+            interval,
+            on_loss,
+            deadline,
+            on_stall or _ignore,
+            on_intact or _ignore,
+        ).start()
 
     def release(self, *, close: bool = True) -> None:
         """End the claim: close every descriptor, and remove the holder records.
@@ -515,18 +644,22 @@ class Claim:
         members, self.members = self.members, []
         try:
             for member in members:
-                member.image.close()
+                member.close()
                 faults.point("release:unlocked")
-                _remove_record(member)
+                with contextlib.suppress(OSError):  # a record on a mount gone away
+                    _remove_record(member)
         finally:
             for member in members:
-                member.image.close()
+                member.close()
 
     def _unlock(self) -> None:
         """Drop every lock, keep the descriptors and records (case 3 of the lifetime rule)."""
         held, self.held = self.held, False
         for member in self.members if held else ():
-            member.image.driver.release(member.image)
+            try:
+                member.image.driver.release(member.image)
+            except LockError:
+                member.image.held = None  # a dead mount: its locks are gone with it
             faults.point("release:unlocked")
 
     def remove_records(self) -> None:
@@ -591,7 +724,7 @@ class Claim:
         members, self.members = self.members, []
         self.held = False
         for member in members:
-            member.image.close()
+            member.close()
 
     def __enter__(self) -> Self:
         return self.acquire()
@@ -607,7 +740,28 @@ class Claim:
     def __del__(self) -> None:
         # A claim dropped without release must not leak descriptors (and so locks).
         for member in getattr(self, "members", ()):
-            member.image.close()
+            member.close()
+
+
+def _ignore(*_args: object) -> None:
+    """A hook the caller did not ask for."""
+
+
+def _intruder(member: _Member, lock: RangeLock) -> str:
+    """One line on a lock in *member*'s way that is held outside imglock's protocol."""
+    from imglock.lock.discovery import survey
+
+    fd, filename = member.image.lock_target
+    found = survey(
+        fd, filename, os.fstat(fd), record_dir=member.record_dir, record_name=member.record_name
+    )
+    own = member.image.held.owner.id if member.image.held is not None else None
+    others = [h for h in found.holders if h.owner != own]
+    who = _blocking_holder(others, lock).describe() if others else "by another process"
+    return (
+        f"{member.image.filename}: a lock outside imglock's protocol is in the way at byte "
+        f"{lock.start:#x}, held {who}; the claim's own locks are intact"
+    )
 
 
 def _remove_record(member: _Member) -> None:

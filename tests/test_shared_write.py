@@ -202,7 +202,11 @@ def test_a_refused_mode_change_keeps_the_old_claim_exactly(
         with pytest.raises(ProtocolConflict):
             protocol.change_mode(fd, str(raw_image), held, new)
         assert _own_bytes(raw_image) == before
-        protocol.verify(fd, str(raw_image), held)
+        observer = _open(raw_image)
+        try:
+            assert protocol.verify(fd, str(raw_image), held, observer) == []
+        finally:
+            os.close(observer)
     finally:
         os.close(fd)
         os.close(other)

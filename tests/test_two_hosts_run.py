@@ -269,11 +269,21 @@ def test_a_hung_host_keeps_its_claim_and_loses_nothing(cluster: Cluster) -> None
         status = c.imglock("status", "--json", cluster.image(c))
         (report,) = json.loads(status.stdout)
         assert ("host-a", "exclusive") in [(h["host"], h["mode"]) for h in report["holders"]]
-        time.sleep(3 * CHECK_INTERVAL)  # several checks come due while A hangs
+        # A check comes due while A hangs and cannot complete: past its
+        # deadline the guest is paused, before the server could let go.
+        # (QEMU's own monitor may not answer meanwhile: the guest's disk
+        # requests in flight hang, and QEMU waits for them in its main loop.)
+        wait_until(
+            lambda: "guest paused (QMP stop) until a check completes" in on_a.stderr(),
+            what="the guest paused by the deadline", timeout=TIMEOUT,
+        )  # fmt: skip
     finally:
         a.resume()
+    # The check completes with the claim intact: the guest runs again.
+    wait_until(lambda: on_a.runstate() == RUNNING, what="the guest resumed", timeout=TIMEOUT)
     assert cluster.holders() == ["host-a"]
-    assert on_a.runstate() == RUNNING
+    assert "has not completed" in on_a.stderr()
+    assert "claim intact: guest resumed" in on_a.stderr()
     assert "lock lost" not in on_a.stderr()
     assert on_a.process.poll() is None
 

@@ -8,6 +8,7 @@ import click
 
 from imglock.cli.common import Seconds, SignalNumber, verbosity_options
 from imglock.errors import EX_TEMPFAIL
+from imglock.lockcheck import DEFAULT_DEADLINE
 
 
 @click.command(
@@ -87,6 +88,14 @@ from imglock.errors import EX_TEMPFAIL
     help="Seconds between re-checks of the locks while COMMAND runs (0 or inf: never).",
 )
 @click.option(
+    "--check-deadline",
+    type=Seconds(),
+    default=DEFAULT_DEADLINE,
+    show_default=True,
+    help="Seconds a lock check may hang (the storage not answering) before the guest is "
+    "paused until one completes (inf: never).",
+)
+@click.option(
     "--lock-lost-signal",
     type=SignalNumber(),
     default="STOP",
@@ -119,6 +128,7 @@ def run(
     handoff_timeout: float,
     lockspace: str | None,
     check_interval: float,
+    check_deadline: float,
     lock_lost_signal: int,
     graph_interval: float,
     dry_run: bool,
@@ -150,6 +160,7 @@ def run(
             handoff_timeout=handoff_timeout,
             lockspace=lockspace,
             check_interval=check_interval,
+            check_deadline=check_deadline,
             lock_lost_signal=lock_lost_signal,
             graph_interval=graph_interval,
             say=voice.error,

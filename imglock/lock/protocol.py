@@ -402,9 +402,7 @@ class ProtocolConflict(LockConflict):
     someone's flock(2) on the whole file.
     """
 
-    def __init__(
-        self, filename: str, mode: Mode, lock: RangeLock, *, flock: bool = False
-    ) -> None:
+    def __init__(self, filename: str, mode: Mode, lock: RangeLock, *, flock: bool = False) -> None:
         self.lock = lock
         self.flock = flock
         self.queued = read_waiting(lock.start) is not None
@@ -545,9 +543,7 @@ def acquire(
     return _held(mode, layers, owner, with_flock)
 
 
-def _take_flock(
-    fd: int, filename: str, mode: Mode, layers: Layer, had: Mode | None = None
-) -> bool:
+def _take_flock(fd: int, filename: str, mode: Mode, layers: Layer, had: Mode | None = None) -> bool:
     """Take the flock layer (or convert the one held in mode *had*); False if it does not apply."""
     from imglock.lock import flock
 
@@ -702,27 +698,79 @@ def _downgraded(fd: int, filename: str, held: Held, new_mode: Mode, old: set[int
     return new
 
 
-def verify(fd: int, filename: str, held: Held) -> None:
-    """Check that *held* is still ours and unchallenged; raise LockLost if not.
+def missing(observer: int, filename: str, ranges: Iterable[Range]) -> list[Range]:
+    """The bytes of *ranges* that no open file description holds, as *observer* sees them.
 
-    Re-taking a held read lock is a no-op for the kernel but a round trip to
-    the lock manager on NFS, where a lost lease shows up as EIO or ENOLCK.
-    A rival holder of a conflicting mode means the lock was lost silently.
+    *observer* is a second open file description of the file, which holds
+    nothing itself: a lock test from it sees the claim's own locks as
+    another's.  Looking never takes a byte, so a lock that the server has
+    forgotten (a GlusterFS brick restart, an NFS server reboot) shows up
+    as missing instead of being quietly taken again.  One test per range
+    when it is held; more only where a range is partly gone.
+    """
+    gone: list[Range] = []
+    pending = [r for r in ranges if r[1] > 0]
+    while pending:
+        start, length = pending.pop()
+        end = start + length
+        lock = fcntl_locks.conflicting(observer, start, length, filename)
+        if lock is None:
+            gone.append((start, length))
+            continue
+        covered_from, covered_to = max(start, lock.start), min(end, lock.end)
+        pending += [
+            r for r in ((start, covered_from - start), (covered_to, end - covered_to)) if r[1] > 0
+        ]
+    return sorted(gone)
+
+
+def verify(fd: int, filename: str, held: Held, observer: int) -> list[RangeLock]:
+    """Check that every byte of *held* is still held; raise LockLost if not.
+
+    The claim's bytes are looked at from *observer*, a second open file
+    description of the same file (see :func:`missing`): a check never
+    takes a byte it should already hold.  An error of the lock manager
+    (EIO or ENOLCK after an NFS lease was lost, ENOTCONN from a client
+    cut off from its server, EBADFD from a GlusterFS client that refused
+    to reopen a locked file with ``client.strict-locks``) is a loss too.
+
+    Returns the locks of rivals found in the way while the claim's own
+    bytes are intact: those are held outside the protocol (a conforming
+    claimer would have seen this claim and backed off), by anyone who can
+    open the file; they are for the caller to report, and are no loss.
+    The flock layer is not checked: flock(2) cannot be tested without
+    taking it.
     """
     try:
-        for start, length in held.ranges:
-            if not fcntl_locks.try_read_lock(fd, start, length, filename):
-                raise LockLost(filename, "lock lost: a conflicting lock now covers it")
+        gone = missing(observer, filename, held.ranges)
+        if gone:
+            where = _describe_missing(gone)
+            raise LockLost(
+                filename,
+                f"lock lost: {where} no longer held (seen from a second open file description)",
+            )
         tests: list[Range] = []
         if Layer.IMGLOCK in held.layers:
             tests += [(HOLDER_BASE[m], SLOT_SIZE) for m in Mode if conflicts(held.mode, m)]
         # Once running, a wrapped QEMU holds its own bytes: not a rival.
         if Layer.QEMU in held.layers:
             tests += _runs(qemu_bytes(held.mode)[1])
+        found = []
         for start, length in _joined(tests):
-            if fcntl_locks.conflicting(fd, start, length, filename) is not None:
-                raise LockLost(filename, "lock lost: another process now holds the image")
+            lock = fcntl_locks.conflicting(fd, start, length, filename)
+            if lock is not None:
+                found.append(lock)
+        return found
     except LockLost:
         raise
     except LockError as exc:
         raise LockLost(filename, f"lock lost: {exc.message}", exc.errno) from None
+
+
+def _describe_missing(gone: Sequence[Range]) -> str:
+    """The claim's missing bytes, in the words of imglock(7)'s map."""
+    qemu = [f"{a}" if n == 1 else f"{a}-{a + n - 1}" for a, n in gone if a < IMGLOCK_START]
+    own = [a for a, _n in gone if a >= IMGLOCK_START]
+    parts = [f"QEMU's lock bytes {', '.join(qemu)}"] if qemu else []
+    parts += [f"the imglock holder byte at {own[0]:#x}"] if own else []
+    return " and ".join(parts)

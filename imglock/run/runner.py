@@ -47,6 +47,7 @@ from imglock.errors import (
     LockLost,
 )
 from imglock.lock.protocol import Layer
+from imglock.lockcheck import DEFAULT_DEADLINE, LockWatch
 
 #: Signals the wrapper passes on to COMMAND (imglock(1), SIGNALS).
 FORWARDED: Final = (
@@ -96,10 +97,22 @@ def claim_notes(claim: Claim) -> list[str]:
 
 
 class GuestControl(Protocol):
-    """How to stop a guest from writing when its lock is lost."""
+    """How to stop a guest from writing when its lock is lost, or cannot be checked."""
 
     def pause(self, reason: str) -> str:
-        """Stop the guest; return a phrase saying how (for the message)."""
+        """Stop the guest for good (its lock is lost); return a phrase saying how."""
+        ...
+
+    def suspend(self) -> str | None:
+        """Stop the guest until :meth:`resume` (its lock cannot be checked now).
+
+        Returns how, or None when the guest was not running (then nothing
+        is to be resumed either).
+        """
+        ...
+
+    def resume(self) -> str:
+        """Undo :meth:`suspend`; return a phrase saying how."""
         ...
 
 
@@ -115,14 +128,21 @@ class SignalGuest:
         self.signo = signo
 
     def pause(self, reason: str) -> str:
+        return self._send(self.signo) or "the command had already exited"
+
+    def suspend(self) -> str | None:
+        return self._send(signal.SIGSTOP)
+
+    def resume(self) -> str:
+        return self._send(signal.SIGCONT) or "the command had already exited"
+
+    def _send(self, signo: int) -> str | None:
         sent = []
         for pid in self.pids:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, self.signo)
+                os.kill(pid, signo)
                 sent.append(str(pid))
-        if not sent:
-            return "the command had already exited"
-        return f"sent {signal_name(self.signo)} to pid {', '.join(sent)}"
+        return f"sent {signal_name(signo)} to pid {', '.join(sent)}" if sent else None
 
 
 def signal_name(signo: int) -> str:
@@ -158,6 +178,7 @@ class RunConfig:
         claim: Claim,
         conflict_exit: int = EX_TEMPFAIL,
         check_interval: float = 5.0,
+        check_deadline: float | None = DEFAULT_DEADLINE,
         lock_lost_signal: int = signal.SIGSTOP,
         claim_at_start: bool = True,
         say: Say = _say,
@@ -168,6 +189,8 @@ class RunConfig:
         self.conflict_exit = conflict_exit
         #: Seconds between lock re-checks while COMMAND runs (0: never).
         self.check_interval = check_interval
+        #: Seconds a lock check may take before the guest is suspended (None: no limit).
+        self.check_deadline = check_deadline
         self.lock_lost_signal = lock_lost_signal
         #: Claim at start (False on a migration destination: the handoff claims).
         self.claim_at_start = claim_at_start
@@ -188,6 +211,13 @@ class Runner:
         #: Set by a migration handoff once the claim is deliberately not held.
         self.lock_expected = True
         self.lost = False
+        #: A lock check has not completed within its deadline (until one does),
+        #: and how the guest was suspended then (None: it was not running).
+        self.stalled = False
+        self.suspended: str | None = None
+        #: Lines a lock check reported already (each is said once).
+        self.noticed: set[str] = set()
+        self.lock_watch: LockWatch | None = None
         self.on_started: Callable[[Runner], None] | None = None
         #: Set by a QEMU handoff: what a watcher must take over besides the locks.
         self.handover: Handover | None = None
@@ -267,7 +297,11 @@ class Runner:
         self.guest = self.guest or SignalGuest(self.child, self.config.lock_lost_signal)
         if self.on_started is not None:
             self.on_started(self)
-        status = self._wait()
+        self.start_checks()
+        try:
+            status = self._wait()
+        finally:
+            self.stop_checks()
         self._hand_over_to_survivors(old_mask)
         return status
 
@@ -330,16 +364,10 @@ class Runner:
         return min(survivors, key=lambda pid: (procfs.start_time(pid) or 0.0, pid))
 
     def _wait(self) -> int:
-        interval = check_interval(self.config.check_interval)
         watched = {signal.SIGCHLD, *FORWARDED}
         session_leader = os.getsid(0) == os.getpid()
         while True:
-            info = (
-                signal.sigtimedwait(watched, interval) if interval else signal.sigwaitinfo(watched)
-            )
-            if info is None:
-                self.check_lock()
-                continue
+            info = signal.sigwaitinfo(watched)
             if info.si_signo == signal.SIGCHLD:
                 pid, status = os.waitpid(self.child, os.WNOHANG)
                 if pid == self.child:
@@ -350,18 +378,77 @@ class Runner:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(self.child, info.si_signo)
 
-    def check_lock(self) -> None:
-        """Re-check the claim; on loss pause the guest and say so loudly."""
+    # -- the lock check (imglock.lockcheck) ---------------------------------
+
+    def start_checks(self) -> None:
+        """Check the claim every --check-interval seconds, in the background."""
+        interval = check_interval(self.config.check_interval)
+        if interval is None:
+            return
+        self.lock_watch = LockWatch(
+            self._checked,
+            interval,
+            self._lost,
+            self.config.check_deadline,
+            self._stalled,
+            self._intact,
+            self._noticed,
+        ).start()
+
+    def stop_checks(self) -> None:
+        if self.lock_watch is not None:
+            self.lock_watch.stop()
+            self.lock_watch = None
+
+    def _checked(self) -> list[str]:
         with self.claim_lock:
             if not self.lock_expected or self.lost:
-                return
-            try:
-                self.config.claim.verify()
-            except LockLost as exc:
-                self.lost = True
-                assert self.guest is not None
-                how = self.guest.pause(str(exc))
-                self.config.say(f"{exc}; guest paused ({how}); it will not be resumed by imglock")
+                return []  # a migration owns the claim, or it is lost already
+            return self.config.claim.verify()
+
+    def _files(self) -> str:
+        names = [m.image.filename for m in self.config.claim.members]
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+    def _lost(self, exc: LockLost) -> None:
+        """A lock is gone: pause the guest for good, and say so loudly."""
+        self.lost = True
+        assert self.guest is not None
+        how = self.guest.pause(str(exc))
+        self.config.say(
+            f"{exc}; guest paused ({how}); imglock will not resume it "
+            "nor take the claim again (see imglock(7), LOCK LOSS)"
+        )
+
+    def _stalled(self, deadline: float) -> None:
+        """A check has not come back: suspend the guest before the server could let go."""
+        if self.lost or self.stalled or not self.lock_expected:
+            return
+        assert self.guest is not None
+        self.stalled = True
+        self.suspended = self.guest.suspend()
+        how = self.suspended or "it was not running"
+        self.config.say(
+            f"{self._files()}: lock check has not completed in {deadline:g} s "
+            f"(the storage does not answer): guest paused ({how}) until a check completes"
+        )
+
+    def _intact(self) -> None:
+        """A check that stalled came back with the claim intact: undo the suspension."""
+        if not self.stalled or self.lost:
+            return
+        self.stalled = False
+        assert self.guest is not None
+        suspended, self.suspended = self.suspended, None
+        how = self.guest.resume() if suspended else "it was not running: left as it was"
+        self.config.say(
+            f"{self._files()}: lock check completed, claim intact: guest resumed ({how})"
+        )
+
+    def _noticed(self, line: str) -> None:
+        if line not in self.noticed:
+            self.noticed.add(line)
+            self.config.say(line)
 
 
 def forwarded(info: signal.struct_siginfo, session_leader: bool) -> bool:

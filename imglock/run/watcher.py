@@ -56,7 +56,7 @@ def start(runner: Runner, pidfds: dict[int, int], mask: Iterable[int]) -> int:
         return pid
     code = WATCHER_FAILED  # pragma: no cover - everything below runs in the watcher
     try:
-        _detach(keep={*runner.config.claim.fds, *_lock_fds(runner), *pidfds.values()})
+        _detach(keep={*runner.config.claim.descriptors, *pidfds.values()})
         # Any signal that ends the watcher ends it at once: the survivors
         # hold the claim without it, and it must not clean up under them.
         signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -66,11 +66,6 @@ def start(runner: Runner, pidfds: dict[int, int], mask: Iterable[int]) -> int:
         _log(f"watcher stopped: {exc!r}; the processes using the images keep the claim")
     finally:
         os._exit(code)
-
-
-def _lock_fds(runner: Runner) -> list[int]:
-    """The image descriptors beside the lock descriptors (lockspace mode keeps both)."""
-    return [m.image.fd for m in runner.config.claim.members if m.image.fd >= 0]
 
 
 def _detach(keep: set[int]) -> None:  # pragma: no cover - runs in the watcher
@@ -113,7 +108,11 @@ class Watcher:
         if runner.handover is not None:
             runner.handover.in_watcher(runner)
         faults.point("watch:started")
-        self._wait()
+        runner.start_checks()
+        try:
+            self._wait()
+        finally:
+            runner.stop_checks()
         # Only once every process using the claim is gone: an error above
         # leaves the records and the private directory to them.
         claim.release()
@@ -122,20 +121,12 @@ class Watcher:
         return 0
 
     def _wait(self) -> None:
-        from imglock.run.runner import check_interval
-
-        interval = check_interval(self.runner.config.check_interval)
-        timeout_ms = None if interval is None else int(interval * 1000)
         while self.pidfds or self._adopt_others():
             poller = select.poll()
             by_fd = {fd: pid for pid, fd in self.pidfds.items()}
             for fd in by_fd:
                 poller.register(fd, select.POLLIN)
-            ready = poller.poll(timeout_ms)
-            if not ready:
-                self.runner.check_lock()
-                continue
-            for fd, _event in ready:
+            for fd, _event in poller.poll():
                 os.close(fd)
                 del self.pidfds[by_fd[fd]]
             self._relabel_if_gone()
