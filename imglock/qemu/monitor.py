@@ -398,6 +398,30 @@ class Monitor:
         """Pause the guest (``stop``); harmless when it is already paused."""
         await self.execute("stop")
 
+    async def halt(self) -> None:
+        """``stop``, done as soon as QEMU has halted the guest's CPUs.
+
+        That is the ``STOP`` event, or the reply if the guest was not
+        running.  QEMU sends the event as soon as the CPUs are halted, then
+        waits in its main loop for the I/O in flight and flushes the
+        images; on storage that hangs that wait, and so the reply, may
+        take as long as the storage does, while the guest runs no more.
+        """
+        listener = self.listen({EVENT_STOP})
+        command = asyncio.ensure_future(self.stop())
+        # Its reply may come long after the event, or never (QEMU killed).
+        command.add_done_callback(lambda f: f.cancelled() or f.exception())
+        stopped = asyncio.ensure_future(listener.get())
+        try:
+            done, _pending = await asyncio.wait(
+                {command, stopped}, return_when=asyncio.FIRST_COMPLETED
+            )
+            if command in done:
+                command.result()  # a refusal (or a closed monitor) raises here
+        finally:
+            stopped.cancel()
+            self.unlisten(listener)
+
     async def cont(self) -> None:
         """Resume the guest (``cont``); this also activates images still inactive."""
         await self.execute("cont")
@@ -699,6 +723,14 @@ async def watch_source(
     """
     await monitor.enable_migration_events()
     released = False
+    # A migration started before this monitor was connected (at once after
+    # QEMU's start) may have completed already: its events went elsewhere.
+    if (
+        await monitor.migration_status() == MIGRATION_COMPLETED
+        and (await monitor.query_status()).status == RUNSTATE_POSTMIGRATE
+    ):
+        await _call_hook(release)
+        released = True
     while True:
         try:
             event = await monitor.next_event({EVENT_MIGRATION, EVENT_RESUME})
@@ -861,8 +893,8 @@ class MonitorThread:
         return self.call(self.monitor.query_status(), timeout)
 
     def stop(self, timeout: float | None = None) -> None:
-        """Pause the guest; for a claim that was lost."""
-        self.call(self.monitor.stop(), timeout)
+        """Pause the guest (see :meth:`Monitor.halt`); for a claim that was lost."""
+        self.call(self.monitor.halt(), timeout)
 
     def cont(self, timeout: float | None = None) -> None:
         """Resume the guest."""

@@ -24,6 +24,7 @@ a private 0700 directory, added beside whatever monitors the user has.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import signal
 import threading
@@ -33,7 +34,14 @@ from typing import TYPE_CHECKING, Final
 from imglock import faults
 from imglock.errors import ImglockError
 from imglock.qemu.cmdline import has_freeze_cpu, migration_incoming, with_extra_args
-from imglock.qemu.monitor import Monitor, MonitorThread, watch_destination, watch_source
+from imglock.qemu.monitor import (
+    EVENT_RESUME,
+    Monitor,
+    MonitorError,
+    MonitorThread,
+    watch_destination,
+    watch_source,
+)
 from imglock.run.private_dir import SOCKET_NAME
 from imglock.run.runner import Runner
 
@@ -42,6 +50,11 @@ if TYPE_CHECKING:
 
 #: How long QEMU gets to create its QMP socket after exec.
 CONNECT_TIMEOUT: Final = 30.0
+#: MIGRATION events on from QEMU's start (qemu-facts: a monitor that turns
+#: them on later fails while a migration runs, and misses one started at once).
+MIGRATION_EVENTS_ARGS: Final = ("-global", "migration.x-events=on")
+#: How long QMP ``stop`` (or ``cont``) may take before SIGSTOP stands in for it.
+STOP_TIMEOUT: Final = 2.0
 #: While the source is letting go, retry the destination's claim this often at most.
 HANDOFF_BACKOFF_CAP: Final = 0.0005
 #: How long after the handoff a source removes its holder records.  Removed
@@ -79,7 +92,7 @@ class Handoff:
     socket: str
     incoming: bool
     #: Destination: resume the guest once claimed (the user did not pass -S).
-    resume: bool
+    resume_on_arrival: bool
     timeout: float
     runner: Runner | None = None
     monitor: MonitorThread | None = None
@@ -87,6 +100,8 @@ class Handoff:
     follower: GraphFollower | None = None
     #: The destination's holder records are still to be written.
     _records_due: bool = False
+    #: The guest was stopped with SIGSTOP (QMP did not answer): SIGCONT it to resume.
+    _sigstopped: bool = False
     _closed: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
@@ -96,6 +111,7 @@ class Handoff:
         incoming = migration_incoming(argv) is not None
         user_paused = has_freeze_cpu(argv)
         extended = with_extra_args(argv, qmp_socket=socket, freeze_cpu=incoming and not user_paused)
+        extended += MIGRATION_EVENTS_ARGS
         return cls(extended, socket, incoming, incoming and not user_paused, timeout)
 
     def attach(self, runner: Runner) -> None:
@@ -138,7 +154,7 @@ class Handoff:
         assert self.runner is not None
         if self.monitor is not None:
             try:
-                self.monitor.stop(timeout=5)
+                self.monitor.stop(timeout=STOP_TIMEOUT)
                 return "QMP stop"
             except (ImglockError, TimeoutError):
                 pass
@@ -146,7 +162,40 @@ class Handoff:
             os.kill(self.runner.child, signal.SIGSTOP)
         except ProcessLookupError:
             return "QEMU had already exited"
+        self._sigstopped = True
         return f"QMP unavailable: sent SIGSTOP to pid {self.runner.child}"
+
+    def suspend(self) -> str | None:
+        """Stop a running guest until :meth:`resume`; None if it was not running.
+
+        ``query-status`` and ``stop`` do no I/O on the images, so QEMU
+        answers them while the storage hangs (``stop`` halts the vCPUs
+        before it waits for requests in flight).
+        """
+        if self.monitor is not None:
+            try:
+                if not self.monitor.query_status(timeout=STOP_TIMEOUT).running:
+                    return None
+            except (ImglockError, TimeoutError):
+                pass
+        return self.pause("the lock check has not completed")
+
+    def resume(self) -> str:
+        """Undo :meth:`suspend`: SIGCONT if it came to that, then QMP ``cont``."""
+        assert self.runner is not None
+        how = []
+        if self._sigstopped:
+            self._sigstopped = False
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.runner.child, signal.SIGCONT)
+                how.append(f"sent SIGCONT to pid {self.runner.child}")
+        if self.monitor is not None:
+            try:
+                self.monitor.cont(timeout=STOP_TIMEOUT)
+                how.append("QMP cont")
+            except (ImglockError, TimeoutError) as exc:
+                how.append(f"QMP cont failed: {exc}")
+        return ", ".join(how) or "no monitor to resume it with"
 
     def close(self) -> None:
         self._closed.set()
@@ -167,6 +216,7 @@ class Handoff:
                 return
             if self.follower is not None:
                 self.monitor.start(self.follower.follow).add_done_callback(self._follower_ended)
+            self.monitor.start(self._keep_paused_once_lost)
             watcher = self._destination_then_source if self.incoming else self._source
             self.monitor.start(watcher).result()
         except Exception as exc:  # a watcher thread must say why it stopped, not die silently
@@ -183,11 +233,37 @@ class Handoff:
             text = str(exc) if isinstance(exc, ImglockError) else repr(exc)
             runner.config.say(f"following QEMU's block graph stopped: {text}")
 
+    async def _keep_paused_once_lost(self, monitor: Monitor) -> None:
+        """A guest whose claim is lost stays paused, whoever resumes it (a manager's ``cont``).
+
+        imglock never takes a lost claim again: the way back is a new QEMU
+        (a restart, or a migration to one), which claims through the whole
+        protocol (imglock(7), LOCK LOSS).
+        """
+        listener = monitor.listen({EVENT_RESUME})
+        try:
+            while True:
+                await listener.get()
+                listener.clear()
+                runner = self.runner
+                if runner is None or not runner.lost:
+                    continue
+                try:
+                    await monitor.stop()
+                except MonitorError:
+                    return
+                runner.config.say(
+                    "the guest was resumed although its claim is lost: paused again "
+                    "(see imglock(7), LOCK LOSS)"
+                )
+        finally:
+            monitor.unlisten(listener)
+
     async def _source(self, monitor: Monitor) -> None:
         await watch_source(monitor, release=self._release, reclaim=self._reclaim)
 
     async def _destination_then_source(self, monitor: Monitor) -> None:
-        await watch_destination(monitor, claim=self._claim, resume=self.resume)
+        await watch_destination(monitor, claim=self._claim, resume=self.resume_on_arrival)
         # The guest runs: now the holder records, off the guest's downtime.
         threading.Thread(target=self._record, name="imglock-records", daemon=True).start()
         await self._source(monitor)
