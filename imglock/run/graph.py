@@ -154,11 +154,24 @@ def open_files(graph: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]]) -> 
     return list(found.values())
 
 
-async def query_open_files(monitor: Monitor) -> list[OpenFile]:
-    """Ask QEMU which files its block graph holds (see :func:`open_files`)."""
+async def query_open_files(
+    monitor: Monitor, known: tuple[Mapping[str, Any], list[Mapping[str, Any]]] | None = None
+) -> tuple[list[OpenFile], tuple[Mapping[str, Any], list[Mapping[str, Any]]]]:
+    """Ask QEMU which files its block graph holds (see :func:`open_files`).
+
+    ``query-named-block-nodes`` makes QEMU stat every image in its main
+    loop, where a hung network filesystem would stop its monitor (and so
+    the guest's management) from answering; ``x-debug-query-block-graph``
+    does no I/O.  So the nodes are asked for only when the graph differs
+    from *known*, the (graph, nodes) of the last reading, which is
+    returned for the next one.
+    """
     graph = await monitor.block_graph()
-    nodes = await monitor.named_block_nodes()
-    return open_files(graph, nodes)
+    if known is not None and known[0] == graph:
+        nodes = known[1]
+    else:
+        nodes = await monitor.named_block_nodes()
+    return open_files(graph, nodes), (graph, nodes)
 
 
 class GraphFollower:
@@ -197,11 +210,12 @@ class GraphFollower:
         from imglock.qemu.monitor import MonitorClosed, call_hook
 
         listener = monitor.listen(self.events)
+        known = None
         try:
             while True:
                 try:
                     before = await monitor.query_status()
-                    files = await query_open_files(monitor)
+                    files, known = await query_open_files(monitor, known)
                     after = await monitor.query_status()
                 except MonitorClosed:
                     return
@@ -263,7 +277,7 @@ class GraphFollower:
                 unseen.update((file.filename, path))
                 self._skip(path, os.strerror(exc.errno or 0))
                 continue
-            key = (st.st_dev, st.st_ino)
+            key = self._known_file(path, st)
             mode = strongest(seen[key][1], file.mode) if key in seen else file.mode
             seen[key] = (path, mode)
         with runner.claim_lock:
@@ -326,6 +340,24 @@ class GraphFollower:
                         self._refuse(key, exc)
                         continue
                     runner.config.note(f"QEMU now uses {name} {target[1].value}: claim changed")
+
+    def _known_file(self, path: str, st: os.stat_result) -> tuple[int, int]:
+        """The (st_dev, st_ino) under which the claim knows the file at *path*.
+
+        A filesystem mounted again at the same place (``umount -l``, then
+        mount) gives its files a new st_dev: a file the claim holds under
+        this very path with the same inode number is the same file, seen
+        through the new mount, and must not be claimed a second time (the
+        claim would meet itself as a rival).
+        """
+        key = (st.st_dev, st.st_ino)
+        for member in self.runner.config.claim.members:
+            known = (member.image.st.st_dev, member.image.st.st_ino)
+            if known == key:
+                return key
+            if known[1] == st.st_ino and self._path(member.image.filename) == path:
+                return known
+        return key
 
     def _refuse(self, key: tuple[int, int], exc: LockConflict) -> None:
         if key in self.refused:
