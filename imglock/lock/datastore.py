@@ -364,10 +364,14 @@ def read_nfs(mount: Mount, deadline: float) -> list[Setting]:
 
 # -- CephFS ------------------------------------------------------------------
 
-#: What reconnecting after an eviction does to a holder.
-RECONNECT: Final = (
-    "an evicted client reconnects by itself without its locks: the loss is not seen, "
-    "and newly opened descriptors write again"
+#: What reconnecting after an eviction does to a holder (kernel client, ceph-fuse).
+KERNEL_RECONNECT: Final = (
+    "clean: an evicted client reconnects by itself without its locks; once the stale ones "
+    "are released, a re-take succeeds and writes go through again"
+)
+FUSE_RECONNECT: Final = (
+    "true: an evicted client reconnects by itself without its locks; its old descriptors "
+    "fail, but newly opened ones write again"
 )
 #: What staying evicted does.
 STAYS_EVICTED: Final = "an evicted client stays cut off (EIO) until it is remounted"
@@ -385,7 +389,7 @@ def ceph_settings(
         recover = Rule(
             "recover_session",
             frozenset({"clean"}),
-            bad=f"clean: {RECONNECT}",
+            bad=KERNEL_RECONNECT,
             good=STAYS_EVICTED,
             fix=_remount(mount, "recover_session=no"),
         ).judge(Reading(mount.option("recover_session") or "no", "mount options"))
@@ -393,7 +397,7 @@ def ceph_settings(
         recover = Rule(
             "client_reconnect_stale",
             frozenset({"true", "1", "yes"}),
-            bad=f"true: {RECONNECT}",
+            bad=FUSE_RECONNECT,
             good=STAYS_EVICTED,
             fix="ceph config set client client_reconnect_stale false, then remount",
         ).judge(reconnect_stale)
