@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from types import TracebackType
 from typing import Final, Literal
 
-from imglock.errors import ChainError, ImageError, UsageError
+from imglock.errors import ChainError, ImageError, ImglockError, UsageError
 from imglock.formats import DATA_FORMATS, FORMAT_NAMES, Child, OpenImage, open_image
 
 ChainRole = Literal["top", "backing", "data-file"]
@@ -114,6 +114,25 @@ class Chain:
         return len(self.links)
 
 
+class ChainProblem:
+    """A file a chain names that cannot be opened or followed, and why.
+
+    What :func:`open_chain` reports instead of raising, when asked to.
+    """
+
+    __slots__ = ("depth", "error", "filename", "parent", "role")
+
+    def __init__(
+        self, role: ChainRole, filename: str, parent: OpenImage, depth: int, error: ImglockError
+    ) -> None:
+        self.role = role
+        #: The local path the parent names, or the name as stored when it has none.
+        self.filename = filename
+        self.parent = parent
+        self.depth = depth
+        self.error = error
+
+
 class _Opener:
     """The state of one :func:`open_chain` call: what is open, and where."""
 
@@ -166,6 +185,7 @@ def open_chain(
     *,
     backing: bool = True,
     data_file: bool = True,
+    problems: list[ChainProblem] | None = None,
 ) -> Chain:
     """Open the image at *path* and everything it depends on, read-only.
 
@@ -179,15 +199,43 @@ def open_chain(
     or data file as its header names them: QEMU does so when its command
     line names that node itself (``"backing": "node"``) or none
     (``"backing": null``).
+
+    With a *problems* list, a backing or data file that cannot be opened
+    or followed is appended to it as a :class:`ChainProblem` instead
+    (the chain then ends there; a data file's problem does not end it),
+    so that every file can be listed (``imglock run --dry-run``); only a
+    problem with the top image is raised.
     """
     if max_depth < 1:
         raise UsageError(None, f"max_depth must be at least 1, not {max_depth}")
     opener = _Opener()
+
+    def follow(parent: OpenImage, child: Child, depth: int, format: str | None) -> OpenImage | None:
+        """Open and add *child* of *parent*; a problem is raised, or noted when asked."""
+        try:
+            if child.role == "backing" and depth >= max_depth:
+                raise ChainError(
+                    opener.links[0].image.filename,
+                    f"backing chain is deeper than {max_depth} images "
+                    f"(at backing file '{child.name}' of '{parent.filename}')",
+                )
+            image = opener.open_child(parent, child, format)
+            link_depth = depth if child.role == "backing" else depth - 1
+            opener.add(ChainLink(child.role, image, parent, child.name, link_depth))
+        except ImglockError as exc:
+            if problems is None:
+                raise
+            at = depth if child.role == "backing" else depth - 1
+            problems.append(ChainProblem(child.role, child.filename or child.name, parent, at, exc))
+            return None
+        return image
+
     try:
-        current = open_image(path, format)
-        opener.add(ChainLink("top", current))
+        top_image = open_image(path, format)
+        opener.add(ChainLink("top", top_image))
+        current: OpenImage | None = top_image
         depth = 1
-        while True:
+        while current is not None:
             found: Child | None = None
             top = depth == 1
             for child in current.children():
@@ -195,21 +243,12 @@ def open_chain(
                     continue  # the command line said otherwise
                 if child.role == "data-file":
                     # A data file holds raw guest data whatever its contents look like.
-                    data = opener.open_child(current, child, "raw")
-                    opener.add(ChainLink("data-file", data, current, child.name, depth - 1))
+                    follow(current, child, depth, "raw")
                 else:
                     found = child
             if found is None:
                 break
-            if depth >= max_depth:
-                raise ChainError(
-                    opener.links[0].image.filename,
-                    f"backing chain is deeper than {max_depth} images "
-                    f"(at backing file '{found.name}' of '{current.filename}')",
-                )
-            image = opener.open_child(current, found, found.format)
-            opener.add(ChainLink("backing", image, current, found.name, depth))
-            current = image
+            current = follow(current, found, depth, found.format)
             depth += 1
     except BaseException:
         opener.close_all()

@@ -169,15 +169,39 @@ def test_dry_run_table_names_every_file(
     assert lines[-1] == "lock layers: imglock, qemu-test"
 
 
-def test_dry_run_of_a_bad_image_fails_as_the_run_would(
-    tmp_path: Path, imglock_cli: ImglockCli
+def test_dry_run_lists_every_file_and_marks_each_problem(
+    tmp_path: Path, qemu_img: QemuImg, imglock_cli: ImglockCli
 ) -> None:
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "gone.qcow2", "-F", "qcow2",
+             tmp_path / "orphan.qcow2", "1M")  # fmt: skip
     bad = tmp_path / "bad.qcow2"
     bad.write_bytes(b"QFI\xfb" + b"\xff" * 100)
-    proc = imglock_cli("run", "--dry-run", "--", "qemu-system-x86_64", "-hda", bad)
+    qemu_img("create", "-q", "-f", "qcow2", tmp_path / "fine.qcow2", "1M")
+    argv = ["qemu-system-x86_64", "-hda", tmp_path / "orphan.qcow2", "-hdb", bad,
+            "-hdc", tmp_path / "absent.raw", "-hdd", tmp_path / "fine.qcow2"]  # fmt: skip
+    proc = imglock_cli("run", "--dry-run", "--json", "--", *argv)
+    # The first problem's status, as a real run would exit: a chain that cannot be followed.
     assert proc.returncode == 65, proc.stderr
-    assert str(bad) in proc.stderr and "Traceback" not in proc.stderr
-    assert proc.stdout == ""
+    report = json.loads(proc.stdout)
+    marks = [(Path(e["filename"]).name, e["role"], e["problem"] is not None)
+             for e in report["images"]]  # fmt: skip
+    assert marks == [("orphan.qcow2", "top", False), ("gone.qcow2", "backing", True),
+                     ("bad.qcow2", "top", True), ("absent.raw", "top", True),
+                     ("fine.qcow2", "top", False)]  # fmt: skip
+    assert report["status"] == 65
+    problems = [e["problem"] for e in report["images"] if e["problem"]]
+    assert "cannot open backing file" in problems[0] and str(bad) in problems[1]
+    assert problems[2] == f"{tmp_path / 'absent.raw'}: No such file or directory"
+    # Each problem is also one error line, as a run would give it.
+    assert proc.stderr.splitlines() == [f"imglock: {problem}" for problem in problems]
+    table = imglock_cli("run", "--dry-run", "--", *argv)
+    assert table.returncode == 65
+    lines = table.stdout.splitlines()
+    assert lines[0].split()[-1] == "PROBLEM"
+    for name, _role, marked in marks:
+        (line,) = [line for line in lines if name in line.split()[0]]
+        assert line.rstrip().endswith("-") != marked, line
+    assert "Traceback" not in table.stderr
 
 
 def test_json_without_dry_run_is_a_usage_error(imglock_cli: ImglockCli, raw_image: Path) -> None:

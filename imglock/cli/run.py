@@ -168,12 +168,11 @@ def run(
             warn=voice.warn,
         )
         if dry_run:
-            _print_dry_run(plan, as_json)
-            sys.exit(0)
+            sys.exit(_print_dry_run(plan, as_json))
         sys.exit(launch(plan))
 
 
-def _print_dry_run(plan: object, as_json: bool) -> None:
+def _print_dry_run(plan: object, as_json: bool) -> int:
     from imglock.cli.table import cell, render
     from imglock.run.launch import Launch, dry_run
 
@@ -183,7 +182,8 @@ def _print_dry_run(plan: object, as_json: bool) -> None:
         import json
 
         click.echo(json.dumps(report, indent=2))
-        return
+        return int(report["status"])
+    problems = any(entry["problem"] for entry in report["images"])
     rows = []
     for entry in report["images"]:
         mode = entry["mode"] if entry["claimed"] else "not claimed"
@@ -191,13 +191,18 @@ def _print_dry_run(plan: object, as_json: bool) -> None:
         row = [cell(entry["filename"]), entry["role"], mode, cell(kind), cell(entry["source"])]
         if plan.lockspace is not None:
             row.append(cell(entry["lock-file"]))
+        if problems:
+            row.append(cell(entry["problem"] or "-"))
         rows.append(row)
     header = ["FILE", "ROLE", "MODE", "FORMAT", "FROM"]
     if plan.lockspace is not None:
         header.append("LOCK FILE")
+    if problems:
+        header.append("PROBLEM")
     if rows:
         click.echo(render(header, rows))
     layers = ", ".join(report["layers"])
     if not any(entry["claimed"] for entry in report["images"]):
         click.echo("nothing local to claim")
     click.echo(f"lock layers: {layers}")
+    return int(report["status"])

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any, Final, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from imglock.api import Claim, ClaimSpec
 from imglock.errors import EX_TEMPFAIL, UsageError
@@ -21,6 +21,9 @@ from imglock.lock.protocol import Layer, Mode, flock_layer
 from imglock.lockcheck import DEFAULT_DEADLINE
 from imglock.qemu.names import is_qemu, names_qemu, qemu_start
 from imglock.run.runner import RunConfig, Runner, Say, run_command
+
+if TYPE_CHECKING:
+    from imglock.formats.base import OpenImage
 
 
 class Launch:
@@ -227,60 +230,116 @@ def plan_images(plan: Launch, command: Command) -> ImagePlan:
 def dry_run(plan: Launch) -> dict[str, Any]:
     """What :func:`launch` would claim for *plan*, as ``imglock run --dry-run --json`` shows it.
 
-    Every image is opened and its chain followed, as for a real run (so a
-    bad image fails here too), but no lock is taken, no record written and
-    no lock file created.
+    Every image is opened and its chain followed, as for a real run, but
+    no lock is taken, no record written and no lock file created.  A file
+    that cannot be opened or followed (missing, unreadable, malformed) is
+    listed with its ``problem``, said through ``plan.say`` too, and the
+    listing goes on; ``status`` is the exit status of the first problem
+    (what a real run would exit with), 0 when there is none.
     """
     command = Command.of(plan.argv)
     images = plan_images(plan, command)
     layers = layers_for(plan.qemu_locks, takes_qemu_locks(plan.argv))
-    entries: list[dict[str, Any]] = []
-    claim = Claim(images.specs).open()  # no lockspace: attaching one creates lock files
+    listed = [(spec, _chain_problems(plan, spec, images.sources)) for spec in images.specs]
+    # (index of the named image it comes from, entry): listed in command-line order.
+    ordered: list[tuple[int, dict[str, Any]]] = []
+    # Chains without a problem are opened as the claim opens them (modes merged alike).
+    claim = Claim([spec for spec, problems in listed if not problems]).open()
     try:
+        tops = {spec.path: n for n, (spec, problems) in reversed(list(enumerate(listed)))
+                if not problems}  # fmt: skip
+        at = 0
         for member in claim.members:
-            image = member.image
-            lock_file = None
-            if plan.lockspace is not None:
-                from imglock.lock.lockspace import lock_file_name
-
-                lock_file = os.path.join(plan.lockspace, lock_file_name(image.filename, image.st))
-            source = images.sources.get(image.filename) if member.named else None
-            entries.append(
-                {
-                    "filename": image.filename,
-                    "format": image.format,
-                    "role": member.role,
-                    "depth": member.depth,
-                    "mode": member.mode.value,
-                    "claimed": True,
-                    "source": source or "image header",
-                    "lock-file": lock_file,
-                    "protocol": None,
-                }
-            )
+            # A chain's files follow its named image in the claim's members.
+            at = tops.get(member.image.filename, at) if member.named else at
+            source = images.sources.get(member.image.filename) if member.named else None
+            ordered.append((at, _entry(plan, member.image, member.role, member.depth,
+                                       member.mode, source)))  # fmt: skip
     finally:
-        claim.close()
+        claim.close()  # no lockspace attached: attaching one creates lock files
+    status = 0
+    for n, (_spec, problems) in enumerate(listed):
+        ordered += [(n, entry) for entry in problems]
+        for entry in problems:
+            code = entry.pop("status", 0)
+            if entry["problem"] is not None:
+                (plan.say or _error)(entry["problem"])
+                status = status or code
+    entries = [entry for _n, entry in sorted(ordered, key=lambda pair: pair[0])]
     for remote in images.remote:
         entries.append(
-            {
-                "filename": remote.filename,
-                "format": None,
-                "role": remote.role,
-                "depth": None,
-                "mode": None,
-                "claimed": False,
-                "source": remote.source,
-                "lock-file": None,
-                "protocol": remote.protocol,
-            }
-        )
+            {**_NO_FILE, "filename": remote.filename, "role": remote.role, "claimed": False,
+             "source": remote.source, "protocol": remote.protocol}
+        )  # fmt: skip
     return {
         "command": list(plan.argv),
         "qemu": command.qemu,
         "layers": [name for layer, name in LAYER_NAMES if layer in layers],
         "lockspace": plan.lockspace,
         "images": entries,
+        "status": status,
     }
+
+
+#: The keys of a dry run's entry for a file that was not opened.
+_NO_FILE: Final[dict[str, Any]] = {
+    "filename": None, "format": None, "role": None, "depth": None, "mode": None,
+    "claimed": True, "source": None, "lock-file": None, "protocol": None, "problem": None,
+}  # fmt: skip
+
+
+def _error(message: str) -> None:
+    print(f"imglock: {message}", file=sys.stderr, flush=True)
+
+
+def _entry(
+    plan: Launch, image: OpenImage, role: str, depth: int, mode: Mode, source: str | None
+) -> dict[str, Any]:
+    """A dry run's entry for a file opened as a claim opens it."""
+    lock_file = None
+    if plan.lockspace is not None:
+        from imglock.lock.lockspace import lock_file_name
+
+        lock_file = os.path.join(plan.lockspace, lock_file_name(image.filename, image.st))
+    return {**_NO_FILE, "filename": image.filename, "format": image.format, "role": role,
+            "depth": depth, "mode": mode.value, "source": source or "image header",
+            "lock-file": lock_file}  # fmt: skip
+
+
+def _chain_problems(plan: Launch, spec: ClaimSpec, sources: dict[str, str]) -> list[dict[str, Any]]:
+    """Entries for every file of *spec*'s chain if one of them has a problem, else none.
+
+    An entry with a problem also carries its exit ``status``.
+    """
+    from imglock.chain import ChainProblem, open_chain
+    from imglock.errors import ImglockError
+
+    problems: list[ChainProblem] = []
+    source = sources.get(spec.path)
+    try:
+        chain = open_chain(spec.path, spec.format, backing=spec.backing,
+                           data_file=spec.data_file, problems=problems)  # fmt: skip
+    except ImglockError as exc:
+        return [{**_NO_FILE, "filename": spec.path, "format": spec.format, "role": spec.role,
+                 "depth": 0, "mode": spec.mode.value, "source": source, "problem": str(exc),
+                 "status": exc.exit_status}]  # fmt: skip
+    with chain:
+        if not problems:
+            return []
+        # Only the named file and its own data file take the mode asked for.
+        entries = [
+            _entry(plan, link.image, spec.role if link.role == "top" else link.role, link.depth,
+                   spec.mode if link.depth == 0 and link.role != "backing" else Mode.SHARED,
+                   source if link.role == "top" else None)
+            for link in chain
+        ]  # fmt: skip
+    for problem in problems:
+        mode = spec.mode if problem.depth == 0 and problem.role != "backing" else Mode.SHARED
+        entries.append({**_NO_FILE, "filename": problem.filename, "role": problem.role,
+                        "depth": problem.depth, "mode": mode.value, "source": "image header",
+                        "problem": str(problem.error),
+                        "status": problem.error.exit_status})  # fmt: skip
+    return entries
 
 
 #: What ``imglock run`` says when a QEMU command line opens no local file.
