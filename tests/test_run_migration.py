@@ -257,3 +257,23 @@ def test_a_destination_wrapper_killed_right_after_claiming_leaves_the_claim_with
     assert dest.runstate() != RUNNING
     os.kill(dest_qemu, signal.SIGKILL)
     wait_until(lambda: lab.exclusive_holders() == [], what="the image to be free", timeout=TIMEOUT)
+
+
+@pytest.mark.parametrize("attempt", range(10))
+def test_a_migration_started_at_once_after_the_source_starts_is_handed_over(
+    lab: Lab, attempt: int
+) -> None:
+    # A manager may migrate a VM the moment its monitor answers, before the
+    # wrapper's own monitor is connected: MIGRATION events are on from
+    # QEMU's start, and a migration that completed meanwhile is seen.
+    socket = lab.vms.path(f"migrate-{attempt}.sock")
+    dest = lab.start(f"dest{attempt}", "-incoming", f"unix:{socket}")
+    wait_until(socket.exists, what="the incoming socket", timeout=TIMEOUT)
+    source = lab.start(f"source{attempt}")
+    source.qmp("migrate", {"uri": f"unix:{socket}"})
+    wait_until(
+        lambda: dest.runstate() == RUNNING, what="the migrated guest to run", timeout=TIMEOUT
+    )
+    lab.wait_for_claim(dest, what="the destination's claim")
+    assert source.runstate() == "postmigrate"
+    assert "handoff stopped" not in source.stderr() + dest.stderr()
