@@ -12,6 +12,8 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar
 
+from imglock.text import visible
+
 if TYPE_CHECKING:
     from imglock.lock.holder import Holder
 
@@ -27,9 +29,6 @@ EX_IOERR = 74  # a lock or read failed with an I/O error (EIO, ENOLCK)
 EX_TEMPFAIL = 75  # a conflict, or a wait that ran out
 EX_NOEXEC = 126  # `run`: COMMAND found but not executable
 EX_NOTFOUND = 127  # `run`: COMMAND not found
-
-#: Control characters (C0, DEL, C1) as the escapes an error line shows instead.
-_VISIBLE = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
 
 
 class ImglockError(Exception):
@@ -47,7 +46,7 @@ class ImglockError(Exception):
         line = f"{self.filename}: {text}" if self.filename is not None else text
         # Names come from images too: a newline or a terminal escape in one
         # must not split the line or reach the terminal as it is.
-        return line.translate(_VISIBLE)
+        return visible(line)
 
 
 class UsageError(ImglockError, ValueError):

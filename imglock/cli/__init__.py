@@ -20,7 +20,7 @@ from imglock.cli import early  # noqa: F401
 import click
 
 from imglock import __version__
-from imglock.cli.common import show_warning, verbosity_options
+from imglock.cli.common import echo_error, show_warning, verbosity_options
 
 #: subcommand name -> (module, attribute, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -56,7 +56,7 @@ class LazyGroup(click.Group):
             # One line naming the command and what is wrong, exit 2, as for
             # any other bad input (click's default adds the usage and a hint).
             where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
-            click.echo(f"{where}: {exc.format_message()}", err=True)
+            echo_error(f"{where}: {exc.format_message()}")
             ctx.exit(exc.exit_code)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:

@@ -24,6 +24,7 @@ from typing import Final, TypeVar
 import click
 
 from imglock.errors import ImglockError
+from imglock.text import visible
 
 QUIET: Final = -1
 NORMAL: Final = 0
@@ -72,9 +73,9 @@ def current_level() -> int:
     return max(QUIET, min(VERBOSE, level))
 
 
-def _echo(line: str) -> None:
-    # stderr shows undecodable bytes in names as backslash escapes.
-    click.echo(line, err=True)
+def echo_error(line: str) -> None:
+    """Write one line to stderr, every control character and undecodable byte escaped."""
+    click.echo(visible(line), err=True)
 
 
 class Voice:
@@ -95,17 +96,17 @@ class Voice:
 
     def error(self, message: str) -> None:
         """Always shown: something failed."""
-        _echo(f"{PREFIX}: {message}")
+        echo_error(f"{PREFIX}: {message}")
 
     def warn(self, message: str) -> None:
         """Shown unless -q: something the operator should know."""
         if self.level >= NORMAL:
-            _echo(f"{PREFIX}: warning: {message}")
+            echo_error(f"{PREFIX}: warning: {message}")
 
     def note(self, message: str) -> None:
         """Shown with -v: what is being done, and why."""
         if self.level >= VERBOSE:
-            _echo(f"{PREFIX}: {message}")
+            echo_error(f"{PREFIX}: {message}")
 
 
 def show_warning(
@@ -126,7 +127,7 @@ def reported_errors(prefix: str = PREFIX) -> Iterator[None]:
     try:
         yield
     except ImglockError as exc:
-        _echo(f"{prefix}: {exc}")
+        echo_error(f"{prefix}: {exc}")
         sys.exit(exc.exit_status)
 
 

@@ -1,4 +1,4 @@
-"""``imglock doctor``: are locks on a datastore shared between hosts?"""
+"""``imglock doctor``: are locks on a datastore shared between hosts, and is a lost one seen?"""
 
 from __future__ import annotations
 
@@ -7,14 +7,21 @@ from typing import TYPE_CHECKING, Any, Final
 
 import click
 
-from imglock.cli.common import Voice, verbosity_options
+from imglock.cli.common import Seconds, Voice, verbosity_options
+from imglock.lockcheck import DEFAULT_DEADLINE
+from imglock.text import visible
 
 if TYPE_CHECKING:
+    from imglock.lock.datastore import Setting
     from imglock.lock.sharing import Assessment, ProbeResult
 
 #: Exit statuses: the locks are shared between hosts, or that is not shown.
 EX_SHARED: Final = 0
 EX_NOT_SHOWN: Final = 1
+#: The locks are shared, but a setting lets a lost lock pass silently: the
+#: datastore is refused.  sysexits' EX_CONFIG, since the fix is a setting,
+#: and distinct from 1 so that a script tells "set this" from "not shared".
+EX_CONFIG: Final = 78
 
 
 @click.command()
@@ -32,24 +39,37 @@ EX_NOT_SHOWN: Final = 1
     show_default=True,
     help="With --probe, seconds to wait for another host's probe.",
 )
+@click.option(
+    "--check-deadline",
+    type=Seconds(),
+    default=DEFAULT_DEADLINE,
+    show_default=True,
+    help="The lock-check deadline to judge the filesystem's timeouts by (imglock run's).",
+)
 @verbosity_options
 @click.argument("directory", metavar="DIR", type=click.Path(file_okay=False, readable=False))
-def doctor(as_json: bool, probe: bool, wait: float, directory: str) -> None:
-    """Tell whether locks on DIR's filesystem are shared between hosts.
+def doctor(as_json: bool, probe: bool, wait: float, check_deadline: float, directory: str) -> None:
+    """Tell whether locks on DIR's filesystem are shared between hosts, and a lost one seen.
 
     From the mount (its type and options: local filesystems, NFS nolock or
     local_lock=, FUSE filesystems...), and with --probe from a test that two
     hosts run at once: each holds a lock on DIR/.imglock-probe whose offsets
     spell its host name, and names the other host once it sees its lock.
+    Then the filesystem's settings that decide whether a lost lock passes
+    silently (GlusterFS client.strict-locks, NFS recover_lost_locks, CephFS
+    recover_session...) and how long a silent host keeps its locks, each
+    judged, with the command that fixes an unsafe one.
     Exits 0 when the locks are shared (with --probe: another machine's probe
-    was seen), 1 when they are not or that could not be shown.
+    was seen) and no setting is unsafe, 1 when they are not shared or that
+    could not be shown, 78 when they are shared but a setting is unsafe.
     """
     from imglock.cli.common import reported_errors
-    from imglock.lock import sharing
+    from imglock.lock import datastore, sharing
 
     voice = Voice.current()
     with reported_errors():
         assessment = sharing.assess(sharing.mount_of(directory))
+        settings = datastore.settings(assessment.mount, check_deadline)
         if probe:
             voice.note(f"{directory}: probing for up to {wait:g} s; run the same on another host")
         result = sharing.probe(directory, wait) if probe else None
@@ -58,15 +78,49 @@ def doctor(as_json: bool, probe: bool, wait: float, directory: str) -> None:
         if result is not None
         else assessment.verdict == sharing.Verdict.SHARED
     )
+    silent = shared and any(setting.safe is False for setting in settings)
     if as_json:
         import json
 
-        json.dump(to_json(directory, assessment, result, shared), sys.stdout, indent=2)
+        report = to_json(directory, assessment, result, shared)
+        report["settings"] = [setting_json(setting) for setting in settings]
+        report["silent-loss"] = silent
+        json.dump(report, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        for line in describe(directory, assessment, result):
-            click.echo(line)
-    sys.exit(EX_SHARED if shared else EX_NOT_SHOWN)
+        lines = describe(directory, assessment, result)
+        lines[1:1] = [describe_setting(directory, setting) for setting in settings]
+        if silent:
+            lines.append(
+                f"{directory}: refused: locks are shared, but a lost lock can pass silently "
+                "here; apply the fixes above"
+            )
+        for line in lines:
+            click.echo(visible(line).encode("utf-8"))
+    sys.exit(EX_CONFIG if silent else EX_SHARED if shared else EX_NOT_SHOWN)
+
+
+def describe_setting(directory: str, setting: Setting) -> str:
+    if setting.safe is None and setting.value is None:
+        return f"{directory}: {setting.name}: not read: {setting.why}; check: {setting.check}"
+    head = f"{directory}: {setting.name} {setting.value} ({setting.source})"
+    if setting.safe is None:
+        return f"{head}: {setting.why}"
+    if setting.safe:
+        return f"{head}: safe: {setting.why}"
+    return f"{head}: UNSAFE: {setting.why}; fix: {setting.fix}"
+
+
+def setting_json(setting: Setting) -> dict[str, Any]:
+    return {
+        "name": setting.name,
+        "value": setting.value,
+        "safe": setting.safe,
+        "why": setting.why,
+        "fix": setting.fix,
+        "source": setting.source or None,
+        "check": setting.check,
+    }
 
 
 def describe(directory: str, assessment: Assessment, result: ProbeResult | None) -> list[str]:

@@ -14,6 +14,7 @@ import click
 
 from imglock.cli.common import Voice, reported_errors, verbosity_options
 from imglock.formats import FORMAT_NAMES
+from imglock.text import visible_lines
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
 
@@ -72,7 +73,9 @@ def format_text(info: dict[str, Any]) -> str:
     if specific:
         lines.append("Format specific information:")
         lines.extend(_nested(specific["data"], 4))
-    return "\n".join(lines)
+    # File names come from image headers, which anyone who writes the image
+    # controls: a newline or a terminal escape in one is shown, never obeyed.
+    return visible_lines(lines)
 
 
 @click.command(
@@ -127,5 +130,5 @@ def info(as_json: bool, image_format: str, backing_chain: bool, image: str) -> N
         text = "\n\n".join(format_text(item) for item in output)
     else:
         text = format_text(output)
-    # Names that are not UTF-8 go out as the bytes they are on disk.
-    click.echo(text.encode("utf-8", "surrogateescape"))
+    # Escaped (format_text), so valid UTF-8 whatever the locale.
+    click.echo(text.encode("utf-8"))

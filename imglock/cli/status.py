@@ -10,6 +10,7 @@ import click
 
 from imglock.cli.common import Voice, verbosity_options
 from imglock.errors import EX_HELD, EX_OK
+from imglock.text import json_visible
 
 if TYPE_CHECKING:
     from imglock.errors import ImglockError
@@ -114,13 +115,13 @@ def status(as_json: bool, lockspace: str | None, paths: tuple[str, ...]) -> None
         import json
 
         text = json.dumps(utf8_clean([r.to_json() for r in reports]), indent=2, ensure_ascii=False)
-        click.echo(text.encode("utf-8"))
+        click.echo(json_visible(text).encode("utf-8"))
     elif reports:
         from imglock.cli.table import render
 
+        # Every cell is escaped (cell()): the table is valid UTF-8 throughout.
         text = render(HEADER, [row for r in reports for row in table_rows(r)])
-        # Names that are not UTF-8 go out as the bytes they are on disk.
-        click.echo(text.encode("utf-8", "surrogateescape"))
+        click.echo(text.encode("utf-8"))
     sys.exit(exit_status(reports, errors))
 
 

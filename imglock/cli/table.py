@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Final
 
-#: Control characters (C0, DEL, C1) shown as escapes: cells carry names read
-#: from images and /proc, and a newline or terminal escape in one must not
-#: break the table or reach the terminal.
-_VISIBLE: Final = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+from imglock.text import visible
 
 
 def cell(text: str | None, limit: int | None = None) -> str:
-    """*text* as a table shows it: "-" for nothing, controls escaped, cut at *limit*."""
+    """*text* as a table shows it: "-" for nothing, controls escaped, cut at *limit*.
+
+    Cells carry names read from images, records and /proc: a newline or a
+    terminal escape in one must neither break the table nor reach the terminal.
+    """
     if not text:
         return "-"
-    text = text.translate(_VISIBLE)
+    text = visible(text)
     if limit is not None and len(text) > limit:
         return text[: limit - 3] + "..."
     return text
