@@ -480,7 +480,9 @@ class Claim:
             self._write_record(member, owner)
 
     def _write_record(self, member: _Member, owner: Owner) -> None:
-        record = records.make_record(member.image.filename, owner, member.mode.value, self.command)
+        record = records.make_record(
+            member.image.filename, owner, member.mode.value, self.command, member.image.st.st_ino
+        )
         # A backing file is named by an image header, which anyone who can
         # write the image controls: its record goes only into a record
         # directory that is already there, never into a new one.
@@ -709,7 +711,11 @@ class Claim:
             member.image.held = protocol.relabel(fd, filename, held, new)
             if self.record:
                 record = records.make_record(
-                    member.image.filename, new, member.mode.value, command or self.command
+                    member.image.filename,
+                    new,
+                    member.mode.value,
+                    command or self.command,
+                    member.image.st.st_ino,
                 )
                 problem = records.write(member.record_dir, member.record_name, record, create=False)
                 _remove_record(member)  # the old owner's

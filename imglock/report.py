@@ -31,6 +31,17 @@ class ImageReport(NamedTuple):
     backing_filename: str | None = None
     #: Claimers waiting in the image's queue, first first: not holders.
     waiting: list[Holder] = []  # noqa: RUF012 - a NamedTuple field default, never mutated
+    #: The file's inode number now (image mode), to tell records of a file
+    #: since replaced at this path.
+    inode: int | None = None
+
+    @property
+    def replaced(self) -> bool:
+        """A holder record names another file at this path: it was replaced (held, maybe)."""
+        return any(
+            r.inode is not None and self.inode is not None and r.inode != self.inode
+            for r in self.stale_records
+        )
 
     @property
     def not_closed_cleanly(self) -> bool:
@@ -48,6 +59,7 @@ class ImageReport(NamedTuple):
             "dirty-flag": self.dirty,
             "corrupt": self.corrupt,
             "not-closed-cleanly": self.not_closed_cleanly,
+            "replaced": self.replaced,
         }
 
 
@@ -77,4 +89,5 @@ def inspect_image(
         corrupt=specific.get("corrupt"),
         backing_filename=facts.get("backing-filename"),
         waiting=found.waiting,
+        inode=image.st.st_ino if fd == image.fd else None,
     )

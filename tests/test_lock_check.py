@@ -11,6 +11,7 @@ tests/test_storage_faults.py.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -200,3 +201,15 @@ def test_run_reports_a_lock_outside_the_protocol_once_and_does_not_pause(
     os.kill(holder.pid, 15)
     wrapper.wait(timeout=10)
     assert "lock outside" not in wrapper.stderr.read()  # said once only
+
+
+def test_status_says_an_image_replaced_while_held_is_replaced_not_free(raw_image: Path) -> None:
+    with imglock.claim(raw_image):
+        raw_image.rename(raw_image.with_suffix(".old"))
+        raw_image.write_bytes(b"\0" * 4096)
+        proc = subprocess.run(
+            [*IMGLOCK, "status", "--json", raw_image], capture_output=True, text=True, check=False
+        )
+    (report,) = json.loads(proc.stdout)
+    assert report["replaced"] is True and report["holders"] == []
+    assert proc.returncode == 1, "a replaced image must not read as free"

@@ -57,9 +57,12 @@ def status(as_json: bool, lockspace: str | None, paths: tuple[str, ...]) -> None
     for a free image.  Then one row per claimer waiting in the image's
     queue (HOLDER "waiting", first first, SINCE when it arrived): waiters
     are never holders.  FLAGS: corrupt, dirty, not-closed-cleanly (a
-    dirty qcow2 that no one holds), stale-records=N (holder records whose
-    lock is gone).  Commands are cut at 80 characters; --json shows them
-    whole, with the same data and qemu-img's key names.
+    dirty qcow2 that no one holds), replaced (a holder record names
+    another file that was at this path: the image was replaced, perhaps
+    while a VM held and still writes the old one; the status is then 1, as
+    for a held image), stale-records=N (holder records whose lock is
+    gone).  Commands are cut at 80 characters; --json shows them whole,
+    with the same data and qemu-img's key names.
 
     A named IMAGE is looked at whatever it holds.  A DIR is walked
     recursively, in name order, and in it a file counts as an image when
@@ -142,13 +145,13 @@ def utf8_clean(value: object) -> object:
 
 
 def exit_status(reports: Sequence[ImageReport], errors: Sequence[ImglockError]) -> int:
-    """1 when any image is held; else the first error's status; else 0.
+    """1 when any image is held or replaced; else the first error's status; else 0.
 
     "Held" wins because it is a sure answer about an image that was read,
     and the one that must stop a script; an error still keeps the status
     from saying "all free".
     """
-    if any(report.holders for report in reports):
+    if any(report.holders or report.replaced for report in reports):
         return EX_HELD
     return errors[0].exit_status if errors else EX_OK
 
@@ -192,6 +195,8 @@ def flags_of(report: ImageReport) -> list[str]:
         flags.append("not-closed-cleanly")
     elif report.dirty:
         flags.append("dirty")
+    if report.replaced:
+        flags.append("replaced")
     if report.stale_records:
         flags.append(f"stale-records={len(report.stale_records)}")
     return flags

@@ -21,7 +21,7 @@ import os
 import stat
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Final, NamedTuple
 
 from imglock.lock.identity import Owner, hostname
@@ -55,6 +55,9 @@ class Record(NamedTuple):
     user: str
     command: str
     since: str
+    #: The inode number of the file claimed: a record whose inode is not the
+    #: file's now was written for a file since replaced at this path.
+    inode: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return self._asdict()
@@ -116,7 +119,9 @@ def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def make_record(image: str, owner: Owner, mode: str, argv: list[str] | None = None) -> Record:
+def make_record(
+    image: str, owner: Owner, mode: str, argv: list[str] | None = None, inode: int | None = None
+) -> Record:
     import pwd
 
     try:
@@ -132,6 +137,7 @@ def make_record(image: str, owner: Owner, mode: str, argv: list[str] | None = No
         user=user,
         command=redact(list(argv if argv is not None else sys.argv)),
         since=now_iso(),
+        inode=inode,
     )
 
 
@@ -222,10 +228,16 @@ def _json_text(record: Record) -> str:
     except ImportError:  # pragma: no cover - a Python built without _json
         from json.encoder import py_encode_basestring_ascii as quote
     members = (
-        f"{quote(key)}: {quote(value) if isinstance(value, str) else int(value)}"
+        f"{quote(key)}: {_json_value(value, quote)}"
         for key, value in sorted(record.to_json().items())
     )
     return "{" + ", ".join(members) + "}"
+
+
+def _json_value(value: str | int | None, quote: Callable[[str], str]) -> str:
+    if value is None:
+        return "null"
+    return quote(value) if isinstance(value, str) else str(int(value))
 
 
 def remove(directory: str, image_name: str, owner: Owner) -> None:
@@ -261,6 +273,7 @@ def _read_one(dfd: int, name: str) -> Record | None:
             user=str(data["user"]),
             command=str(data["command"]),
             since=str(data["since"]),
+            inode=int(data["inode"]) if data.get("inode") is not None else None,
         )
     except (ValueError, KeyError, TypeError):
         return None
