@@ -136,6 +136,11 @@ def test_a_fix_asks_for_more_than_the_default_when_the_deadline_does() -> None:
     assert ping.fix.startswith("gluster volume set vmstore network.ping-timeout 120 ")
 
 
+def test_no_timeout_outlasts_a_deadline_of_forever() -> None:
+    _strict, ping = gluster_settings("vmstore", UNREAD, Reading("42", READ), float("inf"))
+    assert (ping.safe, ping.fix) == (False, "a lock-check deadline under 42 s")
+
+
 @pytest.mark.parametrize(
     ("options", "name", "value", "safe", "fix"),
     [

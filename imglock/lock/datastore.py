@@ -131,10 +131,12 @@ class Handover:
         what = self.what.replace("N s", f"{seconds:g} s")
         if seconds <= deadline:
             why = f"{what}: {rule}, so a hung check cannot pause the guest in time"
-            enough = max(self.default, math.ceil(2 * deadline))
-            fix = (
-                f"{self.fix.format(seconds=enough)} (or a lock-check deadline under {seconds:g} s)"
-            )
+            shorter = f"a lock-check deadline under {seconds:g} s"
+            if math.isinf(deadline):  # a check that may hang for ever: no timeout outlasts it
+                fix = shorter
+            else:
+                enough = max(self.default, math.ceil(2 * deadline))
+                fix = f"{self.fix.format(seconds=enough)} (or {shorter})"
             return Setting(self.name, reading.value, False, why, fix, reading.source)
         return Setting(self.name, reading.value, True, f"{what}; {rule}, and is", None,
                        reading.source)  # fmt: skip
