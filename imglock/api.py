@@ -19,7 +19,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Final, NamedTuple, Self
 
 from imglock import faults
-from imglock.errors import LockConflict, LockError, LockLost, UsageError
+from imglock.errors import ImageError, ImglockError, LockConflict, LockError, LockLost, UsageError
 from imglock.lock import records
 from imglock.lock.identity import Owner
 from imglock.lock.lockspace import attach
@@ -304,9 +304,41 @@ class Claim:
         the descriptors the claim is then taken on.
         """
         if not self.members:
-            self.members = self._open_members()
+            try:
+                self.members = self._open_members()
+            except ImageError as exc:
+                # A chain that cannot be followed here (a backing file of
+                # another host's path) of an image someone holds: who holds
+                # it is the answer, as it would be with the chain in place.
+                conflict = self._conflict_at_top()
+                if conflict is None:
+                    raise
+                raise conflict from exc
             self.process = os.getpid()
         return self
+
+    def _conflict_at_top(self) -> LockConflict | None:
+        """The conflict that claiming a named image alone meets, if any (nothing is kept)."""
+        from imglock.formats import open_image
+
+        for spec in self.specs:
+            try:
+                image = open_image(spec.path, "raw")
+            except ImglockError:
+                continue  # the top itself cannot be opened: the chain's error says so
+            member = _Member(image, spec.mode, True, spec.role)
+            try:
+                self._attach_lockspace(member)
+                image.driver.claim(image, spec.mode, self._layers_of(member),
+                                   Owner.current(self.owner_pid))  # fmt: skip
+                image.driver.release(image)
+            except ProtocolConflict as exc:
+                return _named_conflict(member, exc)
+            except ImglockError:
+                continue  # no better answer than the chain's error
+            finally:
+                image.close()
+        return None
 
     def prepare(self) -> Self:
         """Open the images and settle now all that :meth:`acquire` needs besides locks.
