@@ -52,6 +52,17 @@ each where no other live process relies on the bytes it drops:
 3. the source of a live migration, once its QEMU has reported that the
    migration completed (it inactivated its images before it said so):
    that QEMU no longer writes.
+
+The check (imglock(7), LOCK CHECK AND LOSS).  A lock manager may forget a
+holder's locks (a GlusterFS brick or an NFS server restarted) while its
+descriptors go on working, and then taking a byte again succeeds whoever
+took it meanwhile.  So a held claim is checked by looking only
+(:func:`verify`): every byte it holds is tested from a *second* open file
+description of the file, which holds nothing and so sees the claim's
+locks as another's; a byte not seen held, or an error of the lock
+manager, is a loss.  A rival's lock seen while the claim's own bytes are
+intact is held outside the protocol (a claimer that follows it would
+have seen the claim): it is reported, and is no loss.
 """
 
 from __future__ import annotations
