@@ -22,8 +22,8 @@ from conftest import ImglockCli
 
 from imglock import __version__
 from imglock.cli import COMMANDS, cli
-from imglock.cli.common import Voice, verbosity_options
-from imglock.errors import EX_NOINPUT, EX_OK
+from imglock.cli.common import Seconds, Voice, verbosity_options
+from imglock.errors import EX_NOINPUT, EX_OK, EX_USAGE
 
 # --------------------------------------------------------------------------
 # -v and -q on every command
@@ -156,6 +156,51 @@ def test_a_warning_is_one_line_and_q_silences_it(args: list[str], stderr: str) -
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert result.stderr == stderr
+
+
+# --------------------------------------------------------------------------
+# Numbers of seconds: one validator for every option
+
+
+def seconds_options() -> list[tuple[str, click.Option]]:
+    """(command, option) for every option of every command whose help speaks of seconds."""
+    found = []
+    for name in COMMANDS:
+        command = cli.get_command(click.Context(cli), name)
+        assert command is not None
+        for param in command.params:
+            if isinstance(param, click.Option) and "seconds" in (param.help or "").lower():
+                found.append((name, param))
+    return found
+
+
+def test_every_seconds_option_of_every_command_goes_through_one_validator() -> None:
+    options = {f"{name} {option.opts[0]}" for name, option in seconds_options()}
+    assert {"run --graph-interval", "run -w", "doctor -w"} <= options
+    for name, option in seconds_options():
+        assert isinstance(option.type, Seconds), f"{name} {option.opts[0]}"
+
+
+@pytest.mark.parametrize("value", ["nan", "-1", "1e20"])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["run", "--graph-interval", "{value}", "--image", "{image}", "--", "true"],
+        ["doctor", "--probe", "-w", "{value}", "{directory}"],
+    ],
+    ids=["run --graph-interval", "doctor -w"],
+)
+def test_a_bad_number_of_seconds_is_refused_in_one_line_with_exit_2(
+    tmp_path: Path, imglock_cli: ImglockCli, args: list[str], value: str
+) -> None:
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(4096))
+    words = [a.format(value=value, image=image, directory=tmp_path) for a in args]
+    proc = imglock_cli(*words, timeout=20)
+    assert proc.returncode == EX_USAGE
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith(f"imglock {args[0]}: ") and repr(value) in line
+    assert not (tmp_path / ".imglock-probe").exists()
 
 
 # --------------------------------------------------------------------------

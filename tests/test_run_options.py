@@ -17,9 +17,10 @@ import pytest
 from conftest import ImglockCli
 
 import imglock
-from imglock.errors import EX_USAGE
+from imglock.errors import EX_NOTFOUND, EX_USAGE
+from imglock.lock.records import RECORD_DIR
 
-SECONDS_OPTIONS = ["--wait", "--check-interval", "--handoff-timeout"]
+SECONDS_OPTIONS = ["--wait", "--check-interval", "--handoff-timeout", "--graph-interval"]
 BAD_SECONDS = ["nan", "NaN", "-1", "-inf", "1e300", "1e10", "soon", ""]
 
 
@@ -153,3 +154,23 @@ def test_an_unknown_lock_lost_signal_exits_2_with_one_line(
     assert status == EX_USAGE and len(stderr.splitlines()) == 1
     assert "--lock-lost-signal" in stderr
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("command", [[""], ["", "-m", "pc"]], ids=["empty", "empty with arguments"])
+def test_an_empty_command_name_is_one_line_and_127_and_claims_nothing(
+    raw_image: Path, imglock_cli: ImglockCli, command: list[str]
+) -> None:
+    for named in (["--image", str(raw_image)], []):
+        proc = imglock_cli("run", *named, "--", *command)
+        assert proc.returncode == EX_NOTFOUND, proc.stderr
+        assert proc.stderr.splitlines() == [
+            "imglock: '': No such file or directory (the command name is empty)"
+        ]
+    assert not (raw_image.parent / RECORD_DIR).exists()
+
+
+def test_no_command_at_all_is_a_usage_error_in_one_line(imglock_cli: ImglockCli) -> None:
+    proc = imglock_cli("run", "--")
+    assert proc.returncode == EX_USAGE
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith("imglock run: ") and "COMMAND" in line

@@ -34,10 +34,10 @@ EX_CONFIG: Final = 78
 @click.option(
     "-w",
     "--wait",
-    type=click.FloatRange(min=0),
+    type=Seconds(),
     default=60.0,
     show_default=True,
-    help="With --probe, seconds to wait for another host's probe.",
+    help="With --probe, seconds to wait for another host's probe (inf: until one is seen).",
 )
 @click.option(
     "--check-deadline",

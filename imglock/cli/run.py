@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 import click
 
 from imglock.cli.common import Seconds, SignalNumber, verbosity_options
-from imglock.errors import EX_TEMPFAIL
+from imglock.errors import EX_NOTFOUND, EX_TEMPFAIL
 from imglock.lockcheck import DEFAULT_DEADLINE
 
 
@@ -104,10 +105,11 @@ from imglock.lockcheck import DEFAULT_DEADLINE
 )
 @click.option(
     "--graph-interval",
-    type=click.FloatRange(min=0),
+    type=Seconds(),
     default=0.5,
     show_default=True,
-    help="QEMU: seconds between readings of its block graph, which the claim follows (0: never).",
+    help="QEMU: seconds between readings of its block graph, which the claim follows "
+    "(0 or inf: never).",
 )
 @click.option(
     "--dry-run",
@@ -139,7 +141,8 @@ def run(
 
     Without --image/--shared/--shared-write, a QEMU command line is read
     for its images (-drive, -blockdev, -hda..-hdd, -cdrom...).  Exits with COMMAND's status
-    (128+N if killed by signal N), or the -E status on a conflict.
+    (128+N if killed by signal N), or the -E status on a conflict; 127
+    when COMMAND is not found (or is empty), 126 when it cannot be run.
     """
     from imglock.cli.common import Voice, reported_errors
     from imglock.run.launch import Launch, launch
@@ -147,6 +150,11 @@ def run(
     if as_json and not dry_run:
         raise click.UsageError("--json needs --dry-run (a run's output is its command's)")
     voice = Voice.current()
+    if not command[0]:
+        # An unset variable as the command ("$QEMU"): said as env(1) and
+        # flock(1) say a command that cannot be found, with their status.
+        voice.error("'': No such file or directory (the command name is empty)")
+        sys.exit(EX_NOTFOUND)
     with reported_errors():
         plan = Launch(
             argv=list(command),
@@ -162,7 +170,7 @@ def run(
             check_interval=check_interval,
             check_deadline=check_deadline,
             lock_lost_signal=lock_lost_signal,
-            graph_interval=graph_interval,
+            graph_interval=0.0 if math.isinf(graph_interval) else graph_interval,
             say=voice.error,
             note=voice.note,
             warn=voice.warn,
