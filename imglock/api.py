@@ -171,23 +171,26 @@ class _Member:
         the same file.  A lock file (``--lockspace``) removed or replaced
         counts too: another claimer would make a new one and lock that.
         """
-        targets = [(self.image.filename, self.image.fd, "the path now leads to another file")]
+        checks = [
+            (self.image.filename, self.image.st.st_ino, "the path now leads to another file",
+             "the path no longer exists"),
+        ]  # fmt: skip
         lock_fd, lock_name = self.image.lock_target
         if lock_fd != self.image.fd:
-            targets.append((lock_name, lock_fd, "its lock file was replaced"))
-        for path, fd, what in targets:
+            with contextlib.suppress(OSError):  # a mount gone away: the lock test decides
+                checks.append(
+                    (lock_name, os.fstat(lock_fd).st_ino, "its lock file was replaced",
+                     "its lock file was removed")
+                )  # fmt: skip
+        for path, inode, replaced, removed in checks:
             try:
                 now = os.stat(path).st_ino
             except FileNotFoundError:
-                return (
-                    "its lock file was removed"
-                    if fd == lock_fd != self.image.fd
-                    else ("the path no longer exists")
-                )
+                return removed
             except OSError:
                 return None  # cannot look (a hung mount): the lock test decides
-            if now != os.fstat(fd).st_ino:
-                return what
+            if now != inode:
+                return replaced
         return None
 
     def close(self) -> None:
@@ -377,9 +380,11 @@ class Claim:
         """(st_dev, st_ino) of every open file of the claim: images and lock files."""
         keys = set()
         for member in self.members:
-            for fd in {member.image.fd, member.image.lock_target[0]}:
-                if fd >= 0:
-                    st = os.fstat(fd)
+            keys.add((member.image.st.st_dev, member.image.st.st_ino))
+            lock_fd = member.image.lock_target[0]
+            if lock_fd >= 0 and lock_fd != member.image.fd:
+                with contextlib.suppress(OSError):  # a mount gone away: nothing to find by it
+                    st = os.fstat(lock_fd)
                     keys.add((st.st_dev, st.st_ino))
         return keys
 

@@ -113,7 +113,10 @@ class LockWatch:
             self.on_loss(result)
             return False
         if isinstance(result, BaseException):
-            raise result
+            # A check that failed for another reason proves nothing either
+            # way: say so, and check again at the next interval.
+            self.on_notice(f"lock check failed: {result}")
+            return not self._stopped.is_set()
         for line in result:
             self.on_notice(line)
         if stalled:

@@ -185,7 +185,10 @@ def own_bytes(claim: Claim) -> list[tuple[tuple[int, int], int]]:
         if held is None or Layer.IMGLOCK not in held.layers:
             continue
         fd, _name = member.image.lock_target
-        st = os.fstat(fd)
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            continue  # a mount gone away: no process can be found holding it
         out.append(((st.st_dev, st.st_ino), imglock_byte(held.mode, held.owner)))
     return out
 
