@@ -7,7 +7,8 @@ names the other host, and does not find that lock in its own kernel.
 Then what a brick restart would do to a lost lock: on the fault tests'
 volume (imglock-faults), ``client.strict-locks`` on makes the datastore
 pass, off makes ``doctor`` refuse it (exit 78) and print the command that
-fixes it, which does.
+fixes it, which does.  The setting comes from ``gluster volume get`` where
+this host's gluster tool answers, else from the client's own ``.meta`` tree.
 """
 
 from __future__ import annotations
@@ -159,4 +160,25 @@ def test_a_deadline_past_the_ping_timeout_is_refused(
     assert ping["fix"] == (
         f"gluster volume set {FAULTS_VOLUME} network.ping-timeout 120 "
         "(or a lock-check deadline under 42 s)"
+    )
+
+
+def test_a_host_whose_gluster_tool_cannot_reach_glusterd_reads_the_mounts_meta_tree(
+    faults_mount: Path,
+) -> None:
+    # A network namespace of its own and an empty /run: glusterd is neither
+    # at 127.0.0.1 nor behind its socket, as on a host that only mounts.
+    isolated = 'mount -t tmpfs tmpfs /run && exec "$@"'
+    proc = subprocess.run(
+        ["unshare", "--net", "--mount", "--propagation", "private", "sh", "-c", isolated, "sh",
+         sys.executable, "-m", "imglock", "doctor", "--json", str(faults_mount)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode in (EX_SHARED, EX_CONFIG), proc.stderr
+    strict = settings_of(json.loads(proc.stdout))["client.strict-locks"]
+    xlator = faults_mount / f".meta/graphs/active/{FAULTS_VOLUME}-client-0"
+    assert strict["value"] == (xlator / "options/strict-locks").read_text().strip()
+    assert strict["source"].startswith(f"{xlator}/options/strict-locks, as the mount was made")
+    assert (
+        f"`gluster volume get {FAULTS_VOLUME} client.strict-locks` on a server" in strict["source"]
     )
