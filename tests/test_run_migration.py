@@ -277,3 +277,49 @@ def test_a_migration_started_at_once_after_the_source_starts_is_handed_over(
     lab.wait_for_claim(dest, what="the destination's claim")
     assert source.runstate() == "postmigrate"
     assert "handoff stopped" not in source.stderr() + dest.stderr()
+
+
+def _top_node(vm: WrappedVM) -> str:
+    """The node name QEMU gave the top image's qcow2 node (a -drive names none)."""
+    nodes = vm.qmp("query-named-block-nodes")
+    (node,) = [n["node-name"] for n in nodes if n["drv"] == "qcow2" and n["backing_file_depth"]]
+    return str(node)
+
+
+def _save_with_savevm(vm: WrappedVM) -> None:
+    vm.qmp("human-monitor-command", {"command-line": "savevm snap"})
+
+
+def _save_with_snapshot_save(vm: WrappedVM) -> None:
+    node = _top_node(vm)
+    vm.qmp("snapshot-save", {"job-id": "snap", "tag": "snap", "vmstate": node, "devices": [node]})
+    wait_until(
+        lambda: [j["status"] for j in vm.qmp("query-jobs")] == ["concluded"],
+        what="the snapshot job to conclude", timeout=TIMEOUT,
+    )  # fmt: skip
+
+
+def _save_with_background_snapshot(vm: WrappedVM) -> None:
+    vm.qmp(
+        "migrate-set-capabilities",
+        {"capabilities": [{"capability": "background-snapshot", "state": True}]},
+    )
+    vm.qmp("migrate", {"uri": "exec:cat > /dev/null"})
+    wait_until(lambda: vm.migration() == "completed", what="the snapshot", timeout=TIMEOUT)
+
+
+@pytest.mark.parametrize(
+    "save", [_save_with_savevm, _save_with_snapshot_save, _save_with_background_snapshot]
+)
+def test_a_snapshot_made_as_a_migration_keeps_the_claim(lab: Lab, save: object) -> None:
+    # QEMU makes these snapshots with its migration code, and says
+    # "completed" at the end; the guest keeps its images and runs on.
+    vm = lab.start("vm")
+    lab.wait_for_claim(vm, what="the VM's claim")
+    save(vm)  # type: ignore[operator]
+    wait_until(
+        lambda: "a snapshot completed" in vm.stderr(), what="the wrapper to see it", timeout=TIMEOUT
+    )
+    assert vm.runstate() == RUNNING
+    assert lab.exclusive_holders() == [vm.qemu_pid]
+    assert "claim released" not in vm.stderr()

@@ -178,7 +178,7 @@ class MigrationOutcome:
 
     @property
     def completed(self) -> bool:
-        """Whether the VM now lives on the other side."""
+        """Whether the migration completed (on a source, a snapshot completes too)."""
         return self.status == MIGRATION_COMPLETED
 
 
@@ -749,6 +749,15 @@ async def watch_source(
         status = event.migration_status
         if status not in MIGRATION_TERMINAL:
             continue
+        if status == MIGRATION_COMPLETED and not released:
+            state = await monitor.query_status()
+            if state.status not in (RUNSTATE_FINISH_MIGRATE, RUNSTATE_POSTMIGRATE):
+                # A snapshot that QEMU makes as a migration (savevm,
+                # snapshot-save, background-snapshot) completes too, but
+                # the guest keeps its images and runs on: nothing to hand over.
+                if on_outcome is not None:
+                    on_outcome(MigrationOutcome(status, state))
+                continue
         if status == MIGRATION_COMPLETED and not released:
             # The images are inactive, and the guest is stopped in
             # finish-migrate, from which nothing resumes it ("migration is

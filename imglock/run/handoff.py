@@ -36,6 +36,9 @@ from imglock.errors import ImglockError
 from imglock.qemu.cmdline import has_freeze_cpu, migration_incoming, with_extra_args
 from imglock.qemu.monitor import (
     EVENT_RESUME,
+    RUNSTATE_FINISH_MIGRATE,
+    RUNSTATE_POSTMIGRATE,
+    MigrationOutcome,
     Monitor,
     MonitorError,
     MonitorThread,
@@ -260,7 +263,22 @@ class Handoff:
             monitor.unlisten(listener)
 
     async def _source(self, monitor: Monitor) -> None:
-        await watch_source(monitor, release=self._release, reclaim=self._reclaim)
+        await watch_source(
+            monitor, release=self._release, reclaim=self._reclaim, on_outcome=self._outcome
+        )
+
+    def _outcome(self, outcome: MigrationOutcome) -> None:
+        """Say how a migration (or a snapshot made as one) ended, and what became of the claim."""
+        runner = self.runner
+        assert runner is not None
+        if not outcome.completed:
+            why = f": {outcome.error}" if outcome.error else ""
+            runner.config.note(f"migration {outcome.status}{why}: the claim stays here")
+        elif outcome.runstate.status not in (RUNSTATE_FINISH_MIGRATE, RUNSTATE_POSTMIGRATE):
+            runner.config.note(
+                "a snapshot completed (savevm, snapshot-save or background-snapshot), "
+                "not a migration: the guest keeps its images, and the claim stays"
+            )
 
     async def _destination_then_source(self, monitor: Monitor) -> None:
         await watch_destination(monitor, claim=self._claim, resume=self.resume_on_arrival)
