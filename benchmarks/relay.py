@@ -41,9 +41,6 @@ class Endpoint:
             raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
         return cls(host or LOOPBACK, int(port))
 
-    def __str__(self) -> str:
-        return f"{self.host}:{self.port}"
-
 
 async def _delayed(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float
@@ -96,8 +93,6 @@ async def _relay_one(
             _delayed(client_reader, server_writer, delay),
             _delayed(server_reader, client_writer, delay),
         )
-    except asyncio.CancelledError:
-        pass  # the relay is stopping: the connection ends with it, quietly
     finally:
         for writer in (client_writer, server_writer):
             writer.close()
@@ -105,10 +100,18 @@ async def _relay_one(
                 await writer.wait_closed()
 
 
+async def _connection(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, target: Endpoint, delay: float
+) -> None:
+    # When the relay stops, its connections end with it, quietly.
+    with contextlib.suppress(asyncio.CancelledError):
+        await _relay_one(reader, writer, target, delay)
+
+
 async def serve(target: Endpoint, delay: float, port: int = 0) -> None:
     """Relay connections to *target* on 127.0.0.1:*port* until cancelled or signalled."""
     server = await asyncio.start_server(
-        lambda r, w: _relay_one(r, w, target, delay), LOOPBACK, port
+        lambda r, w: _connection(r, w, target, delay), LOOPBACK, port
     )
     stopped = asyncio.Event()
     loop = asyncio.get_running_loop()
