@@ -1016,6 +1016,17 @@ def _apply_set(text: str, drives: list[_Drive], devices: list[dict[str, Any]]) -
     raise QemuOptionError("-set", text, f'there is no drive "{drive_id}" defined')
 
 
+def iter_options(argv: Sequence[str]) -> Iterator[tuple[str, str | None]]:
+    """(option, argument) of every option of a QEMU command line, as QEMU splits them.
+
+    Options are named with one dash (``--chroot`` gives ``-chroot``);
+    bare image arguments are left out.
+    """
+    for arg in _scan_arguments(argv):
+        if arg.name is not None:
+            yield arg.name, arg.value
+
+
 def migration_incoming(argv: Sequence[str]) -> str | None:
     """The ``-incoming`` URI (``unix:/path``, ``tcp:...``, ``defer``...), or None.
 

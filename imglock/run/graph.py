@@ -84,6 +84,31 @@ PERM_WRITE: Final = "write"
 FDSET_PREFIX: Final = "/dev/fdset/"
 
 
+def qemu_root(argv: Sequence[str]) -> str | None:
+    """The directory a QEMU command line makes QEMU chroot into, or None.
+
+    ``-chroot DIR`` (QEMU 7.2) or ``-run-with chroot=DIR`` (QEMU 8.1 on);
+    the last one given wins, as QEMU reads them.
+    """
+    from imglock.qemu.cmdline import iter_options, parse_qemu_opts
+
+    root = None
+    for name, value in iter_options(argv):
+        if name == "-chroot":
+            root = value
+        elif name == "-run-with" and value is not None:
+            root = dict(parse_qemu_opts(value)).get("chroot", root)
+    return root
+
+
+#: Why the claim does not follow a QEMU that runs in another root directory.
+CHROOTED: Final = (
+    "QEMU runs chrooted in {root}: the file names of its block graph are not this host's, so "
+    "the claim stays what the command line named (QEMU's own lock bytes still guard files it "
+    "opens later)"
+)
+
+
 class OpenFile(NamedTuple):
     """A file QEMU's block graph holds open, and how QEMU uses it."""
 
@@ -251,12 +276,20 @@ class GraphFollower:
             if name in self.passed.values():  # still claimed: not dropped since
                 await monitor.pass_fd(fd, name)
 
-    def _path(self, filename: str) -> str:
-        """*filename* as this process can open it: relative names are QEMU's."""
+    def _path(self, filename: str) -> str | None:
+        """*filename* as this process can open it: relative names are QEMU's.
+
+        None when QEMU runs in another root directory (chrooted by other
+        means than its command line): its names are not this host's.
+        """
+        proc = f"/proc/{self.runner.child}"
+        with contextlib.suppress(OSError):
+            if os.readlink(f"{proc}/root") != "/":
+                return None
         if os.path.isabs(filename):
             return filename
         try:
-            return os.path.join(os.readlink(f"/proc/{self.runner.child}/cwd"), filename)
+            return os.path.join(os.readlink(f"{proc}/cwd"), filename)
         except OSError:
             return filename
 
@@ -271,6 +304,10 @@ class GraphFollower:
         unseen: set[str] = set()
         for file in files:
             path = self._path(file.filename)
+            if path is None:
+                unseen.add(file.filename)
+                self._skip(file.filename, "QEMU runs in another root directory")
+                continue
             try:
                 st = os.stat(path)
             except OSError as exc:
@@ -320,7 +357,7 @@ class GraphFollower:
                 target = wanted.get(key)
                 name = member.image.filename
                 if target is None and key not in self.pinned:
-                    if name in unseen or self._path(name) in unseen:
+                    if name in unseen or (self._path(name) or name) in unseen:
                         continue
                     passed = self.passed.pop(key, None)
                     if passed is not None:

@@ -392,10 +392,14 @@ def _launch_qemu(plan: Launch, config: RunConfig, command: Command) -> int:
         runner = Runner(config)
         handoff.attach(runner)
         if plan.graph_interval > 0:
-            from imglock.run.graph import GraphFollower
+            from imglock.run.graph import CHROOTED, GraphFollower, qemu_root
 
             named = bool(plan.images or plan.shared or plan.shared_write)
-            handoff.follower = GraphFollower(runner, plan.graph_interval, pin_start=named)
+            root = qemu_root(command.program)
+            if root is None:
+                handoff.follower = GraphFollower(runner, plan.graph_interval, pin_start=named)
+            else:
+                (plan.warn or _warn)(CHROOTED.format(root=root))
         try:
             return run_command(config, runner)
         finally:
