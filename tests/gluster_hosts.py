@@ -38,11 +38,16 @@ HOST_NAMES = ("host-a", "host-b", "host-c")
 REMOUNT_TIMEOUT = 20.0
 
 
-def mount_points() -> list[Path]:
-    """Where hosts A, B and C mount the volume (mounted or not)."""
+def mount_points(faults: bool = False) -> list[Path]:
+    """Where hosts A, B and C mount the volume (mounted or not).
+
+    With *faults*, their mounts of the fault tests' own volume
+    (``IMGLOCK_GLUSTER_FAULTS_A``... as ``tests/gluster/up`` prints them).
+    """
     default = Path(os.environ.get("IMGLOCK_GLUSTER_DIR", DEFAULT_STATE_DIR), "mnt")
+    variable, name = ("IMGLOCK_GLUSTER_FAULTS_", "f") if faults else ("IMGLOCK_GLUSTER_", "")
     return [
-        Path(os.environ.get(f"IMGLOCK_GLUSTER_{letter}", default / letter.lower()))
+        Path(os.environ.get(f"{variable}{letter}", default / f"{name}{letter.lower()}"))
         for letter in "ABC"
     ]
 
@@ -77,13 +82,13 @@ def answers(mount: Path) -> bool:
     return proc.returncode == 0
 
 
-def unavailable_reason() -> str | None:
-    """Why the two-host tests cannot run here, or None if they can."""
+def unavailable_reason(faults: bool = False) -> str | None:
+    """Why the two-host tests (on the fault volume with *faults*) cannot run here, or None."""
     if os.geteuid() != 0:
         return "needs root (UTS/PID namespaces for the hosts, FUSE client control)"
     if shutil.which("unshare") is None:
         return "unshare (util-linux) is not installed"
-    missing = [str(m) for m in mount_points() if not answers(m)]
+    missing = [str(m) for m in mount_points(faults) if not answers(m)]
     if missing:
         return f"no GlusterFS mount at {', '.join(missing)} (run tests/gluster/up as root)"
     return None
@@ -175,8 +180,8 @@ class Host:
 class Datastore:
     """Hosts A, B and C on one GlusterFS volume; hosts of a test's own to crash or hang."""
 
-    def __init__(self) -> None:
-        self.mounts = mount_points()
+    def __init__(self, faults: bool = False) -> None:
+        self.mounts = mount_points(faults)
         workdir = f"imglock-test-{uuid.uuid4().hex[:12]}"
         os.mkdir(self.mounts[0] / workdir)
         self.a, self.b, self.c = (
