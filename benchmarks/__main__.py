@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--quick]``: every figure in one Markdown table.
+"""``python -m benchmarks [--quick] [--rtt]``: every figure in one Markdown table.
 
 Each figure is a median printed beside the peer or floor it is compared
 with, measured in the same run on the same machine: claim+release beside
@@ -9,6 +9,10 @@ migration handoff adds (from ``benchmarks/bench_migration.py``, when
 present), and the same through a network filesystem when the GlusterFS
 mounts of ``tests/gluster/up`` are there (``benchmarks/bench_gluster.py``).
 ``--quick`` takes fewer samples: a rough look, not figures to quote.
+``--rtt`` adds the GlusterFS figures again through a relay that adds a
+network round-trip time (``benchmarks/bench_rtt.py``, as root): with the
+relay's 10 ms round trips, a serial pass over 1,000 files takes minutes,
+so these are left out unless asked for.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from benchmarks import bench_claim, bench_cli, bench_gluster, bench_startup
+from benchmarks import bench_claim, bench_cli, bench_gluster, bench_rtt, bench_startup
 from benchmarks.timing import Row, Unavailable, table_lines
 
 MIGRATION = "migration downtime added by the handoff"
@@ -59,6 +63,9 @@ def describe_machine() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer samples, rough figures")
+    parser.add_argument(
+        "--rtt", action="store_true", help="also through a relay adding round-trip time (slow)"
+    )
     args = parser.parse_args(argv)
     started = time.monotonic()
     rows: list[Row] = []
@@ -67,6 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows += _guarded("start-up in a fresh venv", bench_startup.figures, args.quick)
     rows += migration_rows(args.quick)
     rows += _guarded(bench_gluster.SECTION, bench_gluster.figures, args.quick)
+    if args.rtt:
+        rows += _guarded(bench_rtt.SECTION, bench_rtt.figures, args.quick)
     print(f"imglock benchmarks ({'quick' if args.quick else 'full'}): {describe_machine()}")
     print()
     print("\n".join(table_lines(rows)))

@@ -1,0 +1,303 @@
+"""Round trips on the critical path: GlusterFS with a simulated network round-trip time.
+
+On one machine a GlusterFS client reaches its brick in ~0.2 ms, so a
+round trip costs next to nothing and the figures of
+``benchmarks/bench_gluster.py`` cannot tell one round trip more from
+none.  Here hosts A and B are GlusterFS clients of the volume of
+``tests/gluster/up`` mounted for this run only, each reaching the brick
+through ``benchmarks/relay.py``, which delays each direction (5 ms each
+way by default: a 10 ms round trip).  The same figures as there, each
+beside its floor measured through the same relayed mounts in the same run,
+and each also counted in round trips:
+
+* one round trip: F_OFD_GETLK through relayed host B (the unit of the
+  rest), beside the same call through host B's direct mount;
+* ``imglock status DIR`` of 1,000 images from host B, beside a serial
+  open + F_OFD_GETLK + close of each file and ``ls -l``;
+* claim+release of a qcow2 and its backing file from host B, with its
+  filesystem calls (the lock calls among them) counted, beside the
+  per-file floor;
+* the downtime a migration A→B under ``imglock run`` adds to plain QEMU on
+  the same mounts, in ms and in round trips (goal: at most 2).
+
+The images are made through the direct mount of host A (the same volume),
+so that setting up costs no relayed round trips.  The relayed mounts and
+the relay are gone when it ends, whatever happened.
+Run: ``python -m benchmarks.bench_rtt [--quick] [--delay-ms MS]`` (as root).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from benchmarks import bench_gluster, bench_migration
+from benchmarks.relay import DEFAULT_DELAY_MS
+from benchmarks.timing import Figure, Row, Unavailable, bytecode_env, median_per_call, table_lines
+from imglock.lock import fcntl_locks
+
+VOLUME = "imglock"
+SECTION = "GlusterFS through a relay adding a round-trip time"
+#: The migration's goal, from issue 16: the handoff adds at most 2 round trips.
+GOAL_ROUND_TRIPS = 2
+#: Seconds a relay or a new client gets to answer, and a mount to go away.
+START_TIMEOUT = 20.0
+STOP_TIMEOUT = 10.0
+#: The host names of the relayed clients, as in tests/gluster/up.
+HOSTS = ("a", "b")
+
+
+class SetupError(Exception):
+    """The relay or a relayed mount could not be set up."""
+
+
+def _gluster_state() -> Path:
+    return Path(os.environ.get("IMGLOCK_GLUSTER_DIR", bench_gluster.DEFAULT_STATE_DIR))
+
+
+def brick_port(volume: str = VOLUME) -> int:
+    """The TCP port of *volume*'s brick, as glusterd reports it."""
+    status = subprocess.run(
+        ["gluster", "--mode=script", "volume", "status", volume, "--xml"],
+        capture_output=True, text=True, timeout=STOP_TIMEOUT, check=False,
+    )  # fmt: skip
+    found = re.search(r"<port>(\d+)</port>", status.stdout)
+    if status.returncode != 0 or found is None or found.group(1) == "0":
+        raise SetupError(f"volume {volume}: no brick port in `gluster volume status`")
+    return int(found.group(1))
+
+
+def client_volfile(relay_port: int, volume: str = VOLUME) -> str:
+    """The client volfile glusterd made for *volume*, its brick reached through the relay."""
+    path = _gluster_state() / "glusterd" / "vols" / volume / f"{volume}.tcp-fuse.vol"
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SetupError(f"{path}: {exc.strerror}") from exc
+    # A protocol/client with remote-port set talks to that port directly,
+    # without asking glusterd's port mapper where the brick is.
+    relayed, count = re.subn(
+        r"option remote-host .*",
+        f"option remote-host 127.0.0.1\n    option remote-port {relay_port}",
+        text,
+    )
+    if count != 1:
+        raise SetupError(f"{path}: expected one protocol/client, found {count}")
+    return relayed
+
+
+def _until(predicate: Callable[[], bool], what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise SetupError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+def _mounted(mount: Path) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == os.fspath(mount) for line in f)
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _stop_pid(pid_file: Path) -> None:
+    """Stop the process *pid_file* names (a client the unmount did not end)."""
+    try:
+        pid = int(pid_file.read_text())
+        os.kill(pid, signal.SIGTERM)
+    except (OSError, ValueError):
+        return
+    with contextlib.suppress(SetupError):
+        _until(lambda: not os.path.exists(f"/proc/{pid}"), "client to end", STOP_TIMEOUT)
+        return
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def relay(port: int, delay: float) -> Iterator[int]:
+    """``benchmarks/relay.py`` in a process of its own, relaying to 127.0.0.1:*port*.
+
+    Yields the port it listens on.  A process of its own, so that the
+    benchmark's own Python never holds up the relay (nor the reverse).
+    """
+    argv = [sys.executable, "-m", "benchmarks.relay", "--to", f"127.0.0.1:{port}",
+            "--delay-ms", str(delay * 1e3)]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # ends at the relay's first line, or its exit
+        if not line.startswith("listening on "):
+            raise SetupError(f"the relay did not start (exit status {proc.poll()})")
+        yield int(line.rsplit(":", 1)[1])
+    finally:
+        _stop(proc)
+
+
+@contextlib.contextmanager
+def relayed_client(volfile: Path, mount: Path) -> Iterator[Path]:
+    """A FUSE client of the volume at *mount*, started from *volfile*; unmounted at the end."""
+    mount.mkdir()
+    pid_file, log = mount.with_suffix(".pid"), mount.with_suffix(".log")
+    try:
+        # The caches off as on the shared mounts: host B sees host A at once.
+        subprocess.run(
+            ["glusterfs", "-f", volfile, "--attribute-timeout=0", "--entry-timeout=0",
+             "--negative-timeout=0", f"--pid-file={pid_file}", f"--log-file={log}", mount],
+            check=True, timeout=START_TIMEOUT,
+        )  # fmt: skip
+        _until(lambda: _mounted(mount) and os.path.isdir(mount), f"{mount}", START_TIMEOUT)
+        yield mount
+    finally:
+        if _mounted(mount):
+            unmount = subprocess.run(["umount", mount], capture_output=True, timeout=STOP_TIMEOUT)
+            if unmount.returncode != 0:
+                subprocess.run(["umount", "-l", mount], capture_output=True, timeout=STOP_TIMEOUT)
+        _stop_pid(pid_file)
+        for leftover in (pid_file, log):
+            leftover.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            mount.rmdir()  # never rmtree: a mount still there is the volume's contents
+
+
+@contextlib.contextmanager
+def relayed_mounts(delay: float) -> Iterator[list[Path]]:
+    """Hosts A and B mounting the volume through one relay adding *delay* each way."""
+    with contextlib.ExitStack() as stack:
+        root = Path(tempfile.mkdtemp(prefix="imglock-rtt-"))
+        stack.callback(root.rmdir)
+        relay_port = stack.enter_context(relay(brick_port(), delay))
+        volfile = root / "client.vol"
+        volfile.write_text(client_volfile(relay_port))
+        stack.callback(volfile.unlink)
+        yield [stack.enter_context(relayed_client(volfile, root / host)) for host in HOSTS]
+
+
+# -- figures in round trips ------------------------------------------------
+
+
+@contextlib.contextmanager
+def getlk(directory: Path) -> Iterator[Callable[[], object]]:
+    """One F_OFD_GETLK on a file in *directory*, opened once: one round trip to the brick."""
+    path = directory / "rtt-probe"
+    path.touch()
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        yield lambda: fcntl_locks.conflicting(fd, 0, 0, str(path))
+    finally:
+        os.close(fd)
+
+
+def round_trip_row(relayed: Path, direct: Path, delay: float, rounds: int) -> Figure:
+    """The unit: one lock call through relayed host B, beside the same through B's direct mount."""
+    with getlk(relayed) as relayed_call, getlk(direct) as direct_call:
+        return Figure(
+            f"one round trip: F_OFD_GETLK through host B, relayed {delay * 1e3:g} ms each way",
+            median_per_call(relayed_call, rounds=rounds, batch=0.1),
+            "F_OFD_GETLK through host B's direct mount",
+            median_per_call(direct_call, rounds=rounds, batch=0.1),
+            "the unit: 1 round trip",
+        )
+
+
+def in_round_trips(row: Row, rtt: float, delay: float) -> Row:
+    """*row* from the relayed mounts, named so, with its median and peer in round trips."""
+    label = f"+{2 * delay * 1e3:g} ms RTT: {row.what}"
+    if isinstance(row, Unavailable):
+        return dataclasses.replace(row, what=label)
+    counted = f"{row.median / rtt:.1f} vs {row.peer / rtt:.1f} round trips"
+    return dataclasses.replace(row, what=label, target=counted)
+
+
+def added_round_trips(row: Row, rtt: float, delay: float) -> Row:
+    """A downtime *row*: what it adds to its peer, in ms and in round trips, beside the goal."""
+    row = in_round_trips(row, rtt, delay)
+    if isinstance(row, Unavailable):
+        return row
+    added = row.median - row.peer
+    target = (
+        f"added {added * 1e3:.1f} ms = {added / rtt:.2f} round trips; "
+        f"goal ≤ {GOAL_ROUND_TRIPS} round trips"
+    )
+    return dataclasses.replace(row, target=target)
+
+
+def unavailable() -> str | None:
+    """Why the relayed figures cannot be measured here, or None."""
+    if bench_gluster.mounts() is None:
+        return "not measured: no GlusterFS mounts (tests/gluster/up)"
+    if os.geteuid() != 0:
+        return "not measured: mounting the relayed clients needs root"
+    for tool in ("glusterfs", "gluster", "qemu-img", "qemu-system-x86_64"):
+        if shutil.which(tool) is None:
+            return f"not measured: {tool} is not installed"
+    return None
+
+
+def figures(quick: bool = False, delay_ms: float = DEFAULT_DELAY_MS) -> list[Row]:
+    why = unavailable()
+    direct = bench_gluster.mounts()
+    if why is not None or direct is None:
+        return [Unavailable(SECTION, why or "not measured")]
+    delay = delay_ms / 1e3
+    # A serial pass over 1,000 files takes ~6 round trips a file: a minute.
+    status_runs, rounds = (1, 5) if quick else (3, 11)
+    try:
+        with (
+            relayed_mounts(delay) as (relayed_a, relayed_b),
+            bench_gluster.workspace(direct[0], relayed_b) as (made, on_b),
+            tempfile.TemporaryDirectory() as cache,
+        ):
+            on_a = relayed_a / made.name
+            unit = round_trip_row(on_b, direct[1] / made.name, delay, rounds)
+            rtt = unit.median
+            rows: list[Row] = [unit]
+            for row in bench_gluster.status_rows(made, on_b, status_runs, bytecode_env(cache)):
+                rows.append(in_round_trips(row, rtt, delay))
+            for row in bench_gluster.claim_rows(made, on_b, rounds):
+                rows.append(in_round_trips(row, rtt, delay))
+            for row in bench_migration.across_hosts(on_a, on_b, quick=quick):
+                rows.append(added_round_trips(row, rtt, delay))
+    except SetupError as exc:
+        return [Unavailable(SECTION, f"not measured: {exc}")]
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_rtt", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer samples, rough figures")
+    parser.add_argument(
+        "--delay-ms", type=float, default=DEFAULT_DELAY_MS, help="delay each way, in ms"
+    )
+    args = parser.parse_args(argv)
+    # A SIGTERM ends the run through its cleanups: no relayed mount is left behind.
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+    started = time.monotonic()
+    rows = figures(quick=args.quick, delay_ms=args.delay_ms)
+    print("\n".join(table_lines(rows)))
+    print()
+    print(f"Measured in {time.monotonic() - started:.0f} s.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
