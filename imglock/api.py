@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Final, NamedTuple, Self
+from typing import TYPE_CHECKING, Final, NamedTuple, NoReturn, Self, SupportsIndex
 
 from imglock import faults
 from imglock.errors import ImageError, ImglockError, LockConflict, LockError, LockLost, UsageError
@@ -25,6 +25,7 @@ from imglock.lock.identity import Owner
 from imglock.lock.lockspace import attach
 from imglock.lock.protocol import (
     IMGLOCK_START,
+    Held,
     Layer,
     Mode,
     Place,
@@ -50,6 +51,11 @@ BACKOFF_FIRST: Final = 0.001
 BACKOFF_CAP: Final = 0.05
 #: How many holders a conflict message names (the others are counted).
 NAMED_HOLDERS: Final = 4
+#: Why copy.copy, copy.deepcopy and pickle refuse a Claim.
+_NOT_COPYABLE: Final = (
+    "a Claim cannot be copied or pickled: its locks belong to descriptors that "
+    "only the Claim that opened them may close"
+)
 
 
 def as_seconds(name: str, value: object) -> float:
@@ -573,6 +579,28 @@ class Claim:
             member.close()
             _remove_record(member)
 
+    def qemu_holds_its_bytes(self) -> None:
+        """The wrapped QEMU runs now, and holds QEMU's bytes on descriptors of its own.
+
+        They were tested before it started (Layer.QEMU_TEST); from now on
+        they are QEMU's (Layer.QEMU_HELD), so later claims and mode changes
+        (a migration handoff, a block job that makes QEMU write a backing
+        file) judge the imglock layer only, and never meet QEMU as a rival.
+        """
+        if Layer.QEMU_TEST not in self.layers:
+            return
+        self.layers = self.layers & ~Layer.QEMU_TEST | Layer.QEMU_HELD
+        for member in self.members:
+            held = member.image.held
+            if held is not None and Layer.QEMU_TEST in held.layers:
+                member.image.held = Held(
+                    held.mode,
+                    held.layers & ~Layer.QEMU_TEST | Layer.QEMU_HELD,
+                    held.owner,
+                    held.ranges,  # the same: both mark QEMU's bytes as the holder's
+                    held.flock,
+                )
+
     def change_file_mode(self, member: _Member, mode: Mode) -> None:
         """Turn one file's claim into one in *mode* on the same descriptor.
 
@@ -779,6 +807,19 @@ class Claim:
         tb: TracebackType | None,
     ) -> None:
         self.release()
+
+    # A copy would share the descriptor numbers: collecting it would close
+    # the original's descriptors (and so drop its locks) while the original
+    # still says held, and the original's release would then close whatever
+    # reuses those numbers.  A claim is one object in one process.
+    def __copy__(self) -> NoReturn:
+        raise TypeError(_NOT_COPYABLE)
+
+    def __deepcopy__(self, memo: object) -> NoReturn:
+        raise TypeError(_NOT_COPYABLE)
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
+        raise TypeError(_NOT_COPYABLE)
 
     def __del__(self) -> None:
         # A claim dropped without release must not leak descriptors (and so locks).

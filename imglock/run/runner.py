@@ -32,7 +32,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Final, Protocol
 
 from imglock import faults
@@ -65,6 +65,9 @@ FORWARDED: Final = (
 #: tty_signal_session_leader): when the wrapper leads its session, COMMAND
 #: hears of the hangup only through it.
 SI_KERNEL: Final = 0x80
+#: Signals that end a wait for busy images (imglock(1), SIGNALS): the wait
+#: is left, the queue place given up, and COMMAND never started.
+INTERRUPTING: Final = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _GATE_GO: Final = b"g"
 
 Say = Callable[[str], None]
@@ -265,7 +268,8 @@ class Runner:
             claim.owner_pid = self.child
             claim.command = list(self.config.argv)
             if self.config.claim_at_start:
-                claim.acquire()
+                with interruptible(old_mask):
+                    claim.acquire()
                 for line in claim_notes(claim):
                     self.config.note(line)
             else:
@@ -290,10 +294,7 @@ class Runner:
             self.config.say(f"{self.config.argv[0]}: {os.strerror(failed)}")
             return EX_NOTFOUND if failed == errno.ENOENT else EX_NOEXEC
         faults.point("run:started")
-        # QEMU's bytes were tested before it started; from now on it holds
-        # them itself, so later claims (a migration handoff) judge imglock's layer.
-        if Layer.QEMU_TEST in claim.layers:
-            claim.layers = claim.layers & ~Layer.QEMU_TEST | Layer.QEMU_HELD
+        claim.qemu_holds_its_bytes()
         self.guest = self.guest or SignalGuest(self.child, self.config.lock_lost_signal)
         if self.on_started is not None:
             self.on_started(self)
@@ -521,10 +522,51 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, 0)
 
 
+class Interrupted(BaseException):
+    """A signal ended the claim before COMMAND started (a BaseException, as KeyboardInterrupt)."""
+
+    def __init__(self, signo: int) -> None:
+        super().__init__(signo)
+        self.signo = signo
+
+
+def _interrupt(signo: int, _frame: object) -> None:
+    raise Interrupted(signo)
+
+
+@contextlib.contextmanager
+def interruptible(mask: set[int | signal.Signals]) -> Iterator[None]:
+    """Let INTERRUPTING signals (unless *mask*, the caller's, blocks them) end the block.
+
+    Everything else the wrapper forwards stays blocked, and so does SIGCHLD.
+    A signal sent before the block (while they were all blocked) ends it
+    at once; one sent after it stays pending, and reaches COMMAND.  Only the
+    main thread can run a handler: elsewhere the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    wanted = [signo for signo in INTERRUPTING if signo not in mask]
+    old = {signo: signal.signal(signo, _interrupt) for signo in wanted}
+    try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, wanted)
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
+    finally:
+        for signo, handler in old.items():
+            signal.signal(signo, handler)
+
+
 def run_command(config: RunConfig, runner: Runner | None = None) -> int:
     """Run *config*; return the exit status for the wrapper (flock(1)'s conventions)."""
     try:
         return (runner or Runner(config)).run()
+    except Interrupted as exc:
+        name = signal_name(exc.signo)
+        config.say(f"{name} while claiming the images: {config.argv[0]} not started")
+        return 128 + exc.signo
     except LockConflict as exc:
         config.say(str(exc))
         return config.conflict_exit
