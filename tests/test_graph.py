@@ -512,3 +512,46 @@ def test_an_explicit_backing_node_wins_over_a_stale_header(lab: Lab) -> None:
     )
     lab.expect(vm, {top: EXCLUSIVE, base: SHARED})
     assert vm.quit() == 0
+
+
+def plain_drive(top: Path) -> list[str]:
+    """-drive as most users write it: no node names, the chain found from the headers."""
+    return ["-drive", f"file={top},format=qcow2,if=none,id=drive0"]
+
+
+def node_of(vm: WrappedVM, path: Path) -> str:
+    """The node name QEMU gave *path*'s qcow2 node."""
+    nodes = vm.qmp("query-named-block-nodes")
+    (name,) = [n["node-name"] for n in nodes if n["drv"] == "qcow2" and n["file"] == str(path)]
+    return str(name)
+
+
+def test_block_commit_active_on_a_drive_without_node_names(lab: Lab) -> None:
+    # The backing files were claimed from the headers at start, with QEMU's
+    # bytes tested; once QEMU writes the base itself, its own bytes there
+    # are no rival, and the base becomes exclusive without pausing anyone.
+    base, mid, top = make_chain(lab)
+    vm = lab.start(*plain_drive(top))
+    lab.expect(vm, {top: EXCLUSIVE, mid: SHARED, base: SHARED})
+    vm.qmp("block-commit", {"job-id": "c", "device": "drive0"})
+    wait_until(lambda: job_ready(vm, "c"), what="the commit to be ready", timeout=TIMEOUT)
+    lab.expect(vm, {top: EXCLUSIVE, mid: SHARED, base: EXCLUSIVE})
+    vm.qmp("block-job-complete", {"device": "c"})
+    wait_until(lambda: job_gone(vm, "c"), what="the commit to end", timeout=TIMEOUT)
+    lab.expect(vm, {top: FREE, mid: FREE, base: EXCLUSIVE})
+    assert vm.runstate() == "running"
+    assert "guest paused" not in vm.stderr()
+    assert vm.quit() == 0
+
+
+def test_block_commit_intermediate_on_a_drive_without_node_names(lab: Lab) -> None:
+    base, mid, top = make_chain(lab)
+    vm = lab.start(*plain_drive(top))
+    lab.expect(vm, {top: EXCLUSIVE, mid: SHARED, base: SHARED})
+    vm.qmp("block-commit", {"job-id": "c", "device": "drive0", "top-node": node_of(vm, mid),
+                            "base-node": node_of(vm, base)})  # fmt: skip
+    wait_until(lambda: job_gone(vm, "c"), what="the commit to end", timeout=TIMEOUT)
+    lab.expect(vm, {top: EXCLUSIVE, mid: FREE, base: SHARED})
+    assert vm.runstate() == "running"
+    assert "guest paused" not in vm.stderr()
+    assert vm.quit() == 0
