@@ -17,10 +17,12 @@ image ends at SIGTERM, SIGINT or SIGHUP without starting the command.
 from __future__ import annotations
 
 import copy
+import os
 import pickle
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,6 +32,47 @@ from processes import wait_until
 import imglock
 
 IMGLOCK = [sys.executable, "-m", "imglock"]
+
+
+# --------------------------------------------------------------------------
+# Lockspace identity: two filesystems without a shared one
+
+
+@pytest.fixture
+def two_tmpfs(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """Two fresh tmpfs mounts, each holding one raw image with the same inode number."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    images = []
+    for name in ("a", "b"):
+        point = tmp_path / name
+        point.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", point], check=True)
+        images.append(point / "vm.raw")
+    try:
+        for image in images:
+            image.write_bytes(bytes(65536))
+        yield images[0], images[1]
+    finally:
+        for image in images:
+            subprocess.run(["umount", "--lazy", image.parent], check=False)
+
+
+def test_images_with_one_inode_number_on_two_tmpfs_mounts_get_two_lock_files(
+    two_tmpfs: tuple[Path, Path], tmp_path: Path, rival: SpawnRival
+) -> None:
+    first, second = two_tmpfs
+    assert first.stat().st_ino == second.stat().st_ino  # what the identity used to stop at
+    space = tmp_path / "lockspace"
+    space.mkdir()
+    with imglock.claim(first, lockspace=str(space)):
+        other = rival("--lockspace", space, "--no-qemu", second)
+        assert other.ok, other.reply
+        # Each image names its own holder, never the other's.
+        assert [h.pid for h in imglock_holders(second, str(space))] == [other.reply["pid"]]
+        assert [h.pid for h in imglock_holders(first, str(space))] == [os.getpid()]
+        other.stop()
+    assert len(list(space.glob("file-*.lock"))) == 2
 
 
 # --------------------------------------------------------------------------

@@ -16,6 +16,11 @@ finds the same lock file.  See imglock(7), LOCKSPACES:
   any other (NFS, CephFS, GlusterFS) by its type and mount source
   (``server:/export``), which every host must therefore spell the same;
   their inode numbers are the server's, the same on every client;
+* a file on a filesystem that only this host has (tmpfs, overlay, a local
+  disk without a UUID): its source ("tmpfs", "overlay") names every such
+  mount alike, so it is named by this kernel's device number for it (the
+  same through every bind mount of it) and this kernel's boot id, which no
+  other host shares;
 * a file whose filesystem cannot be named (not in /proc/self/mountinfo,
   such as a btrfs subvolume): its real path, as before.
 """
@@ -23,6 +28,7 @@ finds the same lock file.  See imglock(7), LOCKSPACES:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import stat
 from collections.abc import Iterator
@@ -39,6 +45,8 @@ LOCK_SUFFIX: Final = ".lock"
 _SYSFS_IDENTITIES: Final = ("device/wwid", "wwid", "dm/uuid", "device/serial")
 #: udev's links from filesystem UUIDs to block devices.
 _BY_UUID: Final = "/dev/disk/by-uuid"
+#: The kernel's random id of this boot: one per host (containers share their host's).
+_BOOT_ID: Final = "/proc/sys/kernel/random/boot_id"
 
 
 # A plain class, not a dataclass or NamedTuple: those cost far more to define,
@@ -87,8 +95,19 @@ def _filesystem_uuid(dev: int) -> str | None:
     return None
 
 
+@functools.cache
+def boot_id() -> str:
+    """This boot of this host's kernel, as the kernel names it ("" where it cannot be read)."""
+    try:
+        with open(_BOOT_ID, encoding="ascii", errors="replace") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 def filesystem_identity(dev: int) -> str | None:
-    """A name for the filesystem on *dev* that every host that mounts it shares, if any."""
+    """A name for the filesystem on *dev*: every host that mounts it shares it, if any does,
+    and no other filesystem has it."""
     if os.major(dev) != 0:  # a real block device, not an anonymous one (NFS, FUSE, overlay)
         uuid = _filesystem_uuid(dev)
         if uuid:
@@ -97,9 +116,16 @@ def filesystem_identity(dev: int) -> str | None:
         if wwid:
             return f"block:{wwid}"
     from imglock.lock.mounts import mount_of_device
+    from imglock.lock.sharing import LOCAL_FILESYSTEMS
 
     mount = mount_of_device(dev)  # any of its mounts: bind mounts agree
-    return f"mount:{mount.fstype}:{mount.raw_source}" if mount is not None else None
+    if mount is None:
+        return None
+    if mount.fstype in LOCAL_FILESYSTEMS:
+        # Two tmpfs (or overlay) mounts have the same type and source: only
+        # the device number tells them apart, and only on this boot of this host.
+        return f"local:{mount.fstype}:{boot_id()}:{os.major(dev)}:{os.minor(dev)}"
+    return f"mount:{mount.fstype}:{mount.raw_source}"
 
 
 def identity(path: str, st: os.stat_result) -> str:
