@@ -46,6 +46,7 @@ from benchmarks import bench_gluster, bench_migration
 from benchmarks.relay import DEFAULT_DELAY_MS
 from benchmarks.timing import Figure, Row, Unavailable, bytecode_env, median_per_call, table_lines
 from imglock.lock import fcntl_locks
+from imglock.qemu.monitor import EVENT_RESUME, EVENT_STOP
 
 VOLUME = "imglock"
 SECTION = "GlusterFS through a relay adding a round-trip time"
@@ -56,6 +57,10 @@ START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 #: The host names of the relayed clients, as in tests/gluster/up.
 HOSTS = ("a", "b")
+#: The image ``bench_migration.across_hosts`` migrates, in the workspace.
+MIGRATED = "mig.qcow2"
+#: Lock calls, and the sends that carry QEMU's events, with wall-clock times and file names.
+STRACE = ("strace", "-f", "-qq", "-ttt", "-y", "-s", "200", "-e", "trace=fcntl,sendmsg,write")
 
 
 class SetupError(Exception):
@@ -228,7 +233,7 @@ def in_round_trips(row: Row, rtt: float, delay: float) -> Row:
     return dataclasses.replace(row, what=label, target=counted)
 
 
-def added_round_trips(row: Row, rtt: float, delay: float) -> Row:
+def added_round_trips(row: Row, rtt: float, delay: float, calls: str) -> Row:
     """A downtime *row*: what it adds to its peer, in ms and in round trips, beside the goal."""
     row = in_round_trips(row, rtt, delay)
     if isinstance(row, Unavailable):
@@ -238,7 +243,76 @@ def added_round_trips(row: Row, rtt: float, delay: float) -> Row:
         f"added {added * 1e3:.1f} ms = {added / rtt:.2f} round trips; "
         f"goal ≤ {GOAL_ROUND_TRIPS} round trips"
     )
-    return dataclasses.replace(row, target=target)
+    return dataclasses.replace(row, what=f"{row.what} ({calls})", target=target)
+
+
+# -- the lock calls within a migration's downtime ---------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Trace:
+    """What ``strace -ttt`` saw of one side of a migration: QEMU's events, and lock calls."""
+
+    events: dict[str, float]  # the first time QEMU sent each event, as wall-clock seconds
+    locks: list[float]  # when each lock call on the image began
+
+    @classmethod
+    def read(cls, path: Path, image: Path) -> Trace:
+        events: dict[str, float] = {}
+        locks: list[float] = []
+        with open(path) as f:
+            for line in f:
+                parts = line.split(None, 2)
+                if len(parts) < 3:
+                    continue
+                _pid, stamp, call = parts
+                for name in (EVENT_STOP, EVENT_RESUME):
+                    # strace prints QMP's JSON with its quotes escaped.
+                    if f'\\"event\\": \\"{name}\\"' in call:
+                        events.setdefault(name, float(stamp))
+                if call.startswith("fcntl(") and f"<{image}>" in call and "LK" in call:
+                    locks.append(float(stamp))
+        return cls(events, locks)
+
+    def locks_between(self, start: float, end: float) -> int:
+        return sum(start <= t <= end for t in self.locks)
+
+
+def downtime_lock_calls(on_a: Path, on_b: Path) -> str:
+    """The lock calls on the image from the source's STOP to the destination's RESUME.
+
+    One more migration each way, plain and wrapped, with both sides under
+    ``strace -f -ttt``: the source QEMU's send of its STOP event and the
+    destination's of RESUME bound the downtime in one clock (wall-clock
+    time) for both hosts, and the lock calls on the image between them are
+    counted.  Each is a round trip; the two hosts' calls may overlap.
+    """
+    if shutil.which("strace") is None:
+        return "lock calls not counted: no strace"
+    counts = []
+    with tempfile.TemporaryDirectory(prefix="imglock-bench-") as scratch:
+        root = Path(scratch)
+        for wrapped in (False, True):
+            out = [root / f"{side}-{wrapped}.strace" for side in ("source", "destination")]
+            hosts = tuple(
+                [*bench_migration.on_host(host), *STRACE, "-o", str(trace)]
+                for host, trace in zip(("host-a", "host-b"), out, strict=True)
+            )
+            bench_migration.one_migration(
+                root, on_a / MIGRATED, wrapped, on_b / MIGRATED, (hosts[0], hosts[1])
+            )
+            source, destination = (
+                Trace.read(out[0], on_a / MIGRATED),
+                Trace.read(out[1], on_b / MIGRATED),
+            )
+            if EVENT_STOP not in source.events or EVENT_RESUME not in destination.events:
+                return "lock calls not counted: no STOP or RESUME event in the trace"
+            window = (source.events[EVENT_STOP], destination.events[EVENT_RESUME])
+            counts.append(
+                f"source {source.locks_between(*window)}, "
+                f"destination {destination.locks_between(*window)}"
+            )
+    return f"lock calls STOP→RESUME, traced: plain {counts[0]}; under imglock run {counts[1]}"
 
 
 def unavailable() -> str | None:
@@ -275,8 +349,9 @@ def figures(quick: bool = False, delay_ms: float = DEFAULT_DELAY_MS) -> list[Row
                 rows.append(in_round_trips(row, rtt, delay))
             for row in bench_gluster.claim_rows(made, on_b, rounds):
                 rows.append(in_round_trips(row, rtt, delay))
-            for row in bench_migration.across_hosts(on_a, on_b, quick=quick):
-                rows.append(added_round_trips(row, rtt, delay))
+            downtime = bench_migration.across_hosts(on_a, on_b, quick=quick)
+            calls = downtime_lock_calls(on_a, on_b)
+            rows += [added_round_trips(row, rtt, delay, calls) for row in downtime]
     except SetupError as exc:
         return [Unavailable(SECTION, f"not measured: {exc}")]
     return rows
