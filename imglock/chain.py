@@ -22,7 +22,7 @@ from types import TracebackType
 from typing import Final, Literal
 
 from imglock.errors import ChainError, ImageError, ImglockError, UsageError
-from imglock.formats import DATA_FORMATS, FORMAT_NAMES, Child, OpenImage, open_image
+from imglock.formats import DATA_FORMATS, FORMAT_NAMES, Child, OpenImage, open_claimable
 
 ChainRole = Literal["top", "backing", "data-file"]
 
@@ -165,7 +165,7 @@ class _Opener:
                 f"{what} '{child.name}' has format '{format}', which imglock cannot read",
             )
         try:
-            return open_image(child.filename, format)
+            return open_claimable(child.filename, format)
         except ImageError as exc:
             if type(exc) is not ImageError:
                 raise  # a malformed backing file, or a read error: say so as it is
@@ -231,7 +231,7 @@ def open_chain(
         return image
 
     try:
-        top_image = open_image(path, format)
+        top_image = open_claimable(path, format)
         opener.add(ChainLink("top", top_image))
         current: OpenImage | None = top_image
         depth = 1

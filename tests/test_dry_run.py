@@ -111,6 +111,15 @@ def test_an_explicit_backing_wins_over_a_stale_name_in_the_header(
     assert "base.qcow2" in names and not any("moved-away" in str(n) for n in names)
 
 
+def test_a_luks_volume_is_claimed_as_data_in_its_own_format(
+    tmp_path: Path, qemu_img_path: str, imglock_cli: ImglockCli
+) -> None:
+    argv, _expected = build_case("luks-volume", tmp_path, qemu_img_path)
+    report = dry_run(imglock_cli, argv)
+    formats = [(Path(e["filename"]).name, e["format"]) for e in report["images"]]  # type: ignore[union-attr, index]
+    assert formats == [("vault.luks", "luks"), ("scratch.luks", "raw")]
+
+
 def test_dry_run_takes_no_lock_and_creates_no_lock_file(
     tmp_path: Path, qemu_img_path: str, imglock_cli: ImglockCli, rival: SpawnRival
 ) -> None:

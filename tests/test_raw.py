@@ -20,7 +20,7 @@ import pytest
 from qcow2_builder import QemuImg, assert_matches_qemu, open_fd_count
 
 from imglock.errors import EX_IOERR, EX_NOINPUT, FormatError, ImageError
-from imglock.formats import open_image, probe
+from imglock.formats import open_claimable, open_image, probe
 from imglock.safeio import (
     MAX_READ,
     ReadError,
@@ -152,11 +152,13 @@ def test_anything_else_probes_raw(tmp_path: Path, head: bytes) -> None:
         (b"KDMV" + bytes(100), "vmdk"),
         (b"# Disk DescriptorFile\n", "vmdk"),
         (b"QED\0" + bytes(100), "qed"),
+        (b"conectix" + bytes(100), "vpc"),
+        (b"vhdxfile" + bytes(100), "vhdx"),
+        (b"LUKS\xba\xbe" + bytes(100), "luks"),
+        (bytes(0x40) + b"\x7f\x10\xda\xbe" + bytes(100), "vdi"),
     ],
 )
-def test_formats_with_backing_files_are_not_taken_for_raw(
-    tmp_path: Path, head: bytes, name: str
-) -> None:
+def test_formats_qemu_knows_are_not_taken_for_raw(tmp_path: Path, head: bytes, name: str) -> None:
     path = tmp_path / "x.img"
     path.write_bytes(head)
     with pytest.raises(FormatError, match=f"is a {name} image; imglock reads only qcow2 and raw"):
@@ -173,21 +175,31 @@ def test_formats_with_backing_files_are_not_taken_for_raw(
         (bytes(0x40) + b"\x7f\x10\xda\xbe" + bytes(100), "vdi"),
     ],
 )
-def test_formats_without_backing_files_open_as_plain_data(
+def test_formats_without_backing_files_are_claimed_as_plain_data(
     tmp_path: Path, head: bytes, name: str
 ) -> None:
     path = tmp_path / "x.img"
     path.write_bytes(head)
     for named in (None, name):
-        image = open_image(path, named)
+        image = open_claimable(path, named)
         try:
             assert (image.format, image.children()) == (name, [])
         finally:
             image.close()
 
 
+@pytest.mark.parametrize("head", [b"KDMV" + bytes(100), b"QED\0" + bytes(100)])
+def test_formats_that_may_have_backing_files_are_not_claimed_as_data(
+    tmp_path: Path, head: bytes
+) -> None:
+    path = tmp_path / "x.img"
+    path.write_bytes(head)
+    with pytest.raises(FormatError, match="name the format raw"):
+        open_claimable(path)
+
+
 @pytest.mark.qemu
-@pytest.mark.parametrize("fmt", ["vmdk", "qed", "qcow"])
+@pytest.mark.parametrize("fmt", ["vmdk", "vdi", "vpc", "vhdx", "qed", "qcow"])
 def test_foreign_formats_made_by_qemu_img_are_refused(
     qemu_img: QemuImg, tmp_path: Path, fmt: str
 ) -> None:

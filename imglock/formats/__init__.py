@@ -26,6 +26,7 @@ __all__ = [
     "FormatDriver",
     "OpenImage",
     "driver_for",
+    "open_claimable",
     "open_for_locks",
     "open_image",
     "probe",
@@ -119,7 +120,7 @@ def probe(head: bytes, filename: str) -> FormatDriver:
 
     Raises UnreadableFormat (a FormatError) for a format QEMU knows but
     imglock does not parse (vmdk, qcow version 1, LUKS...), rather than
-    treating it as raw; :func:`open_image` then opens one of
+    treating it as raw; :func:`open_claimable` then opens one of
     :data:`DATA_FORMATS` as plain data.
     """
     # A driver scores only files with its magic: the others are not even imported.
@@ -159,28 +160,37 @@ def open_image(path: str | os.PathLike[str], format: str | None = None) -> OpenI
     """Open the image at *path* read-only and parse its header.
 
     *format* None (or "auto") probes the file; a format name uses that
-    driver without probing.  A file in one of :data:`DATA_FORMATS`, named
-    or probed, is opened as plain data: no children, its
-    :attr:`~OpenImage.format` the one QEMU reads it as.  Raises ImageError
-    (cannot open), FormatError (bad header) or UsageError (unknown format
-    name).  The caller closes the returned image.
+    driver without probing; naming one of :data:`DATA_FORMATS` opens the
+    file as plain data.  Raises ImageError (cannot open), FormatError (bad
+    header) or UsageError (unknown format name).  The caller closes the
+    returned image.
     """
     filename = os.fspath(path)
     # An unknown format name is refused before the file is touched.
     named = driver_for(format) if format is not None and format != "auto" else None
-    read_as = format if format in DATA_FORMATS else None
     fd, st = open_image_fd(filename)
     try:
         head = read_at(fd, 0, HEAD_SIZE, filename)
-        try:
-            driver = named or probe(head[:PROBE_SIZE], filename)
-        except UnreadableFormat as exc:
-            if exc.format not in DATA_FORMATS:
-                raise
-            driver, read_as = _driver("raw"), exc.format
+        driver = named or probe(head[:PROBE_SIZE], filename)
         image = driver.open(filename, fd, st, head)
-        image.read_as = read_as
-        return image
     except BaseException:
         close_quietly(fd)
         raise
+    image.read_as = format if format in DATA_FORMATS else None
+    return image
+
+
+def open_claimable(path: str | os.PathLike[str], format: str | None = None) -> OpenImage:
+    """:func:`open_image` for a claim: a file in one of :data:`DATA_FORMATS`, named
+    or probed, is opened as plain data (no children; its
+    :attr:`~OpenImage.format` the one QEMU reads it as).
+
+    Reading headers (``imglock info``) refuses a probed one instead, since
+    its header is one imglock does not read.
+    """
+    try:
+        return open_image(path, format)
+    except UnreadableFormat as exc:
+        if exc.format not in DATA_FORMATS:
+            raise
+        return open_image(path, exc.format)

@@ -32,7 +32,7 @@ class RawDriver(FormatDriver):
     def info(self, image: OpenImage) -> dict[str, Any]:
         return {
             "filename": image.filename,
-            "format": self.name,
+            "format": image.format,
             "virtual-size": self.virtual_size(image),
             "actual-size": allocated_bytes(image.st),
             "dirty-flag": False,
