@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from imglock.errors import ImglockError, LockConflict
 from imglock.lock.protocol import Mode, strongest
+from imglock.qemu.drivers import LOCAL_FILE_MEMBERS
 
 if TYPE_CHECKING:
     from imglock.qemu.monitor import Monitor
@@ -73,8 +74,9 @@ GRAPH_EVENTS: Final = frozenset(
 #: an incoming migration, and an outgoing one from its last phase on.
 INACTIVE_RUNSTATES: Final = frozenset({"inmigrate", "finish-migrate", "postmigrate"})
 
-#: Protocol drivers whose nodes are local files (block/file-posix.c).
-FILE_DRIVERS: Final = frozenset({"file", "host_device", "host_cdrom"})
+#: Protocol drivers whose nodes are local files (block/file-posix.c, and
+#: libblkio's io_uring): the block driver table's.
+FILE_DRIVERS: Final = frozenset(LOCAL_FILE_MEMBERS)
 
 #: BlockPermission names as x-debug-query-block-graph spells them.
 PERM_WRITE: Final = "write"
