@@ -744,3 +744,30 @@ def test_a_file_used_exclusive_and_shared_write_is_exclusive() -> None:
         "-device", "virtio-blk-pci,drive=d1",
     )  # fmt: skip
     assert image.mode == "exclusive"
+
+
+def test_blkreplay_image_is_a_node_reference() -> None:
+    image = one("-blockdev", "driver=blkreplay,node-name=r,image.driver=qcow2,"
+                "image.file.driver=file,image.file.filename=/vm/replayed.qcow2")  # fmt: skip
+    assert (image.filename, image.local, image.format) == ("/vm/replayed.qcow2", True, "qcow2")
+
+
+def test_libblkio_io_uring_is_a_local_file_and_device_endpoints_are_not() -> None:
+    found = images(
+        "-blockdev", "driver=io_uring,node-name=u,filename=/dev/vg/disk",
+        "-blockdev", "driver=virtio-blk-vhost-user,node-name=v,path=/run/vhost/disk.sock",
+        "-blockdev", "driver=nvme-io_uring,node-name=n,filename=/dev/ng0n1",
+    )  # fmt: skip
+    assert [(i.filename, i.local, i.protocol) for i in found] == [
+        ("/dev/vg/disk", True, None),
+        ("/run/vhost/disk.sock", False, "virtio-blk-vhost-user"),
+        ("/dev/ng0n1", False, "nvme-io_uring"),
+    ]
+
+
+def test_backing_options_on_a_drive_keep_the_backing_file_of_the_header() -> None:
+    image = one("-drive", "file=/vm/top.qcow2,format=qcow2,if=none,backing.node-name=base")
+    assert image.implicit_backing
+    with pytest.raises(QemuOptionError, match=r"Parameter 'backing\.file' is missing"):
+        images("-blockdev", "driver=qcow2,node-name=t,backing.driver=qcow2,"
+               "backing.node-name=b,file.driver=file,file.filename=/vm/top.qcow2")  # fmt: skip
