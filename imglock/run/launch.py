@@ -195,10 +195,9 @@ def plan_images(plan: Launch, command: Command) -> ImagePlan:
     sources = {p: option for option, _, paths in named for p in paths}
     if specs:
         return ImagePlan(specs, sources, [])
-    if command.problem is not None:
-        raise UsageError(None, f"{command.problem}; {PREFIX_ADVICE}")
     if not command.qemu and names_qemu(command.argv[1:]):
-        raise UsageError(command.argv[0], f"a prefix imglock does not see through; {PREFIX_ADVICE}")
+        why = command.problem or f"{command.argv[0]}: a prefix imglock does not see through"
+        raise UsageError(None, f"{why}; {PREFIX_ADVICE}")
     if not command.qemu:
         raise UsageError(
             command.argv[0],
