@@ -44,6 +44,7 @@ def test_a_record_is_written_exactly_as_json_dumps_writes_it(text: str) -> None:
 @pytest.mark.parametrize("text", AWKWARD)
 def test_a_written_record_reads_back_as_it_was(tmp_path: Path, text: str) -> None:
     record = _record(text)
+    (tmp_path / "disk.raw").write_bytes(bytes(512))  # a record is judged by its image's mode
     assert write(str(tmp_path), "disk.raw", record) is None
     owner = Owner.from_id(record.owner)
     assert (tmp_path / RECORD_DIR / record_name("disk.raw", owner)).is_file()

@@ -158,28 +158,69 @@ def _why(exc: OSError) -> str:
     return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
-def open_lockspace_file(lockspace: str, name: str) -> tuple[int, os.stat_result]:
-    """Open (creating if needed) a lock file, never through a symlink, never for writing."""
+#: How a lock file is opened: read only, never through a symlink, never blocking.
+_LOCK_FILE_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+def _open_or_create(dfd: int, name: str) -> tuple[int, bool]:
+    """Open lock file *name* in directory *dfd*, creating it if there is none: (fd, created).
+
+    A file is created with O_EXCL, readable by its creator alone until
+    :func:`ownership.adopt` gives it the image's owner and mode; one that is
+    there already (made meanwhile by another claimer, or planted) is opened
+    as it is, for the caller to judge.
+    """
+    while True:
+        try:
+            return os.open(name, _LOCK_FILE_FLAGS, dir_fd=dfd), False
+        except FileNotFoundError:
+            pass
+        try:
+            return os.open(name, _LOCK_FILE_FLAGS | os.O_CREAT | os.O_EXCL, 0o400, dir_fd=dfd), True
+        except FileExistsError:  # created meanwhile: open that one
+            continue
+
+
+def open_lockspace_file(
+    lockspace: str, name: str, image: os.stat_result
+) -> tuple[int, os.stat_result]:
+    """Open (creating if needed) *image*'s lock file: never through a symlink, never for writing.
+
+    The lock file lets no one lock it who may not open the image
+    (:mod:`imglock.lock.ownership`): a new one takes the image's owner and
+    mode, one of ours is brought into line, and one of another user that
+    would let in more than the image does is refused.
+    """
+    from imglock.lock import ownership
+
     path = os.path.join(lockspace, name)
     try:
         dfd = os.open(lockspace, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
         raise ImageError(lockspace, f"cannot open lockspace: {_why(exc)}") from None
     try:
-        fd = os.open(
-            name,
-            os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC,
-            0o644,
-            dir_fd=dfd,
-        )
+        fd, created = _open_or_create(dfd, name)
     except OSError as exc:
         raise ImageError(path, f"cannot open lock file: {_why(exc)}") from None
     finally:
         os.close(dfd)
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError(path, "lock file is not a regular file")
+        problem = None if created else ownership.excess(st, image)
+        if created or (problem is not None and st.st_uid == os.geteuid()):
+            st = ownership.adopt(fd, image, owner=True)
+        elif problem is not None:
+            raise ImageError(
+                path, f"lock file {problem}: it would let others lock the image; remove it"
+            )
+    except OSError as exc:
         os.close(fd)
-        raise ImageError(path, "lock file is not a regular file")
+        raise ImageError(path, f"cannot set the lock file's owner and mode: {_why(exc)}") from None
+    except BaseException:
+        os.close(fd)
+        raise
     return fd, st
 
 
@@ -188,7 +229,7 @@ def attach(image: OpenImage, lockspace: str | None) -> tuple[str, str]:
     if lockspace is None:
         return os.path.dirname(image.filename) or ".", os.path.basename(image.filename)
     name = lock_file_name(image.filename, image.st)
-    image.lock_fd, _st = open_lockspace_file(lockspace, name)
+    image.lock_fd, _st = open_lockspace_file(lockspace, name, image.st)
     image.lock_filename = os.path.join(lockspace, name)
     return lockspace, name
 
@@ -202,7 +243,7 @@ def open_lock_target(path: str, lockspace: str | None) -> Iterator[LockTarget]:
             yield LockTarget(fd, path, st, os.path.dirname(path) or ".", os.path.basename(path))
             return
         name = lock_file_name(path, st)
-        lock_fd, lock_st = open_lockspace_file(lockspace, name)
+        lock_fd, lock_st = open_lockspace_file(lockspace, name, st)
         try:
             yield LockTarget(lock_fd, os.path.join(lockspace, name), lock_st, lockspace, name)
         finally:

@@ -10,7 +10,11 @@ Records are written defensively, because the directory may be writable by
 others: the directory is opened without following symlinks and must belong
 to this user or root (or carry the sticky bit); the file is created under a
 random name with O_EXCL|O_NOFOLLOW and renamed over the final name, so a
-pre-created file or symlink is replaced, never written through.
+pre-created file or symlink is replaced, never written through.  A record
+takes the group and mode that follow from the image's
+(:mod:`imglock.lock.ownership`): whoever may not open the image may not
+read it; and a record whose owner or mode would let in anyone the image
+keeps out is not believed, since it may say anything.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, Final, NamedTuple
 
+from imglock.lock import ownership
 from imglock.lock.identity import Owner, hostname
 
 RECORD_DIR: Final = ".imglock"
@@ -184,6 +189,7 @@ def write(directory: str, image_name: str, record: Record, *, create: bool = Tru
     name = record_name(image_name, Owner.from_id(record.owner))
     data = _json_text(record).encode()
     try:
+        image = os.stat(os.path.join(directory, image_name))  # or its lock file
         with _record_dir(directory, create=create) as dfd:
             if dfd is None:
                 if create:
@@ -195,13 +201,14 @@ def write(directory: str, image_name: str, record: Record, *, create: bool = Tru
             fd = os.open(
                 tmp,
                 os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                0o644,
+                0o600,
                 dir_fd=dfd,
             )
             try:
                 try:
                     if _fail_writes_with is not None:
                         raise OSError(_fail_writes_with, os.strerror(_fail_writes_with))
+                    ownership.adopt(fd, image, owner=False)
                     os.write(fd, data)
                 finally:
                     os.close(fd)
@@ -248,7 +255,7 @@ def remove(directory: str, image_name: str, owner: Owner) -> None:
                 os.unlink(record_name(image_name, owner), dir_fd=dfd)
 
 
-def _read_one(dfd: int, name: str) -> Record | None:
+def _read_one(dfd: int, name: str, image: os.stat_result) -> Record | None:
     import json
 
     try:
@@ -259,6 +266,8 @@ def _read_one(dfd: int, name: str) -> Record | None:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size > RECORD_MAX_BYTES:
             return None
+        if ownership.excess(st, image) is not None:
+            return None  # written or loosened by someone the image keeps out
         raw = os.read(fd, RECORD_MAX_BYTES)
     finally:
         os.close(fd)
@@ -314,11 +323,17 @@ def read_all(directory: str, image_name: str, index: RecordDirs | None = None) -
     """Every well-formed record of *image_name* in *directory*; bad ones are skipped.
 
     With *index*, a directory without records of the image is not opened.
+    Records that hand out more than the image does (ownership.excess) are
+    skipped as bad ones: their writer may not open the image.
     """
     prefix = image_name + "."
     found: list[Record] = []
     if index is not None and not index.has_records(directory, image_name):
         return found
+    try:
+        image = os.stat(os.path.join(directory, image_name))  # or its lock file
+    except OSError:
+        return found  # nothing to judge the records by: believe none
     with _record_dir(directory, create=False) as dfd:
         if dfd is None:
             return found
@@ -332,7 +347,7 @@ def read_all(directory: str, image_name: str, index: RecordDirs | None = None) -
                 continue
             if len(rest) != 14 + len(RECORD_SUFFIX):
                 continue
-            record = _read_one(dfd, name)
+            record = _read_one(dfd, name, image)
             if record is not None:
                 found.append(record)
     return found
