@@ -11,8 +11,11 @@ stays JSON, and gives the names back exactly.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import struct
 import subprocess
 import sys
 import tempfile
@@ -26,8 +29,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from qcow2_builder import EXT_BACKING_FORMAT, EXT_DATA_FILE, write
 
-from imglock.api import Claim, ClaimSpec
 from imglock.cli import cli
+from imglock.lock import records
+from imglock.lock.fcntl_locks import F_OFD_SETLK
+from imglock.lock.identity import Owner
+from imglock.lock.protocol import Mode, holder_range
+from imglock.lock.records import Record
+from imglock.text import visible
 
 #: An OSC that retitles the window, a screen clear, and a newline that forges a line.
 HOSTILE_NAME = "/gone\x1b]0;owned\x07\x1b[2J\nimage: forged"
@@ -99,6 +107,10 @@ NAME = st.binary(min_size=1, max_size=24).filter(
 )
 #: A header string's bytes: anything but NUL, which ends it for QEMU too.
 HEADER_STRING = st.binary(min_size=1, max_size=48).filter(lambda b: b"\0" not in b)
+#: A string in a holder record: any text, or any bytes as a name holds them.
+RECORD_TEXT = st.text(max_size=24) | st.binary(max_size=24).map(os.fsdecode)
+#: A holder on another host, as its lock offset names it.
+ELSEWHERE = Owner(host_tag=0x2A, pid=4242)
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +128,23 @@ def invoke(*args: str) -> tuple[bytes, bytes]:
     return result.stdout_bytes, result.stderr_bytes
 
 
+@contextlib.contextmanager
+def held_elsewhere(path: str, host: str, command: str) -> Iterator[None]:
+    """*path* held by another host's holder: its lock byte, and its record beside *path*."""
+    record = Record(
+        image=path, owner=ELSEWHERE.id, mode=Mode.EXCLUSIVE.value, host=host,
+        pid=ELSEWHERE.pid, user=host, command=command, since=command,
+    )  # fmt: skip
+    assert records.write(os.path.dirname(path), os.path.basename(path), record) is None
+    start, length = holder_range(Mode.EXCLUSIVE, ELSEWHERE)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.fcntl(fd, F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_RDLCK, 0, start, length, 0))
+        yield
+    finally:
+        os.close(fd)
+
+
 @settings(
     max_examples=40,
     deadline=None,
@@ -126,7 +155,8 @@ def invoke(*args: str) -> tuple[bytes, bytes]:
     backing=HEADER_STRING,
     backing_format=HEADER_STRING,
     data_file=HEADER_STRING,
-    command=st.text(max_size=24),
+    host=RECORD_TEXT,
+    command=RECORD_TEXT,
 )
 def test_no_control_character_reaches_any_text_output(
     scratch: Path,
@@ -134,6 +164,7 @@ def test_no_control_character_reaches_any_text_output(
     backing: bytes,
     backing_format: bytes,
     data_file: bytes,
+    host: str,
     command: str,
 ) -> None:
     with tempfile.TemporaryDirectory(dir=scratch) as where:
@@ -157,9 +188,12 @@ def test_no_control_character_reaches_any_text_output(
             "run --dry-run": invoke("run", "--dry-run", "--image", image, "--", "true"),
             "run --dry-run (plain)": invoke("run", "--dry-run", "--image", plain, "--", "true"),
         }
-        # A holder whose record carries the command line.
-        with Claim([ClaimSpec(plain, format="raw")], command=[command, image]):
+        # A holder on another host, named by its lock and its record (which
+        # status shows for a holder not on this host).
+        with held_elsewhere(plain, host, command):
             outputs["status"] = invoke("status", image, plain)
+        # The record was read: the host it names is in the table, escaped.
+        assert visible(host or "-") in outputs["status"][0].decode()
         for what, (out, err) in outputs.items():
             assert controls_in(out) == [], (what, out)
             assert controls_in(err) == [], (what, err)
