@@ -28,7 +28,7 @@ import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +45,8 @@ from imglock.lock.protocol import HOLDER_BASE, Mode
 from imglock.lock.records import RECORD_DIR, record_name
 
 IMGLOCK = [sys.executable, "-m", "imglock"]
+#: A command that holds until its standard input closes.
+HOLD = ("sh", "-c", "read x")
 
 
 #: The neighbour: an unprivileged user of its own, made if this host has none.
@@ -160,21 +162,16 @@ def files_imglock_made(*directories: Path, image: Path) -> list[Path]:
 
 
 def imglock_run(
-    started: list[subprocess.Popen[str]], image: Path, *options: str | os.PathLike[str]
+    started: list[subprocess.Popen[str]],
+    image: Path,
+    *options: str | os.PathLike[str],
+    command: Sequence[str | os.PathLike[str]] = HOLD,
 ) -> subprocess.Popen[str]:
-    """``imglock run OPTIONS --image IMAGE -- sh -c 'read x'``, holding until its stdin closes."""
+    """``imglock run OPTIONS --image IMAGE -- COMMAND`` (by default, one that holds
+    until its standard input closes)."""
+    argv = [*IMGLOCK, "run", *options, "--image", image, "--", *command]
     proc = subprocess.Popen(
-        [
-            *IMGLOCK,
-            "run",
-            *map(os.fspath, options),
-            "--image",
-            str(image),
-            "--",
-            "sh",
-            "-c",
-            "read x",
-        ],
+        [os.fspath(arg) for arg in argv],
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -407,15 +404,7 @@ def test_a_signal_ends_the_wait_leaves_the_queue_and_never_starts_the_command(
     holder = rival(raw_image)
     assert holder.ok
     marker = tmp_path / "started"
-    wrapper = subprocess.Popen(
-        [*IMGLOCK, "run", "-w", wait, "--image", str(raw_image), "--", "touch", str(marker)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=ENV,
-    )
-    started.append(wrapper)
+    wrapper = imglock_run(started, raw_image, "-w", wait, command=["touch", marker])
     wait_until(lambda: imglock.inspect(raw_image).waiting, what="the wrapper queues")
 
     wrapper.send_signal(signo)
