@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Final
 
 from imglock.errors import ImageError
+from imglock.lock import ownership
 from imglock.safeio import open_image_fd
 
 if TYPE_CHECKING:
@@ -181,6 +182,40 @@ def _open_or_create(dfd: int, name: str) -> tuple[int, bool]:
             continue
 
 
+def _our_uid_here(dfd: int) -> int | None:
+    """The owner a file this process creates in directory *dfd* gets (None: it may not create).
+
+    Not always our uid: an NFS export with root_squash gives root's files to
+    its anonymous user, and then the lock files root made are its own.
+    """
+    probe = f".imglock-owner-{os.urandom(6).hex()}"
+    flags = os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(probe, flags, 0o400, dir_fd=dfd)
+    except OSError:
+        return None  # then no lock file here is one it made
+    try:
+        return os.fstat(fd).st_uid
+    finally:
+        os.close(fd)
+        os.unlink(probe, dir_fd=dfd)
+
+
+def _judged(dfd: int, fd: int, created: bool, path: str, image: os.stat_result) -> os.stat_result:
+    """The status of lock file *fd*, once it lets in no one whom the image keeps out."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError(path, "lock file is not a regular file")
+    if created:
+        return ownership.adopt(fd, image, owner=True)
+    problem = ownership.excess(st, image)
+    if problem is None:
+        return st
+    if st.st_uid in (os.geteuid(), _our_uid_here(dfd)):
+        return ownership.adopt(fd, image, owner=True)  # ours (an older imglock's): set it right
+    raise ImageError(path, f"lock file {problem}: it would let others lock the image; remove it")
+
+
 def open_lockspace_file(
     lockspace: str, name: str, image: os.stat_result
 ) -> tuple[int, os.stat_result]:
@@ -191,37 +226,28 @@ def open_lockspace_file(
     mode, one of ours is brought into line, and one of another user that
     would let in more than the image does is refused.
     """
-    from imglock.lock import ownership
-
     path = os.path.join(lockspace, name)
     try:
         dfd = os.open(lockspace, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
         raise ImageError(lockspace, f"cannot open lockspace: {_why(exc)}") from None
     try:
-        fd, created = _open_or_create(dfd, name)
-    except OSError as exc:
-        raise ImageError(path, f"cannot open lock file: {_why(exc)}") from None
+        try:
+            fd, created = _open_or_create(dfd, name)
+        except OSError as exc:
+            raise ImageError(path, f"cannot open lock file: {_why(exc)}") from None
+        try:
+            return fd, _judged(dfd, fd, created, path, image)
+        except OSError as exc:
+            os.close(fd)
+            raise ImageError(
+                path, f"cannot set the lock file's owner and mode: {_why(exc)}"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
     finally:
         os.close(dfd)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ImageError(path, "lock file is not a regular file")
-        problem = None if created else ownership.excess(st, image)
-        if created or (problem is not None and st.st_uid == os.geteuid()):
-            st = ownership.adopt(fd, image, owner=True)
-        elif problem is not None:
-            raise ImageError(
-                path, f"lock file {problem}: it would let others lock the image; remove it"
-            )
-    except OSError as exc:
-        os.close(fd)
-        raise ImageError(path, f"cannot set the lock file's owner and mode: {_why(exc)}") from None
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, st
 
 
 def attach(image: OpenImage, lockspace: str | None) -> tuple[str, str]:
