@@ -166,10 +166,12 @@ def imglock_run(
     image: Path,
     *options: str | os.PathLike[str],
     command: Sequence[str | os.PathLike[str]] = HOLD,
+    nohup: bool = False,
 ) -> subprocess.Popen[str]:
     """``imglock run OPTIONS --image IMAGE -- COMMAND`` (by default, one that holds
-    until its standard input closes)."""
-    argv = [*IMGLOCK, "run", *options, "--image", image, "--", *command]
+    until its standard input closes), under nohup(1) if asked."""
+    prefix = ["nohup"] if nohup else []
+    argv = [*prefix, *IMGLOCK, "run", *options, "--image", image, "--", *command]
     proc = subprocess.Popen(
         [os.fspath(arg) for arg in argv],
         stdin=subprocess.PIPE,
@@ -418,3 +420,19 @@ def test_a_signal_ends_the_wait_leaves_the_queue_and_never_starts_the_command(
     assert [h.pid for h in imglock_holders(raw_image)] == [holder.reply["pid"]]
     holder.stop()
     assert imglock.holders(raw_image) == []
+
+
+def test_a_hangup_ignored_as_under_nohup_does_not_end_the_wait(
+    raw_image: Path, tmp_path: Path, rival: SpawnRival, started: list[subprocess.Popen[str]]
+) -> None:
+    holder = rival(raw_image)
+    assert holder.ok
+    marker = tmp_path / "started"
+    wrapper = imglock_run(started, raw_image, "-w", "inf", command=["touch", marker], nohup=True)
+    wait_until(lambda: imglock.inspect(raw_image).waiting, what="the wrapper queues")
+
+    wrapper.send_signal(signal.SIGHUP)  # ignored, as nohup(1) leaves it: discarded at once
+    holder.stop()
+    _out, err = wrapper.communicate(timeout=20)
+    assert (wrapper.returncode, err) == (0, "")
+    assert marker.exists()

@@ -536,7 +536,7 @@ def _interrupt(signo: int, _frame: object) -> None:
 
 @contextlib.contextmanager
 def interruptible(mask: set[int | signal.Signals]) -> Iterator[None]:
-    """Let INTERRUPTING signals (unless *mask*, the caller's, blocks them) end the block.
+    """Let INTERRUPTING signals end the block, unless the caller blocks (*mask*) or ignores them.
 
     Everything else the wrapper forwards stays blocked, and so does SIGCHLD.
     A signal sent before the block (while they were all blocked) ends it
@@ -546,7 +546,12 @@ def interruptible(mask: set[int | signal.Signals]) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    wanted = [signo for signo in INTERRUPTING if signo not in mask]
+    # One the caller ignores (nohup's SIGHUP) stays ignored: it never arrives.
+    wanted = [
+        signo
+        for signo in INTERRUPTING
+        if signo not in mask and signal.getsignal(signo) is not signal.SIG_IGN
+    ]
     old = {signo: signal.signal(signo, _interrupt) for signo in wanted}
     try:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, wanted)
