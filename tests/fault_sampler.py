@@ -4,21 +4,30 @@
 
 CONFIG_JSON names what to watch::
 
-    {"image": PATH, "monitors": {NAME: QMP_SOCKET}, "processes": {NAME: PID}}
+    {"image": PATH, "monitors": {NAME: QMP_SOCKET}, "processes": {NAME: PID},
+     "probes": {NAME: DRIVE}}
 
 *image* is the image as the sampling host mounts it; each monitor is a QMP
 socket of a VM's own for the sampler (a VM that is not started yet is
 looked for again and again); each process is a pid whose state letter is
-recorded.  Every source is sampled in a thread of its own, every
+recorded.  A VM with a probe is also asked, after each query-status, to
+write one sector of DRIVE through its own block layer (HMP ``qemu-io``):
+whether its descriptors still carry writes, which a server may refuse
+(GlusterFS ``client.strict-locks``) while the guest runs on.  QEMU says
+how each write went on its standard output, in order (see
+:func:`probe_results`).  Never probe through a hung server: the write
+would hold up QEMU's main loop.
+Every source is sampled in a thread of its own, every
 :data:`PERIOD` seconds, so that one that blocks (a lock test through a hung
 mount, a monitor that stopped answering) holds up only itself.  Prints
-``ready`` once started, and one JSON object of samples when its standard
-input closes (see :class:`Samples`); all times are ``time.monotonic()``,
-which is the same clock in every process of the machine.
+``ready`` once every source has been sampled, and one JSON object of
+samples when its standard input closes (see :class:`Samples`); all times
+are ``time.monotonic()``, the same clock in every process of the machine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -30,7 +39,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gluster_hosts import Host
+from gluster_hosts import REPO
 from lock_sampler import owner_names
 from processes import state
 
@@ -75,8 +84,9 @@ class Qmp:
             if "event" not in message:
                 return message
 
-    def execute(self, command: str) -> Any:
-        self.file.write(json.dumps({"execute": command}).encode() + b"\n")
+    def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        message = {"execute": command, **({"arguments": arguments} if arguments else {})}
+        self.file.write(json.dumps(message).encode() + b"\n")
         self.file.flush()
         return self._reply().get("return")
 
@@ -92,8 +102,9 @@ Steps = list[tuple[float, bool]]
 class Samples:
     """What the sampler saw.
 
-    ``runstates[name]``: [asked, answered, status] per query-status (status
-    None where the monitor could not be reached or gave no answer);
+    ``runstates[name]``: [asked, answered, status, probed] per query-status
+    (status None where the monitor could not be reached or gave no answer;
+    probed: whether a probe's write was made after it);
     ``states[name]``: [time, state letter or None once gone];
     ``holders``: [asked, answered, imglock exclusive holders as
     ``HOSTTAG:PID``, whether QEMU's write byte is held] (None for both when
@@ -106,8 +117,16 @@ class Samples:
 
     def running(self, name: str) -> Steps:
         """Whether the VM *name* runs, as of each answer (a query that got none changes nothing)."""
-        return [(answered, status == RUNNING) for _, answered, status in self.runstates[name]
+        return [(answered, status == RUNNING) for _, answered, status, _ in self.runstates[name]
                 if status is not None]  # fmt: skip
+
+    def writes(self, name: str, results: list[bool]) -> Steps:
+        """Whether the probe's writes through VM *name*'s own descriptors went through.
+
+        *results*: how each write went, in order (:func:`probe_results`).
+        """
+        probed = [answered for _, answered, _, probed in self.runstates[name] if probed]
+        return list(zip(probed, results, strict=False))
 
     def usable(self, name: str) -> Steps:
         """Whether process *name* can act: it exists and is not stopped (nor a zombie)."""
@@ -119,18 +138,22 @@ class Samples:
 
     def latencies(self, name: str, start: float, end: float) -> list[float]:
         """How long each query-status to VM *name* asked in [start, end] took to answer."""
-        return [answered - asked for asked, answered, _ in self.runstates[name]
+        return [answered - asked for asked, answered, *_ in self.runstates[name]
                 if start <= asked <= end]  # fmt: skip
 
 
-def sample_monitor(path: str, out: list[list[Any]]) -> None:
+def sample_monitor(path: str, probe: str | None, out: list[list[Any]]) -> None:
     session: Qmp | None = None
     while True:
         asked = time.monotonic()
         status = None
+        probed = False
         try:
             session = session or Qmp(path)
             status = session.execute("query-status")["status"]
+            if probe is not None:
+                session.execute("human-monitor-command", {"command-line": probe})
+                probed = True
         except (FileNotFoundError, ConnectionRefusedError, EOFError):
             status = GONE  # not started yet, or exited
         except (OSError, ValueError, KeyError, TypeError):
@@ -138,7 +161,7 @@ def sample_monitor(path: str, out: list[list[Any]]) -> None:
         if status in (None, GONE) and session is not None:
             session.close()
             session = None
-        out.append([asked, time.monotonic(), status])
+        out.append([asked, time.monotonic(), status, probed])
         time.sleep(PERIOD)
 
 
@@ -160,9 +183,18 @@ def sample_holders(image: str, out: list[list[Any]]) -> None:
         except (OSError, ImglockError):  # a failed look is a sample too: the mount is down
             names, writer = None, None
             if fd >= 0:
-                os.close(fd)  # a descriptor from before a brick restart may be refused
+                # A descriptor from before a brick restart may be refused, even its close.
+                with contextlib.suppress(OSError):
+                    os.close(fd)
             fd = -1
         out.append([asked, time.monotonic(), names, writer])
+        time.sleep(PERIOD)
+
+
+def await_samples(series: list[list[list[Any]]], since: float) -> None:
+    """Wait (boundedly: a source may hang) until every series has a sample taken after *since*."""
+    deadline = time.monotonic() + QMP_TIMEOUT
+    while time.monotonic() < deadline and not all(s and s[-1][0] > since for s in series):
         time.sleep(PERIOD)
 
 
@@ -172,14 +204,21 @@ def main() -> None:
     sources: list[tuple[Any, tuple[Any, ...]]] = [
         (sample_holders, (config["image"], samples.holders))
     ]
+    probes = config.get("probes", {})
     for name, path in config.get("monitors", {}).items():
-        sources.append((sample_monitor, (path, samples.runstates.setdefault(name, []))))
+        probe = f'qemu-io {probes[name]} "write -P 0xaa 0 512"' if name in probes else None
+        sources.append((sample_monitor, (path, probe, samples.runstates.setdefault(name, []))))
     for name, pid in config.get("processes", {}).items():
         sources.append((sample_process, (pid, samples.states.setdefault(name, []))))
     for target, args in sources:
         threading.Thread(target=target, args=args, daemon=True).start()
+    # Ready once every source has been sampled: a test then has a "before".
+    series = [args[-1] for _, args in sources]
+    await_samples(series, 0.0)
     print("ready", flush=True)
     sys.stdin.read()
+    # And an "after": every source sampled once more since the test said stop.
+    await_samples(series, time.monotonic())
     # Copies: the threads go on appending while the lists are written out.
     report = {
         "runstates": {name: list(s) for name, s in samples.runstates.items()},
@@ -197,24 +236,31 @@ if __name__ == "__main__":
 
 
 class Sampler:
-    """This script in a process of its own on a host (host C), from start to :meth:`stop`."""
+    """This script in a process of its own, from start to :meth:`stop`.
+
+    It looks at the image through the mount given (host C's), but runs in
+    none of the hosts' PID namespaces: it sees every host's processes.
+    """
 
     def __init__(
         self,
-        host: Host,
         image: str | os.PathLike[str],
         monitors: Mapping[str, str | os.PathLike[str]],
         processes: Mapping[str, int],
+        probes: Mapping[str, str] | None = None,
     ) -> None:
         config = {
             "image": os.fspath(image),
             "monitors": {name: os.fspath(path) for name, path in monitors.items()},
             "processes": dict(processes),
+            "probes": dict(probes or {}),
         }
-        self.proc = host.popen(
+        self.proc = subprocess.Popen(
             [sys.executable, __file__, json.dumps(config)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": REPO},
         )
         assert self.proc.stdout is not None and self.proc.stdout.readline() == "ready\n"
 
@@ -227,6 +273,12 @@ class Sampler:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+def probe_results(stderr: str) -> list[bool]:
+    """How each probe's write went, from what QEMU wrote on its standard output."""
+    return [line.startswith("wrote ") for line in stderr.splitlines()
+            if line.startswith(("wrote ", "write failed:"))]  # fmt: skip
 
 
 def value_at(steps: Steps, t: float) -> bool:

@@ -52,8 +52,11 @@ def mount_points(faults: bool = False) -> list[Path]:
     ]
 
 
-def client_pid(mount: Path) -> int | None:
-    """The pid of the glusterfs client process serving *mount*, if one does."""
+def client_pid(mount: Path | str) -> int | None:
+    """The pid of the glusterfs client process serving *mount*, if one does.
+
+    (Or of the one with any other argument *mount*, such as its ``--log-file=``.)
+    """
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue

@@ -32,7 +32,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from gluster_hosts import DEFAULT_STATE_DIR, REMOUNT_TIMEOUT, Host
+from gluster_hosts import DEFAULT_STATE_DIR, REMOUNT_TIMEOUT, Host, client_pid
 from processes import alive, wait_until
 
 #: The volume that only the fault tests may break (tests/gluster/up).
@@ -215,21 +215,22 @@ class Remount:
 def remount(host: Host, inside: int) -> Remount:
     """``umount -l`` the host's mount and mount the volume again at the same path.
 
-    Done in the mount namespace of process *inside* (one of the host's own
-    processes: commands of a host each see the mounts as they were when
-    they started).  The old client stays, serving the descriptors opened
-    before; the new one is a client of its own, with its own lock owner.
+    Done on the host, in the mount and PID namespaces of process *inside*
+    (one of the host's own processes: commands of a host each see the mounts
+    as they were when they started, and its /proc).  The old client stays,
+    serving the descriptors opened before; the new one is a client of its
+    own, with its own lock owner, and ends with the host.
     """
     with open(f"/proc/{host.client_pid()}/cmdline", "rb") as f:
         argv = [os.fsdecode(arg) for arg in f.read().rstrip(b"\0").split(b"\0")]
-    fd, pid_file = tempfile.mkstemp(prefix="imglock-remount-", suffix=".pid")
+    fd, name = tempfile.mkstemp(prefix="imglock-remount-", suffix=".log")
     os.close(fd)
-    log = Path(pid_file).with_suffix(".log")
+    log = Path(name)
     options = [a for a in argv[1:-1] if not a.startswith(("--pid-file=", "--log-file="))]
-    enter = ["nsenter", "-t", str(inside), "-m"]
+    enter = ["nsenter", "-t", str(inside), "-m", "-p"]
     subprocess.run([*enter, "umount", "-l", host.mount], check=True, timeout=COMMAND_TIMEOUT)
     subprocess.run(
-        [*enter, argv[0], *options, f"--pid-file={pid_file}", f"--log-file={log}", host.mount],
+        [*enter, argv[0], *options, f"--log-file={log}", host.mount],
         check=True,
         timeout=REMOUNT_TIMEOUT,
     )
@@ -238,6 +239,7 @@ def remount(host: Host, inside: int) -> Remount:
         what=f"the new mount at {host.mount} to answer",
         timeout=REMOUNT_TIMEOUT,
     )
-    client = int(Path(pid_file).read_text())
-    os.unlink(pid_file)
+    # Its pid as this test sees it: the one whose command line names the new log.
+    client = client_pid(f"--log-file={log}")
+    assert client is not None, f"no glusterfs client writes {log}"
     return Remount(client, log)
