@@ -82,7 +82,7 @@ class Neighbour:
 
     def argv(self, *argv: str | os.PathLike[str]) -> list[str]:
         become = [f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups"]
-        return ["setpriv", *become, *map(os.fspath, argv)]
+        return ["setpriv", *become, *[os.fspath(arg) for arg in argv]]
 
     def run(self, *argv: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
         return subprocess.run(self.argv(*argv), capture_output=True, text=True, timeout=30)
@@ -200,7 +200,7 @@ def test_a_neighbour_who_cannot_open_an_image_locks_no_file_imglock_makes_for_it
     store, space = shared_dirs
     image = store / "vm.raw"
     lockspace = str(space) if where == "in a lockspace" else None
-    options = ["--lockspace", space] if lockspace else []
+    options = ["--lockspace", str(space)] if lockspace else []
     assert neighbour.lock_a_byte(image) == str(errno.EACCES)
 
     wrapper = imglock_run(started, image, *options)
@@ -296,9 +296,9 @@ def test_a_lock_file_planted_by_a_neighbour_is_refused_in_one_line(
     lock = space / lock_file_name(str(image), image.stat())
     neighbour.write(lock, "")  # the neighbour's own, 0644: anyone could lock it
     assert neighbour.lock_a_byte(lock) == "locked"
-    for command in (["run", "--image", image, "--", "true"], ["status", image]):
+    for command in (["run", "--image", str(image), "--", "true"], ["status", str(image)]):
         proc = subprocess.run(
-            [*IMGLOCK, command[0], "--lockspace", str(space), *map(str, command[1:])],
+            [*IMGLOCK, command[0], "--lockspace", str(space), *command[1:]],
             capture_output=True, text=True, env=ENV, timeout=30,
         )  # fmt: skip
         assert proc.returncode == EX_NOINPUT, proc.stderr
