@@ -262,6 +262,23 @@ def owner_host() -> str:
     return os.uname().nodename
 
 
+def test_the_lock_file_of_an_image_made_private_since_is_made_private_too(
+    shared_dirs: tuple[Path, Path], neighbour: Neighbour
+) -> None:
+    store, space = shared_dirs
+    image = store / "vm.raw"
+    os.chown(image, neighbour.uid, neighbour.gid)  # the neighbour's own image, 0644
+    image.chmod(0o644)
+    lock = space / lock_file_name(str(image), image.stat())
+    with imglock.claim(image, lockspace=str(space)):
+        st = lock.stat()
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (neighbour.uid, 0o444)
+    image.chmod(0o600)  # its owner makes it private
+    with imglock.claim(image, lockspace=str(space)):
+        st = lock.stat()
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (neighbour.uid, 0o400)
+
+
 @pytest.mark.qemu
 @pytest.mark.parametrize("where", ["beside the image", "in a lockspace"])
 def test_a_neighbour_who_may_read_an_image_cannot_pause_the_vm_that_uses_it(

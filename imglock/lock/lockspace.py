@@ -211,8 +211,12 @@ def _judged(dfd: int, fd: int, created: bool, path: str, image: os.stat_result) 
     problem = ownership.excess(st, image)
     if problem is None:
         return st
-    if st.st_uid in (os.geteuid(), _our_uid_here(dfd)):
-        return ownership.adopt(fd, image, owner=True)  # ours (an older imglock's): set it right
+    # Only a mode gone stale (an older imglock's 0644, an image chmod-ed
+    # since) is set right, by whoever may: never a file of someone the image
+    # keeps out, who may have opened it already.
+    if ownership.may_use(st.st_uid, image) or st.st_uid == _our_uid_here(dfd):
+        with contextlib.suppress(PermissionError):
+            return ownership.adopt(fd, image, owner=True)
     raise ImageError(path, f"lock file {problem}: it would let others lock the image; remove it")
 
 
