@@ -17,10 +17,11 @@ group and mode that follow from the image's (imglock(7), OWNERSHIP):
 * it is writable by no one (it is never written in place).
 
 A file found with an owner who may not use the image, or a mode that lets
-in anyone the image keeps out, hands out more than the image does: it is
-refused (:func:`excess` says why), or, when it belongs to the user
-running imglock (an older imglock made it 0644), brought into line.
-Permission bits are what is compared; ACLs on the image are not read.
+in anyone the image keeps out, hands out more than the image does
+(:func:`excess` says why): it is refused, unless only its mode has gone
+stale (an older imglock made lock files 0644; an image may have been made
+private since) and the caller may set it right.  Permission bits are what
+is compared; ACLs on the image are not read.
 """
 
 from __future__ import annotations
