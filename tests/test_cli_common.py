@@ -1,9 +1,11 @@
-"""What every command shares: -v/-q, one-line warnings, shell completion, --version.
+"""What every command shares: -v/-q, one-line warnings, numbers of seconds,
+shell completion, --version.
 
 -v and -q are accepted by the group and by every command, mean the same in
 either place, and add up: each -v raises the verbosity by one and each -q
 lowers it.  Quiet shows errors only; normal adds warnings; verbose adds
-notes on what is done and why.
+notes on what is done and why.  Every option that takes seconds, in every
+command, refuses nan, negative and huge values the same way.
 """
 
 from __future__ import annotations
