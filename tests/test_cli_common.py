@@ -205,6 +205,18 @@ def test_a_bad_number_of_seconds_is_refused_in_one_line_with_exit_2(
     assert not (tmp_path / ".imglock-probe").exists()
 
 
+@pytest.mark.parametrize(
+    "args", [["--bogus\x1b[2J"], ["status", "--bogus\x9b"], ["no-such-command\n"]], ids=str
+)
+def test_a_usage_error_anywhere_is_one_escaped_line_and_exit_2(
+    imglock_cli: ImglockCli, args: list[str]
+) -> None:
+    proc = imglock_cli(*args)
+    assert proc.returncode == EX_USAGE
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith("imglock") and "\x1b" not in line and "\x9b" not in line
+
+
 # --------------------------------------------------------------------------
 # Shell completion and --version
 

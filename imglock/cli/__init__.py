@@ -11,13 +11,14 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 # First, before click: it starts the work whose waiting start-up can overlap.
 from imglock.cli import early  # noqa: F401
 
 # isort: split
 import click
+from click.exceptions import NoArgsIsHelpError
 
 from imglock import __version__
 from imglock.cli.common import echo_error, show_warning, verbosity_options
@@ -49,21 +50,33 @@ class LazyGroup(click.Group):
         command: click.Command = getattr(module, entry[1])
         return command
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except NoArgsIsHelpError:
+            raise  # no command at all: the help, as click gives it
+        except click.UsageError as exc:  # an option of the group itself
+            _one_line(ctx, exc)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except click.UsageError as exc:
-            # One line naming the command and what is wrong, exit 2, as for
-            # any other bad input (click's default adds the usage and a hint).
-            where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
-            echo_error(f"{where}: {exc.format_message()}")
-            ctx.exit(exc.exit_code)
+            _one_line(ctx, exc)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # Help lists one line per command without importing every module.
         rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
+
+
+def _one_line(ctx: click.Context, exc: click.UsageError) -> NoReturn:
+    """One line naming the command and what is wrong, exit 2, as for any other
+    bad input (click's default adds the usage and a hint)."""
+    where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+    echo_error(f"{where}: {exc.format_message()}")
+    ctx.exit(exc.exit_code)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
