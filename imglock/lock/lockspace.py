@@ -227,8 +227,8 @@ def open_lockspace_file(
 
     The lock file lets no one lock it who may not open the image
     (:mod:`imglock.lock.ownership`): a new one takes the image's owner and
-    mode, one of ours is brought into line, and one of another user that
-    would let in more than the image does is refused.
+    mode, one whose mode has gone stale is set right, and one of a user who
+    may not open the image, or that would let in more than it, is refused.
     """
     path = os.path.join(lockspace, name)
     try:
