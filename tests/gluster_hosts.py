@@ -181,7 +181,10 @@ class Host:
 
 
 class Datastore:
-    """Hosts A, B and C on one GlusterFS volume; hosts of a test's own to crash or hang."""
+    """Hosts A, B and C on one GlusterFS volume; hosts of a test's own to crash or hang.
+
+    With *faults*, on the volume that fault tests alone use (tests/storage_faults.py).
+    """
 
     def __init__(self, faults: bool = False) -> None:
         self.mounts = mount_points(faults)

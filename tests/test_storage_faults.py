@@ -662,6 +662,12 @@ def check_outcome(
         if isinstance(holder, VmHolder):
             assert lost[0].startswith("imglock: "), lost[0]
         assert figures.pause is not None, f"A's guest was never paused: {messages}"
+        if case.fault.until_lost:
+            # Paused by the deadline first, before the client gave up on the server.
+            overdue = lines_saying(messages, OVERDUE_MESSAGE)
+            assert len(overdue) == 1, messages
+            assert messages.index(overdue[0]) < messages.index(lost[0]), messages
+            assert figures.pause < SHORT_PING_TIMEOUT, figures
         # Paused for good: never resumed by imglock.
         paused = fault_at + figures.pause
         assert first(holder.guest(samples), True, paused + 1e-6) is None, "A was resumed"
