@@ -108,6 +108,9 @@ DRIVE = "disk"
 FAULT_IMAGE_SIZE = "64M"
 REPO_TESTS = Path(__file__).parent
 RIVAL = str(REPO_TESTS / "fault_rival.py")
+#: How each of B's tries ends when A holds the image: ``imglock run``'s
+#: conflict status (-E, 75 by default), QEMU's and qemu-io's failure.
+REFUSED_STATUS = {"imglock-run": 75, "qemu": 1, "qemu-io": 1}
 LIBRARY_HOLDER = str(REPO_TESTS / "library_holder.py")
 
 
@@ -127,6 +130,9 @@ class Outcome(enum.Enum):
 class Holder(Protocol):
     """Host A's holder of the image, as the test drives it."""
 
+    #: What its messages start with.
+    program: str
+
     def guest(self, samples: Samples) -> Steps: ...
     def stopped(self) -> bool: ...
     def lost_said(self) -> bool: ...
@@ -142,6 +148,7 @@ class VmHolder:
     monitor: Path
     #: QEMU's standard output: how the sampler's probe writes went.
     out: Path
+    program: str = "imglock: "
 
     def guest(self, samples: Samples) -> Steps:
         return samples.running("a")
@@ -167,6 +174,7 @@ class LibraryHolder:
     pid: int
     host: str
     lines: list[dict[str, Any]] = field(default_factory=list)
+    program: str = ""
 
     @classmethod
     def start(
@@ -615,7 +623,7 @@ def test_a_storage_fault_never_lets_two_hosts_write_and_never_goes_unreported(
     assert status == 0, f"A's holder exited {status}: {messages}"
     bound = 0.0 if strict else case.interval + CHECK_DEADLINE
     assert figures.window <= bound, f"A and B could both write for {figures}: {rival.attempts()}"
-    check_outcome(case, holder, rival, samples, fault_at, figures)
+    check_outcome(case, rig.image, holder, rival, samples, fault_at, figures)
     if fault.hangs_brick and isinstance(holder, VmHolder):
         assert figures.latency is not None and figures.latency <= MONITOR_LATENCY, (
             f"QEMU's monitor under imglock run stalled with the brick hung: {figures}"
@@ -652,15 +660,21 @@ def settle(fault: Fault, holder: Holder, rival: Rival, rig: Rig) -> None:
 
 
 def check_outcome(
-    case: Case, holder: Holder, rival: Rival, samples: Samples, fault_at: float, figures: Figures
+    case: Case,
+    image: Path,
+    holder: Holder,
+    rival: Rival,
+    samples: Samples,
+    fault_at: float,
+    figures: Figures,
 ) -> None:
     messages = holder.messages()
     lost = lines_saying(messages, LOST_MESSAGE) if isinstance(holder, VmHolder) else messages
     if case.fault.outcome is Outcome.LOST:
         assert len(lost) == 1, f"not one loss reported: {messages}"
-        assert IMAGE in lost[0], f"the message does not name the image: {lost[0]}"
-        if isinstance(holder, VmHolder):
-            assert lost[0].startswith("imglock: "), lost[0]
+        # One line that names the file: "imglock: FILE: lock lost: ..." (the
+        # library's LockLost without the program name).
+        assert lost[0].startswith(f"{holder.program}{image}: {LOST_MESSAGE}"), lost[0]
         assert figures.pause is not None, f"A's guest was never paused: {messages}"
         if case.fault.until_lost:
             # Paused by the deadline first, before the client gave up on the server.
@@ -674,12 +688,16 @@ def check_outcome(
         return
     assert not lost, f"a false alarm: {messages}"
     assert rival.first_write(samples) is None, f"B got in, A holding: {rival.attempts()}"
+    # Every try of B's was refused as a conflict, with its documented exit status.
+    refused = {attempt["status"] for attempt in rival.attempts()}
+    assert refused == {REFUSED_STATUS[rival.kind]}, rival.attempts()
     # Host C saw A alone hold it, whenever a look answered.
     holders = {tuple(names) for names in samples.holder_names()}
     assert len(holders) == 1 and len(next(iter(holders))) == 1, holders
     if case.fault.outcome is Outcome.PAUSED:
-        assert len(lines_saying(messages, OVERDUE_MESSAGE)) == 1, messages
-        assert len(lines_saying(messages, RESUMED_MESSAGE)) == 1, messages
+        for words in (OVERDUE_MESSAGE, RESUMED_MESSAGE):
+            (line,) = lines_saying(messages, words)
+            assert line.startswith(f"{holder.program}{image}: "), line
         assert figures.pause is not None
     else:
         assert figures.pause is None, f"A was paused: {figures}: {messages}"
