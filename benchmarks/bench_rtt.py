@@ -158,6 +158,29 @@ def relay(port: int, delay: float) -> Iterator[int]:
         _stop(proc)
 
 
+def _run(argv: Sequence[str | os.PathLike[str]], timeout: float) -> str | None:
+    """Run *argv* to its end; None if it succeeded, else what went wrong."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"did not end within {timeout:.0f} s"
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None if done.returncode == 0 else (done.stderr.strip() or f"exit {done.returncode}")
+
+
+def _rmdir(path: Path) -> None:
+    """Remove *path* if it is an empty directory: never rmtree, a mount left is the volume."""
+    with contextlib.suppress(OSError):
+        path.rmdir()
+
+
+def _last_line(log: Path) -> str:
+    with contextlib.suppress(OSError, IndexError):
+        return log.read_text().splitlines()[-1]
+    return "no log"
+
+
 @contextlib.contextmanager
 def relayed_client(volfile: Path, mount: Path) -> Iterator[Path]:
     """A FUSE client of the volume at *mount*, started from *volfile*; unmounted at the end."""
@@ -165,23 +188,23 @@ def relayed_client(volfile: Path, mount: Path) -> Iterator[Path]:
     pid_file, log = mount.with_suffix(".pid"), mount.with_suffix(".log")
     try:
         # The caches off as on the shared mounts: host B sees host A at once.
-        subprocess.run(
+        failed = _run(
             ["glusterfs", "-f", volfile, "--attribute-timeout=0", "--entry-timeout=0",
              "--negative-timeout=0", f"--pid-file={pid_file}", f"--log-file={log}", mount],
-            check=True, timeout=START_TIMEOUT,
+            START_TIMEOUT,
         )  # fmt: skip
-        _until(lambda: _mounted(mount) and os.path.isdir(mount), f"{mount}", START_TIMEOUT)
+        if failed is not None:
+            raise SetupError(f"mounting {mount}: {failed}; its log ends: {_last_line(log)}")
+        _until(lambda: _mounted(mount) and os.path.isdir(mount), f"{mount} to answer",
+               START_TIMEOUT)  # fmt: skip
         yield mount
     finally:
-        if _mounted(mount):
-            unmount = subprocess.run(["umount", mount], capture_output=True, timeout=STOP_TIMEOUT)
-            if unmount.returncode != 0:
-                subprocess.run(["umount", "-l", mount], capture_output=True, timeout=STOP_TIMEOUT)
+        if _mounted(mount) and _run(["umount", mount], STOP_TIMEOUT) is not None:
+            _run(["umount", "-l", mount], STOP_TIMEOUT)  # busy: detach it now, end it below
         _stop_pid(pid_file)
         for leftover in (pid_file, log):
             leftover.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            mount.rmdir()  # never rmtree: a mount still there is the volume's contents
+        _rmdir(mount)
 
 
 @contextlib.contextmanager
@@ -189,7 +212,7 @@ def relayed_mounts(delay: float) -> Iterator[list[Path]]:
     """Hosts A and B mounting the volume through one relay adding *delay* each way."""
     with contextlib.ExitStack() as stack:
         root = Path(tempfile.mkdtemp(prefix="imglock-rtt-"))
-        stack.callback(root.rmdir)
+        stack.callback(_rmdir, root)
         relay_port = stack.enter_context(relay(brick_port(), delay))
         volfile = root / "client.vol"
         volfile.write_text(client_volfile(relay_port))
