@@ -266,7 +266,7 @@ def added_round_trips(row: Row, rtt: float, delay: float, calls: str) -> Row:
         f"added {added * 1e3:.1f} ms = {added / rtt:.2f} round trips; "
         f"goal ≤ {GOAL_ROUND_TRIPS} round trips"
     )
-    return dataclasses.replace(row, what=f"{row.what} ({calls})", target=target)
+    return dataclasses.replace(row, what=f"{row.what}; {calls}", target=target)
 
 
 # -- the lock calls within a migration's downtime ---------------------------
