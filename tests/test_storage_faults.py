@@ -411,6 +411,8 @@ CASES = [
     # Checks further apart than a reconnect takes: B gets in before A's next
     # check, and only the server's refusal (strict-locks) keeps A from writing.
     Case(BRICK_KILLED, "run", "qemu-io", interval=LONG_INTERVAL, probe=True),
+    Case(BRICK_KILLED, "run", "imglock-run", interval=LONG_INTERVAL, probe=True),
+    Case(BRICK_KILLED, "run", "qemu", interval=LONG_INTERVAL, probe=True),
     Case(BRICK_KILLED, "library", "imglock-run"),
     Case(BRICK_KILLED_LONG, "run", "imglock-run"),
     Case(VOLUME_STOPPED, "run", "qemu"),
