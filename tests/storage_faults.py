@@ -15,9 +15,9 @@ here is what an operator's or a datacenter's bad day does:
 - volume options (``client.strict-locks``, ``network.ping-timeout``): set for
   a test and put back after it (:meth:`Volume.options`).
 
-Clients reconnect to a restarted brick on their own (they retry every 3 s,
-../shared/reference/glusterfs-facts.md); :func:`wait_reachable` waits until
-a path answers a ``stat`` again.
+Clients reconnect to a restarted brick on their own (GlusterFS clients
+retry every 3 s); :func:`wait_reachable` waits until a path answers a
+``stat`` again.
 """
 
 from __future__ import annotations
