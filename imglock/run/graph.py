@@ -314,7 +314,8 @@ class GraphFollower:
                 st = os.stat(path)
             except OSError as exc:
                 unseen.update((file.filename, path))
-                self._skip(path, os.strerror(exc.errno or 0))
+                if not self._claimed(path):
+                    self._skip(path, os.strerror(exc.errno or 0))
                 continue
             key = self._known_file(path, st)
             mode = strongest(seen[key][1], file.mode) if key in seen else file.mode
@@ -379,6 +380,10 @@ class GraphFollower:
                         self._refuse(key, exc)
                         continue
                     runner.config.note(f"QEMU now uses {name} {target[1].value}: claim changed")
+
+    def _claimed(self, path: str) -> bool:
+        """Whether the claim holds a file by this path (which may not answer a stat now)."""
+        return any(self._path(m.image.filename) == path for m in self.runner.config.claim.members)
 
     def _known_file(self, path: str, st: os.stat_result) -> tuple[int, int]:
         """The (st_dev, st_ino) under which the claim knows the file at *path*.
