@@ -6,9 +6,11 @@ On a machine without QEMU they are skipped with a reason, except where
 QEMU is an error, so a CI run can never pass by skipping them.
 
 Two-host tests ask for the ``datastore`` fixture: hosts A, B and C on a
-GlusterFS volume (tests/gluster_hosts.py).  Likewise they are skipped with a
-reason where no volume is mounted, and fail instead under
-``IMGLOCK_REQUIRE_GLUSTER=1``.
+shared filesystem (tests/shared_fs.py), once on GlusterFS
+(tests/gluster_hosts.py, marked ``gluster``) and once on CephFS
+(tests/cephfs_hosts.py, marked ``cephfs``).  Likewise each is skipped with a
+reason where that filesystem is not mounted, and fails instead under
+``IMGLOCK_REQUIRE_GLUSTER=1`` or ``IMGLOCK_REQUIRE_CEPHFS=1``.
 """
 
 from __future__ import annotations
@@ -22,15 +24,27 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import gluster_hosts
 import pytest
-from gluster_hosts import Datastore, unavailable_reason
+
+try:
+    import cephfs_hosts
+except ModuleNotFoundError:
+    import cephfs_pending as cephfs_hosts  # type: ignore[no-redef]
 from qemu_vm import QemuVMs
+from shared_fs import Datastore
 from wrapped_vm import WrappedVMs
 
 import imglock
 
 REQUIRE_QEMU = os.environ.get("IMGLOCK_REQUIRE_QEMU") == "1"
 REQUIRE_GLUSTER = os.environ.get("IMGLOCK_REQUIRE_GLUSTER") == "1"
+REQUIRE_CEPHFS = os.environ.get("IMGLOCK_REQUIRE_CEPHFS") == "1"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not any(line.startswith("cephfs:") for line in config.getini("markers")):
+        config.addinivalue_line("markers", "cephfs: needs the CephFS mounts of tests/cephfs/up")
 
 
 def _tool(name: str) -> str:
@@ -182,19 +196,52 @@ def started() -> Iterator[list[subprocess.Popen[str]]]:
         proc.wait()
 
 
-@pytest.fixture
-def datastore() -> Iterator[Datastore]:
-    """Hosts A, B and C on one GlusterFS volume, in a directory of the test's own.
+@dataclass(frozen=True)
+class SharedFilesystem:
+    """A filesystem the two-host suite runs on: how to tell it is there, and how to use it."""
+
+    #: The variable that makes a missing rig a failure rather than a skip.
+    required_by: str
+    required: bool
+    unavailable_reason: Callable[[], str | None]
+    open: Callable[[], Datastore]
+
+
+SHARED_FILESYSTEMS = {
+    "glusterfs": SharedFilesystem(
+        "IMGLOCK_REQUIRE_GLUSTER",
+        REQUIRE_GLUSTER,
+        gluster_hosts.unavailable_reason,
+        gluster_hosts.Datastore,
+    ),
+    "cephfs": SharedFilesystem(
+        "IMGLOCK_REQUIRE_CEPHFS",
+        REQUIRE_CEPHFS,
+        cephfs_hosts.unavailable_reason,
+        cephfs_hosts.Datastore,
+    ),
+}
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("glusterfs", marks=pytest.mark.gluster),
+        pytest.param("cephfs", marks=pytest.mark.cephfs),
+    ]
+)
+def datastore(request: pytest.FixtureRequest) -> Iterator[Datastore]:
+    """Hosts A, B and C on one shared filesystem, in a directory of the test's own.
 
     Hosts a test crashes or hangs are mounted for it alone, and unmounted
     afterwards; the shared mounts are left as they were.
     """
-    reason = unavailable_reason()
+    filesystem = SHARED_FILESYSTEMS[request.param]
+    reason = filesystem.unavailable_reason()
     if reason is not None:
-        if REQUIRE_GLUSTER:
-            pytest.fail(f"two-host tests are required (IMGLOCK_REQUIRE_GLUSTER=1): {reason}")
+        if filesystem.required:
+            pytest.fail(f"two-host tests are required ({filesystem.required_by}=1): {reason}")
         pytest.skip(reason)
-    store = Datastore()
+    store = filesystem.open()
     try:
         yield store
     finally:

@@ -1,17 +1,14 @@
 """Hosts on a real network filesystem: GlusterFS mounted three times on this machine.
 
 ``tests/gluster/up`` brings up a one-brick volume and mounts it three times,
-each mount through its own ``glusterfs`` client process.  Each mount is a
-host: the brick's lock translator is the lock manager all of them talk to,
-as NFS clients talk to their server, and a client process is what a host's
-kernel is to its mounts (kill it and the host has crashed; stop it and the
-host hangs).  A test that crashes or hangs a host mounts one of its own
-for that (:meth:`Datastore.own_host`): the three shared mounts may be in
-use by other tests at the same time.  Commands of a host run in UTS and PID namespaces of their own,
-so each host has its own host name and its own pids.
+each mount through its own ``glusterfs`` client process: hosts A, B and C
+as tests/shared_fs.py describes them.  The brick's lock translator is the
+lock manager all of them talk to, as NFS clients talk to their server.  A
+test that crashes or hangs a host mounts one of its own for that
+(:meth:`Datastore.own_host`): the three shared mounts may be in use by
+other tests at the same time.
 
-Hosts A and B take part in a test; host C is a third vantage point that only
-looks.  The mounts are found from ``IMGLOCK_GLUSTER_A``/``_B``/``_C`` (as
+The mounts are found from ``IMGLOCK_GLUSTER_A``/``_B``/``_C`` (as
 ``tests/gluster/up`` prints them), else at the script's default place.
 """
 
@@ -22,18 +19,16 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
+import shared_fs
 from processes import wait_until
+from shared_fs import HOST_NAMES as HOST_NAMES
+from shared_fs import REPO as REPO
 
-REPO = str(Path(__file__).parents[1])
 DEFAULT_STATE_DIR = "/tmp/imglock-gluster"
-HOST_NAMES = ("host-a", "host-b", "host-c")
 #: How long a newly mounted client gets to answer.
 REMOUNT_TIMEOUT = 20.0
 
@@ -97,87 +92,13 @@ def unavailable_reason(faults: bool = False) -> str | None:
     return None
 
 
-@dataclass
-class Host:
+class Host(shared_fs.Host):
     """One host: a host name, its own mount of the volume, and the test's directory there."""
-
-    name: str
-    mount: Path
-    #: The test's directory, the same one on every host, relative to the mount.
-    workdir: str
-
-    @property
-    def dir(self) -> Path:
-        return self.mount / self.workdir
-
-    def path(self, name: str) -> Path:
-        """*name* in the test's directory, as this host sees it."""
-        return self.dir / name
-
-    def prefix(self, *, as_init: bool = True) -> list[str]:
-        """A command prefix that runs a command on this host.
-
-        The command is pid 1 of a fresh PID namespace (with its own /proc),
-        in a UTS namespace whose host name is this host's; it and everything
-        it started die with the ``unshare`` process that runs it.  With
-        *as_init* false a shell is pid 1 and the command its child: a pid 1
-        ignores the signals it sends itself (such as a SIGSTOP fault).
-        """
-        run = 'hostname "$0" && exec "$@"' if as_init else 'hostname "$0" && "$@"'
-        return [
-            "unshare", "--uts", "--pid", "--fork", "--mount-proc", "--kill-child",
-            "sh", "-c", run, self.name,
-        ]  # fmt: skip
-
-    def run(
-        self, argv: Sequence[str | os.PathLike[str]], **kwargs: object
-    ) -> subprocess.CompletedProcess[str]:
-        """Run *argv* on this host and wait for it."""
-        kwargs.setdefault("timeout", 60)
-        return subprocess.run(  # type: ignore[call-overload, no-any-return]
-            [*self.prefix(), *map(os.fspath, argv)],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "PYTHONPATH": REPO},
-            **kwargs,
-        )
-
-    def imglock(
-        self, *args: str | os.PathLike[str], **kwargs: object
-    ) -> subprocess.CompletedProcess[str]:
-        """Run the real ``imglock`` command on this host."""
-        return self.run([sys.executable, "-m", "imglock", *args], **kwargs)
-
-    def popen(
-        self, argv: Sequence[str | os.PathLike[str]], as_init: bool = True, **kwargs: object
-    ) -> subprocess.Popen[str]:
-        """Start *argv* on this host (its pid 1 unless *as_init* is false); the caller ends it."""
-        kwargs.setdefault("env", {**os.environ, "PYTHONPATH": REPO})
-        return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
-            [*self.prefix(as_init=as_init), *map(os.fspath, argv)], text=True, **kwargs
-        )
-
-    # -- the host's kernel, as far as the datastore is concerned -----------
-    # Only for a host of its own (Datastore.own_host): the shared mounts
-    # may be in use by other tests meanwhile.
 
     def client_pid(self) -> int:
         pid = client_pid(self.mount)
         assert pid is not None, f"no glusterfs client serves {self.mount}"
         return pid
-
-    def crash(self) -> None:
-        """The host dies, as the datastore sees it: its client process is killed."""
-        pid = self.client_pid()
-        os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: not os.path.exists(f"/proc/{pid}"), what="the client to die", timeout=10)
-
-    def hang(self) -> None:
-        """The host hangs: its client process stops, its locks stay with the server."""
-        os.kill(self.client_pid(), signal.SIGSTOP)
-
-    def resume(self) -> None:
-        os.kill(self.client_pid(), signal.SIGCONT)
 
 
 class Datastore:
@@ -185,6 +106,12 @@ class Datastore:
 
     With *faults*, on the volume that fault tests alone use (tests/storage_faults.py).
     """
+
+    filesystem = "glusterfs"
+    fstype = "fuse.glusterfs"
+    #: A killed client's connection to the brick closes with it, and the
+    #: brick's lock translator drops every lock that came through it.
+    crash_drops_locks_at_once = True
 
     def __init__(self, faults: bool = False) -> None:
         self.mounts = mount_points(faults)
@@ -217,6 +144,9 @@ class Datastore:
         )
         wait_until(lambda: answers(mount), what=f"{mount} to answer", timeout=REMOUNT_TIMEOUT)
         return Host(name, mount, self.a.workdir)
+
+    def release_crashed(self, host: shared_fs.Host) -> None:
+        """Nothing to do: the brick let go of *host*'s locks when its client died."""
 
     def close(self) -> None:
         for mount in self.own_mounts:

@@ -1,10 +1,11 @@
-"""``imglock doctor`` on two hosts of a GlusterFS volume: the locks are shown shared.
+"""``imglock doctor`` on two hosts of a shared filesystem: the locks are shown shared.
 
-From the mount alone (fuse.glusterfs), and from the probe run on host A and
+On each filesystem (tests/shared_fs.py), from the mount alone (its type,
+fuse.glusterfs or fuse.ceph-fuse), and from the probe run on host A and
 host B at once: each sees the other's probe lock through the lock manager,
 names the other host, and does not find that lock in its own kernel.
 
-Then what a brick restart would do to a lost lock: on the fault tests'
+Then, on GlusterFS alone, what a brick restart would do to a lost lock: on the fault tests'
 volume (imglock-faults), ``client.strict-locks`` on makes the datastore
 pass, off makes ``doctor`` refuse it (exit 78) and print the command that
 fixes it, which does.  The setting comes from ``gluster volume get`` where
@@ -23,9 +24,8 @@ from pathlib import Path
 
 import pytest
 from conftest import REQUIRE_GLUSTER, ImglockCli
-from gluster_hosts import DEFAULT_STATE_DIR, Datastore, answers
-
-pytestmark = pytest.mark.gluster
+from gluster_hosts import DEFAULT_STATE_DIR, answers
+from shared_fs import Datastore
 
 #: The volume that fault tests (and these) may reconfigure; see tests/gluster/up.
 FAULTS_VOLUME = "imglock-faults"
@@ -74,7 +74,7 @@ def test_the_mount_says_the_locks_are_shared(datastore: Datastore) -> None:
         assert proc.returncode == 0, proc.stderr
         report = json.loads(proc.stdout)
         assert report["shared"] is True
-        assert report["mount"]["fstype"] == "fuse.glusterfs"
+        assert report["mount"]["fstype"] == datastore.fstype
         assert report["mount"]["mount-point"] == str(host.mount)
         assert report["mount"]["verdict"] == "shared"
 
@@ -105,6 +105,7 @@ def test_a_probe_alone_shows_nothing_and_says_so(datastore: Datastore) -> None:
     assert report["probe"] == {"host": "host-a", "verdict": "unknown", "peers": []}
 
 
+@pytest.mark.gluster
 def test_strict_locks_on_pass_with_the_settings_named(
     faults_mount: Path, imglock_cli: ImglockCli
 ) -> None:
@@ -126,6 +127,7 @@ def test_strict_locks_on_pass_with_the_settings_named(
     assert ping["source"] == f"{faults_mount}/.meta/graphs/active/{FAULTS_VOLUME}-client-0/private"
 
 
+@pytest.mark.gluster
 def test_strict_locks_off_is_refused_with_the_command_that_fixes_it(
     strict_locks_off: Path, imglock_cli: ImglockCli
 ) -> None:
@@ -150,6 +152,7 @@ def test_strict_locks_off_is_refused_with_the_command_that_fixes_it(
     assert imglock_cli("doctor", strict_locks_off).returncode == EX_SHARED
 
 
+@pytest.mark.gluster
 def test_a_deadline_past_the_ping_timeout_is_refused(
     faults_mount: Path, imglock_cli: ImglockCli
 ) -> None:
@@ -163,6 +166,7 @@ def test_a_deadline_past_the_ping_timeout_is_refused(
     )
 
 
+@pytest.mark.gluster
 def test_a_host_whose_gluster_tool_cannot_reach_glusterd_reads_the_mounts_meta_tree(
     faults_mount: Path,
 ) -> None:

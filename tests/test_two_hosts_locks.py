@@ -1,9 +1,10 @@
-"""Two hosts on GlusterFS: every claim a host makes is seen, and refused, on the other.
+"""Two hosts on a shared filesystem: every claim a host makes is seen, and refused, on the other.
 
-Host A and host B each mount the volume through their own client and run
-in their own UTS and PID namespaces (tests/gluster_hosts.py); host C only
-looks.  The brick's lock translator is the only thing the hosts share, as
-with NFS, so a conflict seen here crossed the network lock manager.
+Host A and host B each mount the datastore through their own client and run
+in their own UTS and PID namespaces (tests/shared_fs.py); host C only
+looks.  The lock manager (GlusterFS's brick, CephFS's MDS) is the only
+thing the hosts share, as with NFS, so a conflict seen here crossed it.
+Every test runs once on each filesystem.
 """
 
 from __future__ import annotations
@@ -16,10 +17,8 @@ from pathlib import Path
 
 import pytest
 from conftest import CLAIMER, QemuImg, Rival
-from gluster_hosts import Datastore, Host
 from qemu_vm import NONE_MACHINE
-
-pytestmark = pytest.mark.gluster
+from shared_fs import Datastore, Host
 
 EX_TEMPFAIL = 75
 
@@ -122,6 +121,22 @@ def test_shared_claims_on_both_hosts_coexist_and_keep_a_writer_out(
     assert sorted((h["host"], h["mode"]) for h in imglock_holders(report)) == [
         ("host-a", "shared"),
         ("host-b", "shared"),
+    ]
+
+
+def test_shared_write_claims_on_both_hosts_coexist_and_keep_readers_and_writers_out(
+    chain: Datastore, claimers: Claimers
+) -> None:
+    a, b, c = chain.hosts
+    assert claimers.start(a, "--mode", "shared-write", a.path("top.qcow2")).ok
+    assert claimers.start(b, "--mode", "shared-write", b.path("top.qcow2")).ok
+    for mode in ("exclusive", "shared"):
+        refused = claimers.start(c, "--mode", mode, c.path("top.qcow2"))
+        assert not refused.ok and refused.reply["status"] == EX_TEMPFAIL, mode
+    (report,) = status_json(c, c.path("top.qcow2"))
+    assert sorted((h["host"], h["mode"]) for h in imglock_holders(report)) == [
+        ("host-a", "shared-write"),
+        ("host-b", "shared-write"),
     ]
 
 
