@@ -112,6 +112,8 @@ class Datastore:
     #: A killed client's connection to the brick closes with it, and the
     #: brick's lock translator drops every lock that came through it.
     crash_drops_locks_at_once = True
+    #: The brick answers for a stopped client's locks itself.
+    hung_client_stalls_others = False
 
     def __init__(self, faults: bool = False) -> None:
         self.mounts = mount_points(faults)

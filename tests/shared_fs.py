@@ -134,6 +134,14 @@ class Datastore(Protocol):
         """
 
     @property
+    def hung_client_stalls_others(self) -> bool:
+        """Whether others wait, rather than being answered, on a file a hung client has open.
+
+        (CephFS: the MDS must take back the client's capabilities on the
+        file first, which a stopped client never gives.)
+        """
+
+    @property
     def a(self) -> Host: ...
 
     @property

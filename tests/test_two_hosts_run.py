@@ -247,10 +247,8 @@ def test_a_crashed_host_pauses_its_guest_and_b_takes_over_once_its_locks_are_gon
     assert on_a.process.poll() is None  # the wrapper and its QEMU are still there
 
     if not cluster.store.crash_drops_locks_at_once:
-        # The lock manager still holds A's locks for it: B is refused, told
-        # who holds the image, until the operator frees them.
-        proc = b.imglock("run", "--image", cluster.image(b), "--", "true")
-        assert proc.returncode == EX_TEMPFAIL and "on host-a" in proc.stderr, proc.stderr
+        # The lock manager keeps A's locks (and capabilities: others cannot
+        # even look the image up meanwhile) until the operator frees them.
         cluster.store.release_crashed(a)
     # Host B may now start the VM.
     proc = subprocess.run(
@@ -262,7 +260,9 @@ def test_a_crashed_host_pauses_its_guest_and_b_takes_over_once_its_locks_are_gon
     assert cluster.holders() == []
 
 
-def test_a_hung_host_keeps_its_claim_and_loses_nothing(cluster: Cluster) -> None:
+def test_a_hung_host_keeps_its_claim_and_loses_nothing(
+    cluster: Cluster, started: list[subprocess.Popen[str]]
+) -> None:
     _a, b, c = cluster.store.hosts
     a = cluster.store.own_host("host-a")  # a mount of its own, to hang
     on_a = cluster.start("a1", a)
@@ -271,11 +271,17 @@ def test_a_hung_host_keeps_its_claim_and_loses_nothing(cluster: Cluster) -> None
 
     a.hang()  # host A's client stops: nothing expires its locks
     try:
-        proc = b.imglock("run", "--image", cluster.image(b), "--", "true")
-        assert proc.returncode == EX_TEMPFAIL and "on host-a" in proc.stderr
-        status = c.imglock("status", "--json", cluster.image(c))
-        (report,) = json.loads(status.stdout)
-        assert ("host-a", "exclusive") in [(h["host"], h["mode"]) for h in report["holders"]]
+        on_b = b.popen(
+            [sys.executable, "-m", "imglock", "run", "--image", cluster.image(b), "--", "true"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        started.append(on_b)
+        if not cluster.store.hung_client_stalls_others:
+            # B is refused at once, and C sees A hold the image.
+            assert on_b.wait(timeout=60) == EX_TEMPFAIL
+            status = c.imglock("status", "--json", cluster.image(c))
+            (report,) = json.loads(status.stdout)
+            assert ("host-a", "exclusive") in [(h["host"], h["mode"]) for h in report["holders"]]
         # A check comes due while A hangs and cannot complete: past its
         # deadline the guest is paused, before the server could let go.
         # (QEMU's own monitor may not answer meanwhile: the guest's disk
@@ -284,8 +290,12 @@ def test_a_hung_host_keeps_its_claim_and_loses_nothing(cluster: Cluster) -> None
             lambda: "guest paused (QMP stop) until a check completes" in on_a.stderr(),
             what="the guest paused by the deadline", timeout=TIMEOUT,
         )  # fmt: skip
+        assert on_b.poll() in (None, EX_TEMPFAIL), "B got the image of a host that hangs"
     finally:
         a.resume()
+    # B was refused (where it had to wait, once A answered again), naming A.
+    _out, err = on_b.communicate(timeout=TIMEOUT)
+    assert on_b.returncode == EX_TEMPFAIL and "on host-a" in err, err
     # The check completes with the claim intact: the guest runs again.
     wait_until(lambda: on_a.runstate() == RUNNING, what="the guest resumed", timeout=TIMEOUT)
     assert cluster.holders() == ["host-a"]
