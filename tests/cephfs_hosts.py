@@ -192,6 +192,9 @@ class Datastore:
     #: The MDS keeps a dead client's session, and its locks, until
     #: session_autoclose, or until the session is evicted.
     crash_drops_locks_at_once = False
+    #: Another client's look-up of a file waits until the MDS has taken back
+    #: the hung client's capabilities on it: until session_timeout (60 s).
+    hung_client_stalls_others = True
 
     def __init__(self, faults: bool = False) -> None:
         self.fs_name = FAULT_FILESYSTEM if faults else FILESYSTEM
