@@ -24,13 +24,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import cephfs_hosts
 import gluster_hosts
 import pytest
-
-try:
-    import cephfs_hosts
-except ModuleNotFoundError:
-    import cephfs_pending as cephfs_hosts  # type: ignore[no-redef]
 from qemu_vm import QemuVMs
 from shared_fs import Datastore
 from wrapped_vm import WrappedVMs
@@ -40,11 +36,6 @@ import imglock
 REQUIRE_QEMU = os.environ.get("IMGLOCK_REQUIRE_QEMU") == "1"
 REQUIRE_GLUSTER = os.environ.get("IMGLOCK_REQUIRE_GLUSTER") == "1"
 REQUIRE_CEPHFS = os.environ.get("IMGLOCK_REQUIRE_CEPHFS") == "1"
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    if not any(line.startswith("cephfs:") for line in config.getini("markers")):
-        config.addinivalue_line("markers", "cephfs: needs the CephFS mounts of tests/cephfs/up")
 
 
 def _tool(name: str) -> str:
