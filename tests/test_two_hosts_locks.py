@@ -21,6 +21,8 @@ from qemu_vm import NONE_MACHINE
 from shared_fs import Datastore, Host
 
 EX_TEMPFAIL = 75
+#: ``imglock status``: some image is held.
+EX_HELD = 1
 
 
 class Claimers:
@@ -213,6 +215,45 @@ def test_status_from_a_third_host_names_the_holder_from_its_record(
     holder.stop()
     (report,) = status_json(c, c.path("top.qcow2"))
     assert report["holders"] == [] and report["stale-records"] == []
+
+
+def test_status_from_a_third_host_names_a_command_run_under_imglock_on_the_first(
+    chain: Datastore, started: list[subprocess.Popen[str]]
+) -> None:
+    a, _b, c = chain.hosts
+    # The command runs only once the claim is taken: its word says so.
+    held = a.popen(
+        [sys.executable, "-m", "imglock", "run", "--image", a.path("top.qcow2"), "--",
+         "sh", "-c", "echo claimed && exec sleep 300"],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    started.append(held)
+    assert held.stdout is not None and held.stdout.readline() == "claimed\n"
+    proc = c.imglock("status", "--json", c.path("top.qcow2"))
+    assert proc.returncode == EX_HELD, proc.stderr
+    (report,) = json.loads(proc.stdout)
+    (row,) = imglock_holders(report)
+    assert (row["host"], row["mode"]) == ("host-a", "exclusive")
+    assert "sleep 300" in str(row["command"])
+
+
+def test_status_of_the_directory_from_a_third_host_lists_every_image_and_who_holds_it(
+    chain: Datastore, claimers: Claimers
+) -> None:
+    a, b, c = chain.hosts
+    assert claimers.start(a, a.path("top.qcow2")).ok
+    assert claimers.start(b, "--mode", "shared", b.path("other.qcow2")).ok
+    proc = c.imglock("status", "--json", c.dir)
+    assert proc.returncode == EX_HELD, proc.stderr
+    held = {
+        Path(str(r["filename"])).name: sorted((h["host"], h["mode"]) for h in imglock_holders(r))
+        for r in json.loads(proc.stdout)
+    }
+    assert held == {
+        "base.qcow2": [("host-a", "shared"), ("host-b", "shared")],
+        "other.qcow2": [("host-b", "shared")],
+        "top.qcow2": [("host-a", "exclusive")],
+    }
 
 
 def test_a_record_left_by_a_killed_holder_is_shown_stale_on_another_host(
