@@ -140,6 +140,9 @@ def test_shared_write_claims_on_both_hosts_coexist_and_keep_readers_and_writers_
         ("host-a", "shared-write"),
         ("host-b", "shared-write"),
     ]
+    # Each holder's QEMU bytes are its own, not a second, anonymous holder's.
+    assert len(report["holders"]) == 2  # type: ignore[arg-type]
+    assert all(h["perms"] for h in imglock_holders(report))
 
 
 def test_a_backing_file_is_shared_between_hosts_and_never_writable_under_them(
