@@ -597,32 +597,22 @@ def test_a_storage_fault_never_lets_two_hosts_write_and_never_goes_unreported(
     monitors = {**monitors, "b": rival.sampler_monitor}
     probes = {"a": DRIVE} if case.probe else {}
     sampler = Sampler(rig.store.c.path(IMAGE), monitors, processes, probes)
-    try:
-        # B is refused while A holds the image, before anything fails.
-        wait_until(rival.attempts, what="B's first try", timeout=TIMEOUT)
-        assert not rival.got_in(), rival.attempts()
-        fault_at = time.monotonic()
+
+    def cause(fault_at: float) -> None:
         fault.begin(scene)
         hold(fault, holder, fault_at)
         if fault.end is not None:
             fault.end(scene)
-        fault_end = time.monotonic()
-        settle(fault, holder, rival, rig)
-        samples = sampler.stop()
-        status = holder.end()
-    finally:
-        sampler.kill()
-        scene.heal()
+
+    run = run_fault(
+        holder, rival, sampler, cause, lambda: settle(fault.outcome, holder, rival, rig), scene.heal
+    )
+    samples, fault_at = run.samples, run.fault_at
     writes = a_writes(samples, holder, case.probe)
-    figures = measure(samples, writes, holder, rival, fault_at, fault_end)
+    figures = measure(samples, writes, holder, rival, fault_at, run.fault_end)
     print(f"\n{case.id} strict-locks={'on' if strict else 'off'}: {figures}")
 
-    # The samples saw A writing before the fault, and B not: the window means something.
-    assert value_at(writes, fault_at), "A could not write before the fault"
-    assert (rival.first_write(samples) or fault_at) >= fault_at, "B wrote before the fault"
-    messages = holder.messages()
-    assert not lines_saying(messages, "Traceback"), messages
-    assert status == 0, f"A's holder exited {status}: {messages}"
+    check_run(run, writes, holder, rival)
     bound = 0.0 if strict else case.interval + CHECK_DEADLINE
     assert figures.window <= bound, f"A and B could both write for {figures}: {rival.attempts()}"
     check_outcome(case, rig.image, holder, rival, samples, fault_at, figures)
@@ -630,6 +620,61 @@ def test_a_storage_fault_never_lets_two_hosts_write_and_never_goes_unreported(
         assert figures.latency is not None and figures.latency <= MONITOR_LATENCY, (
             f"QEMU's monitor under imglock run stalled with the brick hung: {figures}"
         )
+
+
+@dataclass
+class Run:
+    """One fault as host C's sampler saw it, and how A's holder ended."""
+
+    samples: Samples
+    #: A's holder's exit status.
+    status: int
+    fault_at: float
+    fault_end: float
+
+
+def run_fault(
+    holder: Holder,
+    rival: Rival,
+    sampler: Sampler,
+    cause: Callable[[float], None],
+    settle: Callable[[], None],
+    heal: Callable[[], None],
+) -> Run:
+    """B refused while A holds the image; then *cause* the fault (told when it
+    began) and *settle* it; the samples taken, A's holder ended, and *heal*
+    what the fault broke, whatever happens."""
+    try:
+        # B is refused while A holds the image, before anything fails.
+        wait_until(rival.attempts, what="B's first try", timeout=TIMEOUT)
+        assert not rival.got_in(), rival.attempts()
+        fault_at = time.monotonic()
+        cause(fault_at)
+        fault_end = time.monotonic()
+        settle()
+        samples = sampler.stop()
+        # B gives up before A lets go: a try of B's after that would count as
+        # a write while A could.
+        rival.proc.kill()
+        rival.proc.wait()
+        status = holder.end()
+    finally:
+        sampler.kill()
+        heal()
+    return Run(samples, status, fault_at, fault_end)
+
+
+def check_run(run: Run, writes: Steps, holder: Holder, rival: Rival) -> None:
+    """What every fault leaves true: the samples saw A writing before it and
+    B not (so that the window means something), A said nothing as a
+    traceback, and its holder exited 0."""
+    assert value_at(writes, run.fault_at), "A could not write before the fault"
+    assert (rival.first_write(run.samples) or run.fault_at) >= run.fault_at, (
+        "B wrote before the fault"
+    )
+    messages = holder.messages()
+    assert not lines_saying(messages, "Traceback"), messages
+    assert run.status == 0, f"A's holder exited {run.status}: {messages}"
 
 
 def hold(fault: Fault, holder: Holder, fault_at: float) -> None:
@@ -642,17 +687,20 @@ def hold(fault: Fault, holder: Holder, fault_at: float) -> None:
     time.sleep(max(0.0, fault_at + fault.hold - time.monotonic()))
 
 
-def settle(fault: Fault, holder: Holder, rival: Rival, rig: Rig) -> None:
-    """Wait for the end the fault must come to, from host A's and host B's side."""
+def settle(
+    outcome: Outcome, holder: Holder, rival: Rival, rig: Rig, timeout: float = TIMEOUT
+) -> None:
+    """Wait for the end a fault must come to, from host A's and host B's side,
+    each step for at most *timeout* seconds."""
     wait_reachable(rig.store.b.dir, rig.store.c.dir)
-    if fault.outcome is Outcome.LOST:
+    if outcome is Outcome.LOST:
         # Whether A resumed meanwhile, or wrote while B did, the samples tell.
-        wait_until(rival.got_in, what="B to get the lost image", timeout=TIMEOUT)
-        wait_until(holder.stopped, what="A to be paused", timeout=TIMEOUT)
-        wait_until(holder.lost_said, what="A to report its loss", timeout=TIMEOUT)
+        wait_until(rival.got_in, what="B to get the lost image", timeout=timeout)
+        wait_until(holder.stopped, what="A to be paused", timeout=timeout)
+        wait_until(holder.lost_said, what="A to report its loss", timeout=timeout)
         return
-    if fault.outcome is Outcome.PAUSED:
-        wait_until(lambda: not holder.stopped(), what="A to be resumed", timeout=TIMEOUT)
+    if outcome is Outcome.PAUSED:
+        wait_until(lambda: not holder.stopped(), what="A to be resumed", timeout=timeout)
     # Several checks of A's, B trying all along: a false alarm, or a claim let go, would show.
     deadline = time.monotonic() + OBSERVE
     while time.monotonic() < deadline:
