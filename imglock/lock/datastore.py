@@ -21,6 +21,7 @@ values.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import math
@@ -33,6 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from imglock.lock import procfs
 from imglock.lock.mounts import Mount
 
 #: A GlusterFS FUSE client's view of its own translator graph (meta translator).
@@ -435,12 +437,71 @@ def _ceph_fs_name(mount: Mount) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class CephClient:
+    """The ``ceph-fuse`` process that serves a mount: where to ask it, and its cluster."""
+
+    #: Its admin socket (a unix socket it listens on), if one was found.
+    admin_socket: str | None
+    #: ``-c``/``--conf`` of its command line, for the ``ceph`` tool; None: the default.
+    conf: str | None
+    #: ``--client_fs``/``--client_mds_namespace`` of its command line.
+    fs: str | None
+
+
+def _option_value(argv: Sequence[str], names: Sequence[str]) -> str | None:
+    """The value of the first of *names* in *argv* (``--opt VALUE`` or ``--opt=VALUE``)."""
+    for i, arg in enumerate(argv):
+        for name in names:
+            if arg == name and i + 1 < len(argv):
+                return argv[i + 1]
+            if arg.startswith(f"{name}="):
+                return arg[len(name) + 1 :]
+    return None
+
+
+def _listening_sockets(pid: int) -> list[str]:
+    """Paths of the unix sockets process *pid* has open (from /proc/net/unix)."""
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[len("socket:[") : -1])
+    paths = []
+    for line in (_read("/proc/net/unix") or "").splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 8 and fields[6] in inodes:
+            paths.append(fields[7])
+    return paths
+
+
+def ceph_fuse_client(mount_point: str) -> CephClient | None:
+    """The ``ceph-fuse`` process serving *mount_point*, as this host sees it."""
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        argv = procfs.argv(int(entry.name))
+        if not argv or os.path.basename(argv[0]) != "ceph-fuse" or mount_point not in argv:
+            continue
+        sockets = [s for s in _listening_sockets(int(entry.name)) if s.endswith(".asok")]
+        return CephClient(
+            sockets[0] if sockets else None,
+            _option_value(argv, ("-c", "--conf")),
+            _option_value(argv, ("--client_fs", "--client-fs", "--client_mds_namespace")),
+        )
+    return None
+
+
 def read_ceph(mount: Mount, deadline: float) -> list[Setting]:
-    fs = _ceph_fs_name(mount)
+    client = ceph_fuse_client(mount.mount_point) if mount.fstype != "ceph" else None
+    conf = ["--conf", client.conf] if client is not None and client.conf else []
+    fs = _ceph_fs_name(mount) or (client.fs if client is not None else None)
     how_fs = f"`ceph fs get {fs or 'FSNAME'}`"
     mdsmap: dict[str, object] = {}
     if fs is not None:
-        out = _tool(["ceph", "--connect-timeout", "5", "fs", "get", fs, "--format=json"])
+        out = _tool(["ceph", *conf, "--connect-timeout", "5", "fs", "get", fs, "--format=json"])
         try:
             mdsmap = json.loads(out or "{}").get("mdsmap", {})
         except (ValueError, AttributeError):
@@ -455,16 +516,19 @@ def read_ceph(mount: Mount, deadline: float) -> list[Setting]:
         None, "`ceph daemon client.NAME config get client_reconnect_stale` on this host"
     )
     if mount.fstype != "ceph":
-        sockets = glob.glob(CEPH_ADMIN_SOCKETS)
-        if len(sockets) == 1:
-            out = _tool(["ceph", "--admin-daemon", sockets[0], "config", "get",
+        socket = client.admin_socket if client is not None else None
+        if socket is None:
+            found = glob.glob(CEPH_ADMIN_SOCKETS)
+            socket = found[0] if len(found) == 1 else None
+        if socket is not None:
+            out = _tool(["ceph", "--admin-daemon", socket, "config", "get",
                          "client_reconnect_stale"])  # fmt: skip
             try:
                 value = json.loads(out or "{}").get("client_reconnect_stale")
             except (ValueError, AttributeError):
                 value = None
             if value is not None:
-                reconnect = Reading(str(value), sockets[0])
+                reconnect = Reading(str(value), socket)
     return ceph_settings(
         mount, reconnect, session("session_timeout"), session("session_autoclose"), deadline
     )
