@@ -40,15 +40,20 @@ interval plus the deadline, and 0 where A's writes are probed
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from cephfs_faults import active_mds, kill_mds, mds_pid, settings, start_mds
 from cephfs_hosts import FAULT_FILESYSTEM, Datastore, Host, evict, unavailable_reason
 from conftest import REQUIRE_CEPHFS, QemuImg
 from fault_sampler import Sampler, Samples, first
-from processes import wait_until
+from processes import state, wait_until
 from test_storage_faults import (
     CHECK_DEADLINE,
     CHECK_INTERVAL,
@@ -71,7 +76,7 @@ from test_storage_faults import (
     run_fault,
     settle,
 )
-from wrapped_vm import WrappedVMs
+from wrapped_vm import WrappedVMs, process_tree
 
 pytestmark = [pytest.mark.cephfs, pytest.mark.qemu]
 
@@ -88,6 +93,8 @@ TIMEOUT = 90.0
 #: How long the MDS waits for a session that does not come back (mds_reconnect_timeout).
 MDS_RECONNECT_TIMEOUT = 45.0
 RECONNECT_STALE = "--client_reconnect_stale=true"
+#: What host A writes through a descriptor opened after its client reconnected.
+STALE_BYTE = b"\xa5"
 #: Seconds for a restarted MDS to be active again, with no session missing (some 4 s).
 MDS_RESTART = 15.0
 
@@ -331,3 +338,84 @@ def check_outcome(
     for words in (OVERDUE_MESSAGE, RESUMED_MESSAGE):
         (line,) = lines_saying(messages, words)
         assert line.startswith(f"imglock: {rig.image}: "), line
+
+
+# -- the fencing hole ----------------------------------------------------------------
+
+
+def write_anew(path: Path) -> bool:
+    """Whether a descriptor opened now writes a byte at offset 0 of *path*."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        os.pwrite(fd, STALE_BYTE, 0)
+        os.fsync(fd)
+    except OSError:
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    return True
+
+
+def run_sleep(host: Host, image: Path, log: Path) -> subprocess.Popen[str]:
+    """``imglock -v run --image IMAGE -- sleep`` on *host*, checking its claim every second."""
+    with log.open("w") as err:
+        return host.popen(
+            [sys.executable, "-m", "imglock", "-v", "run", "--check-interval", str(CHECK_INTERVAL),
+             "--image", image, "--", "sleep", "600"],
+            stderr=err,
+        )  # fmt: skip
+
+
+def command_of(proc: subprocess.Popen[str], name: str) -> int | None:
+    """The pid of the process called *name* among *proc* and its descendants, once there is one."""
+    for pid in process_tree(proc.pid):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/comm") as f:
+            if f.read().strip() == name:
+                return pid
+    return None
+
+
+def claimed(log: Path) -> bool:
+    return "claimed" in log.read_text()
+
+
+def test_with_client_reconnect_stale_an_evicted_host_writes_anew_while_its_claim_stays_lost(
+    fault_store: Datastore, started: list[subprocess.Popen[str]], tmp_path: Path
+) -> None:
+    """What imglock guarantees when client_reconnect_stale is on: the loss
+    reported and the command stopped for good.  Not what another program
+    on A does: a descriptor opened after the reconnect writes, B holding
+    the image.  The safe setting is the default, off."""
+    a, b = fault_store.own_host("host-a", RECONNECT_STALE), fault_store.b
+    image = a.path("disk.raw")
+    with image.open("wb") as f:
+        f.truncate(1 << 20)
+    a_log, b_log = tmp_path / "a.log", tmp_path / "b.log"
+    started.append(run_sleep(a, image, a_log))
+    wait_until(lambda: claimed(a_log), what="A's claim", timeout=TIMEOUT)
+    refused = b.imglock("run", "--image", b.path("disk.raw"), "--", "true")
+    assert refused.returncode == REFUSED_STATUS["imglock-run"], refused.stderr
+    sleeper = wait_until(lambda: command_of(started[0], "sleep"), what="A's command")
+    assert sleeper is not None
+    assert a.session is not None
+    evict(a.session, FAULT_FILESYSTEM)
+    wait_until(lambda: LOST_MESSAGE in a_log.read_text(), what="A to see its loss", timeout=TIMEOUT)
+    assert state(sleeper) == "T", "A's command was not stopped"
+    started.append(run_sleep(b, b.path("disk.raw"), b_log))
+    wait_until(lambda: claimed(b_log), what=f"B's claim: {b_log.read_text()}", timeout=TIMEOUT)
+    # The hole: A's client reconnected, and a descriptor opened anew writes.
+    wait_until(lambda: write_anew(image), what="A to write anew", timeout=TIMEOUT)
+    assert fault_store.c.path("disk.raw").read_bytes()[:1] == STALE_BYTE
+    # Some checks later, imglock on A has neither taken the claim back nor
+    # resumed its command: B still holds the image.
+    time.sleep(2 * CHECK_INTERVAL)
+    assert state(sleeper) == "T", "A's command was resumed"
+    assert started[1].poll() is None, b_log.read_text()
+    lines = a_log.read_text().splitlines()
+    (lost,) = lines_saying(lines, LOST_MESSAGE)
+    assert lost.startswith(f"imglock: {image}: {LOST_MESSAGE}"), lines
+    assert not lines_saying(lines, "Traceback"), lines
