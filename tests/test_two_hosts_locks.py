@@ -183,18 +183,24 @@ def test_qemu_on_the_other_host_refuses_an_image_imglock_holds(
     assert b.run([qemu_img_path, "info", "-U", b.path("base.qcow2")]).returncode == 0
 
 
-def test_imglock_on_the_other_host_refuses_an_image_qemu_writes(
-    chain: Datastore, qemu_system_path: str, started: list[subprocess.Popen[str]]
+def start_qemu(
+    host: Host, qemu_system_path: str, drive: str, started: list[subprocess.Popen[str]]
 ) -> None:
-    a, b, c = chain.hosts
-    qemu = a.popen(
-        [qemu_system_path, *NONE_MACHINE, "-drive", f"file={a.path('top.qcow2')},if=none",
-         "-monitor", "stdio"],
+    """Start a plain QEMU (no imglock) on *host* with *drive*; return once it has the image."""
+    qemu = host.popen(
+        [qemu_system_path, *NONE_MACHINE, "-drive", drive, "-monitor", "stdio"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     started.append(qemu)
     assert qemu.stdout is not None
     assert "monitor" in qemu.stdout.readline()  # its banner: the machine, and image, are up
+
+
+def test_imglock_on_the_other_host_refuses_an_image_qemu_writes(
+    chain: Datastore, qemu_system_path: str, started: list[subprocess.Popen[str]]
+) -> None:
+    a, b, c = chain.hosts
+    start_qemu(a, qemu_system_path, f"file={a.path('top.qcow2')},if=none", started)
 
     proc = b.imglock("run", "--image", b.path("top.qcow2"), "--", "true")
     assert proc.returncode == EX_TEMPFAIL
@@ -202,6 +208,27 @@ def test_imglock_on_the_other_host_refuses_an_image_qemu_writes(
     (report,) = status_json(c, c.path("top.qcow2"))
     qemu_rows = [h for h in report["holders"] if h["layer"] == "qemu"]  # type: ignore[attr-defined]
     assert qemu_rows and "write" in qemu_rows[0]["perms"]
+
+
+def test_a_holder_without_qemu_bytes_and_a_qemu_reader_on_two_hosts_stay_two_holders(
+    chain: Datastore,
+    claimers: Claimers,
+    qemu_system_path: str,
+    started: list[subprocess.Popen[str]],
+) -> None:
+    a, b, c = chain.hosts
+    assert claimers.start(a, "--mode", "shared", "--no-qemu", a.path("base.qcow2")).ok
+    drive = f"file={b.path('base.qcow2')},if=none,readonly=on"
+    start_qemu(b, qemu_system_path, drive, started)
+    (report,) = status_json(c, c.path("base.qcow2"))
+    holders = report["holders"]
+    assert isinstance(holders, list)
+    # Seen from C, the lock manager names no pid for either: A's holder
+    # range carries no QEMU mark, so the QEMU bytes are not taken for A's.
+    assert sorted((h["layer"], h["host"], bool(h["perms"])) for h in holders) == [
+        ("imglock", "host-a", False),
+        ("qemu", None, True),
+    ]
 
 
 def test_status_from_a_third_host_names_the_holder_from_its_record(
