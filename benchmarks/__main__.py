@@ -7,7 +7,9 @@ flock) and its start-up beside ``python -c pass`` (and, installed into a
 fresh venv, beside ``import click``), and the downtime a
 migration handoff adds (from ``benchmarks/bench_migration.py``, when
 present), and the same through a network filesystem when the GlusterFS
-mounts of ``tests/gluster/up`` are there (``benchmarks/bench_gluster.py``).
+mounts of ``tests/gluster/up`` are there (``benchmarks/bench_gluster.py``),
+and through CephFS when the ``ceph-fuse`` mounts of ``tests/cephfs/up``
+are (``benchmarks/bench_shared_fs.py``, the same rows).
 ``--quick`` takes fewer samples: a rough look, not figures to quote.
 ``--rtt`` adds the GlusterFS figures again through a relay that adds a
 network round-trip time (``benchmarks/bench_rtt.py``, as root): with the
@@ -18,6 +20,7 @@ so these are left out unless asked for.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import inspect
 import os
@@ -26,7 +29,14 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from benchmarks import bench_claim, bench_cli, bench_gluster, bench_rtt, bench_startup
+from benchmarks import (
+    bench_claim,
+    bench_cli,
+    bench_gluster,
+    bench_rtt,
+    bench_shared_fs,
+    bench_startup,
+)
 from benchmarks.timing import Row, Unavailable, table_lines
 
 MIGRATION = "migration downtime added by the handoff"
@@ -74,6 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows += _guarded("start-up in a fresh venv", bench_startup.figures, args.quick)
     rows += migration_rows(args.quick)
     rows += _guarded(bench_gluster.SECTION, bench_gluster.figures, args.quick)
+    cephfs = bench_shared_fs.CEPHFS
+    rows += _guarded(cephfs.section, functools.partial(bench_shared_fs.figures, cephfs), args.quick)
     if args.rtt:
         rows += _guarded(bench_rtt.SECTION, bench_rtt.figures, args.quick)
     print(f"imglock benchmarks ({'quick' if args.quick else 'full'}): {describe_machine()}")
