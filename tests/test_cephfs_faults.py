@@ -24,7 +24,8 @@ CephFS differs from GlusterFS where it matters:
   open descriptors still fail, but a descriptor opened anew on A could
   write.  imglock's guarantee then is the loss reported at A's next check
   and the guest paused for good; nothing stops another program on A from
-  opening the image again, which is why the default (false) is the safe one;
+  opening the image again and writing beside B (shown by its own test
+  below), which is why the default (false) is the safe one;
 - an MDS restart keeps every lock (clients re-send them), but lock calls
   block until it is active again: A's check overruns its deadline, the
   guest is paused, and resumed once a check proves the claim intact.  With
