@@ -26,7 +26,15 @@ import signal
 import subprocess
 from collections.abc import Iterator, Mapping
 
-from cephfs_hosts import COMMAND_TIMEOUT, FAULT_FILESYSTEM, ceph, conf, state_dir
+from cephfs_hosts import (
+    COMMAND_TIMEOUT,
+    FAULT_FILESYSTEM,
+    ceph,
+    conf,
+    evict,
+    sessions,
+    state_dir,
+)
 from processes import alive, wait_until
 
 #: Seconds for an MDS to die, or to start and become active again (some 4 s
@@ -83,6 +91,22 @@ def start_mds(name: str) -> None:
         timeout=COMMAND_TIMEOUT,
     )
     wait_until(lambda: mds_pid(name), what=f"mds.{name} to run", timeout=MDS_TIMEOUT)
+
+
+def evict_dead_sessions(filesystem: str = FAULT_FILESYSTEM) -> list[int]:
+    """Evict every session whose client (a process of this machine) is gone; their ids.
+
+    Left by a test run that was itself killed: until ``session_autoclose``
+    each would make a restarted MDS wait ``mds_reconnect_timeout`` for it.
+    """
+    dead = [
+        int(entry["id"])
+        for entry in sessions(filesystem)
+        if not alive(int(entry.get("client_metadata", {}).get("pid", 0)))
+    ]
+    for session in dead:
+        evict(session, filesystem)
+    return dead
 
 
 def setting(name: str, filesystem: str = FAULT_FILESYSTEM) -> str:

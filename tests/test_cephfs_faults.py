@@ -32,6 +32,12 @@ CephFS differs from GlusterFS where it matters:
   a dead client's session still open, the MDS waits 45 s for it
   (``mds_reconnect_timeout``), and A's guest stays paused that long.
 
+What an operator does about a dead host on CephFS: evict its session
+(``ceph tell mds.FS:0 client evict id=N``, the id from ``ceph tell
+mds.FS:0 session ls``) to free its images at once rather than after
+``session_autoclose``, and before restarting an MDS, which would otherwise
+wait for the dead session.
+
 The rule checked in every case, as on GlusterFS: the *unsafe window*,
 from B's first write until A can no longer write, is at most one check
 interval plus the deadline, and 0 where A's writes are probed
@@ -50,7 +56,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from cephfs_faults import active_mds, kill_mds, mds_pid, settings, start_mds
+from cephfs_faults import (
+    active_mds,
+    evict_dead_sessions,
+    kill_mds,
+    mds_pid,
+    settings,
+    start_mds,
+)
 from cephfs_hosts import FAULT_FILESYSTEM, Datastore, Host, evict, unavailable_reason
 from conftest import REQUIRE_CEPHFS, QemuImg
 from fault_sampler import Sampler, Samples, first
@@ -142,8 +155,14 @@ def restart_crashed_mds(scene: Scene) -> None:
     start_mds(scene.mds)
 
 
+def no_dead_session(scene: Scene) -> None:
+    """No session of a client gone before this test: the MDS would wait for it."""
+    evict_dead_sessions()
+
+
 def leave_dead_session(scene: Scene) -> None:
     """Another host dies with a session open: the next MDS start waits for it."""
+    no_dead_session(scene)
     scene.dead = scene.store.own_host("host-d")
     scene.dead.crash()
 
@@ -181,8 +200,9 @@ CLIENT_EVICTED_RECONNECT_STALE = Fault(
     client_options=(RECONNECT_STALE,),
 )  # fmt: skip
 MDS_RESTARTED = Fault(
-    "mds-killed-restarted", restart_crashed_mds, Outcome.PAUSED, (0.0, MDS_RESTART)
-)
+    "mds-killed-restarted", restart_crashed_mds, Outcome.PAUSED, (0.0, MDS_RESTART),
+    prepare=no_dead_session,
+)  # fmt: skip
 MDS_RESTARTED_DEAD_SESSION = Fault(
     "mds-killed-restarted-with-a-dead-session", restart_crashed_mds, Outcome.PAUSED,
     (MDS_RECONNECT_TIMEOUT, TIMEOUT), prepare=leave_dead_session,
