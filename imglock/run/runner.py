@@ -441,7 +441,10 @@ class Runner:
         self.stalled = False
         assert self.guest is not None
         suspended, self.suspended = self.suspended, None
-        how = self.guest.resume() if suspended else "it was not running: left as it was"
+        if suspended is None:  # it was not running: nothing to resume
+            self.config.say(f"{self._files()}: lock check completed, claim intact")
+            return
+        how = self.guest.resume()
         self.config.say(
             f"{self._files()}: lock check completed, claim intact: guest resumed ({how})"
         )
