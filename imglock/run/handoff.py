@@ -172,8 +172,11 @@ class Handoff:
         """Stop a running guest until :meth:`resume`; None if it was not running.
 
         ``query-status`` and ``stop`` do no I/O on the images, so QEMU
-        answers them while the storage hangs (``stop`` halts the vCPUs
-        before it waits for requests in flight).
+        answers them while a server hangs (``stop`` halts the vCPUs before
+        it waits for requests in flight).  When QEMU's main loop is itself
+        stuck in a call on the storage (a hung client, a stat of an image),
+        neither comes back: then SIGSTOP stands in (see :meth:`pause`), and
+        :meth:`resume` sends SIGCONT before ``cont``.
         """
         if self.monitor is not None:
             try:
