@@ -33,4 +33,4 @@ def figures(quick: bool = False) -> list[Row]:
 
 
 if __name__ == "__main__":
-    sys.exit(bench_shared_fs.main(default=GLUSTERFS))
+    sys.exit(bench_shared_fs.main(default=GLUSTERFS, prog="python -m benchmarks.bench_gluster"))

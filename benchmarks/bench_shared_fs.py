@@ -301,10 +301,13 @@ def figures(fs: SharedFs, quick: bool = False) -> list[Row]:
     return rows
 
 
-def main(argv: Sequence[str] | None = None, default: SharedFs | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.bench_shared_fs", description=__doc__.split("\n\n")[0]
-    )
+def main(
+    argv: Sequence[str] | None = None,
+    default: SharedFs | None = None,
+    prog: str = "python -m benchmarks.bench_shared_fs",
+) -> int:
+    """The table of the filesystems asked for with --fs; else *default*'s, else all of them."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer samples, rough figures")
     parser.add_argument(
         "--fs",
