@@ -291,13 +291,17 @@ def figures(fs: SharedFs, quick: bool = False) -> list[Row]:
         return [Unavailable(fs.section, "not measured: qemu-img is not installed")]
     runs, rounds = (3, 5) if quick else (7, 11)
     rows: list[Row] = []
-    with workspace(*found) as (on_a, on_b), tempfile.TemporaryDirectory() as cache:
-        env = bytecode_env(cache)
-        rows += status_rows(on_a, on_b, runs, env, via=fs.name)
-        rows += claim_rows(on_a, on_b, rounds, via=fs.name)
-        from benchmarks import bench_migration
+    try:
+        with workspace(*found) as (on_a, on_b), tempfile.TemporaryDirectory() as cache:
+            env = bytecode_env(cache)
+            rows += status_rows(on_a, on_b, runs, env, via=fs.name)
+            rows += claim_rows(on_a, on_b, rounds, via=fs.name)
+            from benchmarks import bench_migration
 
-        rows += bench_migration.across_hosts(on_a, on_b, quick=quick, via=fs.name)
+            rows += bench_migration.across_hosts(on_a, on_b, quick=quick, via=fs.name)
+    except (OSError, subprocess.SubprocessError) as exc:
+        # A mount gone away mid-run (its rig brought down) ends these rows, not the table.
+        rows.append(Unavailable(fs.section, f"stopped: {exc}"))
     return rows
 
 
@@ -308,12 +312,13 @@ def main(
 ) -> int:
     """The table of the filesystems asked for with --fs; else *default*'s, else all of them."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    fallback = default.option if default else "all of them"
     parser.add_argument("--quick", action="store_true", help="fewer samples, rough figures")
     parser.add_argument(
         "--fs",
         choices=sorted(FILESYSTEMS),
         action="append",
-        help="the filesystem to measure through (repeat for several; default: all)",
+        help=f"a filesystem to measure through, repeated for several (default: {fallback})",
     )
     args = parser.parse_args(argv)
     chosen = args.fs or ([default.option] if default else list(FILESYSTEMS))
