@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Final, NamedTuple, NoReturn, Self, SupportsInd
 from imglock import faults
 from imglock.errors import ImageError, ImglockError, LockConflict, LockError, LockLost, UsageError
 from imglock.lock import records
+from imglock.lock.fcntl_locks import reason
 from imglock.lock.identity import Owner
 from imglock.lock.lockspace import attach
 from imglock.lock.protocol import (
@@ -163,9 +164,7 @@ class _Member:
                 self.observer = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
             except OSError as exc:
                 raise LockLost(
-                    filename,
-                    f"lock lost: cannot look at the file: {os.strerror(exc.errno or 0)}",
-                    exc.errno,
+                    filename, f"lock lost: cannot look at the file: {reason(exc.errno)}", exc.errno
                 ) from None
         return self.observer
 

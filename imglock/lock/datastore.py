@@ -387,6 +387,7 @@ def ceph_settings(
     session_timeout: Reading,
     session_autoclose: Reading,
     deadline: float,
+    fs_name: str | None = None,
 ) -> list[Setting]:
     """CephFS: how a client comes back after an eviction, and the MDS session timeouts."""
     if mount.fstype == "ceph":
@@ -405,7 +406,7 @@ def ceph_settings(
             good=STAYS_EVICTED,
             fix="ceph config set client client_reconnect_stale false, then remount",
         ).judge(reconnect_stale)
-    fs = shlex.quote(_ceph_fs_name(mount) or "FSNAME")
+    fs = shlex.quote(fs_name or _ceph_fs_name(mount) or "FSNAME")
     timeout = Handover(
         "session_timeout",
         "after N s without a word from a client the MDS marks its session stale",
@@ -415,7 +416,9 @@ def ceph_settings(
     autoclose = Handover(
         "session_autoclose",
         "a dead or hung client's locks stay held N s; then the MDS closes its session "
-        "and gives them to others",
+        "and gives them to others (to free a dead host's images sooner, once it is "
+        f"known dead: `ceph tell mds.{fs}:0 client evict id=SESSION`, "
+        f"the session from `ceph tell mds.{fs}:0 client ls`)",
         fix=f"ceph fs set {fs} session_autoclose {{seconds}}",
         default=300,
     )
@@ -530,7 +533,7 @@ def read_ceph(mount: Mount, deadline: float) -> list[Setting]:
             if value is not None:
                 reconnect = Reading(str(value), socket)
     return ceph_settings(
-        mount, reconnect, session("session_timeout"), session("session_autoclose"), deadline
+        mount, reconnect, session("session_timeout"), session("session_autoclose"), deadline, fs
     )
 
 

@@ -101,13 +101,25 @@ def _call(fd: int, cmd: int, ltype: int, start: int, length: int, filename: str)
             raise LockError(filename, _describe(exc), exc.errno) from None
 
 
+#: What an errno says of a network filesystem's client, beside its own words.
+_CLIENT_STATES: Final = {
+    errno.ENOLCK: "is a lock manager running for this filesystem?",
+    errno.EBADF: "descriptor closed or not open for reading",
+    errno.ENOTCONN: "the client has lost its server",
+    errno.ESHUTDOWN: "the client was shut out by its server: evicted or blocklisted",
+    errno.EBADFD: "the client refused to reopen it after a reconnect (strict locks)",
+}
+
+
+def reason(err: int | None) -> str:
+    """*err* in words, with what it means for a network filesystem's client."""
+    words = os.strerror(err) if err else "unknown error"
+    state = _CLIENT_STATES.get(err or 0)
+    return f"{words} ({state})" if state else words
+
+
 def _describe(exc: OSError) -> str:
-    reason = os.strerror(exc.errno) if exc.errno else str(exc)
-    if exc.errno == errno.ENOLCK:
-        return f"cannot lock: {reason} (is a lock manager running for this filesystem?)"
-    if exc.errno == errno.EBADF:
-        return f"cannot lock: {reason} (descriptor closed or not open for reading)"
-    return f"cannot lock: {reason}"
+    return f"cannot lock: {reason(exc.errno) if exc.errno else str(exc)}"
 
 
 def ensure_commands(fd: int, filename: str) -> None:
