@@ -31,6 +31,7 @@ from imglock.lock.protocol import (
     Mode,
     Place,
     ProtocolConflict,
+    conflicts,
     flock_layer_for_file,
     holder_range,
     strongest,
@@ -326,8 +327,13 @@ class Claim:
         return self
 
     def _conflict_at_top(self) -> LockConflict | None:
-        """The conflict that claiming a named image alone meets, if any (nothing is kept)."""
+        """Who holds a named image in a way that refuses this claim, if anyone.
+
+        Looked at, never claimed: a claim that is about to fail must not
+        show as a holder, even for a moment, to a ``status`` run meanwhile.
+        """
         from imglock.formats import open_image
+        from imglock.lock.discovery import survey
 
         for spec in self.specs:
             try:
@@ -337,15 +343,21 @@ class Claim:
             member = _Member(image, spec.mode, True, spec.role)
             try:
                 self._attach_lockspace(member)
-                image.driver.claim(image, spec.mode, self._layers_of(member),
-                                   Owner.current(self.owner_pid))  # fmt: skip
-                image.driver.release(image)
-            except ProtocolConflict as exc:
-                return _named_conflict(member, exc)
-            except ImglockError:
+                fd, filename = image.lock_target
+                found = survey(
+                    fd, filename, os.fstat(fd),
+                    record_dir=member.record_dir, record_name=member.record_name,
+                )  # fmt: skip
+                rivals = [h for h in found.holders if _refuses(h, spec.mode)]
+            except (ImglockError, OSError):
                 continue  # no better answer than the chain's error
             finally:
-                image.close()
+                member.close()
+            if rivals:
+                text = f"cannot claim {spec.mode.value}: held " + ", ".join(
+                    h.describe() for h in rivals[:NAMED_HOLDERS]
+                )
+                return LockConflict(image.filename, text, rivals)
         return None
 
     def prepare(self) -> Self:
@@ -824,6 +836,17 @@ class Claim:
         # A claim dropped without release must not leak descriptors (and so locks).
         for member in getattr(self, "members", ()):
             member.close()
+
+
+def _refuses(holder: Holder, mode: Mode) -> bool:
+    """Whether *holder* is in the way of a claim in *mode* (by its mode or QEMU's perms)."""
+    if mode is Mode.EXCLUSIVE:
+        return True
+    if holder.layer == "imglock" and holder.mode is not None:
+        return conflicts(mode, Mode(holder.mode))
+    if holder.layer == "qemu":
+        return "write" in holder.perms or "write" in holder.unshared
+    return holder.mode == "exclusive"
 
 
 def _ignore(*_args: object) -> None:
