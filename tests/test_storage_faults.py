@@ -575,8 +575,9 @@ def measure(
     return Figures(None if pause is None else pause - fault_at, window, latency)
 
 
-def lines_saying(lines: list[str], words: str) -> list[str]:
-    return [line for line in lines if words in line]
+def lines_saying(lines: list[str], *words: str) -> list[str]:
+    """The lines that say any of *words*."""
+    return [line for line in lines if any(w in line for w in words)]
 
 
 # -- the suite -------------------------------------------------------------------
@@ -668,7 +669,11 @@ def check_run(run: Run, writes: Steps, holder: Holder, rival: Rival) -> None:
     """What every fault leaves true: the samples saw A writing before it and
     B not (so that the window means something), A said nothing as a
     traceback, and its holder exited 0."""
-    assert value_at(writes, run.fault_at), "A could not write before the fault"
+    # (At some moment before it: under load a check may have run past its
+    # deadline and paused A's guest for a while just before the fault.)
+    assert any(now for when, now in writes if when <= run.fault_at), (
+        "A could not write before the fault"
+    )
     assert (rival.first_write(run.samples) or run.fault_at) >= run.fault_at, (
         "B wrote before the fault"
     )
