@@ -94,46 +94,18 @@ def ceph(*args: str) -> str:
 
 def client_pid(mount: Path | str) -> int | None:
     """The pid of the ceph-fuse client serving *mount*, if one does."""
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if argv and argv[0].endswith(b"ceph-fuse") and os.fsencode(mount) in argv:
-            return int(entry.name) if alive(int(entry.name)) else None
-    return None
+    pid = shared_fs.client_of(mount, b"ceph-fuse")
+    return pid if pid is not None and alive(pid) else None
 
 
 def answers(mount: Path) -> bool:
     """True when *mount* is a live ceph-fuse mount (its client answers a stat)."""
-    try:
-        with open("/proc/self/mountinfo") as f:
-            mounted = any(
-                line.split()[4] == os.fspath(mount) and f" - {FSTYPE} " in line for line in f
-            )
-        if not mounted:
-            return False
-        proc = subprocess.run(
-            ["stat", "-c", "%i", mount], capture_output=True, timeout=STAT_TIMEOUT
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return proc.returncode == 0
+    return shared_fs.mount_answers(mount, FSTYPE)
 
 
 def unavailable_reason(faults: bool = False) -> str | None:
     """Why the two-host tests (on the fault filesystem with *faults*) cannot run here, or None."""
-    if os.geteuid() != 0:
-        return "needs root (UTS/PID namespaces for the hosts, FUSE client control)"
-    if shutil.which("unshare") is None:
-        return "unshare (util-linux) is not installed"
-    missing = [str(m) for m in mount_points(faults) if not answers(m)]
-    if missing:
-        return f"no CephFS mount at {', '.join(missing)} (run tests/cephfs/up as root)"
-    return None
+    return shared_fs.rig_missing("CephFS", mount_points(faults), FSTYPE, "tests/cephfs/up")
 
 
 def sessions(filesystem: str) -> list[dict[str, Any]]:

@@ -52,44 +52,19 @@ def client_pid(mount: Path | str) -> int | None:
 
     (Or of the one with any other argument *mount*, such as its ``--log-file=``.)
     """
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if argv and argv[0].endswith(b"glusterfs") and os.fsencode(mount) in argv:
-            return int(entry.name)
-    return None
+    return shared_fs.client_of(mount, b"glusterfs")
 
 
 def answers(mount: Path) -> bool:
     """True when *mount* is a live GlusterFS mount (its client answers a stat)."""
-    try:
-        with open("/proc/self/mountinfo") as f:
-            mounted = any(
-                line.split()[4] == os.fspath(mount) and " - fuse.glusterfs " in line for line in f
-            )
-        if not mounted:
-            return False
-        proc = subprocess.run(["stat", "-c", "%i", mount], capture_output=True, timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return proc.returncode == 0
+    return shared_fs.mount_answers(mount, "fuse.glusterfs")
 
 
 def unavailable_reason(faults: bool = False) -> str | None:
     """Why the two-host tests (on the fault volume with *faults*) cannot run here, or None."""
-    if os.geteuid() != 0:
-        return "needs root (UTS/PID namespaces for the hosts, FUSE client control)"
-    if shutil.which("unshare") is None:
-        return "unshare (util-linux) is not installed"
-    missing = [str(m) for m in mount_points(faults) if not answers(m)]
-    if missing:
-        return f"no GlusterFS mount at {', '.join(missing)} (run tests/gluster/up as root)"
-    return None
+    return shared_fs.rig_missing(
+        "GlusterFS", mount_points(faults), "fuse.glusterfs", "tests/gluster/up"
+    )
 
 
 class Host(shared_fs.Host):

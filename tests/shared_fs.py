@@ -19,6 +19,7 @@ one copy of the test per filesystem.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,6 +32,52 @@ from processes import wait_until
 
 REPO = str(Path(__file__).parents[1])
 HOST_NAMES = ("host-a", "host-b", "host-c")
+#: How long a live mount's client gets to answer a stat.
+STAT_TIMEOUT = 5.0
+
+
+def client_of(mount: Path | str, program: bytes) -> int | None:
+    """The pid of a *program* process (glusterfs, ceph-fuse) with *mount* as an argument."""
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(program) and os.fsencode(mount) in argv:
+            return int(entry.name)
+    return None
+
+
+def mount_answers(mount: Path, fstype: str) -> bool:
+    """True when *mount* is a live mount of *fstype* (its client answers a stat)."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            mounted = any(
+                line.split()[4] == os.fspath(mount) and f" - {fstype} " in line for line in f
+            )
+        if not mounted:
+            return False
+        proc = subprocess.run(
+            ["stat", "-c", "%i", mount], capture_output=True, timeout=STAT_TIMEOUT
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return proc.returncode == 0
+
+
+def rig_missing(kind: str, mounts: Sequence[Path], fstype: str, up: str) -> str | None:
+    """Why two-host tests cannot run on the *kind* rig at *mounts* (brought up by *up*), or None."""
+    if os.geteuid() != 0:
+        return "needs root (UTS/PID namespaces for the hosts, FUSE client control)"
+    if shutil.which("unshare") is None:
+        return "unshare (util-linux) is not installed"
+    missing = [str(m) for m in mounts if not mount_answers(m, fstype)]
+    if missing:
+        return f"no {kind} mount at {', '.join(missing)} (run {up} as root)"
+    return None
 
 
 @dataclass
