@@ -37,7 +37,7 @@ from benchmarks import (
     bench_shared_fs,
     bench_startup,
 )
-from benchmarks.timing import Row, Unavailable, table_lines
+from benchmarks.timing import Row, Unavailable, print_table
 
 MIGRATION = "migration downtime added by the handoff"
 
@@ -90,9 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows += _guarded(bench_rtt.SECTION, bench_rtt.figures, args.quick)
     print(f"imglock benchmarks ({'quick' if args.quick else 'full'}): {describe_machine()}")
     print()
-    print("\n".join(table_lines(rows)))
-    print()
-    print(f"Measured in {time.monotonic() - started:.0f} s.")
+    print_table(rows, started)
     return 0
 
 

@@ -44,7 +44,7 @@ from pathlib import Path
 
 from benchmarks import bench_gluster, bench_migration
 from benchmarks.relay import DEFAULT_DELAY_MS
-from benchmarks.timing import Figure, Row, Unavailable, bytecode_env, median_per_call, table_lines
+from benchmarks.timing import Figure, Row, Unavailable, bytecode_env, median_per_call, print_table
 from imglock.lock import fcntl_locks
 from imglock.qemu.monitor import EVENT_RESUME, EVENT_STOP
 
@@ -391,9 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     started = time.monotonic()
     rows = figures(quick=args.quick, delay_ms=args.delay_ms)
-    print("\n".join(table_lines(rows)))
-    print()
-    print(f"Measured in {time.monotonic() - started:.0f} s.")
+    print_table(rows, started)
     return 0
 
 

@@ -143,5 +143,9 @@ def table_lines(rows: Sequence[Row]) -> list[str]:
     return lines
 
 
-def print_table(rows: Sequence[Row]) -> None:
+def print_table(rows: Sequence[Row], started: float | None = None) -> None:
+    """Print *rows* as the table, and how long the run took since *started* (monotonic)."""
     print("\n".join(table_lines(rows)))
+    if started is not None:
+        print()
+        print(f"Measured in {time.monotonic() - started:.0f} s.")
