@@ -186,13 +186,17 @@ def reachable(path: str | os.PathLike[str], inside: int | None = None) -> bool:
     return proc.returncode == 0
 
 
-def wait_reachable(*paths: str | os.PathLike[str]) -> None:
-    """Wait until every path answers a ``stat`` again (its client reconnected)."""
+def wait_reachable(*paths: str | os.PathLike[str], timeout: float = RECONNECT_TIMEOUT) -> None:
+    """Wait until every path answers a ``stat`` again (its client reconnected).
+
+    A server that waits for a dead client before it serves anyone (a CephFS
+    MDS in its reconnect phase) needs a *timeout* beyond its own wait.
+    """
     for path in paths:
         wait_until(
             lambda p=path: reachable(p),  # type: ignore[misc]
             what=f"{path} to answer again",
-            timeout=RECONNECT_TIMEOUT,
+            timeout=timeout,
         )
 
 

@@ -64,6 +64,7 @@ from lock_sampler import owner_names
 from processes import alive, state, wait_until
 from qemu_vm import TINY_PC
 from storage_faults import (
+    RECONNECT_TIMEOUT,
     Remount,
     Volume,
     remount,
@@ -697,7 +698,7 @@ def settle(
 ) -> None:
     """Wait for the end a fault must come to, from host A's and host B's side,
     each step for at most *timeout* seconds."""
-    wait_reachable(rig.store.b.dir, rig.store.c.dir)
+    wait_reachable(rig.store.b.dir, rig.store.c.dir, timeout=max(timeout, RECONNECT_TIMEOUT))
     if outcome is Outcome.LOST:
         # Whether A resumed meanwhile, or wrote while B did, the samples tell.
         wait_until(rival.got_in, what="B to get the lost image", timeout=timeout)
