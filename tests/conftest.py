@@ -6,9 +6,9 @@ On a machine without QEMU they are skipped with a reason, except where
 QEMU is an error, so a CI run can never pass by skipping them.
 
 Two-host tests ask for the ``datastore`` fixture: hosts A, B and C on a
-shared filesystem (tests/shared_fs.py), once on GlusterFS
-(tests/gluster_hosts.py, marked ``gluster``) and once on CephFS
-(tests/cephfs_hosts.py, marked ``cephfs``).  Likewise each is skipped with a
+shared filesystem (tests/support/shared_fs.py), once on GlusterFS
+(tests/support/gluster_hosts.py, marked ``gluster``) and once on CephFS
+(tests/support/cephfs_hosts.py, marked ``cephfs``).  Likewise each is skipped with a
 reason where that filesystem is not mounted, and fails instead under
 ``IMGLOCK_REQUIRE_GLUSTER=1`` or ``IMGLOCK_REQUIRE_CEPHFS=1``.
 """
@@ -108,7 +108,7 @@ def raw_image(tmp_path: Path) -> Path:
     return path
 
 
-CLAIMER = str(Path(__file__).with_name("claimer.py"))
+CLAIMER = str(Path(__file__).with_name("support") / "claimer.py")
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
 
 

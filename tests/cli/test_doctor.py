@@ -5,7 +5,7 @@ The mount rules are checked on mountinfo lines as the kernel writes them
 on a real local directory, from two "hosts" that are namespaces of this
 one machine: each sees the other's probe lock, and each knows it proves
 nothing, because the other's lock is in its own kernel's /proc/locks.
-(tests/test_two_hosts_doctor.py runs the probe across GlusterFS mounts.)
+(tests/hosts/test_two_hosts_doctor.py runs the probe across GlusterFS mounts.)
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from conftest import ENV, ImglockCli, QemuImg, SpawnRival
 
 import imglock
 
-CORPUS = Path(__file__).with_name("data") / "cmdlines"
+CORPUS = Path(__file__).parents[1] / "data" / "cmdlines"
 CASES = sorted(path.stem for path in CORPUS.glob("*.args"))
 
 

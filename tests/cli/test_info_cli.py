@@ -17,7 +17,7 @@ from qcow2_builder import Qcow2Spec, QemuImg, assert_matches_qemu, build
 from imglock import holders
 from imglock.errors import EX_DATAERR, EX_NOINPUT, EX_USAGE
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 # Subprocesses started from another directory still find the package.
 ENV = {
     **os.environ,

@@ -18,7 +18,7 @@ import pytest
 from conftest import SpawnRival
 from qcow2_builder import write as write_qcow2
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 #: Never needed by info, status or a run of a command that is not QEMU.
 NEVER = {

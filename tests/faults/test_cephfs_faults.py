@@ -1,8 +1,8 @@
 """CephFS faults: a lost lock is never masked, and the guest stops before another host writes.
 
-The fault matrix of tests/test_storage_faults.py on the second lock
+The fault matrix of tests/faults/test_storage_faults.py on the second lock
 manager, CephFS through ceph-fuse (the rig's fault filesystem,
-``imglock-faults``, tests/cephfs_faults.py).  Host A, on a client of its
+``imglock-faults``, tests/support/cephfs_faults.py).  Host A, on a client of its
 own (its own cephx user and MDS session), runs a real QEMU under ``imglock
 run`` checking its claim every :data:`CHECK_INTERVAL` s, each check allowed
 :data:`CHECK_DEADLINE` s; host B keeps trying to write the image
@@ -41,7 +41,7 @@ wait for the dead session.
 The rule checked in every case, as on GlusterFS: the *unsafe window*,
 from B's first write until A can no longer write, is at most one check
 interval plus the deadline, and 0 where A's writes are probed
-(tests/fault_sampler.py).  Run with ``-s`` to see each case's figures.
+(tests/support/fault_sampler.py).  Run with ``-s`` to see each case's figures.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ class Step:
     """A named step, the process that goes through it, and what outlives a crash there."""
 
     point: str
-    #: "claim": tests/claimer.py claims and holds with the library; "run": ``imglock run``.
+    #: "claim": tests/support/claimer.py claims and holds with the library; "run": ``imglock run``.
     via: Literal["claim", "run"]
     #: What still holds the image once the crashed process is gone.
     survivor: Literal["nothing", "command"] = "nothing"
@@ -78,7 +78,7 @@ STEPS = [
 
 #: Steps of a migration handoff: reaching them takes a live migration
 #: between two real QEMUs, so their crash cases live beside the other
-#: migration tests, in tests/test_run_migration.py.
+#: migration tests, in tests/qemu/test_run_migration.py.
 HANDOFF_POINTS_WITHOUT_CASES = {"handoff:claimed", "handoff:released"}
 
 MATRIX = STEPS

@@ -5,9 +5,9 @@ qcow2 image: a real QEMU under ``imglock run`` (checking its claim every
 :data:`CHECK_INTERVAL` s, a check allowed :data:`CHECK_DEADLINE` s), or a
 program holding a library claim watched with :meth:`imglock.Claim.watch`.
 Host B keeps trying to write the image (``imglock run``, a plain QEMU, or
-``qemu-io -c 'write ...'``, tests/fault_rival.py), and host C samples who
-runs and who holds it (tests/fault_sampler.py) while the storage fails for
-real (tests/storage_faults.py).  Every fault runs with the volume option
+``qemu-io -c 'write ...'``, tests/support/fault_rival.py), and host C samples who
+runs and who holds it (tests/support/fault_sampler.py) while the storage fails for
+real (tests/support/storage_faults.py).  Every fault runs with the volume option
 ``client.strict-locks`` on and off.
 
 A guest may write while it runs and its host's client still carries its
@@ -22,7 +22,7 @@ qemu-io done) until A can no longer write, is
   takes at most the deadline.
 
 With checks further apart than a reconnect takes, A's QEMU is also asked
-to write all along (a probe, tests/fault_sampler.py): with strict-locks on
+to write all along (a probe, tests/support/fault_sampler.py): with strict-locks on
 the server refuses its descriptors, which is what keeps the window at 0
 until A's next check.
 
@@ -107,12 +107,12 @@ IMAGE = "disk.qcow2"
 #: The id of A's drive, for the probe's writes.
 DRIVE = "disk"
 FAULT_IMAGE_SIZE = "64M"
-REPO_TESTS = Path(__file__).parent
-RIVAL = str(REPO_TESTS / "fault_rival.py")
+SUPPORT = Path(__file__).parents[1] / "support"
+RIVAL = str(SUPPORT / "fault_rival.py")
 #: How each of B's tries ends when A holds the image: ``imglock run``'s
 #: conflict status (-E, 75 by default), QEMU's and qemu-io's failure.
 REFUSED_STATUS = {"imglock-run": 75, "qemu": 1, "qemu-io": 1}
-LIBRARY_HOLDER = str(REPO_TESTS / "library_holder.py")
+LIBRARY_HOLDER = str(SUPPORT / "library_holder.py")
 
 
 class Outcome(enum.Enum):
@@ -169,7 +169,7 @@ class VmHolder:
 
 @dataclass
 class LibraryHolder:
-    """tests/library_holder.py on host A: stops itself when its watch reports a loss."""
+    """tests/support/library_holder.py on host A: stops itself when its watch reports a loss."""
 
     proc: subprocess.Popen[str]
     pid: int
@@ -246,7 +246,7 @@ class LibraryHolder:
 
 @dataclass
 class Rival:
-    """Host B trying, again and again, to write the image (tests/fault_rival.py)."""
+    """Host B trying, again and again, to write the image (tests/support/fault_rival.py)."""
 
     kind: str
     proc: subprocess.Popen[str]
@@ -398,7 +398,7 @@ class Case:
     rival: str  # "imglock-run", "qemu" or "qemu-io"
     #: Seconds between A's checks.
     interval: float = CHECK_INTERVAL
-    #: Whether A's QEMU is asked to write all along (see tests/fault_sampler.py).
+    #: Whether A's QEMU is asked to write all along (see tests/support/fault_sampler.py).
     probe: bool = False
 
     @property

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = str(Path(__file__).parents[1])
+REPO = str(Path(__file__).parents[2])
 #: The delay each way: large beside a busy machine's scheduling noise.
 DELAY = 0.1
 #: Seconds any one receive may take before the test fails.

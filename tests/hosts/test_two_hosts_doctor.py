@@ -1,6 +1,6 @@
 """``imglock doctor`` on two hosts of a shared filesystem: the locks are shown shared.
 
-On each filesystem (tests/shared_fs.py), from the mount alone (its type,
+On each filesystem (tests/support/shared_fs.py), from the mount alone (its type,
 fuse.glusterfs or fuse.ceph-fuse), and from the probe run on host A and
 host B at once: each sees the other's probe lock through the lock manager,
 names the other host, and does not find that lock in its own kernel.

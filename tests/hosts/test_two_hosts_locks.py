@@ -1,7 +1,7 @@
 """Two hosts on a shared filesystem: every claim a host makes is seen, and refused, on the other.
 
 Host A and host B each mount the datastore through their own client and run
-in their own UTS and PID namespaces (tests/shared_fs.py); host C only
+in their own UTS and PID namespaces (tests/support/shared_fs.py); host C only
 looks.  The lock manager (GlusterFS's brick, CephFS's MDS) is the only
 thing the hosts share, as with NFS, so a conflict seen here crossed it.
 Every test runs once on each filesystem.
@@ -26,7 +26,7 @@ EX_HELD = 1
 
 
 class Claimers:
-    """tests/claimer.py processes on given hosts; all ended afterwards."""
+    """tests/support/claimer.py processes on given hosts; all ended afterwards."""
 
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[str]] = []

@@ -2,7 +2,7 @@
 
 The VMs are real QEMUs (a tiny PC under TCG), each under the real
 ``imglock run`` on its own host (UTS and PID namespaces, its own mount of
-the datastore: tests/shared_fs.py), once on each filesystem.  Host C
+the datastore: tests/support/shared_fs.py), once on each filesystem.  Host C
 watches the image's exclusive holders through its own mount, as an
 operator's ``imglock status`` would, sample after sample.
 """
@@ -49,7 +49,7 @@ HOST_BY_TAG = {f"{host_tag(name):x}": name for name in HOST_NAMES}
 
 
 def hosts_of(owners: list[str]) -> list[str]:
-    """The host names of holders as tests/lock_sampler.py --owners names them (TAG:PID)."""
+    """The host names of holders as tests/support/lock_sampler.py --owners names them (TAG:PID)."""
     return sorted(HOST_BY_TAG.get(o.split(":")[0], o) for o in owners)
 
 
@@ -260,7 +260,7 @@ def test_a_crashed_host_pauses_its_guest_and_b_takes_over_once_its_locks_are_gon
     proc = subprocess.run(
         [*b.prefix(), sys.executable, CLAIMER, cluster.image(b)],
         input="", capture_output=True, text=True, timeout=60,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
     )  # fmt: skip
     assert json.loads(proc.stdout.splitlines()[0])["ok"], proc.stdout
     assert cluster.holders() == []

@@ -1,6 +1,6 @@
 """Claiming images: the behaviour two processes (or hosts) can rely on.
 
-Every rival here is a real process (tests/claimer.py) holding real locks on
+Every rival here is a real process (tests/support/claimer.py) holding real locks on
 real files; nothing is mocked.
 """
 

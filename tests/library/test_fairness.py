@@ -28,7 +28,7 @@ import imglock
 
 pytestmark = pytest.mark.slow
 
-STREAM = str(Path(__file__).with_name("reader_stream.py"))
+STREAM = str(Path(__file__).parents[1] / "support" / "reader_stream.py")
 READERS = 3
 HOLD = 0.15
 

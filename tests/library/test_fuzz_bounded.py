@@ -1,6 +1,6 @@
 """Bounded, seeded fuzzing of whole claims, from a corpus of real headers made by qemu-img.
 
-tests/test_qcow2_fuzz.py throws random headers at the parser.  This throws
+tests/library/test_qcow2_fuzz.py throws random headers at the parser.  This throws
 mutated *image files* at everything a user runs: ``inspect`` (status),
 ``open_chain`` (info --backing-chain) and ``claim`` + ``release`` (run),
 and a sample of them at the real commands.  Each mutant must either work

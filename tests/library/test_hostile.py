@@ -1,6 +1,6 @@
 """Hostile images: each command answers in one line, with its documented status, leaving nothing.
 
-Each case (tests/hostile_cases.py) builds its files from nothing: truncated
+Each case (tests/support/hostile_cases.py) builds its files from nothing: truncated
 headers, header fields at their extremes, hostile backing file names, loops,
 chains thousands deep, backing files and images that are FIFOs, sockets,
 directories, devices, dangling links or unreadable.  For each, the real

@@ -6,7 +6,7 @@ the holder then sees is exactly what these tests make locally: its bytes
 no longer held by its own open file description.  A check must report
 that, never quietly take the bytes back; a rival's lock outside the
 protocol is no loss; a replaced image is.  Faults of a real server are in
-tests/test_storage_faults.py.
+tests/faults/test_storage_faults.py.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ import imglock
 
 pytestmark = pytest.mark.slow
 
-SAMPLER = str(Path(__file__).with_name("holder_sampler.py"))
+SAMPLER = str(Path(__file__).parents[1] / "support" / "holder_sampler.py")
 #: A process that sees this machine as another host would: no /proc of ours.
 ELSEWHERE = ["unshare", "--pid", "--mount-proc", "--fork", "--uts"]
 REMOTE_SAMPLES = 10_000

@@ -4,7 +4,7 @@ Eight processes of four threads (every thread its own claim, so its own
 open file description) claim a qcow2 chain in a loop: a top image written
 by "VMs", its base read through their claims and by readers of its own,
 and now and then written by a "maintenance job".  Each critical section is
-logged (see tests/soak_worker.py for why the log is proof), and the log
+logged (see tests/support/soak_worker.py for why the log is proof), and the log
 must show:
 
 * never two exclusive holders of one image, never a writer beside a reader;

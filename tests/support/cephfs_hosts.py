@@ -3,9 +3,9 @@
 ``tests/cephfs/up`` brings up a one-node Ceph cluster and mounts its
 filesystem ``imglock`` three times, each mount through its own ``ceph-fuse``
 client (cephx users client.a, b and c): hosts A, B and C as
-tests/shared_fs.py describes them.  The filesystem's MDS is the lock
+tests/support/shared_fs.py describes them.  The filesystem's MDS is the lock
 manager all of them talk to.  A second filesystem, ``imglock-faults``, is
-the fault tests' own (tests/cephfs_faults.py), mounted the same way.
+the fault tests' own (tests/support/cephfs_faults.py), mounted the same way.
 
 A test that crashes, hangs or evicts a host mounts one of its own for that
 (:meth:`Datastore.own_host`): a client with a cephx user and an MDS session
@@ -156,7 +156,7 @@ class OwnClient:
 class Datastore:
     """Hosts A, B and C on one CephFS filesystem; hosts of a test's own to crash, hang or evict.
 
-    With *faults*, on the filesystem that fault tests alone use (tests/cephfs_faults.py).
+    With *faults*, on the filesystem that fault tests alone use (tests/support/cephfs_faults.py).
     """
 
     filesystem = "cephfs"

@@ -1,6 +1,6 @@
 """A real process that claims images and holds them: the rival in lock tests.
 
-    python tests/claimer.py [--mode shared] [--wait S] [--no-qemu] [--fork-child]
+    python tests/support/claimer.py [--mode shared] [--wait S] [--no-qemu] [--fork-child]
                             [--lockspace DIR] [--no-chain] IMAGE...
 
 Prints one JSON line, {"ok": true, "pid": N} once it holds the claim or

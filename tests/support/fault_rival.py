@@ -1,6 +1,6 @@
 """A rival on another host that keeps trying to write an image until it gets in.
 
-    python tests/fault_rival.py PAUSE COMMAND...
+    python tests/support/fault_rival.py PAUSE COMMAND...
 
 Runs COMMAND (``qemu-io -c 'write ...'``, a plain ``qemu-system-x86_64``,
 ``imglock run ...``) again and again, PAUSE seconds apart, until one run

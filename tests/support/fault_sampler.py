@@ -1,6 +1,6 @@
 """Who runs and who holds an image, sampled from a third host while storage fails.
 
-    python tests/fault_sampler.py CONFIG_JSON
+    python tests/support/fault_sampler.py CONFIG_JSON
 
 CONFIG_JSON names what to watch::
 

@@ -2,7 +2,7 @@
 
 ``tests/gluster/up`` brings up a one-brick volume and mounts it three times,
 each mount through its own ``glusterfs`` client process: hosts A, B and C
-as tests/shared_fs.py describes them.  The brick's lock translator is the
+as tests/support/shared_fs.py describes them.  The brick's lock translator is the
 lock manager all of them talk to, as NFS clients talk to their server.  A
 test that crashes or hangs a host mounts one of its own for that
 (:meth:`Datastore.own_host`): the three shared mounts may be in use by
@@ -79,7 +79,7 @@ class Host(shared_fs.Host):
 class Datastore:
     """Hosts A, B and C on one GlusterFS volume; hosts of a test's own to crash or hang.
 
-    With *faults*, on the volume that fault tests alone use (tests/storage_faults.py).
+    With *faults*, on the volume that fault tests alone use (tests/support/storage_faults.py).
     """
 
     filesystem = "glusterfs"

@@ -1,6 +1,6 @@
 """Look at an image's holders and waiters over and over, as a user would.
 
-    python tests/holder_sampler.py holders|status COUNT IMAGE
+    python tests/support/holder_sampler.py holders|status COUNT IMAGE
 
 ``holders`` calls :func:`imglock.holders` and :func:`imglock.inspect`
 (each call one sample);

@@ -1,4 +1,4 @@
-"""The hostile images of tests/test_hostile.py, each built from nothing in an empty directory.
+"""The hostile images of test_hostile.py, each built from nothing in an empty directory.
 
 A case pairs a *builder*, which makes its files in a fresh directory and
 returns the path to hand to imglock, with what imglock must answer for it:

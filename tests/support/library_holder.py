@@ -1,6 +1,6 @@
 """A program that holds an image through the library and is told when it loses it.
 
-    python tests/library_holder.py [--stop-on-loss] INTERVAL DEADLINE IMAGE
+    python tests/support/library_holder.py [--stop-on-loss] INTERVAL DEADLINE IMAGE
 
 Claims IMAGE exclusive with :func:`imglock.claim` (QEMU's bytes too) and
 watches the claim with :meth:`imglock.Claim.watch` every INTERVAL seconds

@@ -1,6 +1,6 @@
 """Sample an image's exclusive imglock holders as fast as possible, from outside.
 
-    python tests/lock_sampler.py [--owners] IMAGE
+    python tests/support/lock_sampler.py [--owners] IMAGE
 
 Runs in a process of its own (so that nothing else competes for its
 interpreter), reads the locks as any host would, with lock tests on the

@@ -1,6 +1,6 @@
 """One of a stream of readers: claim an image shared, hold it a while, let go, again.
 
-    python tests/reader_stream.py IMAGE LOG HOLD_SECONDS
+    python tests/support/reader_stream.py IMAGE LOG HOLD_SECONDS
 
 Until its standard input closes.  Each claim appends one line to LOG (a
 file opened with O_APPEND, shared by every reader): JSON with this pid, the

@@ -2,7 +2,7 @@
 
 The two-host tests run once per filesystem that shares locks between
 hosts (the ``datastore`` fixture of tests/conftest.py): GlusterFS
-(tests/gluster_hosts.py) and CephFS (tests/cephfs_hosts.py).  Each
+(tests/support/gluster_hosts.py) and CephFS (tests/support/cephfs_hosts.py).  Each
 filesystem's module mounts it three times on this machine, each mount
 through a client process of its own: hosts A and B take part in a test,
 host C only looks.  A host's commands run in UTS and PID namespaces of
@@ -30,7 +30,7 @@ from typing import Protocol
 
 from processes import wait_until
 
-REPO = str(Path(__file__).parents[1])
+REPO = str(Path(__file__).parents[2])
 HOST_NAMES = ("host-a", "host-b", "host-c")
 #: How long a live mount's client gets to answer a stat.
 STAT_TIMEOUT = 5.0

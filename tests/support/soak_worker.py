@@ -5,7 +5,7 @@ and release an image in a loop, every thread with its own
 :class:`~imglock.api.Claim` (so its own open file description, exactly
 like another process), and log every attempt::
 
-    python tests/soak_worker.py --log LOG --duration S [--wait W]... \\
+    python tests/support/soak_worker.py --log LOG --duration S [--wait W]... \\
         [--hold-max S] [--no-lock] [--then-hold MODE:PATH] MODE:PATH...
 
 Thread *i* plays role ``MODE:PATH`` number *i*.  The worker prints a JSON
@@ -54,7 +54,7 @@ from imglock.api import Claim, ClaimSpec
 from imglock.lock.protocol import Mode
 
 WORKER = str(Path(__file__).resolve())
-REPO = str(Path(__file__).resolve().parents[1])
+REPO = str(Path(__file__).resolve().parents[2])
 
 EXCLUSIVE = "exclusive"
 SHARED = "shared"

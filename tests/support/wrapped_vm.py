@@ -36,7 +36,7 @@ from imglock.qemu.monitor import MonitorThread
 #: Seconds a QEMU under TCG on a busy machine gets to get somewhere.
 TIMEOUT = 20.0
 
-REPO = str(Path(__file__).parents[1])
+REPO = str(Path(__file__).parents[2])
 
 
 def children(pid: int) -> list[int]:
@@ -205,7 +205,7 @@ SAMPLER = str(Path(__file__).with_name("lock_sampler.py"))
 
 
 class Watcher:
-    """tests/lock_sampler.py in a process of its own, sampling an image's exclusive holders.
+    """tests/support/lock_sampler.py in a process of its own, sampling an image's exclusive holders.
 
     The holders are pids, or with *owners* ``HOSTTAG:PID`` names (for holders
     on several hosts).  Leaving the context ends the sampler if :meth:`stop`
