@@ -11,12 +11,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from conftest import CLAIMER, ENV, SpawnRival, imglock_holders
-from processes import wait_until
+from processes import holds_for, wait_until
 
 import imglock
 from imglock.api import Claim, ClaimSpec
@@ -93,8 +92,15 @@ def test_wait_gets_the_image_once_the_holder_lets_go(raw_image: Path, rival: Spa
         env=ENV,
     )
     try:
-        time.sleep(0.3)
-        assert waiter.poll() is None, "the waiter gave up while the image was held"
+        wait_until(
+            lambda: waiter.pid in [w.pid for w in imglock.inspect(raw_image).waiting],
+            what="the waiter in the image's queue",
+        )
+        holds_for(
+            lambda: waiter.poll() is None,
+            0.3,
+            what="the waiter waits while the image is held",
+        )
         first.stop()
         assert waiter.stdout is not None
         assert json.loads(waiter.stdout.readline())["ok"]

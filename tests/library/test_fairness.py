@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from conftest import CLAIMER, ENV
+from processes import wait_until
 
 import imglock
 
@@ -60,11 +61,12 @@ class Writer:
 
     def wait_queued(self, image: Path) -> None:
         """Until its place shows in the queue: from then on it has arrived."""
-        deadline = time.monotonic() + 30
-        while not any(w.command and CLAIMER in w.command and w.pid == self.proc.pid
-                      for w in imglock.inspect(image).waiting):  # fmt: skip
-            assert time.monotonic() < deadline, "the writer never queued"
-            time.sleep(0.005)
+        wait_until(
+            lambda: self.proc.pid in _waiting_pids(image),
+            what="the writer in the queue",
+            timeout=30,
+            interval=0.005,
+        )
         self.arrived = time.monotonic()
 
     def stop(self) -> None:
@@ -97,6 +99,30 @@ def _claims(log: Path) -> list[dict[str, float]]:
     return [json.loads(line) for line in log.read_text().splitlines()]
 
 
+def _waiting_pids(image: Path) -> list[int | None]:
+    return [w.pid for w in imglock.inspect(image).waiting]
+
+
+def _flows(log: Path, *, after: float) -> None:
+    """Until every reader has held the image, and let go, since *after* (monotonic)."""
+    wait_until(
+        lambda: len({c["pid"] for c in _claims(log) if c["held"] > after}) == READERS,
+        what="every reader of the stream to hold the image and let go",
+        timeout=30,
+    )
+
+
+def _readers_queued(image: Path, readers: list[subprocess.Popen[str]]) -> None:
+    """Until every reader of the stream waits in the queue, behind the writers there."""
+    pids = {proc.pid for proc in readers}
+    wait_until(
+        lambda: pids.issubset(_waiting_pids(image)),
+        what="every reader of the stream in the queue",
+        timeout=30,
+        interval=0.005,
+    )
+
+
 def _end(readers: list[subprocess.Popen[str]]) -> None:
     for proc in readers:
         assert proc.stdin is not None
@@ -110,12 +136,13 @@ def test_a_writer_behind_a_stream_of_readers_goes_before_those_that_came_after_i
 ) -> None:
     log = tmp_path / "claims.log"
     readers = _stream(raw_image, log, started)
-    time.sleep(4 * HOLD)  # the stream flows
+    _flows(log, after=time.monotonic())
     writer = Writer(raw_image, started)
     writer.wait_queued(raw_image)
     assert writer.got_it.wait(60), "the writer never got the image"
     writer.stop()
-    time.sleep(4 * HOLD)  # the stream flows again
+    assert writer.stopped is not None
+    _flows(log, after=writer.stopped)
     _end(readers)
 
     claims = _claims(log)
@@ -135,13 +162,13 @@ def test_several_writers_are_served_in_the_order_they_arrived(
 ) -> None:
     log = tmp_path / "claims.log"
     readers = _stream(raw_image, log, started)
-    time.sleep(2 * HOLD)
+    _flows(log, after=time.monotonic())
     writers = []
     for _ in range(3):
         writer = Writer(raw_image, started)
         writer.wait_queued(raw_image)
         writers.append(writer)
-        time.sleep(HOLD)  # readers arrive between the writers, and queue among them
+        _readers_queued(raw_image, readers)  # between this writer and the next
     order = []
     for writer in writers:
         assert writer.got_it.wait(60), f"writer {writers.index(writer)} never got the image"

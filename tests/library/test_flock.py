@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -117,10 +116,12 @@ def test_flock1_is_refused_while_a_wrapped_command_holds(
         env=ENV,
     )  # fmt: skip
     started.append(wrapper)
-    deadline = time.monotonic() + 20
-    while not ready.exists():
-        assert time.monotonic() < deadline and wrapper.poll() is None
-        time.sleep(0.02)
+
+    def command_started() -> bool:
+        assert wrapper.poll() is None, "imglock run exited"
+        return ready.exists()
+
+    wait_until(command_started, what="the wrapped command to start", timeout=20)
     assert subprocess.run(["flock", "-n", "-s", str(raw_image), "true"]).returncode == 1
     assert subprocess.run(["flock", "-n", "-x", str(raw_image), "true"]).returncode == 1
     # ...and no separate flock holder is listed: it is the claim's own layer.

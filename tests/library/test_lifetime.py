@@ -14,13 +14,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from conftest import ENV, ImglockCli, SpawnRival, imglock_holders
-from processes import TIMEOUT, alive, state, wait_until
+from processes import TIMEOUT, alive, holds_for, state, wait_until
 
 import imglock
 from imglock.errors import UsageError
@@ -196,8 +195,15 @@ def test_an_infinite_wait_waits_until_the_image_is_free(raw_image: Path, rival: 
         env=ENV,
     )
     try:
-        time.sleep(0.5)  # time enough to fail, if it would
-        assert waiter.poll() is None  # still waiting, not failed
+        wait_until(
+            lambda: waiter.pid in [w.pid for w in imglock.inspect(raw_image).waiting],
+            what="the waiter in the image's queue",
+        )
+        holds_for(
+            lambda: waiter.poll() is None,
+            0.5,
+            what="a waiter with an infinite wait waits on, and does not fail",
+        )
         holder.stop()
         assert waiter.wait(timeout=TIMEOUT) == 0
     finally:
@@ -238,8 +244,8 @@ def on_a_terminal(argv: list[str], forked: list[int]) -> tuple[int, int]:
 
 def exit_status_within(pid: int, master: int | None = None) -> int:
     """Wait (bounded) for child *pid*, draining the terminal meanwhile; its exit status."""
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
+
+    def exit_status() -> tuple[int] | None:
         if master is not None:
             try:
                 os.set_blocking(master, False)
@@ -247,10 +253,10 @@ def exit_status_within(pid: int, master: int | None = None) -> int:
             except OSError:
                 pass
         done, status = os.waitpid(pid, os.WNOHANG)
-        if done == pid:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.01)
-    pytest.fail(f"pid {pid} did not exit within {TIMEOUT} s")
+        return (os.waitstatus_to_exitcode(status),) if done == pid else None
+
+    (code,) = wait_until(exit_status, what=f"pid {pid} to exit")
+    return code
 
 
 def test_ctrl_c_on_the_terminal_reaches_the_command_once(

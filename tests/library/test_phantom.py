@@ -14,11 +14,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from conftest import ENV, SpawnRival
+from processes import wait_until
 
 import imglock
 
@@ -64,10 +64,12 @@ def test_waiters_never_show_as_holders_in_ten_thousand_samples(
     ]  # fmt: skip
     started.extend(wrappers)
     # A wrapper claims for the command it is about to start: that pid waits.
-    deadline = time.monotonic() + 30
-    while len(queue := sorted(_waiting_pids(raw_image))) < waiters:
-        assert time.monotonic() < deadline, f"not all queued: {queue}"
-        time.sleep(0.01)
+    wait_until(
+        lambda: len(_waiting_pids(raw_image)) >= waiters,
+        what=f"{waiters} waiters in the queue",
+        timeout=30,
+    )
+    queue = sorted(_waiting_pids(raw_image))
     assert len(set(queue)) == waiters and holder_pid not in queue
 
     samplers = {

@@ -1,4 +1,4 @@
-"""Looking at real processes from a test: their state, and waiting (bounded) for a condition."""
+"""Real processes seen from a test: their state, a bounded wait for a condition, a hold of one."""
 
 from __future__ import annotations
 
@@ -28,14 +28,36 @@ def alive(pid: int) -> bool:
     return state(pid) not in (None, "Z")
 
 
-def wait_until(predicate: Callable[[], T], *, what: str, timeout: float = TIMEOUT) -> T:
+def wait_until(
+    predicate: Callable[[], T], *, what: str, timeout: float = TIMEOUT, interval: float = 0.01
+) -> T:
     """Poll *predicate* until it is true, and return what it said.
 
-    Fail the test, saying *what* was awaited, after *timeout* seconds.
+    Fail the test, saying *what* was awaited, after *timeout* seconds.  A
+    predicate may itself fail the test at once (an assert that the process
+    awaited is still alive), rather than leave it to wait out the timeout.
     """
     deadline = time.monotonic() + timeout
     while not (value := predicate()):
         if time.monotonic() > deadline:
             pytest.fail(f"not within {timeout} s: {what}")
-        time.sleep(0.01)
+        time.sleep(interval)
     return value
+
+
+def holds_for(
+    predicate: Callable[[], object], seconds: float, *, what: str, interval: float = 0.01
+) -> None:
+    """Poll *predicate* for *seconds*: "nothing happens for that long", observed.
+
+    Fail the test, saying *what* should have stayed true, as soon as it is
+    not; the predicate is asked once more at the end, so it has held over
+    the whole of *seconds*.
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        if not predicate():
+            pytest.fail(f"no longer after {seconds - (deadline - time.monotonic()):.2f} s: {what}")
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
