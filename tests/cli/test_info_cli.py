@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from processes import wait_until
 from qcow2_builder import Qcow2Spec, QemuImg, assert_matches_qemu, build
 
 from imglock import holders
@@ -149,13 +150,13 @@ def running_writer(qemu_img: QemuImg, qemu_img_path: str, tmp_path: Path) -> Ite
         # loaded machine it may take a while to get there.  Its locks are
         # looked at without taking any: a `qemu-img info` here would lock the
         # image itself and could make qemu-io fail to start.
-        deadline = time.monotonic() + 30
-        while not [h for h in holders(image) if h.layer == "qemu" and "write" in h.perms]:
+
+        def writing() -> bool:
             if proc.poll() is not None:
                 pytest.fail(f"qemu-io exited ({proc.returncode}) without taking its locks")
-            if time.monotonic() > deadline:
-                pytest.fail("qemu-io never took its locks")
-            time.sleep(0.05)
+            return any(h.layer == "qemu" and "write" in h.perms for h in holders(image))
+
+        wait_until(writing, what="qemu-io to take its locks", timeout=30, interval=0.05)
         yield image
     finally:
         proc.communicate(b"quit\n", timeout=30)

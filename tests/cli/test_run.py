@@ -125,11 +125,14 @@ def test_kill_9_of_the_command_frees_the_image(
 def test_signals_are_forwarded_to_the_command(
     raw_image: Path, tmp_path: Path, started: list[subprocess.Popen[str]], signo: int
 ) -> None:
-    got = tmp_path / "got"
-    script = f"trap 'echo {signo} > {got}; exit 7' {signo}; while :; do sleep 0.05; done"
+    got, trapped = tmp_path / "got", tmp_path / "trapped"
+    script = (
+        f"trap 'echo {signo} > {got}; exit 7' {signo}; touch {trapped}; "
+        "while :; do sleep 0.05; done"
+    )
     wrapper = _background(started, "run", "--image", raw_image, "--", "sh", "-c", script)
     wait_until(lambda: imglock_holders(raw_image), what="the command holds the image")
-    time.sleep(0.2)  # let the shell install its trap
+    wait_until(trapped.exists, what="the shell to install its trap")
     wrapper.send_signal(signo)
     assert wrapper.wait(timeout=10) == 7
     assert got.read_text().strip() == str(signo)

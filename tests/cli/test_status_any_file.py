@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,14 +22,17 @@ import imglock
 
 
 def _held_by(imglock_cli: ImglockCli, path: Path, pid: int) -> dict[str, object]:
-    deadline = time.monotonic() + 20
-    while True:
+    """``status --json`` of *path* once it names *pid* as a holder: its report."""
+
+    def report() -> dict[str, object] | None:
         proc = imglock_cli("status", "--json", path)
         (report,) = json.loads(proc.stdout)
-        if any(h["pid"] == pid for h in report["holders"]) or time.monotonic() > deadline:
-            assert proc.returncode == 1, proc.stderr
-            return report  # type: ignore[no-any-return]
-        time.sleep(0.05)
+        if not any(h["pid"] == pid for h in report["holders"]):
+            return None
+        assert proc.returncode == 1, proc.stderr
+        return report  # type: ignore[no-any-return]
+
+    return wait_until(report, what=f"status to name pid {pid} as a holder", timeout=20)
 
 
 @pytest.mark.parametrize("fmt", ["vmdk", "vdi"])

@@ -13,11 +13,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from conftest import CLAIMER, ENV, QemuImg, SpawnRival
+from processes import wait_until
 from qemu_vm import NONE_MACHINE, QemuVMs
 
 ELSEWHERE = ["unshare", "--uts", "--pid", "--mount-proc", "--fork"]
@@ -49,11 +49,12 @@ def test_a_plain_qemu_is_still_a_qemu_holder_from_another_host(
     image = tmp_path / "vm.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", image, "16M")
     vm = qemu_vms.start([*NONE_MACHINE, "-drive", f"file={image},if=none,id=d0"])
-    deadline = time.monotonic() + 20
-    while not (seen := _status_elsewhere(image)):
-        assert time.monotonic() < deadline and vm.alive(), "QEMU never locked the image"
-        time.sleep(0.05)
-    (holder,) = seen
+
+    def holders_seen() -> list[dict[str, object]]:
+        assert vm.alive(), "QEMU exited"
+        return _status_elsewhere(image)
+
+    (holder,) = wait_until(holders_seen, what="QEMU's lock on the image", timeout=20)
     assert holder["layer"] == "qemu" and holder["pid"] is None
     assert "write" in holder["perms"]  # type: ignore[operator]
 
@@ -67,10 +68,13 @@ def test_imglock_without_qemu_bytes_beside_a_qemu_reader_stays_two_holders(
     vm = qemu_vms.start(
         [*NONE_MACHINE, "-drive", f"file={raw_image},format=raw,if=none,id=d0,readonly=on"]
     )
-    deadline = time.monotonic() + 20
-    while len(seen := _status_elsewhere(raw_image)) < 2:
-        assert time.monotonic() < deadline and vm.alive(), seen
-        time.sleep(0.05)
+
+    def both_seen() -> list[dict[str, object]] | None:
+        assert vm.alive(), "QEMU exited"
+        seen = _status_elsewhere(raw_image)
+        return seen if len(seen) >= 2 else None
+
+    seen = wait_until(both_seen, what="imglock's holder and QEMU's", timeout=20)
     assert sorted(str(h["layer"]) for h in seen) == ["imglock", "qemu"]
     (mine,) = [h for h in seen if h["layer"] == "imglock"]
     assert mine["perms"] == []
@@ -93,10 +97,12 @@ def test_waiters_on_two_hosts_with_the_same_pid_are_told_apart_from_a_third(
             env=ENV,
         )
         started.append(waiter)
-        deadline = time.monotonic() + 30
-        while len(_report_elsewhere(raw_image)["waiting"]) < 1 + (host == "host-b"):
-            assert time.monotonic() < deadline and waiter.poll() is None
-            time.sleep(0.02)
+
+        def queued(waiter: subprocess.Popen[str] = waiter, host: str = host) -> bool:
+            assert waiter.poll() is None, f"the waiter on {host} exited"
+            return len(_report_elsewhere(raw_image)["waiting"]) >= 1 + (host == "host-b")
+
+        wait_until(queued, what=f"the waiter on {host} in the queue", timeout=30)
     report = _report_elsewhere(raw_image)
     waiting = report["waiting"]
     assert [w["pid"] for w in waiting] == [1, 1]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from processes import wait_until
+from processes import holds_for, wait_until
 from qemu_vm import NONE_MACHINE, TINY_PC, QemuVM, QemuVMs, ofd_lock_bytes
 
 from imglock.qemu.monitor import (
@@ -352,10 +352,11 @@ def test_cancelled_migration_leaves_the_source_running(handoff: Handoff) -> None
     handoff.migrate()
     monitor = handoff.src_mon.monitor
     handoff.src_mon.call(monitor.wait_runstate({"running"}, timeout=5))
-    for _ in range(200):
-        if handoff.src_mon.call(monitor.migration_status()) == "active":
-            break
-        time.sleep(0.01)
+    wait_until(
+        lambda: handoff.src_mon.call(monitor.migration_status()) == "active",
+        what="the migration to be active",
+        timeout=5,
+    )
     handoff.src_mon.call(monitor.execute("migrate_cancel"))
 
     # A destination whose incoming migration fails exits (QEMU 7.2).
@@ -496,7 +497,7 @@ def test_a_call_waiting_in_another_thread_ends_when_the_monitor_closes(
 
     waiter = threading.Thread(target=wait_forever)
     waiter.start()
-    time.sleep(0.1)
+    holds_for(waiter.is_alive, 0.1, what="the call waits for an event that never comes")
     monitor.close()
     waiter.join(5)
     assert not waiter.is_alive()

@@ -14,13 +14,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from processes import state, wait_until
+from processes import holds_for, state, wait_until
 from qemu_vm import TINY_PC
 from wrapped_vm import TIMEOUT, Watcher, WrappedVM, WrappedVMs
 
@@ -124,19 +123,22 @@ def test_the_source_removes_its_record_after_the_switch_over_never_naming_a_hold
         lambda: dest.runstate() == RUNNING, what="the destination guest to run", timeout=TIMEOUT
     )
     stale_seen = False
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
+
+    def records_switched() -> bool:
+        nonlocal stale_seen
         report = imglock.inspect(lab.image)
         # (The source's QEMU keeps QEMU's "consistent read" byte: a qemu holder.)
         assert source.qemu_pid not in [h.pid for h in report.holders if h.layer == "imglock"]
         stale_pids = [r.pid for r in report.stale_records]
         stale_seen |= source.qemu_pid in stale_pids
         named = [h.command for h in report.holders if h.pid == dest.qemu_pid]
-        if not stale_pids and named and named[0]:
-            break
-        time.sleep(0.01)
-    else:
-        raise AssertionError("the source's record stayed, or the destination's never came")
+        return not stale_pids and bool(named and named[0])
+
+    wait_until(
+        records_switched,
+        what="the source's record gone and the destination's in its place",
+        timeout=20,
+    )
     assert stale_seen  # removed after the switch-over, not during it
     assert source.process.poll() is None
 
@@ -171,8 +173,11 @@ def test_a_cancelled_migration_leaves_the_claim_with_the_source(lab: Lab) -> Non
     wait_until(lambda: source.migration() == "cancelled", what="the cancellation", timeout=TIMEOUT)
     assert dest.process.wait(timeout=20) != 0  # the destination QEMU gives up
     assert source.runstate() == RUNNING
-    time.sleep(0.3)  # the source's watcher has seen the outcome
-    assert lab.exclusive_holders() == [source.qemu_pid]
+    holds_for(  # while the source's watcher takes in the outcome
+        lambda: lab.exclusive_holders() == [source.qemu_pid],
+        0.3,
+        what="the claim stays with the source",
+    )
 
 
 def test_a_failed_migration_leaves_the_claim_with_the_source(lab: Lab) -> None:
@@ -180,9 +185,11 @@ def test_a_failed_migration_leaves_the_claim_with_the_source(lab: Lab) -> None:
     lab.wait_for_claim(source, what="the source's claim")
     source.qmp("migrate", {"uri": f"unix:{lab.vms.path('nobody-listens.sock')}"})
     wait_until(lambda: source.migration() == "failed", what="the failure", timeout=TIMEOUT)
-    time.sleep(0.3)
-    assert source.runstate() == RUNNING
-    assert lab.exclusive_holders() == [source.qemu_pid]
+    holds_for(  # while the source's watcher takes in the outcome
+        lambda: source.runstate() == RUNNING and lab.exclusive_holders() == [source.qemu_pid],
+        0.3,
+        what="the source runs on, and keeps the claim",
+    )
 
 
 def test_destination_that_cannot_claim_in_time_stays_paused_and_says_why(lab: Lab) -> None:
