@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from processes import wait_until
-from qcow2_builder import Qcow2Spec, QemuImg, assert_matches_qemu, build
+from qcow2_builder import Qcow2Spec, QemuImg, assert_matches_qemu, build, qemu_differences
 
 from imglock import holders
 from imglock.errors import EX_DATAERR, EX_NOINPUT, EX_USAGE
@@ -72,7 +72,7 @@ def test_json_matches_qemu_img(
 ) -> None:
     ours = info_json(imglock_cli, name, cwd=chain_dir)
     theirs = json.loads(qemu_img_in(qemu_img_path, chain_dir, "info", "-U", "--output=json", name))
-    assert_matches_qemu(ours, theirs)
+    assert qemu_differences(ours, theirs) == []
 
 
 @pytest.mark.qemu
@@ -208,7 +208,11 @@ def test_socket_is_refused(imglock_cli: Any, tmp_path: Path) -> None:
         sock.bind(str(path))
         sock.listen(1)
         proc = imglock_cli("info", "--json", path, timeout=10, env=ENV)
-    assert_one_line_error(proc, EX_NOINPUT, f"{path}: is a socket, not an image")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (
+        EX_NOINPUT,
+        "",
+        f"imglock: {path}: is a socket, not an image\n",
+    )
 
 
 def test_chain_errors_exit_65(imglock_cli: Any, tmp_path: Path) -> None:
@@ -226,10 +230,11 @@ def test_missing_backing_file_exit_65(imglock_cli: Any, tmp_path: Path) -> None:
     top = tmp_path / "top.qcow2"
     top.write_bytes(build(Qcow2Spec(backing_name=b"gone.qcow2")))
     proc = imglock_cli("info", "--backing-chain", top, timeout=10, env=ENV)
-    assert_one_line_error(
-        proc,
+    assert (proc.returncode, proc.stdout, proc.stderr) == (
         EX_DATAERR,
-        f"{top}: cannot open backing file '{tmp_path}/gone.qcow2': No such file or directory",
+        "",
+        f"imglock: {top}: cannot open backing file '{tmp_path}/gone.qcow2': "
+        "No such file or directory\n",
     )
 
 

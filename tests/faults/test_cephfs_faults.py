@@ -50,7 +50,6 @@ import contextlib
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +66,7 @@ from cephfs_faults import (
 from cephfs_hosts import FAULT_FILESYSTEM, Datastore, Host, evict, unavailable_reason
 from conftest import REQUIRE_CEPHFS, QemuImg
 from fault_sampler import Sampler, Samples, first
-from processes import state, wait_until
+from processes import holds_for, state, wait_until
 from test_storage_faults import (
     CHECK_DEADLINE,
     CHECK_INTERVAL,
@@ -445,9 +444,13 @@ def test_with_client_reconnect_stale_an_evicted_host_writes_anew_while_its_claim
     assert fault_store.c.path("disk.raw").read_bytes()[:1] == STALE_BYTE
     # Some checks later, imglock on A has neither taken the claim back nor
     # resumed its command: B still holds the image.
-    time.sleep(2 * CHECK_INTERVAL)
-    assert state(sleeper) == "T", "A's command was resumed"
-    assert started[1].poll() is None, b_log.read_text()
+
+    def a_stopped_b_holding() -> bool:
+        assert state(sleeper) == "T", "A's command was resumed"
+        assert started[1].poll() is None, b_log.read_text()
+        return True
+
+    holds_for(a_stopped_b_holding, 2 * CHECK_INTERVAL, what="A stopped, B holding")
     lines = a_log.read_text().splitlines()
     (stopped, *_) = lines_saying(lines, *STOPPED_MESSAGES)
     assert stopped.startswith(f"imglock: {image}: "), lines

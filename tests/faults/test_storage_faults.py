@@ -61,7 +61,7 @@ from fault_sampler import (
 )
 from gluster_hosts import Datastore, Host, unavailable_reason
 from lock_sampler import owner_names
-from processes import alive, state, wait_until
+from processes import alive, holds_for, state, wait_until
 from qemu_vm import TINY_PC
 from storage_faults import (
     RECONNECT_TIMEOUT,
@@ -708,11 +708,13 @@ def settle(
     if outcome is Outcome.PAUSED:
         wait_until(lambda: not holder.stopped(), what="A to be resumed", timeout=timeout)
     # Several checks of A's, B trying all along: a false alarm, or a claim let go, would show.
-    deadline = time.monotonic() + OBSERVE
-    while time.monotonic() < deadline:
+
+    def a_runs_alone() -> bool:
         assert not holder.stopped(), f"A stopped: {holder.messages()}"
         assert not rival.got_in(), f"B got in, A still holding: {rival.attempts()}"
-        time.sleep(CHECK_INTERVAL / 4)
+        return True
+
+    holds_for(a_runs_alone, OBSERVE, what="A runs, B refused", interval=CHECK_INTERVAL / 4)
 
 
 def check_outcome(
@@ -796,8 +798,11 @@ def test_a_library_claim_lost_in_a_brick_restart_is_reported_once_and_never_take
         assert holder.verify() is not None, "verify() passed a lost claim"
         assert held_from(c) == ([], False)
     # The watch went on checking: one call back, however many checks saw the loss.
-    time.sleep(3 * CHECK_INTERVAL)
-    assert len(holder.losses()) == 1, holder.losses()
+    holds_for(
+        lambda: len(holder.losses()) == 1,
+        3 * CHECK_INTERVAL,
+        what="one call back, however many checks saw the loss",
+    )
     assert IMAGE in holder.losses()[0]["lost"]
     assert holder.losses()[0]["type"] == "LockLost"
     assert holder.end() == 0

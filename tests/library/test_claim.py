@@ -67,9 +67,11 @@ def test_imglock_layer_alone_also_excludes(raw_image: Path, rival: SpawnRival) -
 
 def test_claim_is_free_again_after_release(raw_image: Path, rival: SpawnRival) -> None:
     first = rival(raw_image)
+    assert first.ok
     first.stop()
+    assert imglock.holders(raw_image) == []
     with imglock.claim(raw_image):
-        pass
+        assert [h.pid for h in imglock_holders(raw_image)] == [os.getpid()]
 
 
 def test_release_is_idempotent_and_closes_every_descriptor(raw_image: Path) -> None:
@@ -117,10 +119,12 @@ def test_wait_that_runs_out_raises_conflict(raw_image: Path, rival: SpawnRival) 
 
 def test_kill_9_of_the_holder_frees_the_image_at_once(raw_image: Path, rival: SpawnRival) -> None:
     first = rival(raw_image)
+    assert first.ok
     first.proc.send_signal(signal.SIGKILL)
     first.proc.wait()
+    assert imglock.holders(raw_image) == []
     with imglock.claim(raw_image):
-        pass
+        assert [h.pid for h in imglock_holders(raw_image)] == [os.getpid()]
 
 
 def test_child_that_inherited_the_descriptor_keeps_the_lock_after_its_parent_dies(

@@ -146,16 +146,25 @@ def run_commands(case: Hostile, image: Path) -> list[tuple[Answer, int]]:
     return answers
 
 
-def assert_answer(case: Hostile, built: Built, answer: Answer, expected: int) -> None:
-    assert answer.status == expected, str(answer)
+def answer_faults(case: Hostile, built: Built, answer: Answer, expected: int) -> list[str]:
+    """What is wrong with *answer*: its status, or its error not one line that names
+    the files and says the case's words."""
+    if answer.status != expected:
+        return [f"{answer}: status {answer.status}, not {expected}"]
     if expected == EX_OK:
-        assert answer.errors == [], str(answer)
-        return
-    assert len(answer.errors) == 1, f"{answer}: not exactly one line"
+        return [f"{answer}: errors from a success"] if answer.errors else []
+    if len(answer.errors) != 1:
+        return [f"{answer}: not exactly one line"]
     (line,) = answer.errors
-    assert line.startswith("imglock: "), str(answer)
-    assert built.names in line, f"{answer}: does not name {built.names!r}"
-    assert case.words in line, f"{answer}: does not say {case.words!r}"
+    return [
+        f"{answer}: {fault}"
+        for fault, wrong in [
+            ("not from imglock", not line.startswith("imglock: ")),
+            (f"does not name {built.names!r}", built.names not in line),
+            (f"does not say {case.words!r}", case.words not in line),
+        ]
+        if wrong
+    ]
 
 
 def regular_files(directory: Path) -> Iterator[Path]:
@@ -168,12 +177,14 @@ def regular_files(directory: Path) -> Iterator[Path]:
                 yield path
 
 
-def assert_nothing_left(directory: Path) -> None:
-    """No file of the case is locked by anyone, and no holder record is left."""
-    for path in regular_files(directory):
-        assert imglock.holders(path) == [], f"{path} is still locked"
-    for records in directory.rglob(RECORD_DIR):
-        assert list(records.iterdir()) == [], f"holder records left in {records}"
+def left_behind(directory: Path) -> list[str]:
+    """What a case's commands left: files of the case still locked, holder records."""
+    locked = [path for path in regular_files(directory) if imglock.holders(path)]
+    return [f"{path} is still locked" for path in locked] + [
+        f"holder records left in {records}"
+        for records in directory.rglob(RECORD_DIR)
+        if any(records.iterdir())
+    ]
 
 
 @pytest.fixture
@@ -197,8 +208,8 @@ def test_every_command_answers_in_one_line_with_the_documented_status(
 ) -> None:
     built = case.build(case_dir)
     for answer, expected in run_commands(case, built.image):
-        assert_answer(case, built, answer, expected)
-    assert_nothing_left(case_dir)
+        assert answer_faults(case, built, answer, expected) == []
+    assert left_behind(case_dir) == []
 
 
 @contextlib.contextmanager
@@ -215,16 +226,34 @@ def open_files_limited(case: Hostile) -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-def expect(case: Hostile, built: Built, status: int, call: Callable[[], object]) -> None:
-    """*call* succeeds when *status* is 0; otherwise raises the ImglockError of that status."""
+def error_of(call: Callable[[], object]) -> ImglockError | None:
+    """The ImglockError *call* raised, or None if it returned; any other exception escapes."""
+    try:
+        call()
+    except ImglockError as exc:
+        return exc
+    return None
+
+
+def error_faults(case: Hostile, built: Built, status: int, error: ImglockError | None) -> list[str]:
+    """What is wrong with how a call ended (*error*, or None): it must succeed when *status*
+    is 0, else raise an ImglockError of that status, one line that names the files and
+    says the case's words."""
     if status == EX_OK:
-        call()
-        return
-    with pytest.raises(ImglockError) as info:
-        call()
-    assert info.value.exit_status == status, str(info.value)
-    assert built.names in str(info.value) and case.words in str(info.value)
-    assert "\n" not in str(info.value)
+        return [] if error is None else [f"raised {error!r}"]
+    if error is None:
+        return [f"succeeded, not status {status}"]
+    message = str(error)
+    return [
+        f"{message!r}: {fault}"
+        for fault, wrong in [
+            (f"status {error.exit_status}, not {status}", error.exit_status != status),
+            (f"does not name {built.names!r}", built.names not in message),
+            (f"does not say {case.words!r}", case.words not in message),
+            ("not one line", "\n" in message),
+        ]
+        if wrong
+    ]
 
 
 def _claim_and_release(image: Path) -> None:
@@ -244,12 +273,21 @@ def test_the_library_raises_the_documented_error_and_leaks_no_descriptor(
     case: Hostile, case_dir: Path
 ) -> None:
     built = case.build(case_dir)
+    inspected = EX_OK if case.unreadable_format else case.top_status
     with open_files_limited(case), no_descriptor_leaked():
-        inspected = EX_OK if case.unreadable_format else case.top_status
-        expect(case, built, inspected, lambda: imglock.inspect(built.image))
-        expect(case, built, case.status, lambda: _open_chain_and_close(built.image))
-        expect(case, built, case.status, lambda: _claim_and_release(built.image))
-    assert_nothing_left(case_dir)
+        faults = {
+            "inspect": error_faults(
+                case, built, inspected, error_of(lambda: imglock.inspect(built.image))
+            ),
+            "open_chain": error_faults(
+                case, built, case.status, error_of(lambda: _open_chain_and_close(built.image))
+            ),
+            "claim": error_faults(
+                case, built, case.status, error_of(lambda: _claim_and_release(built.image))
+            ),
+        }
+    assert {call: found for call, found in faults.items() if found} == {}
+    assert left_behind(case_dir) == []
 
 
 # --- Truncated headers: every length ------------------------------------------
@@ -268,25 +306,40 @@ def usable_when_truncated_to(length: int) -> bool:
     return length < PROBE_BYTES or length >= V3_FIELDS_BYTES
 
 
-def assert_truncations_answered(image: bytes, path: Path) -> None:
+def _open_and_close(path: Path) -> str:
+    opened = open_image(path)
+    opened.close()
+    return opened.format
+
+
+def wrong_truncations(image: bytes, path: Path) -> list[str]:
+    """The lengths *image* cut short to is answered wrongly at: where a header cannot be
+    read, anything but a data error naming the file; elsewhere, not raw data below the
+    probe's bytes and qcow2 from there."""
+    wrong = []
     for length, head in truncations(image):
         path.write_bytes(head)
         if not usable_when_truncated_to(length):
-            with pytest.raises(ImglockError) as info:
-                open_image(path)
-            assert info.value.exit_status == EX_DATAERR
-            assert str(info.value).startswith(f"{path}: ")
+            error = error_of(lambda: _open_and_close(path))
+            if not (
+                error is not None
+                and error.exit_status == EX_DATAERR
+                and str(error).startswith(f"{path}: ")
+            ):
+                wrong.append(f"{length} bytes: {error!r}, not a data error naming the file")
             continue
-        opened = open_image(path)
-        opened.close()
-        assert opened.format == ("raw" if length < PROBE_BYTES else "qcow2"), length
+        opened_as = _open_and_close(path)
+        expected = "raw" if length < PROBE_BYTES else "qcow2"
+        if opened_as != expected:
+            wrong.append(f"{length} bytes: opened as {opened_as}, not {expected}")
+    return wrong
 
 
 def test_every_truncation_of_a_hand_built_header_is_raw_data_an_error_or_a_header(
     tmp_path: Path,
 ) -> None:
     with no_descriptor_leaked():
-        assert_truncations_answered(build(DEFAULT), tmp_path / "truncated.qcow2")
+        assert wrong_truncations(build(DEFAULT), tmp_path / "truncated.qcow2") == []
 
 
 @pytest.mark.qemu
@@ -296,7 +349,7 @@ def test_every_truncation_of_a_qemu_img_header_is_answered_as_qemu_answers_it(
     made = tmp_path / "made.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", made, "1M")
     image = made.read_bytes()
-    assert_truncations_answered(image, tmp_path / "truncated.qcow2")
+    assert wrong_truncations(image, tmp_path / "truncated.qcow2") == []
     path = tmp_path / "truncated.qcow2"
     for length, head in truncations(image):
         path.write_bytes(head)
@@ -319,5 +372,6 @@ def test_wrapping_qemu_on_a_hostile_image_fails_before_qemu_starts(
     assert "," not in str(built.image)  # QEMU would need it doubled
     qemu = [qemu_system_path, "-nodefaults", "-display", "none", "-S"]
     proc = start(case, ["run", "--", *qemu, "-drive", f"file={built.image},if=none"])
-    assert_answer(case, built, finish("run -- qemu-system-x86_64 ...", proc), case.status)
-    assert_nothing_left(case_dir)
+    answer = finish("run -- qemu-system-x86_64 ...", proc)
+    assert answer_faults(case, built, answer, case.status) == []
+    assert left_behind(case_dir) == []

@@ -185,11 +185,14 @@ def test_a_failed_migration_leaves_the_claim_with_the_source(lab: Lab) -> None:
     lab.wait_for_claim(source, what="the source's claim")
     source.qmp("migrate", {"uri": f"unix:{lab.vms.path('nobody-listens.sock')}"})
     wait_until(lambda: source.migration() == "failed", what="the failure", timeout=TIMEOUT)
-    holds_for(  # while the source's watcher takes in the outcome
-        lambda: source.runstate() == RUNNING and lab.exclusive_holders() == [source.qemu_pid],
-        0.3,
-        what="the source runs on, and keeps the claim",
-    )
+
+    def source_runs_and_holds() -> bool:
+        assert source.runstate() == RUNNING
+        assert lab.exclusive_holders() == [source.qemu_pid]
+        return True
+
+    # While the source's watcher takes in the outcome.
+    holds_for(source_runs_and_holds, 0.3, what="the source runs on, and keeps the claim")
 
 
 def test_destination_that_cannot_claim_in_time_stays_paused_and_says_why(lab: Lab) -> None:

@@ -30,14 +30,13 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import shared_fs
-from processes import alive, wait_until
+from processes import alive, poll_until, wait_until
 from shared_fs import HOST_NAMES
 
 DEFAULT_STATE_DIR = "/tmp/imglock-cephfs"
@@ -232,9 +231,7 @@ def end_client(client: OwnClient, filesystem: str) -> None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             subprocess.run(["umount", client.mount], capture_output=True, timeout=STAT_TIMEOUT)
         # Given a moment to close its session; one that does not, is killed and evicted.
-        deadline = time.monotonic() + STAT_TIMEOUT
-        while alive(client.pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        poll_until(lambda: not alive(client.pid), timeout=STAT_TIMEOUT, interval=0.05)
     with contextlib.suppress(ProcessLookupError):
         os.kill(client.pid, signal.SIGKILL)
     wait_until(lambda: not alive(client.pid), what="the client to die", timeout=10)

@@ -41,7 +41,7 @@ from typing import Any
 
 from gluster_hosts import REPO
 from lock_sampler import owner_names
-from processes import state
+from processes import poll_until, state
 
 from imglock.errors import ImglockError
 from imglock.lock import fcntl_locks
@@ -193,9 +193,9 @@ def sample_holders(image: str, out: list[list[Any]]) -> None:
 
 def await_samples(series: list[list[list[Any]]], since: float) -> None:
     """Wait (boundedly: a source may hang) until every series has a sample taken after *since*."""
-    deadline = time.monotonic() + QMP_TIMEOUT
-    while time.monotonic() < deadline and not all(s and s[-1][0] > since for s in series):
-        time.sleep(PERIOD)
+    poll_until(
+        lambda: all(s and s[-1][0] > since for s in series), timeout=QMP_TIMEOUT, interval=PERIOD
+    )
 
 
 def main() -> None:

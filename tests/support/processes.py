@@ -28,8 +28,28 @@ def alive(pid: int) -> bool:
     return state(pid) not in (None, "Z")
 
 
+def poll_until(
+    predicate: Callable[[], T | None], *, timeout: float, interval: float = 0.01
+) -> T | None:
+    """Poll *predicate* until it is true: what it said, or None after *timeout* seconds.
+
+    For a wait that may end either way (a process given a moment to exit
+    before it is killed); a test that needs the condition uses :func:`wait_until`.
+    """
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(interval)
+    return value
+
+
 def wait_until(
-    predicate: Callable[[], T], *, what: str, timeout: float = TIMEOUT, interval: float = 0.01
+    predicate: Callable[[], T | None],
+    *,
+    what: str,
+    timeout: float = TIMEOUT,
+    interval: float = 0.01,
 ) -> T:
     """Poll *predicate* until it is true, and return what it said.
 
@@ -37,11 +57,9 @@ def wait_until(
     predicate may itself fail the test at once (an assert that the process
     awaited is still alive), rather than leave it to wait out the timeout.
     """
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout} s: {what}")
-        time.sleep(interval)
+    value = poll_until(predicate, timeout=timeout, interval=interval)
+    if value is None:
+        pytest.fail(f"not within {timeout} s: {what}")
     return value
 
 

@@ -202,21 +202,38 @@ def _flatten(value: object, prefix: str = "") -> dict[str, object]:
     return {prefix[:-1]: value}
 
 
-def assert_matches_qemu(ours: dict[str, Any], qemu: dict[str, Any]) -> None:
-    """Every key both report agrees, and every key of either is accounted for."""
+def qemu_differences(ours: dict[str, Any], qemu: dict[str, Any]) -> list[str]:
+    """Where ``imglock info --json`` and ``qemu-img info --output=json`` disagree: a key
+    both report with different values, or a key of either not accounted for."""
     mine, theirs = _flatten(ours), _flatten(qemu)
     encrypt_format = "format-specific.data.encrypt.format"
+    differences = []
     for key, value in theirs.items():
         if key.startswith(QEMU_ONLY) and key != encrypt_format:
             continue
-        assert key in mine, f"imglock lacks {key!r} (qemu-img: {value!r})"
-        assert mine[key] == value, f"{key}: imglock {mine[key]!r} != qemu-img {value!r}"
-    for key in mine:
-        if key not in IMGLOCK_ONLY:
-            assert key in theirs, f"imglock reports {key!r}, qemu-img does not"
-    assert ours.get("snapshot-count", 0) == len(qemu.get("snapshots", []))
-    bitmaps = qemu.get("format-specific", {}).get("data", {}).get("bitmaps", [])
-    assert mine.get("format-specific.data.bitmap-count", 0) == len(bitmaps)
+        if key not in mine:
+            differences.append(f"imglock lacks {key!r} (qemu-img: {value!r})")
+        elif mine[key] != value:
+            differences.append(f"{key}: imglock {mine[key]!r} != qemu-img {value!r}")
+    differences += [
+        f"imglock reports {key!r}, qemu-img does not"
+        for key in mine
+        if key not in IMGLOCK_ONLY and key not in theirs
+    ]
+    snapshots = len(qemu.get("snapshots", []))
+    if ours.get("snapshot-count", 0) != snapshots:
+        differences.append(f"snapshot-count: imglock {ours.get('snapshot-count')!r}, {snapshots}")
+    bitmaps = len(qemu.get("format-specific", {}).get("data", {}).get("bitmaps", []))
+    if mine.get("format-specific.data.bitmap-count", 0) != bitmaps:
+        counted = mine.get("format-specific.data.bitmap-count")
+        differences.append(f"bitmap-count: imglock {counted!r}, {bitmaps} bitmaps")
+    return differences
+
+
+def assert_matches_qemu(ours: dict[str, Any], qemu: dict[str, Any]) -> None:
+    """Every key both report agrees, and every key of either is accounted for."""
+    differences = qemu_differences(ours, qemu)
+    assert not differences, "; ".join(differences)
 
 
 def open_fd_count() -> int:
