@@ -66,7 +66,7 @@ def qemu_img(qemu_img_path: str) -> QemuImg:
 
     def run(*args: str | os.PathLike[str], check: bool = True) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
-            [qemu_img_path, *map(os.fspath, args)],
+            [qemu_img_path, *(os.fspath(arg) for arg in args)],
             capture_output=True,
             text=True,
             timeout=60,
@@ -89,7 +89,7 @@ def imglock_cli() -> ImglockCli:
         *args: str | os.PathLike[str], timeout: float = 30, **kwargs: object
     ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(  # type: ignore[call-overload, no-any-return]
-            [sys.executable, "-m", "imglock", *map(os.fspath, args)],
+            [sys.executable, "-m", "imglock", *(os.fspath(arg) for arg in args)],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -143,7 +143,7 @@ def rival() -> Iterator[SpawnRival]:
 
     def spawn(*args: str | os.PathLike[str], prefix: list[str] | None = None) -> Rival:
         proc = subprocess.Popen(
-            [*(prefix or []), sys.executable, CLAIMER, *map(os.fspath, args)],
+            [*(prefix or []), sys.executable, CLAIMER, *(os.fspath(arg) for arg in args)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

@@ -116,7 +116,9 @@ def test_a_luks_volume_is_claimed_as_data_in_its_own_format(
 ) -> None:
     argv, _expected = build_case("luks-volume", tmp_path, qemu_img_path)
     report = dry_run(imglock_cli, argv)
-    formats = [(Path(e["filename"]).name, e["format"]) for e in report["images"]]  # type: ignore[union-attr, index]
+    images = report["images"]
+    assert isinstance(images, list)
+    formats = [(Path(e["filename"]).name, e["format"]) for e in images]
     assert formats == [("vault.luks", "luks"), ("scratch.luks", "raw")]
 
 
@@ -130,7 +132,9 @@ def test_dry_run_takes_no_lock_and_creates_no_lock_file(
     lockspace.mkdir()
     report = dry_run(imglock_cli, argv, "--lockspace", lockspace)
     assert matches(entries(report, tmp_path), expected)
-    (entry,) = report["images"]  # type: ignore[misc]
+    images = report["images"]
+    assert isinstance(images, list)
+    (entry,) = images
     assert Path(entry["lock-file"]).parent == lockspace
     assert list(lockspace.iterdir()) == []
     # The rival still holds the image, alone.

@@ -179,10 +179,16 @@ def test_works_while_qemu_writes_the_image(
 # --- Errors -----------------------------------------------------------------
 
 
+def _fifo(directory: Path) -> Path:
+    fifo = directory / "fifo"
+    os.mkfifo(fifo)
+    return fifo
+
+
 @pytest.mark.parametrize(
     ("make", "complaint"),
     [
-        (lambda d: (os.mkfifo(d / "fifo"), d / "fifo")[1], "is a FIFO, not an image"),
+        (_fifo, "is a FIFO, not an image"),
         (lambda d: d, "is a directory, not an image"),
         (lambda d: Path("/dev/zero"), "is a character device, not an image"),
         (lambda d: Path("/dev/null"), "is a character device, not an image"),

@@ -26,7 +26,7 @@ def _background(
     started: list[subprocess.Popen[str]], *args: str | os.PathLike[str], **kw: object
 ) -> subprocess.Popen[str]:
     proc = subprocess.Popen(  # type: ignore[call-overload]
-        [*IMGLOCK, *map(os.fspath, args)],
+        [*IMGLOCK, *(os.fspath(arg) for arg in args)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -100,15 +100,17 @@ def test_kill_9_of_the_wrapper_leaves_the_command_holding_the_lock(
 ) -> None:
     wrapper = _background(started, "run", "--image", raw_image, "--", "sleep", "30")
     (holder,) = wait_until(lambda: imglock_holders(raw_image), what="the command holds the image")
+    pid = holder.pid
+    assert pid is not None
     wrapper.kill()
     wrapper.wait()
     try:
         (still,) = imglock_holders(raw_image)
-        assert still.pid == holder.pid
+        assert still.pid == pid
         with pytest.raises(imglock.LockConflict):
             imglock.claim(raw_image)
     finally:
-        os.kill(holder.pid, signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
 
 
 def test_kill_9_of_the_command_frees_the_image(
@@ -116,6 +118,7 @@ def test_kill_9_of_the_command_frees_the_image(
 ) -> None:
     wrapper = _background(started, "run", "--image", raw_image, "--", "sleep", "30")
     (holder,) = wait_until(lambda: imglock_holders(raw_image), what="the command holds the image")
+    assert holder.pid is not None
     os.kill(holder.pid, signal.SIGKILL)
     assert wrapper.wait(timeout=10) == 128 + signal.SIGKILL
     assert imglock.holders(raw_image) == []
@@ -200,10 +203,12 @@ def test_lock_loss_stops_the_command_and_says_so(
         env=env,
     )
     (holder,) = wait_until(lambda: imglock_holders(raw_image), what="the command holds the image")
+    pid = holder.pid
+    assert pid is not None
     try:
-        wait_until(lambda: state(holder.pid) == "T", what="the command is stopped")
+        wait_until(lambda: state(pid) == "T", what="the command is stopped")
     finally:
-        os.kill(holder.pid, signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
     wrapper.wait(timeout=10)
     assert wrapper.stderr is not None
     assert "lock lost" in wrapper.stderr.read()

@@ -57,7 +57,7 @@ QEMU_CMDLINE = {"imglock.qemu.cmdline"}
 def imported(*argv: str | os.PathLike[str], env: dict[str, str] | None = None) -> set[str]:
     """Every module that ``python ARGV`` imports."""
     proc = subprocess.run(
-        [sys.executable, "-v", *map(os.fspath, argv)],
+        [sys.executable, "-v", *(os.fspath(arg) for arg in argv)],
         capture_output=True,
         text=True,
         timeout=30,

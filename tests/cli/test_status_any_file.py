@@ -44,7 +44,9 @@ def test_status_lists_the_qemu_that_holds_an_image_in_a_format_imglock_cannot_re
     vm = qemu_vms.start([*NONE_MACHINE, "-drive", f"file={image},format={fmt},if=none,id=d0"])
     report = _held_by(imglock_cli, image, vm.pid)
     assert report["format"] == fmt
-    (holder,) = report["holders"]  # type: ignore[misc]
+    holders = report["holders"]
+    assert isinstance(holders, list)
+    (holder,) = holders
     assert holder["layer"] == "qemu" and holder["pid"] == vm.pid
     assert "write" in holder["perms"]
     # The table says the same; a claim is refused naming the QEMU that holds
@@ -98,6 +100,7 @@ def test_status_and_a_conflict_name_the_waiters_apart_from_the_holder(
     waiter = subprocess.Popen(
         [sys.executable, "-m", "imglock", "run", "-w", "300", "--image", raw_image, "--", "true"],
         env=ENV,
+        text=True,
     )
     started.append(waiter)
     wait_until(lambda: imglock.inspect(raw_image).waiting, what="the waiter queued", timeout=30)

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from pathlib import Path
 
 import pytest
 from conftest import SpawnRival
 from test_status_cli import qcow2, raw
 
-from imglock.api import inspect_image
 from imglock.errors import FormatError, ImglockError
 from imglock.formats import OpenImage
+from imglock.report import inspect_image
 from imglock.scan import find_images, overlapped, survey
 
 
@@ -128,6 +128,7 @@ def test_a_survey_stopped_early_leaves_no_thread_and_no_descriptor(tree: Path) -
     before_threads, before_fds = threading.active_count(), open_fds()
     looks = survey([str(tree)], lambda image: image.filename, workers=8)
     assert next(looks)[0].endswith("disk00.raw")
+    assert isinstance(looks, Generator)  # closed before its end, as a caller may
     looks.close()
     assert threading.active_count() == before_threads
     assert open_fds() == before_fds

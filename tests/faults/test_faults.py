@@ -72,7 +72,7 @@ def injected(spec: str) -> Iterator[None]:
 def cli(*args: str | os.PathLike[str], spec: str) -> subprocess.CompletedProcess[str]:
     """``python -m imglock ARGS`` with ``IMGLOCK_FAULTS=SPEC``."""
     return subprocess.run(
-        [sys.executable, "-m", "imglock", *map(os.fspath, args)],
+        [sys.executable, "-m", "imglock", *(os.fspath(arg) for arg in args)],
         capture_output=True,
         text=True,
         timeout=30,
@@ -164,7 +164,7 @@ def assert_lock_error(exc: LockError, image: Path, code: str) -> None:
     text = str(exc)
     assert type(exc) is LockError and exc.exit_status == EX_IOERR
     assert exc.errno == getattr(errno, code)
-    assert text.startswith(f"{image}: cannot lock: {os.strerror(exc.errno)}"), text
+    assert text.startswith(f"{image}: cannot lock: {os.strerror(getattr(errno, code))}"), text
     assert HINTS.get(code, "") in text and "\n" not in text
 
 

@@ -182,7 +182,6 @@ def test_a_host_whose_gluster_tool_cannot_reach_glusterd_reads_the_mounts_meta_t
     strict = settings_of(json.loads(proc.stdout))["client.strict-locks"]
     xlator = faults_mount / f".meta/graphs/active/{FAULTS_VOLUME}-client-0"
     assert strict["value"] == (xlator / "options/strict-locks").read_text().strip()
-    assert strict["source"].startswith(f"{xlator}/options/strict-locks, as the mount was made")
-    assert (
-        f"`gluster volume get {FAULTS_VOLUME} client.strict-locks` on a server" in strict["source"]
-    )
+    source = str(strict["source"])
+    assert source.startswith(f"{xlator}/options/strict-locks, as the mount was made")
+    assert f"`gluster volume get {FAULTS_VOLUME} client.strict-locks` on a server" in source

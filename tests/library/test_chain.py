@@ -229,9 +229,9 @@ def make_long_loop(d: Path) -> Path:
 
 
 def make_data_file_is_top(d: Path) -> Path:
-    spec = {"incompatible_features": 4}
     top = d / "top.qcow2"
-    top.write_bytes(build(Qcow2Spec(extensions=[(EXT_DATA_FILE, str(top).encode())], **spec)))
+    extensions = [(EXT_DATA_FILE, str(top).encode())]
+    top.write_bytes(build(Qcow2Spec(extensions=extensions, incompatible_features=4)))
     return top
 
 

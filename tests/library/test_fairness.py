@@ -169,7 +169,7 @@ def test_several_writers_are_served_in_the_order_they_arrived(
         writer.wait_queued(raw_image)
         writers.append(writer)
         _readers_queued(raw_image, readers)  # between this writer and the next
-    order = []
+    order: list[Writer] = []
     for writer in writers:
         assert writer.got_it.wait(60), f"writer {writers.index(writer)} never got the image"
         assert not any(w.got_it.is_set() for w in writers if w not in (writer, *order)), (

@@ -73,7 +73,7 @@ def test_flock1_holding_an_image_refuses_claims_and_status_names_it(
     flag: str,
     claims: set[str],
 ) -> None:
-    holder = subprocess.Popen(["flock", flag, str(raw_image), "sleep", "600"])
+    holder = subprocess.Popen(["flock", flag, str(raw_image), "sleep", "600"], text=True)
     started.append(holder)
     seen = wait_until(
         lambda: flock_holders(imglock_cli, raw_image), what="flock(1) to lock the image", timeout=10
@@ -114,6 +114,7 @@ def test_flock1_is_refused_while_a_wrapped_command_holds(
         [sys.executable, "-m", "imglock", "run", "--image", str(raw_image), "--",
          "sh", "-c", f"touch {ready}; exec sleep 600"],
         env=ENV,
+        text=True,
     )  # fmt: skip
     started.append(wrapper)
 

@@ -20,6 +20,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -171,11 +172,11 @@ def test_every_mutant_works_or_fails_in_one_line_and_leaves_nothing(
 ) -> None:
     statuses: dict[int, int] = {}
     for entry in corpus:
-        assert outcome(lambda e=entry: _claim_and_release(_write(workdir, e))) == EX_OK
+        assert outcome(partial(_claim_and_release, _write(workdir, entry))) == EX_OK
         with no_descriptor_leaked():
             for seed, path in mutants(entry, workdir):
                 for call in (imglock.inspect, _chain, _claim_and_release):
-                    status = outcome(lambda c=call, p=path: c(p))
+                    status = outcome(partial(call, path))
                     assert status in (EX_OK, EX_DATAERR), f"seed {seed!r}: status {status}"
                     statuses[status] = statuses.get(status, 0) + 1
                 assert imglock.holders(path) == [], f"seed {seed!r}: still locked"
@@ -192,7 +193,7 @@ def _write(directory: Path, entry: Entry) -> Path:
 
 def imglock_cli(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
-        [sys.executable, "-m", "imglock", *map(os.fspath, args)],
+        [sys.executable, "-m", "imglock", *(os.fspath(arg) for arg in args)],
         capture_output=True,
         timeout=10,
         env=ENV,  # this tree's imglock: the working directory is the mutants'
@@ -213,7 +214,7 @@ def test_a_sample_of_mutants_through_the_commands(corpus: list[Entry], workdir: 
         assert_answered(imglock_cli("run", "--image", path, "--", "true"), seed)
     # status takes them all at once: one line for each it cannot read.
     proc = imglock_cli("status", *(path for _, path in sample))
-    refused = [seed for seed, path in sample if outcome(lambda p=path: imglock.inspect(p))]
+    refused = [seed for seed, path in sample if outcome(partial(imglock.inspect, path))]
     lines = proc.stderr.decode("utf-8", "surrogateescape").splitlines()
     assert len(lines) == len(refused), lines
     assert proc.returncode == (EX_DATAERR if refused else EX_OK)

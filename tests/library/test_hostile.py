@@ -124,7 +124,7 @@ def _text(raw: bytes) -> str:
 def run_commands(case: Hostile, image: Path) -> list[tuple[Answer, int]]:
     """Every command on *image*, each with the exit status it must give."""
     target = os.fsencode(image)
-    commands = {
+    commands: dict[str, tuple[list[str | bytes], int]] = {
         "info": (["info", target], case.top_status),
         "info --backing-chain": (["info", "--backing-chain", target], case.status),
         "status": (["status", target], case.top_status),

@@ -354,8 +354,9 @@ def test_a_lost_lock_stops_every_background_child_still_using_the_image(
     assert proc.returncode == 0, proc.stderr
     children = [int(p.read_text()) for p in pids]
     try:
-        for pid in children:
-            wait_until(lambda pid=pid: state(pid) == "T", what=f"pid {pid} is stopped")
+        wait_until(
+            lambda: all(state(pid) == "T" for pid in children), what=f"pids {children} stopped"
+        )
     finally:
         for pid in children:
             with contextlib.suppress(ProcessLookupError):

@@ -193,12 +193,14 @@ def test_run_reports_a_lock_outside_the_protocol_once_and_does_not_pause(
     )
     started.append(wrapper)
     (holder,) = wait_until(lambda: imglock_holders(raw_image), what="the claim")
+    pid = holder.pid
+    assert pid is not None
     lock_one_byte(byte_locker, raw_image, protocol.HOLDER_BASE[protocol.Mode.SHARED] + 2)
     assert wrapper.stderr is not None
     line = wrapper.stderr.readline()
     assert "a lock outside imglock's protocol is in the way" in line
-    assert state(holder.pid) in ("S", "R")  # the check that saw it did not stop the command
-    os.kill(holder.pid, 15)
+    assert state(pid) in ("S", "R")  # the check that saw it did not stop the command
+    os.kill(pid, 15)
     wrapper.wait(timeout=10)
     assert "lock outside" not in wrapper.stderr.read()  # said once only
 

@@ -370,7 +370,7 @@ def _count_lock_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     def count(fd: int, cmd: int, arg: bytes) -> bytes:
         calls.append(fd)
-        return counted(fd, cmd, arg)  # type: ignore[no-any-return]
+        return counted(fd, cmd, arg)
 
     monkeypatch.setattr(fcntl_locks, "_fcntl", count)
     return calls

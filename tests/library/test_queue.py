@@ -77,6 +77,7 @@ def test_a_killed_waiter_leaves_the_queue_and_the_next_one_is_served(
                 [sys.executable, "-m", "imglock", "run", "-w", "300", "--image", str(raw_image),
                  "--", "true"],
                 env=ENV,
+                text=True,
             )
         )  # fmt: skip
         started.append(waiters[-1])

@@ -75,7 +75,7 @@ def test_the_qemu_bytes_of_shared_write_are_those_of_a_share_rw_qemu(
     qemu_holds = _wait_for_qemu_bytes(vm.pid, other)
     claimer = rival("--mode", "shared-write", raw_image)
     assert claimer.ok
-    assert _qemu_bytes_of(int(claimer.reply["pid"]), raw_image) == qemu_holds == {100, 101}
+    assert _qemu_bytes_of(int(str(claimer.reply["pid"])), raw_image) == qemu_holds == {100, 101}
 
 
 def test_a_share_rw_qemu_and_a_shared_write_claim_use_one_disk_together(
@@ -124,7 +124,7 @@ class _Recorder:
         def record(fd: int, cmd: int, arg: bytes) -> bytes:
             ltype, _whence, start, length, _pid = fcntl_locks.FLOCK.unpack(arg)
             self.calls.append((cmd, ltype, start, length))
-            return real(fd, cmd, arg)  # type: ignore[no-any-return]
+            return real(fd, cmd, arg)
 
         monkeypatch.setattr(fcntl_locks, "_fcntl", record)
 

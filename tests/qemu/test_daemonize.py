@@ -139,10 +139,11 @@ def lab(request: pytest.FixtureRequest, qemu_system_path: str, qemu_img_path: st
             for pid in lab.pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-            for pid in lab.pids:
-                wait_until(
-                    lambda pid=pid: not alive(pid), what=f"pid {pid} is gone", timeout=TIMEOUT
-                )
+            wait_until(
+                lambda: not any(alive(pid) for pid in lab.pids),
+                what=f"pids {lab.pids} gone",
+                timeout=TIMEOUT,
+            )
 
 
 def test_a_daemonized_qemu_keeps_its_claim_for_its_whole_life(lab: Lab) -> None:

@@ -339,7 +339,7 @@ def test_blockdev_snapshot_sync(lab: Lab) -> None:
     overlay = lab.dir / "overlay.qcow2"
     vm = lab.start(*drive(top))
     lab.expect(vm, {top: EXCLUSIVE, base: SHARED})
-    snapshot = {"node-name": "top", "snapshot-file": str(overlay),
+    snapshot: dict[str, object] = {"node-name": "top", "snapshot-file": str(overlay),
                 "snapshot-node-name": "overlay", "format": "qcow2"}  # fmt: skip
     vm.qmp("blockdev-snapshot-sync", snapshot)
     lab.expect(vm, {overlay: EXCLUSIVE, top: SHARED, base: SHARED})

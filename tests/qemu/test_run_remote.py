@@ -26,7 +26,7 @@ def test_a_vm_with_only_a_remote_disk_runs_with_a_warning(
 ) -> None:
     socket = vms.dir / "nbd.sock"
     qemu_nbd = str(Path(qemu_img_path).with_name("qemu-nbd"))
-    server = [qemu_nbd, "--persistent", "--socket", socket, "--format", "raw", raw_image]
+    server = [qemu_nbd, "--persistent", "--socket", str(socket), "--format", "raw", str(raw_image)]
     started.append(subprocess.Popen(server, text=True))
     wait_until(socket.exists, what="qemu-nbd's socket", timeout=TIMEOUT)
     vm = vms.start("-drive", f"file=nbd:unix:{socket},format=raw,if=none,id=remote0")

@@ -134,11 +134,12 @@ class Datastore:
             if pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGTERM)
-                wait_until(
-                    lambda p=pid: not os.path.exists(f"/proc/{p}"),
-                    what="the client to end",
-                    timeout=10,
-                )  # type: ignore[misc]
+
+
+                def ended(proc_dir: str = f"/proc/{pid}") -> bool:
+                    return not os.path.exists(proc_dir)
+
+                wait_until(ended, what="the client to end", timeout=10)
             with contextlib.suppress(OSError):
                 mount.rmdir()
             with contextlib.suppress(OSError):

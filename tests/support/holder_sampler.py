@@ -56,7 +56,9 @@ def main_() -> None:
         for holders, waiting in sample(image):
             seen[json.dumps([holders, waiting])] += 1
             taken += 1
-    json.dump({"samples": taken, "seen": dict(seen)}, sys.__stdout__)
+    out = sys.__stdout__
+    assert out is not None
+    json.dump({"samples": taken, "seen": dict(seen)}, out)
 
 
 if __name__ == "__main__":

@@ -158,7 +158,7 @@ def backed_by(target: Target, **changes: object) -> Builder:
     """A sound top image whose backing file is whatever *target* makes (or names)."""
 
     def make(d: Path) -> Built:
-        return Built(qcow2(d / "top.qcow2", backing_name=target(d), **changes))
+        return Built(qcow2(d / "top.qcow2", SMALL, backing_name=target(d), **changes))
 
     return make
 

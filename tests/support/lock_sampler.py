@@ -47,7 +47,12 @@ def main() -> None:
     image = sys.argv[-1]
     sample = owner_names if by_owner else holders
     done = threading.Event()
-    threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
+
+    def until_stdin_closes() -> None:
+        sys.stdin.read()
+        done.set()
+
+    threading.Thread(target=until_stdin_closes, daemon=True).start()
     fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
     samples = []
     print("ready", flush=True)

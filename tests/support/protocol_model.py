@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import cast
 
 from imglock.lock.protocol import Mode, conflicts
 
@@ -199,8 +200,8 @@ def _effect(
         kept = frozenset(lock for lock in locks if not (lock[0] == drop[step] and lock[1] == me))
         return kept, replace(proc, ticket=None) if step == "leave-queue" else proc
     if step == "read-queue":
-        tickets = [lock[3] for lock in locks if lock[0] == "Q" and lock[1] != me]
-        return locks, replace(proc, ticket=max(tickets) + 1 if tickets else 0)  # type: ignore[call-overload]
+        tickets = [cast(int, lock[3]) for lock in locks if lock[0] == "Q" and lock[1] != me]
+        return locks, replace(proc, ticket=max(tickets) + 1 if tickets else 0)
     if step == "take-place":
         return locks | {("Q", me, mode, proc.ticket)}, proc
     return locks, proc
@@ -313,13 +314,13 @@ def violations(
     holders = [lock for lock in state.locks if lock[0] == "H"]
     for a in holders:
         for b in holders:
-            if a[1] < b[1] and conflicts(a[2], b[2]):  # type: ignore[arg-type]
+            if cast(int, a[1]) < cast(int, b[1]) and conflicts(a[2], b[2]):  # type: ignore[arg-type]
                 found.append(f"mutual exclusion: {a[1]} ({a[2]}) and {b[1]} ({b[2]}) both hold")
     for index, proc in enumerate(state.procs):
         if proc.point in CHANGING and not _has(state.locks, "H", index):
             found.append(f"let go while changing mode: claimer {index} at {proc.point!r}")
     for lock in holders:
-        point = state.procs[lock[1]].point  # type: ignore[index]
+        point = state.procs[cast(int, lock[1])].point
         if point not in WON | CHANGING:
             found.append(f"phantom holder: claimer {lock[1]} holds at {point!r}, not having won")
     if step == "take-holder":

@@ -24,7 +24,12 @@ from imglock.lock.protocol import Mode
 def main() -> None:
     image, log, hold = sys.argv[1], sys.argv[2], float(sys.argv[3])
     done = threading.Event()
-    threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
+
+    def until_stdin_closes() -> None:
+        sys.stdin.read()
+        done.set()
+
+    threading.Thread(target=until_stdin_closes, daemon=True).start()
     out = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
     print("ready", flush=True)
     while not done.is_set():

@@ -118,7 +118,7 @@ class Host:
         """Run *argv* on this host and wait for it."""
         kwargs.setdefault("timeout", 60)
         return subprocess.run(  # type: ignore[call-overload, no-any-return]
-            [*self.prefix(), *map(os.fspath, argv)],
+            [*self.prefix(), *(os.fspath(arg) for arg in argv)],
             capture_output=True,
             text=True,
             env={**os.environ, "PYTHONPATH": REPO},
@@ -137,7 +137,7 @@ class Host:
         """Start *argv* on this host (its pid 1 unless *as_init* is false); the caller ends it."""
         kwargs.setdefault("env", {**os.environ, "PYTHONPATH": REPO})
         return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
-            [*self.prefix(as_init=as_init), *map(os.fspath, argv)], text=True, **kwargs
+            [*self.prefix(as_init=as_init), *(os.fspath(arg) for arg in argv)], text=True, **kwargs
         )
 
     # -- the host's kernel, as far as the datastore is concerned -----------
