@@ -135,7 +135,6 @@ class Datastore:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGTERM)
 
-
                 def ended(proc_dir: str = f"/proc/{pid}") -> bool:
                     return not os.path.exists(proc_dir)
 
