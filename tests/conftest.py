@@ -11,6 +11,10 @@ shared filesystem (tests/support/shared_fs.py), once on GlusterFS
 (tests/support/cephfs_hosts.py, marked ``cephfs``).  Likewise each is skipped with a
 reason where that filesystem is not mounted, and fails instead under
 ``IMGLOCK_REQUIRE_GLUSTER=1`` or ``IMGLOCK_REQUIRE_CEPHFS=1``.
+
+The tests are grouped by what they specify (library/, cli/, qemu/, hosts/,
+faults/); the helpers they share, and the scripts they run, are in support/,
+which pytest's ``pythonpath`` (pyproject.toml) puts on the import path.
 """
 
 from __future__ import annotations
