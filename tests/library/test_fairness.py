@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -103,13 +104,15 @@ def _waiting_pids(image: Path) -> list[int | None]:
     return [w.pid for w in imglock.inspect(image).waiting]
 
 
-def _flows(log: Path, *, after: float) -> None:
-    """Until every reader has held the image, and let go, since *after* (monotonic)."""
-    wait_until(
-        lambda: len({c["pid"] for c in _claims(log) if c["held"] > after}) == READERS,
-        what="every reader of the stream to hold the image and let go",
-        timeout=30,
-    )
+def _flows(log: Path, *, after: float, rounds: int = 2) -> None:
+    """Until every reader has held the image and let go *rounds* times since *after*
+    (monotonic): the stream flows, its holds overlapping."""
+
+    def flowed() -> bool:
+        held = Counter(c["pid"] for c in _claims(log) if c["held"] > after)
+        return len(held) == READERS and min(held.values()) >= rounds
+
+    wait_until(flowed, what=f"every reader of the stream to hold the image {rounds} times")
 
 
 def _readers_queued(image: Path, readers: list[subprocess.Popen[str]]) -> None:
