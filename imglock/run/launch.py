@@ -37,9 +37,7 @@ def run_plan(plan: RunPlan, reporter: Reporter) -> int:
         reporter.warn(NOTHING_LOCAL)
     session = ClaimSession(plan.claim(), reporter)
     vmm = plan.adapter.prepare(plan.options, plan.command, reporter)
-    runner = Runner(
-        session, vmm, plan.options.check_interval, plan.options.check_deadline
-    )
+    runner = Runner(session, vmm, plan.options.check_interval, plan.options.check_deadline)
     try:
         return run_command(runner, plan.options.conflict_exit)
     finally:
