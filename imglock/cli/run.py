@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import click
 
@@ -20,12 +20,26 @@ from imglock.run.plan import plan_run
 from imglock.run.reporter import Reporter
 
 Command = TypeVar("Command", bound=Callable[..., Any])
+#: The values of an option that turns a lock layer on, off, or on where it applies.
+POLICIES: Final = ("auto", "on", "off")
 
 
 def _files_option(flag: str, name: str, help: str) -> Callable[[Command], Command]:
     """An option naming files to claim (repeatable); its mode is that of NAMED_FILE_OPTIONS."""
     return click.option(
         flag, name, multiple=True, type=click.Path(readable=False), help=f"{help} Repeatable."
+    )
+
+
+def _seconds_option(*names: str, default: float, help: str) -> Callable[[Command], Command]:
+    """An option taking seconds (``inf`` for ever), its default shown."""
+    return click.option(*names, type=Seconds(), default=default, show_default=True, help=help)
+
+
+def _policy_option(*names: str, help: str) -> Callable[[Command], Command]:
+    """An option taking auto, on or off (default auto)."""
+    return click.option(
+        *names, type=click.Choice(POLICIES), default="auto", show_default=True, help=help
     )
 
 
@@ -39,14 +53,12 @@ def _files_option(flag: str, name: str, help: str) -> Callable[[Command], Comman
     "shared_write",
     "Claim PATH shared-write (writers sharing it on purpose, share-rw=on).",
 )
-@click.option(
+@_seconds_option(
     "-w",
     "--wait",
     "--timeout",
     "wait",
-    type=Seconds(),
     default=0.0,
-    show_default=True,
     help="Seconds to keep trying while another holder has an image (inf: until free).",
 )
 @click.option(
@@ -57,26 +69,18 @@ def _files_option(flag: str, name: str, help: str) -> Callable[[Command], Comman
     show_default=True,
     help="Exit status when an image is held by someone else.",
 )
-@click.option(
+@_policy_option(
     "--qemu-locks",
-    type=click.Choice(["auto", "on", "off"]),
-    default="auto",
-    show_default=True,
     help="Also hold QEMU's lock bytes (auto: unless COMMAND is QEMU itself).",
 )
-@click.option(
+@_policy_option(
     "--flock",
     "flock_policy",
-    type=click.Choice(["auto", "on", "off"]),
-    default="auto",
-    show_default=True,
     help="Also hold a flock(2) on each image, as crosvm's (auto: where flock is not fcntl).",
 )
-@click.option(
+@_seconds_option(
     "--handoff-timeout",
-    type=Seconds(),
     default=30.0,
-    show_default=True,
     help="On a migration destination, seconds to wait for the source to release (inf: no limit).",
 )
 @click.option(
@@ -84,18 +88,14 @@ def _files_option(flag: str, name: str, help: str) -> Callable[[Command], Comman
     type=click.Path(file_okay=False),
     help="Keep the locks on files in this shared directory instead of the images.",
 )
-@click.option(
+@_seconds_option(
     "--check-interval",
-    type=Seconds(),
     default=5.0,
-    show_default=True,
     help="Seconds between re-checks of the locks while COMMAND runs (0 or inf: never).",
 )
-@click.option(
+@_seconds_option(
     "--check-deadline",
-    type=Seconds(),
     default=DEFAULT_DEADLINE,
-    show_default=True,
     help="Seconds a lock check may hang (the storage not answering) before the guest is "
     "paused until one completes (inf: never).",
 )
@@ -106,11 +106,9 @@ def _files_option(flag: str, name: str, help: str) -> Callable[[Command], Comman
     show_default=True,
     help="Signal (name or number) sent to a non-QEMU COMMAND when its lock is lost.",
 )
-@click.option(
+@_seconds_option(
     "--graph-interval",
-    type=Seconds(),
     default=0.5,
-    show_default=True,
     help="QEMU: seconds between readings of its block graph, which the claim follows "
     "(0 or inf: never).",
 )

@@ -38,12 +38,11 @@ from imglock.errors import ImglockError
 from imglock.qemu.cmdline import has_freeze_cpu, migration_incoming, with_extra_args
 from imglock.qemu.monitor import (
     EVENT_RESUME,
-    RUNSTATE_FINISH_MIGRATE,
-    RUNSTATE_POSTMIGRATE,
     MigrationOutcome,
     Monitor,
     MonitorError,
     MonitorThread,
+    RunStatus,
     watch_destination,
     watch_source,
 )
@@ -284,7 +283,7 @@ class Handoff:
         if not outcome.completed:
             why = f": {outcome.error}" if outcome.error else ""
             self._reporter.note(f"migration {outcome.status}{why}: the claim stays here")
-        elif outcome.runstate.status not in (RUNSTATE_FINISH_MIGRATE, RUNSTATE_POSTMIGRATE):
+        elif outcome.runstate.status not in (RunStatus.FINISH_MIGRATE, RunStatus.POSTMIGRATE):
             self._reporter.note(
                 "a snapshot completed (savevm, snapshot-save or background-snapshot), "
                 "not a migration: the guest keeps its images, and the claim stays"

@@ -17,7 +17,7 @@ from typing import Final
 
 from imglock.api import ClaimSpec
 from imglock.lock.protocol import Mode
-from imglock.qemu.cmdline import ROLE_DATA_FILE, find_images
+from imglock.qemu.cmdline import Role, find_images
 from imglock.qemu.names import is_qemu
 from imglock.run import private_dir
 from imglock.run.adapters.base import (
@@ -88,7 +88,7 @@ class QemuAdapter(Adapter):
                 remote.append(Remote(drive.filename, drive.protocol, drive.source, drive.role))
                 continue
             # A data file is read as raw data, never probed (it may hold anything).
-            fmt = "raw" if drive.role == ROLE_DATA_FILE else drive.format
+            fmt = "raw" if drive.role == Role.DATA_FILE else drive.format
             specs.append(
                 ClaimSpec(
                     drive.filename, Mode(drive.mode), fmt,
