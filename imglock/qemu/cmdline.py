@@ -45,6 +45,7 @@ which knows each one's option syntax and refuses to guess.
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import os
 import re
@@ -155,7 +156,21 @@ class _Argument:
     value: str | None
 
 
-def _scan_arguments(argv: Sequence[str]) -> Iterator[_Argument]:
+def _scan_arguments(argv: Sequence[str]) -> tuple[_Argument, ...]:
+    """``argv[1:]`` split into options the way QEMU's ``lookup_opt`` does (see :func:`_split`).
+
+    A run asks one command line for its images, ``-incoming``, ``-S``, its
+    chardevs and its root directory: it is split once.
+    """
+    return _split(tuple(argv))
+
+
+@functools.lru_cache(maxsize=8)
+def _split(argv: tuple[str, ...]) -> tuple[_Argument, ...]:
+    return tuple(_split_arguments(argv))
+
+
+def _split_arguments(argv: Sequence[str]) -> Iterator[_Argument]:
     """Split ``argv[1:]`` into options the way QEMU's ``lookup_opt`` does.
 
     An option in neither table (one newer than this table) is taken to
