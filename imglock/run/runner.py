@@ -146,8 +146,7 @@ class Runner:
         faults.point("run:started")
         session.command_started()
         attached = self.vmm.attach(session, self.child)
-        deadline = None if math.isinf(self.check_deadline) else self.check_deadline
-        session.watch(attached.guest, self.check_interval, deadline)
+        session.watch(attached.guest, self.check_interval, self.check_deadline)
         try:
             status = self._wait()
         finally:

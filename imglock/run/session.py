@@ -4,7 +4,8 @@ A run's claim goes through a few states, and only this module moves it::
 
     planned --take--> held --hand_over--> handed-over --take_back--> held
     planned --prepare_arrival--> prepared --take_on_arrival--> held   (migration destination)
-    held --(a lock check finds a lock gone)--> lost
+    held --(a lock check finds a lock gone)--> lost   (for good: migrating away and
+                                                       back does not make it held)
     any --end / leave--> ended
 
 Everything that acts on the claim while the command runs (the runner, the
@@ -115,6 +116,11 @@ class ClaimSession:
     #: The destination's holder records are still to be written.
     _records_due: bool = False
 
+    def _move_to(self, state: State) -> None:
+        """Go to *state*, unless the claim is lost: it stays lost (never checked again)."""
+        if not self.lost:
+            self.state = state
+
     # -- what the others may read --------------------------------------------
 
     @property
@@ -200,7 +206,7 @@ class ClaimSession:
         The descriptors are kept: the guest may be resumed here and need them back.
         """
         with self._lock:
-            self.state = State.HANDED_OVER
+            self._move_to(State.HANDED_OVER)
             self.claim.release(close=False)
 
     def remove_records(self) -> None:
@@ -216,7 +222,7 @@ class ClaimSession:
             except ImglockError as exc:
                 self.reporter.error(f"{exc}; guest resumed here after migrating away, stopping it")
                 raise
-            self.state = State.HELD
+            self._move_to(State.HELD)
 
     def take_on_arrival(self, wait: float, backoff_cap: float) -> None:
         """The incoming migration completed: take the claim (prepared -> held).
@@ -261,14 +267,19 @@ class ClaimSession:
 
     # -- the lock check (imglock.lockcheck) ----------------------------------
 
-    def watch(self, guest: GuestControl, interval: float, deadline: float | None) -> None:
-        """Check the claim every *interval* seconds in the background; stop *guest* on trouble."""
+    def watch(self, guest: GuestControl, interval: float, deadline: float) -> None:
+        """Check the claim every *interval* seconds in the background; stop *guest* on trouble.
+
+        A check that takes longer than *deadline* seconds (inf: no limit)
+        suspends the guest until one completes.
+        """
         self._guest = guest
         every = check_interval(interval)
         if every is None:
             return
+        limit = None if math.isinf(deadline) else deadline
         self._watch = LockWatch(
-            self._check, every, self._lost, deadline, self._stall, self._intact, self._notice
+            self._check, every, self._lost, limit, self._stall, self._intact, self._notice
         ).start()
 
     def stop_watching(self) -> None:

@@ -178,12 +178,7 @@ class Watcher:
         if handover is not None:
             handover.in_watcher(session, self.named)
         faults.point("watch:started")
-        deadline = watched.check_deadline
-        session.watch(
-            watched.attached.guest,
-            watched.check_interval,
-            None if deadline == float("inf") else deadline,
-        )
+        session.watch(watched.attached.guest, watched.check_interval, watched.check_deadline)
         try:
             self._wait()
         finally:
