@@ -50,7 +50,7 @@ import json
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Final
 
 from imglock.errors import UsageError
@@ -665,17 +665,19 @@ def _drive_root(drive: _Drive, global_snapshot: bool) -> _Root | None:
     )  # fmt: skip
 
 
+@dataclass
 class _Graph:
     """Every block node of a command line, walked from its roots to its files."""
 
-    def __init__(self, roots: list[_Root], shared_writes: frozenset[str] = frozenset()) -> None:
-        self.roots = roots
-        #: Drive ids and node names that a device uses with share-rw=on.
-        self.shared_writes = shared_writes
-        self.by_name: dict[str, dict[str, Any]] = {}
-        self.owner: dict[str, _Root] = {}
-        self.referenced: set[str] = set()
-        for root in roots:
+    roots: list[_Root]
+    #: Drive ids and node names that a device uses with share-rw=on.
+    shared_writes: frozenset[str] = frozenset()
+    by_name: dict[str, dict[str, Any]] = field(default_factory=dict, init=False)
+    owner: dict[str, _Root] = field(default_factory=dict, init=False)
+    referenced: set[str] = field(default_factory=set, init=False)
+
+    def __post_init__(self) -> None:
+        for root in self.roots:
             self._register(root.node, root)
 
     def _register(self, node: dict[str, Any], root: _Root) -> None:
