@@ -58,12 +58,17 @@ def fake_qemu(directory: Path) -> Path:
     return script
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.fixture(params=CASES)
+def corpus_argv(request: pytest.FixtureRequest, tmp_path: Path, qemu_img_path: str) -> list[str]:
+    """A corpus case's command line, its images created, run by the stand-in for QEMU."""
+    argv, _expected = build_case(request.param, tmp_path, qemu_img_path)
+    return [str(fake_qemu(tmp_path)), *argv[1:]]
+
+
 def test_a_run_claims_what_its_dry_run_reports(
-    name: str, tmp_path: Path, qemu_img_path: str, imglock_cli: ImglockCli
+    corpus_argv: list[str], tmp_path: Path, imglock_cli: ImglockCli
 ) -> None:
-    argv, _expected = build_case(name, tmp_path, qemu_img_path)
-    argv = [str(fake_qemu(tmp_path)), *argv[1:]]
+    argv = corpus_argv
     dry = imglock_cli("run", "--dry-run", "--json", "--", *argv, cwd=tmp_path, env=ENV)
     report = json.loads(dry.stdout)
     assert dry.returncode == report["status"], dry.stderr
