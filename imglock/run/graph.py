@@ -72,6 +72,17 @@ GRAPH_EVENTS: Final = frozenset(
     }
 )
 
+#: Job statuses (qapi/job.json) in which ``query-named-block-nodes`` crashes
+#: QEMU: a ``block-stream`` job that has concluded and waits for its manager
+#: to dismiss it (libvirt sets ``auto-dismiss`` off) leaves a node behind that
+#: the query dereferences (SIGSEGV in Debian 12's QEMU 7.2, on the first
+#: reading after ``virsh blockpull``).  The nodes are read once it is dismissed.
+UNSETTLED_JOB_STATUSES: Final = frozenset({"concluded"})
+
+#: One reading of QEMU's block graph: ``x-debug-query-block-graph``'s graph
+#: and ``query-named-block-nodes``' nodes.
+GraphReading = tuple[Mapping[str, Any], list[Mapping[str, Any]]]
+
 #: Run states in which QEMU's images may be inactive (qapi/run-state.json):
 #: an incoming migration, and an outgoing one from its last phase on.
 INACTIVE_RUNSTATES: Final = frozenset({"inmigrate", "finish-migrate", "postmigrate"})
@@ -181,8 +192,8 @@ def open_files(graph: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]]) -> 
 
 
 async def query_open_files(
-    monitor: Monitor, known: tuple[Mapping[str, Any], list[Mapping[str, Any]]] | None = None
-) -> tuple[list[OpenFile], tuple[Mapping[str, Any], list[Mapping[str, Any]]]]:
+    monitor: Monitor, known: GraphReading | None = None
+) -> tuple[list[OpenFile] | None, GraphReading | None]:
     """Ask QEMU which files its block graph holds (see :func:`open_files`).
 
     ``query-named-block-nodes`` makes QEMU stat every image in its main
@@ -191,10 +202,17 @@ async def query_open_files(
     does no I/O.  So the nodes are asked for only when the graph differs
     from *known*, the (graph, nodes) of the last reading, which is
     returned for the next one.
+
+    Nor are they asked for while a job has ended but is not yet dismissed
+    (:data:`UNSETTLED_JOB_STATUSES`): then the files are None, and *known*
+    is returned unchanged.
     """
     graph = await monitor.block_graph()
     if known is not None and known[0] == graph:
         nodes = known[1]
+    elif set(await monitor.job_statuses()) & UNSETTLED_JOB_STATUSES:
+        # Read again once the job is dismissed (JOB_STATUS_CHANGE).
+        return None, known
     else:
         nodes = await monitor.named_block_nodes()
     return open_files(graph, nodes), (graph, nodes)
@@ -255,7 +273,7 @@ class GraphFollower:
                     return
                 # Around a migration QEMU's images are inactive, with no
                 # permissions: that graph says nothing of what the VM uses.
-                if not {before.status, after.status} & INACTIVE_RUNSTATES:
+                if files is not None and not {before.status, after.status} & INACTIVE_RUNSTATES:
                     await call_hook(lambda files=files: self.apply(files))  # type: ignore[misc]
                     await self._hand_over(monitor)
                 with contextlib.suppress(TimeoutError):
