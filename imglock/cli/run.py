@@ -4,46 +4,61 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
+from typing import Any, Final, TypeVar
 
 import click
 
-from imglock.cli.common import Seconds, SignalNumber, verbosity_options
+from imglock.cli.common import Seconds, SignalNumber, Voice, reported_errors, verbosity_options
+from imglock.cli.table import cell, render
 from imglock.errors import EX_NOTFOUND, EX_TEMPFAIL
 from imglock.lockcheck import DEFAULT_DEADLINE
+from imglock.run.dry_run import dry_run
+from imglock.run.launch import run_plan
+from imglock.run.options import NAMED_FILE_OPTIONS, RunOptions
+from imglock.run.plan import plan_run
+from imglock.run.reporter import Reporter
+
+Command = TypeVar("Command", bound=Callable[..., Any])
+#: The values of an option that turns a lock layer on, off, or on where it applies.
+POLICIES: Final = ("auto", "on", "off")
+
+
+def _files_option(flag: str, name: str, help: str) -> Callable[[Command], Command]:
+    """An option naming files to claim (repeatable); its mode is that of NAMED_FILE_OPTIONS."""
+    return click.option(
+        flag, name, multiple=True, type=click.Path(readable=False), help=f"{help} Repeatable."
+    )
+
+
+def _seconds_option(*names: str, default: float, help: str) -> Callable[[Command], Command]:
+    """An option taking seconds (``inf`` for ever), its default shown."""
+    return click.option(*names, type=Seconds(), default=default, show_default=True, help=help)
+
+
+def _policy_option(*names: str, help: str) -> Callable[[Command], Command]:
+    """An option taking auto, on or off (default auto)."""
+    return click.option(
+        *names, type=click.Choice(POLICIES), default="auto", show_default=True, help=help
+    )
 
 
 @click.command(
     context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False}
 )
-@click.option(
-    "--image",
-    "images",
-    multiple=True,
-    type=click.Path(readable=False),
-    help="Claim PATH exclusive (its backing files shared). Repeatable.",
-)
-@click.option(
-    "--shared",
-    "shared",
-    multiple=True,
-    type=click.Path(readable=False),
-    help="Claim PATH shared (read-only use). Repeatable.",
-)
-@click.option(
+@_files_option("--image", "images", "Claim PATH exclusive (its backing files shared).")
+@_files_option("--shared", "shared", "Claim PATH shared (read-only use).")
+@_files_option(
     "--shared-write",
     "shared_write",
-    multiple=True,
-    type=click.Path(readable=False),
-    help="Claim PATH shared-write (writers sharing it on purpose, share-rw=on). Repeatable.",
+    "Claim PATH shared-write (writers sharing it on purpose, share-rw=on).",
 )
-@click.option(
+@_seconds_option(
     "-w",
     "--wait",
     "--timeout",
     "wait",
-    type=Seconds(),
     default=0.0,
-    show_default=True,
     help="Seconds to keep trying while another holder has an image (inf: until free).",
 )
 @click.option(
@@ -54,26 +69,18 @@ from imglock.lockcheck import DEFAULT_DEADLINE
     show_default=True,
     help="Exit status when an image is held by someone else.",
 )
-@click.option(
+@_policy_option(
     "--qemu-locks",
-    type=click.Choice(["auto", "on", "off"]),
-    default="auto",
-    show_default=True,
     help="Also hold QEMU's lock bytes (auto: unless COMMAND is QEMU itself).",
 )
-@click.option(
+@_policy_option(
     "--flock",
     "flock_policy",
-    type=click.Choice(["auto", "on", "off"]),
-    default="auto",
-    show_default=True,
     help="Also hold a flock(2) on each image, as crosvm's (auto: where flock is not fcntl).",
 )
-@click.option(
+@_seconds_option(
     "--handoff-timeout",
-    type=Seconds(),
     default=30.0,
-    show_default=True,
     help="On a migration destination, seconds to wait for the source to release (inf: no limit).",
 )
 @click.option(
@@ -81,18 +88,14 @@ from imglock.lockcheck import DEFAULT_DEADLINE
     type=click.Path(file_okay=False),
     help="Keep the locks on files in this shared directory instead of the images.",
 )
-@click.option(
+@_seconds_option(
     "--check-interval",
-    type=Seconds(),
     default=5.0,
-    show_default=True,
     help="Seconds between re-checks of the locks while COMMAND runs (0 or inf: never).",
 )
-@click.option(
+@_seconds_option(
     "--check-deadline",
-    type=Seconds(),
     default=DEFAULT_DEADLINE,
-    show_default=True,
     help="Seconds a lock check may hang (the storage not answering) before the guest is "
     "paused until one completes (inf: never).",
 )
@@ -103,16 +106,15 @@ from imglock.lockcheck import DEFAULT_DEADLINE
     show_default=True,
     help="Signal (name or number) sent to a non-QEMU COMMAND when its lock is lost.",
 )
-@click.option(
+@_seconds_option(
     "--graph-interval",
-    type=Seconds(),
     default=0.5,
-    show_default=True,
     help="QEMU: seconds between readings of its block graph, which the claim follows "
     "(0 or inf: never).",
 )
 @click.option(
     "--dry-run",
+    "dry_run_only",
     is_flag=True,
     help="Print what would be claimed (every file, role, mode) and exit; take no lock.",
 )
@@ -133,7 +135,7 @@ def run(
     check_deadline: float,
     lock_lost_signal: int,
     graph_interval: float,
-    dry_run: bool,
+    dry_run_only: bool,
     as_json: bool,
     command: tuple[str, ...],
 ) -> None:
@@ -144,10 +146,7 @@ def run(
     (128+N if killed by signal N), or the -E status on a conflict; 127
     when COMMAND is not found (or is empty), 126 when it cannot be run.
     """
-    from imglock.cli.common import Voice, reported_errors
-    from imglock.run.launch import Launch, launch
-
-    if as_json and not dry_run:
+    if as_json and not dry_run_only:
         raise click.UsageError("--json needs --dry-run (a run's output is its command's)")
     voice = Voice.current()
     if not command[0]:
@@ -155,55 +154,55 @@ def run(
         # flock(1) say a command that cannot be found, with their status.
         voice.error("'': No such file or directory (the command name is empty)")
         sys.exit(EX_NOTFOUND)
+    options = RunOptions(
+        argv=command,
+        named=tuple(
+            (option, path)
+            for option, paths in zip(
+                NAMED_FILE_OPTIONS, (images, shared, shared_write), strict=True
+            )
+            for path in paths
+        ),
+        wait=wait,
+        conflict_exit=conflict_exit_code,
+        qemu_locks=qemu_locks,
+        flock=flock_policy,
+        handoff_timeout=handoff_timeout,
+        lockspace=lockspace,
+        check_interval=check_interval,
+        check_deadline=check_deadline,
+        lock_lost_signal=lock_lost_signal,
+        graph_interval=0.0 if math.isinf(graph_interval) else graph_interval,
+    )
+    reporter = Reporter(error=voice.error, warn=voice.warn, note=voice.note)
     with reported_errors():
-        plan = Launch(
-            argv=list(command),
-            images=list(images),
-            shared=list(shared),
-            shared_write=list(shared_write),
-            wait=wait,
-            conflict_exit=conflict_exit_code,
-            qemu_locks=qemu_locks,
-            flock=flock_policy,
-            handoff_timeout=handoff_timeout,
-            lockspace=lockspace,
-            check_interval=check_interval,
-            check_deadline=check_deadline,
-            lock_lost_signal=lock_lost_signal,
-            graph_interval=0.0 if math.isinf(graph_interval) else graph_interval,
-            say=voice.error,
-            note=voice.note,
-            warn=voice.warn,
-        )
-        if dry_run:
-            sys.exit(_print_dry_run(plan, as_json))
-        sys.exit(launch(plan))
+        plan = plan_run(options)
+        if dry_run_only:
+            sys.exit(_print_dry_run(dry_run(plan, reporter), as_json))
+        sys.exit(run_plan(plan, reporter))
 
 
-def _print_dry_run(plan: object, as_json: bool) -> int:
-    from imglock.cli.table import cell, render
-    from imglock.run.launch import Launch, dry_run
-
-    assert isinstance(plan, Launch)
-    report = dry_run(plan)
+def _print_dry_run(report: dict[str, Any], as_json: bool) -> int:
     if as_json:
+        # Deliberately lazy: json only for --json (start-up of every run).
         import json
 
         click.echo(json.dumps(report, indent=2))
         return int(report["status"])
+    lockspace = report["lockspace"]
     problems = any(entry["problem"] for entry in report["images"])
     rows = []
     for entry in report["images"]:
         mode = entry["mode"] if entry["claimed"] else "not claimed"
         kind = entry["format"] if entry["claimed"] else entry["protocol"]
         row = [cell(entry["filename"]), entry["role"], mode, cell(kind), cell(entry["source"])]
-        if plan.lockspace is not None:
+        if lockspace is not None:
             row.append(cell(entry["lock-file"]))
         if problems:
             row.append(cell(entry["problem"] or "-"))
         rows.append(row)
     header = ["FILE", "ROLE", "MODE", "FORMAT", "FROM"]
-    if plan.lockspace is not None:
+    if lockspace is not None:
         header.append("LOCK FILE")
     if problems:
         header.append("PROBLEM")

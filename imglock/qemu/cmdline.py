@@ -44,13 +44,17 @@ which knows each one's option syntax and refuses to guess.
 
 from __future__ import annotations
 
+import enum
+import functools
+import json
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Final
 
 from imglock.errors import UsageError
+from imglock.lock.protocol import Mode
 from imglock.qemu import drivers as _drivers
 from imglock.qemu.drivers import LOCAL_FILE_MEMBERS
 
@@ -152,7 +156,21 @@ class _Argument:
     value: str | None
 
 
-def _scan_arguments(argv: Sequence[str]) -> Iterator[_Argument]:
+def _scan_arguments(argv: Sequence[str]) -> tuple[_Argument, ...]:
+    """``argv[1:]`` split into options the way QEMU's ``lookup_opt`` does (see :func:`_split`).
+
+    A run asks one command line for its images, ``-incoming``, ``-S``, its
+    chardevs and its root directory: it is split once.
+    """
+    return _split(tuple(argv))
+
+
+@functools.lru_cache(maxsize=8)
+def _split(argv: tuple[str, ...]) -> tuple[_Argument, ...]:
+    return tuple(_split_arguments(argv))
+
+
+def _split_arguments(argv: Sequence[str]) -> Iterator[_Argument]:
     """Split ``argv[1:]`` into options the way QEMU's ``lookup_opt`` does.
 
     An option in neither table (one newer than this table) is taken to
@@ -366,8 +384,6 @@ def _dequote_json(text: str) -> str:
 
 
 def _parse_json_object(text: str) -> dict[str, Any]:
-    import json  # only JSON -blockdev and json: file names need it
-
     try:
         value = json.loads(text)
     except ValueError:
@@ -438,16 +454,14 @@ _LOCAL_PREFIXES: Final = {"file": "file", "host_device": "host_device", "host_cd
 #: ``-add-fd``: a file descriptor, not a path imglock can open.
 FDSET_PREFIX: Final = "/dev/fdset/"
 
-#: Roles of an image in what a VM opens (:attr:`DriveImage.role`).
-ROLE_TOP: Final = "top"
-ROLE_BACKING: Final = "backing"
-ROLE_DATA_FILE: Final = "data-file"
 
-#: How a VM uses an image (:attr:`DriveImage.mode`): the claim modes of
-#: imglock, named as :class:`imglock.lock.protocol.Mode` names them.
-MODE_EXCLUSIVE: Final = "exclusive"
-MODE_SHARED: Final = "shared"
-MODE_SHARED_WRITE: Final = "shared-write"
+class Role(enum.StrEnum):
+    """The role of an image in what a VM opens (:attr:`DriveImage.role`)."""
+
+    TOP = "top"
+    BACKING = "backing"
+    DATA_FILE = "data-file"
+
 
 _BOOL_TRUE: Final = frozenset({"on", "yes", "true", "y"})
 _BOOL_FALSE: Final = frozenset({"off", "no", "false", "n"})
@@ -468,8 +482,19 @@ def path_has_protocol(filename: str) -> bool:
     return end < len(filename) and filename[end] == ":"
 
 
-@dataclass(frozen=True)
-class DriveImage:
+@dataclass(frozen=True, kw_only=True)
+class _Inherited:
+    """What a file inherits from the way down the graph to it (see :class:`DriveImage`)."""
+
+    format: str | None = None
+    role: Role = Role.TOP
+    implicit_backing: bool = True
+    implicit_data_file: bool = True
+    share_rw: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class DriveImage(_Inherited):
     """One file that a QEMU command line makes QEMU open as a block device.
 
     :attr:`filename` is as written on the command line (relative names
@@ -480,9 +505,9 @@ class DriveImage:
 
     :attr:`format` is the format driver that reads the file (``"qcow2"``,
     ``"raw"``...) or None when QEMU probes it.  :attr:`role` is
-    :data:`ROLE_TOP` for what a device uses, :data:`ROLE_BACKING` for a
+    :attr:`Role.TOP` for what a device uses, :attr:`Role.BACKING` for a
     backing node the command line names itself (``-blockdev ...,backing=``)
-    and :data:`ROLE_DATA_FILE` for a qcow2 external data file named on the
+    and :attr:`Role.DATA_FILE` for a qcow2 external data file named on the
     command line (read it as raw data, never probe it).
     :attr:`implicit_backing` is true when QEMU opens the backing chain
     recorded in the image header; it is false when the command line sets
@@ -500,7 +525,6 @@ class DriveImage:
     """
 
     filename: str
-    format: str | None
     read_only: bool
     snapshot: bool
     source: str
@@ -508,25 +532,20 @@ class DriveImage:
     local: bool = True
     protocol: str | None = None
     cdrom: bool = False
-    role: str = ROLE_TOP
-    implicit_backing: bool = True
-    implicit_data_file: bool = True
-    share_rw: bool = False
 
     @property
-    def mode(self) -> str:
-        """How the VM uses the file: :data:`MODE_EXCLUSIVE`, :data:`MODE_SHARED`
-        or :data:`MODE_SHARED_WRITE`.
+    def mode(self) -> Mode:
+        """How the VM uses the file: the mode imglock claims it in.
 
         A backing node named on the command line is only read.  A device
         with ``share-rw=on`` shares writes with other VMs (even when it
         only reads, it must let them write).
         """
-        if self.role == ROLE_BACKING:
-            return MODE_SHARED
+        if self.role == Role.BACKING:
+            return Mode.SHARED
         if self.share_rw:
-            return MODE_SHARED_WRITE
-        return MODE_SHARED if self.shared else MODE_EXCLUSIVE
+            return Mode.SHARED_WRITE
+        return Mode.SHARED if self.shared else Mode.EXCLUSIVE
 
     @property
     def shared(self) -> bool:
@@ -570,17 +589,12 @@ class _Drive:
     drive_id: str | None
 
 
-@dataclass(frozen=True)
-class _Context:
+@dataclass(frozen=True, kw_only=True)
+class _Context(_Inherited):
     """What a walk down the graph carries to each file it reaches."""
 
     root: _Root
-    format: str | None = None
     read_only: bool = False
-    role: str = ROLE_TOP
-    implicit_backing: bool = True
-    implicit_data_file: bool = True
-    share_rw: bool = False
 
 
 def _option_bool(value: object, key: str) -> bool:
@@ -651,17 +665,19 @@ def _drive_root(drive: _Drive, global_snapshot: bool) -> _Root | None:
     )  # fmt: skip
 
 
+@dataclass
 class _Graph:
     """Every block node of a command line, walked from its roots to its files."""
 
-    def __init__(self, roots: list[_Root], shared_writes: frozenset[str] = frozenset()) -> None:
-        self.roots = roots
-        #: Drive ids and node names that a device uses with share-rw=on.
-        self.shared_writes = shared_writes
-        self.by_name: dict[str, dict[str, Any]] = {}
-        self.owner: dict[str, _Root] = {}
-        self.referenced: set[str] = set()
-        for root in roots:
+    roots: list[_Root]
+    #: Drive ids and node names that a device uses with share-rw=on.
+    shared_writes: frozenset[str] = frozenset()
+    by_name: dict[str, dict[str, Any]] = field(default_factory=dict, init=False)
+    owner: dict[str, _Root] = field(default_factory=dict, init=False)
+    referenced: set[str] = field(default_factory=set, init=False)
+
+    def __post_init__(self) -> None:
+        for root in self.roots:
             self._register(root.node, root)
 
     def _register(self, node: dict[str, Any], root: _Root) -> None:
@@ -694,7 +710,7 @@ class _Graph:
         return found
 
     def _root_context(self, root: _Root) -> _Context:
-        return _Context(root, share_rw=root.drive_id in self.shared_writes)
+        return _Context(root=root, share_rw=root.drive_id in self.shared_writes)
 
     def _walk(
         self,
@@ -753,8 +769,7 @@ class _Graph:
             # A server, a device endpoint (libblkio's "path"), or nothing.
             filename = node.get("filename", node.get("path"))
             if not isinstance(filename, str):
-                import json  # a node without a file name is described as QEMU would
-
+                # A node without a file name is described as QEMU would.
                 filename = "json:" + json.dumps(node, sort_keys=True)
             found.append(self._image(ctx, filename, read_only, driver, local=False))
             return
@@ -770,11 +785,11 @@ class _Graph:
             if key == "backing":
                 # A backing node is only read, whatever its users share.
                 child_ctx = replace(
-                    ctx, format=None, read_only=True, role=ROLE_BACKING, implicit_backing=True,
+                    ctx, format=None, read_only=True, role=Role.BACKING, implicit_backing=True,
                     implicit_data_file=True, share_rw=False,
                 )  # fmt: skip
             elif key == "data-file":
-                child_ctx = replace(ctx, format=None, read_only=read_only, role=ROLE_DATA_FILE)
+                child_ctx = replace(ctx, format=None, read_only=read_only, role=Role.DATA_FILE)
             elif key == "file" and is_format:
                 # An explicit "backing" (a node name, or null for none) or
                 # "data-file" replaces what the image header names.
@@ -797,9 +812,9 @@ class _Graph:
         ctx: _Context, filename: str, read_only: bool, driver: str, *, local: bool
     ) -> DriveImage:
         protocol = None if local else ("fdset" if driver == "file" else driver)
+        inherited = {f.name: getattr(ctx, f.name) for f in fields(_Inherited)}
         return DriveImage(
             filename=filename,
-            format=ctx.format,
             read_only=read_only,
             snapshot=ctx.root.snapshot,
             source=ctx.root.source,
@@ -807,10 +822,7 @@ class _Graph:
             local=local,
             protocol=protocol,
             cdrom=ctx.root.cdrom or driver == "host_cdrom",
-            role=ctx.role,
-            implicit_backing=ctx.implicit_backing,
-            implicit_data_file=ctx.implicit_data_file,
-            share_rw=ctx.share_rw,
+            **inherited,
         )
 
 
@@ -839,7 +851,7 @@ def _children(value: object) -> list[object]:
     return list(value) if isinstance(value, list) else [value]
 
 
-_ROLE_RANK: Final = {ROLE_TOP: 0, ROLE_DATA_FILE: 1, ROLE_BACKING: 2}
+_ROLE_RANK: Final = {Role.TOP: 0, Role.DATA_FILE: 1, Role.BACKING: 2}
 
 
 def _merge(images: list[DriveImage]) -> list[DriveImage]:
@@ -867,8 +879,8 @@ def _merge(images: list[DriveImage]) -> list[DriveImage]:
             implicit_backing=seen.implicit_backing or image.implicit_backing,
             implicit_data_file=seen.implicit_data_file or image.implicit_data_file,
             share_rw=(seen.share_rw or image.share_rw)
-            and seen.mode != MODE_EXCLUSIVE
-            and image.mode != MODE_EXCLUSIVE,
+            and seen.mode != Mode.EXCLUSIVE
+            and image.mode != Mode.EXCLUSIVE,
         )
         if seen.shared and image.shared and not combined.shared:
             # Shared both times, for different reasons (read-only, snapshot).

@@ -68,6 +68,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import enum
 import functools
 import inspect
 import os
@@ -84,20 +85,30 @@ from imglock.errors import EX_OSERR, ImglockError
 
 T = TypeVar("T")
 
-# Run states (qapi/run-state.json, RunState).
-RUNSTATE_RUNNING: Final = "running"
-RUNSTATE_PAUSED: Final = "paused"
-RUNSTATE_PRELAUNCH: Final = "prelaunch"
-RUNSTATE_INMIGRATE: Final = "inmigrate"
-RUNSTATE_FINISH_MIGRATE: Final = "finish-migrate"
-RUNSTATE_POSTMIGRATE: Final = "postmigrate"
 
-# Migration statuses (qapi/migration.json, MigrationStatus).
-MIGRATION_NONE: Final = "none"
-MIGRATION_COMPLETED: Final = "completed"
-MIGRATION_FAILED: Final = "failed"
-MIGRATION_CANCELLED: Final = "cancelled"
-MIGRATION_TERMINAL: Final = frozenset({MIGRATION_COMPLETED, MIGRATION_FAILED, MIGRATION_CANCELLED})
+class RunStatus(enum.StrEnum):
+    """The run states imglock looks for (qapi/run-state.json, RunState)."""
+
+    RUNNING = "running"
+    PAUSED = "paused"
+    PRELAUNCH = "prelaunch"
+    INMIGRATE = "inmigrate"
+    FINISH_MIGRATE = "finish-migrate"
+    POSTMIGRATE = "postmigrate"
+
+
+class MigrationStatus(enum.StrEnum):
+    """The migration statuses imglock looks for (qapi/migration.json, MigrationStatus)."""
+
+    NONE = "none"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+MIGRATION_TERMINAL: Final = frozenset(
+    {MigrationStatus.COMPLETED, MigrationStatus.FAILED, MigrationStatus.CANCELLED}
+)
 
 # Events (qapi/run-state.json, qapi/migration.json).
 EVENT_MIGRATION: Final = "MIGRATION"
@@ -179,7 +190,7 @@ class MigrationOutcome:
     @property
     def completed(self) -> bool:
         """Whether the migration completed (on a source, a snapshot completes too)."""
-        return self.status == MIGRATION_COMPLETED
+        return self.status == MigrationStatus.COMPLETED
 
 
 @dataclass(frozen=True)
@@ -433,7 +444,7 @@ class Monitor:
 
     async def migration_status(self) -> str:
         """The current migration status, ``"none"`` if there never was one."""
-        status = (await self.query_migrate()).get("status", MIGRATION_NONE)
+        status = (await self.query_migrate()).get("status", MigrationStatus.NONE)
         return str(status)
 
     async def set_migration_capabilities(self, **capabilities: bool) -> None:
@@ -473,6 +484,16 @@ class Monitor:
         """
         reply = await self.execute("x-debug-query-block-graph")
         return reply if isinstance(reply, dict) else {}
+
+    async def job_statuses(self) -> list[str]:
+        """``query-jobs``: the status of every job (``running``, ``concluded``...).
+
+        Does no I/O on the images.
+        """
+        reply = await self.execute("query-jobs")
+        if not isinstance(reply, list):
+            return []
+        return [str(job.get("status")) for job in reply if isinstance(job, dict)]
 
     async def named_block_nodes(self) -> list[Mapping[str, Any]]:
         """``query-named-block-nodes`` (flat): every node with its driver and file name."""
@@ -583,10 +604,11 @@ class Monitor:
         self,
         states: Collection[str],
         *,
+        among: bool = True,
         timeout: float | None = None,
         poll_interval: float = POLL_INTERVAL,
     ) -> RunState:
-        """Poll ``query-status`` until the run state is one of ``states``.
+        """Poll ``query-status`` until the run state is one of ``states`` (not *among*: none).
 
         Polling, because QEMU sends no event for most run state changes
         (``finish-migrate`` → ``postmigrate``, ``inmigrate`` → ``paused``).
@@ -594,22 +616,7 @@ class Monitor:
         async with asyncio.timeout(timeout):
             while True:
                 state = await self.query_status()
-                if state.status in states:
-                    return state
-                await asyncio.sleep(poll_interval)
-
-    async def wait_runstate_not(
-        self,
-        states: Collection[str],
-        *,
-        timeout: float | None = None,
-        poll_interval: float = POLL_INTERVAL,
-    ) -> RunState:
-        """Poll ``query-status`` until the run state is none of ``states``."""
-        async with asyncio.timeout(timeout):
-            while True:
-                state = await self.query_status()
-                if state.status not in states:
+                if (state.status in states) is among:
                     return state
                 await asyncio.sleep(poll_interval)
 
@@ -637,14 +644,16 @@ class Monitor:
         ``postmigrate``, and a failure before it resumes the guest.
         """
         try:
-            state = await self.wait_runstate_not({RUNSTATE_FINISH_MIGRATE}, timeout=SETTLE_TIMEOUT)
+            state = await self.wait_runstate(
+                {RunStatus.FINISH_MIGRATE}, among=False, timeout=SETTLE_TIMEOUT
+            )
         except TimeoutError:
             raise MonitorError(
                 self.path, f"migration {status} but the VM stayed in "
-                f"{RUNSTATE_FINISH_MIGRATE} for {SETTLE_TIMEOUT:g} s",
+                f"{RunStatus.FINISH_MIGRATE} for {SETTLE_TIMEOUT:g} s",
             ) from None  # fmt: skip
         error = None
-        if status != MIGRATION_COMPLETED:
+        if status != MigrationStatus.COMPLETED:
             desc = (await self.query_migrate()).get("error-desc")
             error = desc if isinstance(desc, str) else None
         return MigrationOutcome(status, state, error)
@@ -668,7 +677,7 @@ class Monitor:
         try:
             async with asyncio.timeout(timeout):
                 state = await self.query_status()
-                while state.status == RUNSTATE_INMIGRATE and not saw_completed:
+                while state.status == RunStatus.INMIGRATE and not saw_completed:
                     # Events make this quick; the poll covers a migration
                     # whose events are off or were sent before we listened.
                     try:
@@ -676,7 +685,7 @@ class Monitor:
                     except TimeoutError:
                         state = await self.query_status()
                         continue
-                    saw_completed = event.migration_status == MIGRATION_COMPLETED
+                    saw_completed = event.migration_status == MigrationStatus.COMPLETED
         except MonitorClosed:
             raise MonitorClosed(
                 self.path, "QEMU exited before the incoming migration completed "
@@ -686,15 +695,15 @@ class Monitor:
         # the reply that said so, and is consumed here.
         self._absorb()
         while not saw_completed and self._pending:
-            saw_completed = self._pending.popleft().migration_status == MIGRATION_COMPLETED
+            saw_completed = self._pending.popleft().migration_status == MigrationStatus.COMPLETED
         if not self._pending:
             self._arrived.clear()
         if saw_completed:
             return
         status = await self.migration_status()
-        if status != MIGRATION_COMPLETED:
+        if status != MigrationStatus.COMPLETED:
             raise MonitorError(
-                self.path, f"left {RUNSTATE_INMIGRATE} for {state.status} with migration "
+                self.path, f"left {RunStatus.INMIGRATE} for {state.status} with migration "
                 f"status {status}",
             )  # fmt: skip
 
@@ -726,8 +735,8 @@ async def watch_source(
     # A migration started before this monitor was connected (at once after
     # QEMU's start) may have completed already: its events went elsewhere.
     if (
-        await monitor.migration_status() == MIGRATION_COMPLETED
-        and (await monitor.query_status()).status == RUNSTATE_POSTMIGRATE
+        await monitor.migration_status() == MigrationStatus.COMPLETED
+        and (await monitor.query_status()).status == RunStatus.POSTMIGRATE
     ):
         await _call_hook(release)
         released = True
@@ -749,16 +758,16 @@ async def watch_source(
         status = event.migration_status
         if status not in MIGRATION_TERMINAL:
             continue
-        if status == MIGRATION_COMPLETED and not released:
+        if status == MigrationStatus.COMPLETED and not released:
             state = await monitor.query_status()
-            if state.status not in (RUNSTATE_FINISH_MIGRATE, RUNSTATE_POSTMIGRATE):
+            if state.status not in (RunStatus.FINISH_MIGRATE, RunStatus.POSTMIGRATE):
                 # A snapshot that QEMU makes as a migration (savevm,
                 # snapshot-save, background-snapshot) completes too, but
                 # the guest keeps its images and runs on: nothing to hand over.
                 if on_outcome is not None:
                     on_outcome(MigrationOutcome(status, state))
                 continue
-        if status == MIGRATION_COMPLETED and not released:
+        if status == MigrationStatus.COMPLETED and not released:
             # The images are inactive, and the guest is stopped in
             # finish-migrate, from which nothing resumes it ("migration is
             # not finalized yet"): the destination may take over now.
@@ -801,7 +810,7 @@ async def watch_destination(
     if resume:
         # With -S the guest cannot be running yet: no need to ask first.
         await monitor.cont()
-    return MigrationOutcome(MIGRATION_COMPLETED, await monitor.query_status())
+    return MigrationOutcome(MigrationStatus.COMPLETED, await monitor.query_status())
 
 
 # --------------------------------------------------------------------------

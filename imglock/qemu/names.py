@@ -11,6 +11,8 @@ import os
 from collections.abc import Sequence
 from typing import Final
 
+from imglock.qemu.prefixes import command_start
+
 #: Program names (basename of ``argv[0]``) that are QEMU system emulators
 #: besides ``qemu-system-<target>``: RHEL's ``/usr/libexec/qemu-kvm``,
 #: Debian's ``/usr/bin/kvm`` and the pre-1.0 ``qemu``.
@@ -44,8 +46,6 @@ def qemu_start(argv: Sequence[str]) -> int | None:
     :class:`~imglock.qemu.prefixes.PrefixError` for a wrapper whose
     arguments cannot be followed.
     """
-    from imglock.qemu.prefixes import command_start
-
     start = command_start(argv)
     return start if is_qemu(argv[start:]) else None
 

@@ -1,8 +1,14 @@
-"""The wrapper behind ``imglock run``: launch policy, the runner, the migration handoff.
+"""The wrapper behind ``imglock run``, in layers that each call only the next.
 
-* :mod:`~imglock.run.launch`: what to claim for a command, and in which layers;
-* :mod:`~imglock.run.runner`: fork, gate, claim on the child's descriptors, signals, exit;
-* :mod:`~imglock.run.handoff`: the live-migration handoff through QEMU's monitor.
+* :mod:`~imglock.run.options`: what the run was asked (one frozen RunOptions);
+* :mod:`~imglock.run.plan`: the one plan of a run: adapter, files, lock layers;
+  :mod:`~imglock.run.dry_run` renders it, :mod:`~imglock.run.launch` takes it;
+* :mod:`~imglock.run.adapters`: a hypervisor's command line and guest control
+  (generic, QEMU: :mod:`~imglock.run.handoff`, :mod:`~imglock.run.graph`;
+  installed ones through the ``imglock.hypervisors`` entry points);
+* :mod:`~imglock.run.runner`: fork, gate, claim on the child's descriptors, signals,
+  exit, survivors handed to :mod:`~imglock.run.watcher`;
+* :mod:`~imglock.run.session`: the one owner of the run's claim and its states.
 
 It uses :mod:`imglock.api` and :mod:`imglock.qemu`; nothing below it imports it.
 """

@@ -41,17 +41,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Final, NamedTuple
+from dataclasses import dataclass, field, replace
+from typing import Any, Final, NamedTuple
 
 from imglock.errors import ImglockError, LockConflict
 from imglock.lock.protocol import Mode, strongest
+from imglock.qemu.cmdline import iter_options, parse_qemu_opts
 from imglock.qemu.drivers import LOCAL_FILE_MEMBERS
-
-if TYPE_CHECKING:
-    from imglock.qemu.monitor import Monitor
-    from imglock.run.runner import Runner
+from imglock.qemu.monitor import CommandFailed, Monitor, MonitorClosed, call_hook
+from imglock.run.guest import GuestControl
+from imglock.run.session import ClaimSession
 
 #: Seconds between two readings of the graph when no event came.
 DEFAULT_INTERVAL: Final = 0.5
@@ -69,6 +71,17 @@ GRAPH_EVENTS: Final = frozenset(
         "DEVICE_DELETED",
     }
 )
+
+#: Job statuses (qapi/job.json) in which ``query-named-block-nodes`` crashes
+#: QEMU: a ``block-stream`` job that has concluded and waits for its manager
+#: to dismiss it (libvirt sets ``auto-dismiss`` off) leaves a node behind that
+#: the query dereferences (SIGSEGV in Debian 12's QEMU 7.2, on the first
+#: reading after ``virsh blockpull``).  The nodes are read once it is dismissed.
+UNSETTLED_JOB_STATUSES: Final = frozenset({"concluded"})
+
+#: One reading of QEMU's block graph: ``x-debug-query-block-graph``'s graph
+#: and ``query-named-block-nodes``' nodes.
+GraphReading = tuple[Mapping[str, Any], list[Mapping[str, Any]]]
 
 #: Run states in which QEMU's images may be inactive (qapi/run-state.json):
 #: an incoming migration, and an outgoing one from its last phase on.
@@ -92,8 +105,6 @@ def qemu_root(argv: Sequence[str]) -> str | None:
     ``-chroot DIR`` (QEMU 7.2) or ``-run-with chroot=DIR`` (QEMU 8.1 on);
     the last one given wins, as QEMU reads them.
     """
-    from imglock.qemu.cmdline import iter_options, parse_qemu_opts
-
     root = None
     for name, value in iter_options(argv):
         if name == "-chroot":
@@ -125,8 +136,7 @@ def _file_name(node: Mapping[str, Any]) -> str | None:
     if not isinstance(name, str) or not name:
         return None
     if name.startswith("json:"):
-        import json  # a file node opened with extra options is described as json:{...}
-
+        # A file node opened with extra options is described as json:{...}.
         with contextlib.suppress(ValueError):
             described = json.loads(name[len("json:") :])
             inner = described.get("filename") if isinstance(described, dict) else None
@@ -182,8 +192,8 @@ def open_files(graph: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]]) -> 
 
 
 async def query_open_files(
-    monitor: Monitor, known: tuple[Mapping[str, Any], list[Mapping[str, Any]]] | None = None
-) -> tuple[list[OpenFile], tuple[Mapping[str, Any], list[Mapping[str, Any]]]]:
+    monitor: Monitor, known: GraphReading | None = None
+) -> tuple[list[OpenFile] | None, GraphReading | None]:
     """Ask QEMU which files its block graph holds (see :func:`open_files`).
 
     ``query-named-block-nodes`` makes QEMU stat every image in its main
@@ -192,50 +202,65 @@ async def query_open_files(
     does no I/O.  So the nodes are asked for only when the graph differs
     from *known*, the (graph, nodes) of the last reading, which is
     returned for the next one.
+
+    Nor are they asked for while a job has ended but is not yet dismissed
+    (:data:`UNSETTLED_JOB_STATUSES`): then the files are None, and *known*
+    is returned unchanged.
     """
     graph = await monitor.block_graph()
     if known is not None and known[0] == graph:
         nodes = known[1]
+    elif set(await monitor.job_statuses()) & UNSETTLED_JOB_STATUSES:
+        # Read again once the job is dismissed (JOB_STATUS_CHANGE).
+        return None, known
     else:
         nodes = await monitor.named_block_nodes()
     return open_files(graph, nodes), (graph, nodes)
 
 
+@dataclass
 class GraphFollower:
-    """Keeps a runner's claim equal to what the wrapped QEMU has open."""
+    """Keeps a claim session equal to what the wrapped QEMU has open.
 
-    def __init__(
-        self,
-        runner: Runner,
-        interval: float = DEFAULT_INTERVAL,
-        *,
-        pin_start: bool = False,
-        events: Collection[str] = GRAPH_EVENTS,
-    ) -> None:
-        self.runner = runner
-        self.interval = interval
-        self.events = events
-        #: Keep what was claimed at start (images named with --image...).
-        self.pin_start = pin_start
-        #: Files never released or weakened, whatever QEMU does with them.
-        self.pinned: dict[tuple[int, int], Mode] | None = None
-        #: Files that could not be claimed, so that each is reported once.
-        self.refused: set[tuple[int, int]] = set()
-        self.skipped: set[str] = set()
-        #: Descriptors of files claimed here, to hand to QEMU: (fd, name).
-        self.to_pass: list[tuple[int, str]] = []
-        #: Names of descriptors QEMU keeps for files since closed.
-        self.to_close: list[str] = []
-        #: The names QEMU keeps our descriptors under, by file.
-        self.passed: dict[tuple[int, int], str] = {}
+    Made before QEMU runs; :meth:`following` binds it to the session and
+    to QEMU's pid once QEMU runs.
+    """
+
+    interval: float = DEFAULT_INTERVAL
+    #: Keep what was claimed at start (images named with --image...).
+    pin_start: bool = False
+    events: Collection[str] = GRAPH_EVENTS
+    session: ClaimSession | None = None
+    #: QEMU's pid: its root directory and working directory name its files.
+    pid: int = -1
+    #: How to stop the guest when QEMU opens a file someone else holds.
+    guest: GuestControl | None = None
+    #: Files never released or weakened, whatever QEMU does with them.
+    pinned: dict[tuple[int, int], Mode] | None = None
+    #: Files that could not be claimed, so that each is reported once.
+    refused: set[tuple[int, int]] = field(default_factory=set)
+    skipped: set[str] = field(default_factory=set)
+    #: Descriptors of files claimed here, to hand to QEMU: (fd, name).
+    to_pass: list[tuple[int, str]] = field(default_factory=list)
+    #: Names of descriptors QEMU keeps for files since closed.
+    to_close: list[str] = field(default_factory=list)
+    #: The names QEMU keeps our descriptors under, by file.
+    passed: dict[tuple[int, int], str] = field(default_factory=dict)
+
+    def following(self, session: ClaimSession, pid: int, guest: GuestControl) -> GraphFollower:
+        """This follower, what it has done so far kept, for *session* and QEMU's *pid*."""
+        return replace(self, session=session, pid=pid, guest=guest)
+
+    @property
+    def _session(self) -> ClaimSession:
+        assert self.session is not None, "following(): not bound to a running QEMU"
+        return self.session
 
     async def follow(self, monitor: Monitor) -> None:
         """Reconcile now, then on every graph event and every :attr:`interval` seconds.
 
         Returns when QEMU closes its monitor.
         """
-        from imglock.qemu.monitor import MonitorClosed, call_hook
-
         listener = monitor.listen(self.events)
         known = None
         try:
@@ -248,7 +273,7 @@ class GraphFollower:
                     return
                 # Around a migration QEMU's images are inactive, with no
                 # permissions: that graph says nothing of what the VM uses.
-                if not {before.status, after.status} & INACTIVE_RUNSTATES:
+                if files is not None and not {before.status, after.status} & INACTIVE_RUNSTATES:
                     await call_hook(lambda files=files: self.apply(files))  # type: ignore[misc]
                     await self._hand_over(monitor)
                 with contextlib.suppress(TimeoutError):
@@ -264,8 +289,6 @@ class GraphFollower:
         QEMU's descriptors, as the claims taken at start do: it lives on if
         the wrapper dies, and ``imglock status`` names QEMU.
         """
-        from imglock.qemu.monitor import CommandFailed
-
         # No lock is taken here: this runs on the monitor's event loop, which
         # a runner holding the claim lock may need (to stop the guest), and
         # only follow() itself, between two apply() calls, touches these.
@@ -284,7 +307,7 @@ class GraphFollower:
         None when QEMU runs in another root directory (chrooted by other
         means than its command line): its names are not this host's.
         """
-        proc = f"/proc/{self.runner.child}"
+        proc = f"/proc/{self.pid}"
         with contextlib.suppress(OSError):
             if os.readlink(f"{proc}/root") != "/":
                 return None
@@ -297,7 +320,6 @@ class GraphFollower:
 
     def apply(self, files: Iterable[OpenFile]) -> None:
         """Claim, change and release files so that the claim matches *files*."""
-        runner = self.runner
         # Looked at before the claim is locked: a stat on a hung NFS mount
         # must not keep the runner from checking its locks meanwhile.
         seen: dict[tuple[int, int], tuple[str, Mode]] = {}
@@ -320,10 +342,10 @@ class GraphFollower:
             key = self._known_file(path, st)
             mode = strongest(seen[key][1], file.mode) if key in seen else file.mode
             seen[key] = (path, mode)
-        with runner.claim_lock:
-            if not runner.lock_expected or runner.lost:
+        note = self._session.reporter.note
+        with self._session.files() as claim:
+            if claim is None:
                 return  # a migration owns the claim now, or it is lost already
-            claim = runner.config.claim
             if self.pinned is None:
                 self.pinned = {}
                 for member in claim.members if self.pin_start else ():
@@ -339,14 +361,14 @@ class GraphFollower:
                 current = held.get(key)
                 try:
                     if current is None:
-                        added = claim.add_file(path, mode)
+                        added = claim.add(path, mode)
                         name = f"imglock-{key[0]}:{key[1]}"
                         self.passed[key] = name
                         self.to_pass.append((added.image.lock_target[0], name))
-                        runner.config.note(f"QEMU opened {path}: claimed {mode.value}")
+                        note(f"QEMU opened {path}: claimed {mode.value}")
                     elif current.mode is not mode and strongest(current.mode, mode) is mode:
-                        claim.change_file_mode(current, mode)
-                        runner.config.note(f"QEMU now uses {path} {mode.value}: claim changed")
+                        claim.change_mode(current, mode)
+                        note(f"QEMU now uses {path} {mode.value}: claim changed")
                     else:
                         continue
                 except LockConflict as exc:
@@ -366,24 +388,24 @@ class GraphFollower:
                     if passed is not None:
                         self.to_close.append(passed)
                     try:
-                        claim.drop_file(member)
+                        claim.drop(member)
                     except ImglockError as exc:
                         # The descriptor is closed all the same; QEMU has closed the file.
-                        runner.config.note(f"{exc} (while releasing a file QEMU closed)")
+                        note(f"{exc} (while releasing a file QEMU closed)")
                         continue
-                    runner.config.note(f"QEMU closed {name}: claim released")
+                    note(f"QEMU closed {name}: claim released")
                 elif target is not None and member.mode is not target[1]:
                     try:
                         # Weaker, or another kind of sharing (shared-write to shared).
-                        claim.change_file_mode(member, target[1])
+                        claim.change_mode(member, target[1])
                     except LockConflict as exc:
                         self._refuse(key, exc)
                         continue
-                    runner.config.note(f"QEMU now uses {name} {target[1].value}: claim changed")
+                    note(f"QEMU now uses {name} {target[1].value}: claim changed")
 
     def _claimed(self, path: str) -> bool:
         """Whether the claim holds a file by this path (which may not answer a stat now)."""
-        return any(self._path(m.image.filename) == path for m in self.runner.config.claim.members)
+        return any(self._path(m.image.filename) == path for m in self._session.members())
 
     def _known_file(self, path: str, st: os.stat_result) -> tuple[int, int]:
         """The (st_dev, st_ino) under which the claim knows the file at *path*.
@@ -395,7 +417,7 @@ class GraphFollower:
         claim would meet itself as a rival).
         """
         key = (st.st_dev, st.st_ino)
-        for member in self.runner.config.claim.members:
+        for member in self._session.members():
             known = (member.image.st.st_dev, member.image.st.st_ino)
             if known == key:
                 return key
@@ -407,9 +429,9 @@ class GraphFollower:
         if key in self.refused:
             return
         self.refused.add(key)
-        guest = self.runner.guest
+        guest = self.guest
         how = guest.pause(str(exc)) if guest is not None else "no way to pause it"
-        self.runner.config.say(
+        self._session.reporter.error(
             f"{exc}; QEMU opened it while running: guest paused ({how}); "
             "it will not be resumed by imglock"
         )
@@ -417,4 +439,4 @@ class GraphFollower:
     def _skip(self, path: str, why: str) -> None:
         if path not in self.skipped:
             self.skipped.add(path)
-            self.runner.config.note(f"QEMU opened {path}, which imglock cannot claim: {why}")
+            self._session.reporter.note(f"QEMU opened {path}, which imglock cannot claim: {why}")

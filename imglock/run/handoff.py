@@ -26,30 +26,30 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
+import shutil
 import signal
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from imglock import faults
 from imglock.errors import ImglockError
 from imglock.qemu.cmdline import has_freeze_cpu, migration_incoming, with_extra_args
 from imglock.qemu.monitor import (
     EVENT_RESUME,
-    RUNSTATE_FINISH_MIGRATE,
-    RUNSTATE_POSTMIGRATE,
     MigrationOutcome,
     Monitor,
     MonitorError,
     MonitorThread,
+    RunStatus,
     watch_destination,
     watch_source,
 )
+from imglock.run.graph import GraphFollower
 from imglock.run.private_dir import SOCKET_NAME
-from imglock.run.runner import Runner
-
-if TYPE_CHECKING:
-    from imglock.run.graph import GraphFollower
+from imglock.run.reporter import Reporter
+from imglock.run.session import ClaimSession
 
 #: How long QEMU gets to create its QMP socket after exec.
 CONNECT_TIMEOUT: Final = 30.0
@@ -89,7 +89,7 @@ class _Child:
 
 @dataclass
 class Handoff:
-    """The QMP side of one wrapped QEMU: its monitor and its migration watchers."""
+    """The QMP side of one wrapped QEMU: its monitor, its migration watchers, its guest control."""
 
     argv: list[str]
     socket: str
@@ -97,64 +97,71 @@ class Handoff:
     #: Destination: resume the guest once claimed (the user did not pass -S).
     resume_on_arrival: bool
     timeout: float
-    runner: Runner | None = None
-    monitor: MonitorThread | None = None
     #: Keeps the claim equal to QEMU's block graph while it runs (imglock.run.graph).
     follower: GraphFollower | None = None
-    #: The destination's holder records are still to be written.
-    _records_due: bool = False
+    session: ClaimSession | None = None
+    #: QEMU's pid (the process the lock names, once a watcher carries on).
+    pid: int = -1
+    monitor: MonitorThread | None = None
     #: The guest was stopped with SIGSTOP (QMP did not answer): SIGCONT it to resume.
     _sigstopped: bool = False
     _closed: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
-    def for_command(cls, argv: list[str], private_dir: str, timeout: float) -> Handoff:
+    def for_command(
+        cls,
+        argv: Sequence[str],
+        private_dir: str,
+        timeout: float,
+        follower: GraphFollower | None = None,
+    ) -> Handoff:
         """Prepare the QEMU command line: our monitor, and -S on a destination."""
         socket = os.path.join(private_dir, SOCKET_NAME)
         incoming = migration_incoming(argv) is not None
         user_paused = has_freeze_cpu(argv)
         extended = with_extra_args(argv, qmp_socket=socket, freeze_cpu=incoming and not user_paused)
         extended += MIGRATION_EVENTS_ARGS
-        return cls(extended, socket, incoming, incoming and not user_paused, timeout)
+        return cls(extended, socket, incoming, incoming and not user_paused, timeout, follower)
 
-    def attach(self, runner: Runner) -> None:
-        """Let *runner* start the watchers once QEMU runs, and pause through QMP."""
-        self.runner = runner
-        runner.on_started = self._started
-        runner.guest = self
-        runner.handover = self
+    def attach(self, session: ClaimSession, pid: int) -> None:
+        """QEMU runs as *pid*: connect to it and watch it, in the background.
+
+        Connecting may take a while (QEMU creates the socket after it has
+        parsed its options); the runner's main loop must go on forwarding signals.
+        """
+        self.session = session
+        self.pid = pid
+        if self.follower is not None:
+            self.follower = self.follower.following(session, pid, self)
+        threading.Thread(target=self._watch, name="imglock-handoff", daemon=True).start()
+
+    @property
+    def _reporter(self) -> Reporter:
+        assert self.session is not None
+        return self.session.reporter
 
     # -- a daemonized QEMU (-daemonize): the watcher takes over -----------
 
     def before_fork(self) -> None:
         self.close()
 
-    def in_watcher(self, runner: Runner) -> None:
+    def in_watcher(self, session: ClaimSession, pid: int) -> None:
         """Connect again, from the watcher, and watch the daemon as the wrapper did."""
         self.monitor = None
         self._closed = threading.Event()
         # A destination that has claimed already is watched as a source.
-        self.incoming = self.incoming and not runner.lock_expected
-        self.attach(runner)
-        self._started(runner)
+        self.incoming = self.incoming and not session.held
+        self.attach(session, pid)
 
     def finish(self) -> None:
         """The daemon is gone: close the monitor and remove the private directory."""
-        import shutil
-
         self.close()
         shutil.rmtree(os.path.dirname(self.socket), ignore_errors=True)
 
-    # -- the runner's side ------------------------------------------------
-
-    def _started(self, runner: Runner) -> None:
-        # Connecting may take a while (QEMU creates the socket after it has
-        # parsed its options); the main loop must go on forwarding signals.
-        threading.Thread(target=self._watch, name="imglock-handoff", daemon=True).start()
+    # -- the guest control (imglock.run.guest) ----------------------------
 
     def pause(self, reason: str) -> str:
         """Stop the guest with QMP ``stop`` (SIGSTOP if the monitor is not up)."""
-        assert self.runner is not None
         if self.monitor is not None:
             try:
                 self.monitor.stop(timeout=STOP_TIMEOUT)
@@ -162,11 +169,11 @@ class Handoff:
             except (ImglockError, TimeoutError):
                 pass
         try:
-            os.kill(self.runner.child, signal.SIGSTOP)
+            os.kill(self.pid, signal.SIGSTOP)
         except ProcessLookupError:
             return "QEMU had already exited"
         self._sigstopped = True
-        return f"QMP unavailable: sent SIGSTOP to pid {self.runner.child}"
+        return f"QMP unavailable: sent SIGSTOP to pid {self.pid}"
 
     def suspend(self) -> str | None:
         """Stop a running guest until :meth:`resume`; None if it was not running.
@@ -188,13 +195,12 @@ class Handoff:
 
     def resume(self) -> str:
         """Undo :meth:`suspend`: SIGCONT if it came to that, then QMP ``cont``."""
-        assert self.runner is not None
         how = []
         if self._sigstopped:
             self._sigstopped = False
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.runner.child, signal.SIGCONT)
-                how.append(f"sent SIGCONT to pid {self.runner.child}")
+                os.kill(self.pid, signal.SIGCONT)
+                how.append(f"sent SIGCONT to pid {self.pid}")
         if self.monitor is not None:
             try:
                 self.monitor.cont(timeout=STOP_TIMEOUT)
@@ -202,6 +208,12 @@ class Handoff:
             except (ImglockError, TimeoutError) as exc:
                 how.append(f"QMP cont failed: {exc}")
         return ", ".join(how) or "no monitor to resume it with"
+
+    def retarget(self, named: int, pids: Sequence[int]) -> None:
+        """QMP stops the guest whichever process holds the images; SIGSTOP goes to *named*."""
+        self.pid = named
+        if self.follower is not None and self.session is not None:
+            self.follower = self.follower.following(self.session, named, self)
 
     def close(self) -> None:
         self._closed.set()
@@ -211,11 +223,9 @@ class Handoff:
     # -- the monitor's side -----------------------------------------------
 
     def _watch(self) -> None:
-        runner = self.runner
-        assert runner is not None
         try:
             self.monitor = MonitorThread.connect(
-                self.socket, timeout=CONNECT_TIMEOUT, process=_Child(runner.child)
+                self.socket, timeout=CONNECT_TIMEOUT, process=_Child(self.pid)
             )
             if self._closed.is_set():
                 self.monitor.close()
@@ -226,18 +236,17 @@ class Handoff:
             watcher = self._destination_then_source if self.incoming else self._source
             self.monitor.start(watcher).result()
         except Exception as exc:  # a watcher thread must say why it stopped, not die silently
-            if not self._closed.is_set() and _alive(runner.child):
+            if not self._closed.is_set() and _alive(self.pid):
                 text = str(exc) if isinstance(exc, ImglockError) else repr(exc)
-                runner.config.say(f"migration handoff stopped: {text}")
+                self._reporter.error(f"migration handoff stopped: {text}")
 
     def _follower_ended(self, future: concurrent.futures.Future[None]) -> None:
-        runner = self.runner
-        if future.cancelled() or runner is None or self._closed.is_set():
+        if future.cancelled() or self.session is None or self._closed.is_set():
             return
         exc = future.exception()
-        if exc is not None and _alive(runner.child):
+        if exc is not None and _alive(self.pid):
             text = str(exc) if isinstance(exc, ImglockError) else repr(exc)
-            runner.config.say(f"following QEMU's block graph stopped: {text}")
+            self._reporter.error(f"following QEMU's block graph stopped: {text}")
 
     async def _keep_paused_once_lost(self, monitor: Monitor) -> None:
         """A guest whose claim is lost stays paused, whoever resumes it (a manager's ``cont``).
@@ -251,14 +260,13 @@ class Handoff:
             while True:
                 await listener.get()
                 listener.clear()
-                runner = self.runner
-                if runner is None or not runner.lost:
+                if self.session is None or not self.session.lost:
                     continue
                 try:
                     await monitor.stop()
                 except MonitorError:
                     return
-                runner.config.say(
+                self._reporter.error(
                     "the guest was resumed although its claim is lost: paused again "
                     "(see imglock(7), LOCK LOSS)"
                 )
@@ -272,13 +280,11 @@ class Handoff:
 
     def _outcome(self, outcome: MigrationOutcome) -> None:
         """Say how a migration (or a snapshot made as one) ended, and what became of the claim."""
-        runner = self.runner
-        assert runner is not None
         if not outcome.completed:
             why = f": {outcome.error}" if outcome.error else ""
-            runner.config.note(f"migration {outcome.status}{why}: the claim stays here")
-        elif outcome.runstate.status not in (RUNSTATE_FINISH_MIGRATE, RUNSTATE_POSTMIGRATE):
-            runner.config.note(
+            self._reporter.note(f"migration {outcome.status}{why}: the claim stays here")
+        elif outcome.runstate.status not in (RunStatus.FINISH_MIGRATE, RunStatus.POSTMIGRATE):
+            self._reporter.note(
                 "a snapshot completed (savevm, snapshot-save or background-snapshot), "
                 "not a migration: the guest keeps its images, and the claim stays"
             )
@@ -290,63 +296,27 @@ class Handoff:
         await self._source(monitor)
 
     def _release(self) -> None:
-        runner = self.runner
-        assert runner is not None
-        with runner.claim_lock:
-            runner.lock_expected = False
-            # Keep the descriptors: the guest may be resumed here and need them back.
-            runner.config.claim.release(close=False)
+        assert self.session is not None
+        self.session.hand_over()
         faults.point("handoff:released")
-        runner.config.note("migration completed: claim released to the destination")
-        later = threading.Timer(RECORDS_AFTER_HANDOFF, self._remove_records)
+        self._reporter.note("migration completed: claim released to the destination")
+        later = threading.Timer(RECORDS_AFTER_HANDOFF, self.session.remove_records)
         later.daemon = True
         later.start()
 
-    def _remove_records(self) -> None:
-        runner = self.runner
-        assert runner is not None
-        with runner.claim_lock:
-            runner.config.claim.remove_records()  # not if the guest came back here meanwhile
-
     def _reclaim(self) -> None:
-        runner = self.runner
-        assert runner is not None
-        with runner.claim_lock:
-            try:
-                runner.config.claim.acquire()
-            except ImglockError as exc:
-                runner.config.say(f"{exc}; guest resumed here after migrating away, stopping it")
-                raise
-            runner.lock_expected = True
+        assert self.session is not None
+        self.session.take_back()
 
     def _claim(self) -> None:
-        runner = self.runner
-        assert runner is not None
-        claim = runner.config.claim
-        with runner.claim_lock:
-            claim.wait = self.timeout
-            claim.backoff_cap = HANDOFF_BACKOFF_CAP
-            # Only the locks are on the critical path; the records follow
-            # once the guest runs (_record).
-            self._records_due, claim.record = claim.record, False
-            try:
-                claim.acquire()
-            except ImglockError as exc:
-                runner.config.say(f"{exc}; the migrated guest stays paused")
-                raise
-            finally:
-                claim.record = self._records_due
-            runner.lock_expected = True
+        assert self.session is not None
+        self.session.take_on_arrival(self.timeout, HANDOFF_BACKOFF_CAP)
         faults.point("handoff:claimed")
-        runner.config.note("incoming migration completed: claim taken")
+        self._reporter.note("incoming migration completed: claim taken")
 
     def _record(self) -> None:
-        runner = self.runner
-        assert runner is not None
-        if not self._records_due:
-            return
-        with runner.claim_lock:
-            runner.config.claim.write_records()
+        assert self.session is not None
+        self.session.write_deferred_records()
 
 
 def _alive(pid: int) -> bool:

@@ -21,6 +21,7 @@ import contextlib
 import errno
 import os
 import re
+import socket
 import stat
 import tempfile
 from typing import Final
@@ -117,8 +118,6 @@ def _remove_if_stale(parent: str, parent_fd: int, name: str) -> bool:
 
 def _listened_on(path: str) -> bool:
     """Whether a process listens on the unix socket at *path* (connecting never waits)."""
-    import socket
-
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK) as sock:
         try:
             sock.connect(path)

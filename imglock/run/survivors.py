@@ -11,6 +11,7 @@ a process that has a descriptor open on a file the claim locks.
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections import defaultdict
 from collections.abc import Iterable
@@ -24,8 +25,6 @@ FileKey = tuple[int, int]  # (st_dev, st_ino)
 
 def become_subreaper() -> bool:
     """Make this process the reaper of its orphaned descendants; False if the system refuses."""
-    import ctypes  # only `run` needs prctl, and only once
-
     libc = ctypes.CDLL(None, use_errno=True)
     return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
 
@@ -75,25 +74,3 @@ def using(pids: Iterable[int], files: set[FileKey], proc: str = "/proc") -> set[
                 out.add(pid)
                 break
     return out
-
-
-def holding(files_and_bytes: Iterable[tuple[FileKey, int]], proc: str = "/proc") -> set[int]:
-    """Every local process holding the lock on one of the (file, byte) pairs, through any fd.
-
-    An OFD lock shows in the fdinfo of every descriptor of its open file
-    description, so this finds each process that shares a claim's
-    descriptors, wherever it came from (a descendant, or one that got the
-    descriptor over a unix socket).
-    """
-    from imglock.lock import procfs
-
-    wanted = list(files_and_bytes)
-    if not wanted:
-        return set()
-    locks = procfs.scan(proc)
-    return {
-        lock.pid
-        for key, byte in wanted
-        for lock in locks.get(key, ())
-        if lock.covers(byte, byte + 1)
-    }

@@ -27,26 +27,85 @@ import contextlib
 import os
 import select
 import signal
+import syslog
+import warnings
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Final
+from dataclasses import dataclass, field
+from typing import Final
 
 from imglock import faults
-
-if TYPE_CHECKING:
-    from imglock.api import Claim
-    from imglock.run.runner import Runner
+from imglock.lock import procfs
+from imglock.run.adapters.base import Attachment
+from imglock.run.reporter import Reporter
+from imglock.run.session import ClaimSession, FileKey
+from imglock.run.survivors import using
 
 #: The watcher's exit status when something went wrong in it (EX_SOFTWARE).
 WATCHER_FAILED: Final = 70
 
 
-def start(runner: Runner, pidfds: dict[int, int], mask: Iterable[int]) -> int:
-    """Fork the watcher for *runner*'s claim and the processes of *pidfds*; return its pid.
+def heir(survivors: set[int]) -> int:
+    """The survivor to name in the lock: the oldest (a daemon, before its workers)."""
+    return min(survivors, key=lambda pid: (procfs.start_time(pid) or 0.0, pid))
+
+
+def command_of(pid: int) -> list[str] | None:
+    """The command line of *pid*, for the lock's holder records."""
+    return procfs.argv(pid)
+
+
+def pidfds_of(survivors: Iterable[int], files: set[FileKey]) -> dict[int, int]:
+    """A pidfd on each of *survivors* that still uses one of *files*, by pid."""
+    pidfds = {}
+    for pid in survivors:
+        with contextlib.suppress(OSError):  # gone meanwhile: nothing to keep for it
+            pidfds[pid] = os.pidfd_open(pid)
+    # A pid seen in /proc may have been reused before its pidfd was
+    # opened: keep only the pidfds of processes that still use the files.
+    for pid in set(pidfds) - using(pidfds, files):
+        os.close(pidfds.pop(pid))
+    return pidfds
+
+
+def holding(files_and_bytes: Iterable[tuple[FileKey, int]], proc: str = "/proc") -> set[int]:
+    """Every local process holding the lock on one of the (file, byte) pairs, through any fd.
+
+    An OFD lock shows in the fdinfo of every descriptor of its open file
+    description, so this finds each process that shares a claim's
+    descriptors, wherever it came from (a descendant, or one that got the
+    descriptor over a unix socket).
+    """
+    wanted = list(files_and_bytes)
+    if not wanted:
+        return set()
+    locks = procfs.scan(proc)
+    return {
+        lock.pid
+        for key, byte in wanted
+        for lock in locks.get(key, ())
+        if lock.covers(byte, byte + 1)
+    }
+
+
+@dataclass(eq=False)
+class Watched:
+    """What the wrapper hands to its watcher: the claim, the VMM, the processes that use it."""
+
+    session: ClaimSession
+    attached: Attachment
+    #: A pidfd on each process still using the claim, by pid.
+    pidfds: dict[int, int]
+    #: The process the lock names.
+    named: int
+    check_interval: float
+    check_deadline: float
+
+
+def start(watched: Watched, mask: Iterable[int]) -> int:
+    """Fork the watcher for *watched*; return its pid.
 
     Returns only in the wrapper: the watcher runs in the child and exits there.
     """
-    import warnings
-
     with warnings.catch_warnings():
         # Python 3.12 warns about fork() in a process with threads (the QMP
         # monitor's, stopped just before): the watcher uses none of theirs.
@@ -56,12 +115,12 @@ def start(runner: Runner, pidfds: dict[int, int], mask: Iterable[int]) -> int:
         return pid
     code = WATCHER_FAILED  # pragma: no cover - everything below runs in the watcher
     try:
-        _detach(keep={*runner.config.claim.descriptors, *pidfds.values()})
+        _detach(keep={*watched.session.descriptors, *watched.pidfds.values()})
         # Any signal that ends the watcher ends it at once: the survivors
         # hold the claim without it, and it must not clean up under them.
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, set(mask))
-        code = Watcher(runner, pidfds).run()
+        code = Watcher(watched).run()
     except BaseException as exc:  # the watcher has no one to raise to
         _log(f"watcher stopped: {exc!r}; the processes using the images keep the claim")
     finally:
@@ -86,38 +145,49 @@ def _detach(keep: set[int]) -> None:  # pragma: no cover - runs in the watcher
 
 
 def _log(message: str) -> None:
-    import syslog
-
     syslog.openlog("imglock", syslog.LOG_PID, syslog.LOG_DAEMON)
     syslog.syslog(syslog.LOG_ERR, message)
 
 
+def _no_note(message: str) -> None:
+    """The watcher has no terminal to take notes."""
+
+
+#: The watcher's messages: errors to syslog, notes nowhere.
+WATCHER_REPORTER: Final = Reporter(error=_log, warn=_log, note=_no_note)
+
+
+@dataclass(eq=False)
 class Watcher:
     """The watcher's loop: wait for the survivors, re-check the locks, end the claim."""
 
-    def __init__(self, runner: Runner, pidfds: dict[int, int]) -> None:
-        self.runner = runner
-        self.pidfds = dict(pidfds)
+    watched: Watched
+    session: ClaimSession = field(init=False)
+    pidfds: dict[int, int] = field(init=False)
+    named: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        # The claim is the watcher's to end now, and it speaks to syslog.
+        self.session = self.watched.session.detached(WATCHER_REPORTER)
+        self.pidfds = dict(self.watched.pidfds)
+        self.named = self.watched.named
 
     def run(self) -> int:
-        runner = self.runner
-        claim = runner.config.claim
-        claim.process = os.getpid()  # the claim is the watcher's to end now
-        runner.config.say = _log
-        runner.config.note = _no_note
-        if runner.handover is not None:
-            runner.handover.in_watcher(runner)
+        watched, session = self.watched, self.session
+        handover = watched.attached.handover
+        if handover is not None:
+            handover.in_watcher(session, self.named)
         faults.point("watch:started")
-        runner.start_checks()
+        session.watch(watched.attached.guest, watched.check_interval, watched.check_deadline)
         try:
             self._wait()
         finally:
-            runner.stop_checks()
+            session.stop_watching()
         # Only once every process using the claim is gone: an error above
         # leaves the records and the private directory to them.
-        claim.release()
-        if runner.handover is not None:
-            runner.handover.finish()
+        session.end()
+        if handover is not None:
+            handover.finish()
         return 0
 
     def _wait(self) -> None:
@@ -134,26 +204,15 @@ class Watcher:
 
     def _relabel_if_gone(self) -> None:
         """When the process the lock names has exited, name one that still uses it."""
-        runner = self.runner
-        if runner.child in self.pidfds or not self.pidfds:
+        if self.named in self.pidfds or not self.pidfds:
             return
-        from imglock.errors import LockError
-        from imglock.lock import procfs
-
         heir = min(self.pidfds)
-        with runner.claim_lock:
-            try:
-                runner.config.claim.relabel(heir, procfs.argv(heir))
-            except LockError as exc:
-                _log(f"{exc} (the claim stays held, under the old name)")
-        runner.child = heir
+        self.session.relabel(heir, procfs.argv(heir), "the claim stays held, under the old name")
+        self.named = heir
 
     def _guest_is_everyone(self) -> None:
         """A lost lock pauses every process still using the images (not QEMU: QMP stops it)."""
-        from imglock.run.runner import SignalGuest
-
-        if isinstance(self.runner.guest, SignalGuest):
-            self.runner.guest.pids = sorted(self.pidfds)
+        self.watched.attached.guest.retarget(self.named, sorted(self.pidfds))
 
     def _adopt_others(self) -> bool:
         """Processes that still share the claim's descriptors though none watched is left.
@@ -161,37 +220,10 @@ class Watcher:
         A survivor may have passed them on (to a child it forked before it
         exited, or over a unix socket): those hold the lock too.
         """
-        from imglock.run.survivors import holding
-
-        claim = self.runner.config.claim
-        if not claim.held:
-            return False
-        for pid in holding(own_bytes(claim)) - {os.getpid()}:
+        for pid in holding(self.session.own_bytes()) - {os.getpid()}:
             with contextlib.suppress(OSError):
                 self.pidfds[pid] = os.pidfd_open(pid)
         if self.pidfds:
             self._relabel_if_gone()
             self._guest_is_everyone()
         return bool(self.pidfds)
-
-
-def own_bytes(claim: Claim) -> list[tuple[tuple[int, int], int]]:
-    """((st_dev, st_ino) of the lock file, the claim's own imglock byte) for every held file."""
-    from imglock.lock.protocol import Layer, imglock_byte
-
-    out = []
-    for member in claim.members:
-        held = member.image.held
-        if held is None or Layer.IMGLOCK not in held.layers:
-            continue
-        fd, _name = member.image.lock_target
-        try:
-            st = os.fstat(fd)
-        except OSError:
-            continue  # a mount gone away: no process can be found holding it
-        out.append(((st.st_dev, st.st_ino), imglock_byte(held.mode, held.owner)))
-    return out
-
-
-def _no_note(message: str) -> None:
-    """The watcher has no terminal to take notes."""

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ENV, SpawnRival
-from processes import wait_until
+from processes import alive, holds_for, wait_until
 from qemu_vm import TINY_PC
 from wrapped_vm import TIMEOUT, WrappedVM, WrappedVMs
 
@@ -465,6 +465,26 @@ def test_block_stream(lab: Lab) -> None:
     lab.expect(vm, {top: EXCLUSIVE, mid: SHARED, base: SHARED})
     vm.qmp("block-stream", {"job-id": "s", "device": "drive0"})
     wait_until(lambda: job_gone(vm, "s"), what="the stream to end", timeout=TIMEOUT)
+    lab.expect(vm, {top: EXCLUSIVE, mid: FREE, base: FREE})
+    assert vm.quit() == 0
+
+
+def test_a_stream_left_for_its_manager_to_dismiss_never_crashes_qemu(lab: Lab) -> None:
+    """QEMU 7.2 crashes if asked for its named nodes while the stream waits to be dismissed."""
+    base, mid, top = make_chain(lab)
+    vm = lab.start(*chain_drive(top))
+    lab.expect(vm, {top: EXCLUSIVE, mid: SHARED, base: SHARED})
+    vm.qmp("block-stream", {"job-id": "s", "device": "drive0", "auto-dismiss": False})
+    concluded = [{"id": "s", "type": "stream", "status": "concluded"}]
+    wait_until(
+        lambda: [{k: j[k] for k in ("id", "type", "status")} for j in vm.qmp("query-jobs")]
+        == concluded,
+        what="the stream to conclude",
+        timeout=TIMEOUT,
+    )
+    # The wrapper reads the graph at once on the job's event, and every half second.
+    holds_for(lambda: alive(vm.qemu_pid), 2.0, what="QEMU to keep running")
+    vm.qmp("job-dismiss", {"id": "s"})
     lab.expect(vm, {top: EXCLUSIVE, mid: FREE, base: FREE})
     assert vm.quit() == 0
 

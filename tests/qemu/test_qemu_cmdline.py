@@ -20,11 +20,9 @@ from qemu_vm import NONE_MACHINE, TINY_PC, QemuVMs
 from imglock.errors import UsageError
 from imglock.qemu.cmdline import (
     QMP_CHARDEV_ID,
-    ROLE_BACKING,
-    ROLE_DATA_FILE,
-    ROLE_TOP,
     DriveImage,
     QemuOptionError,
+    Role,
     escape_value,
     find_images,
     format_qemu_opts,
@@ -198,7 +196,7 @@ def test_drive_with_escaped_comma_format_and_interface() -> None:
         argument="file=/vm/a,,b.qcow2,format=qcow2,if=virtio",
     )
     assert not image.shared
-    assert image.local and image.role == ROLE_TOP and image.implicit_backing
+    assert image.local and image.role == Role.TOP and image.implicit_backing
 
 
 @pytest.mark.parametrize(
@@ -420,10 +418,10 @@ def test_blockdev_node_name_references_libvirt_style() -> None:
     by_name = {i.filename: i for i in found}
     assert set(by_name) == {"/vm/top.qcow2", "/vm/base.qcow2"}
     top_image, base_image = by_name["/vm/top.qcow2"], by_name["/vm/base.qcow2"]
-    assert (top_image.role, top_image.format, top_image.shared) == (ROLE_TOP, "qcow2", False)
+    assert (top_image.role, top_image.format, top_image.shared) == (Role.TOP, "qcow2", False)
     assert not top_image.implicit_backing  # the command line names the backing node
     assert (base_image.role, base_image.format, base_image.shared) == (
-        ROLE_BACKING,
+        Role.BACKING,
         "qcow2",
         True,
     )
@@ -458,8 +456,8 @@ def test_blockdev_data_file_and_filters() -> None:
         "file.data-file.driver=file,file.data-file.filename=/vm/d.data",
     )
     assert [(i.filename, i.format, i.role) for i in found] == [
-        ("/vm/d.qcow2", "qcow2", ROLE_TOP),
-        ("/vm/d.data", None, ROLE_DATA_FILE),
+        ("/vm/d.qcow2", "qcow2", Role.TOP),
+        ("/vm/d.data", None, Role.DATA_FILE),
     ]
 
 
@@ -492,9 +490,9 @@ def test_backing_node_shared_by_two_overlays_is_listed_once() -> None:
         "backing=base",
     )  # fmt: skip
     assert [(i.filename, i.role, i.shared) for i in found] == [
-        ("/vm/a.qcow2", ROLE_TOP, False),
-        ("/vm/base.qcow2", ROLE_BACKING, True),
-        ("/vm/b.qcow2", ROLE_TOP, False),
+        ("/vm/a.qcow2", Role.TOP, False),
+        ("/vm/base.qcow2", Role.BACKING, True),
+        ("/vm/b.qcow2", Role.TOP, False),
     ]
 
 

@@ -25,12 +25,10 @@ from imglock.qemu.monitor import (
     CAPABILITY_EVENTS,
     EVENT_RESUME,
     EVENT_STOP,
-    MIGRATION_CANCELLED,
-    MIGRATION_COMPLETED,
-    MIGRATION_FAILED,
     CommandFailed,
     Event,
     MigrationOutcome,
+    MigrationStatus,
     Monitor,
     MonitorClosed,
     MonitorError,
@@ -244,7 +242,7 @@ def test_live_migration_handoff(handoff: Handoff) -> None:
     assert dst_state == RunState(False, "paused")
     assert dst_bytes == QEMU_WRITER_QCOW2
     assert release_at <= claim_at
-    assert outcomes == [MigrationOutcome(MIGRATION_COMPLETED, RunState(False, "postmigrate"))]
+    assert outcomes == [MigrationOutcome(MigrationStatus.COMPLETED, RunState(False, "postmigrate"))]
 
     src_seen = _sequence(handoff.src_mon.monitor.history)
     dst_seen = _sequence(handoff.dst_mon.monitor.history)
@@ -364,7 +362,7 @@ def test_cancelled_migration_leaves_the_source_running(handoff: Handoff) -> None
         dst_watch.result(HANDOFF_TIMEOUT)
     assert handoff.dest.wait(5) == 1
     wait_until(lambda: outcomes, what="the migration's outcome", timeout=5)
-    assert outcomes == [MigrationOutcome(MIGRATION_CANCELLED, RunState(True, "running"))]
+    assert outcomes == [MigrationOutcome(MigrationStatus.CANCELLED, RunState(True, "running"))]
     assert not handoff.released.is_set()
     assert handoff.src_mon.query_status() == RunState(True, "running")
     assert ofd_lock_bytes(handoff.source.pid, handoff.image) == QEMU_WRITER_QCOW2
@@ -383,7 +381,7 @@ def test_failed_migration_leaves_the_source_running(handoff: Handoff, qemu_vms: 
     handoff.migrate()
     wait_until(lambda: outcomes, what="the migration's outcome", timeout=5)
     (outcome,) = outcomes
-    assert outcome.status == MIGRATION_FAILED
+    assert outcome.status == MigrationStatus.FAILED
     assert outcome.runstate == RunState(True, "running")
     assert outcome.error is not None and "nobody-listens.sock" in outcome.error
     assert not handoff.released.is_set()
@@ -399,7 +397,7 @@ def test_wait_migration_reports_a_failure(qemu_vms: QemuVMs) -> None:
             return await monitor.wait_migration(timeout=5)
 
     outcome = asyncio.run(scenario())
-    assert outcome.status == MIGRATION_FAILED and not outcome.completed
+    assert outcome.status == MigrationStatus.FAILED and not outcome.completed
     assert outcome.runstate == RunState(True, "running")
 
 

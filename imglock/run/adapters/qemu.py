@@ -1,0 +1,130 @@
+"""The QEMU adapter: QEMU's command line read for its images, its guest watched through QMP.
+
+* the files to claim are read from QEMU's command line (:mod:`imglock.qemu.cmdline`),
+  unless they are named on the wrapper;
+* QEMU gets a QMP monitor of its own, on a socket in a private directory
+  (:mod:`imglock.run.private_dir`), through which the live-migration handoff
+  (:mod:`imglock.run.handoff`) hands the claim over, the guest is paused,
+  and the claim follows QEMU's block graph (:mod:`imglock.run.graph`);
+* a daemonizing QEMU's watcher connects to that monitor again.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from typing import Final
+
+from imglock.api import ClaimSpec
+from imglock.lock.protocol import Mode
+from imglock.qemu.cmdline import Role, find_images
+from imglock.qemu.names import is_qemu
+from imglock.run import private_dir
+from imglock.run.adapters.base import (
+    Adapter,
+    Attachment,
+    Command,
+    FilePlan,
+    Remote,
+    named_files,
+)
+from imglock.run.graph import CHROOTED, GraphFollower, qemu_root
+from imglock.run.handoff import Handoff
+from imglock.run.options import RunOptions
+from imglock.run.reporter import Reporter
+from imglock.run.session import ClaimSession
+
+
+@dataclass
+class QemuRun:
+    """One run of QEMU: its command line with our monitor, and the handoff watching it."""
+
+    argv: tuple[str, ...]
+    handoff: Handoff
+    #: The private directory of the monitor's socket.
+    private: str
+
+    @property
+    def claim_at_start(self) -> bool:
+        """A migration destination claims at the handoff, not before QEMU starts."""
+        return not self.handoff.incoming
+
+    def attach(self, session: ClaimSession, pid: int) -> Attachment:
+        self.handoff.attach(session, pid)
+        return Attachment(self.handoff, self.handoff)
+
+    def close(self, watched: bool) -> None:
+        self.handoff.close()
+        # A daemonized QEMU keeps its socket here: its watcher removes the
+        # directory once the daemon is gone.
+        if not watched:
+            shutil.rmtree(self.private, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class QemuAdapter(Adapter):
+    """QEMU system emulators (``qemu-system-*``, ``qemu-kvm``...), behind exec-wrappers too."""
+
+    name: str = "qemu"
+
+    def recognizes(self, command: Command) -> bool:
+        return is_qemu(command.program)
+
+    def plan_files(self, options: RunOptions, command: Command) -> FilePlan:
+        """Files named on the wrapper, else the local files of QEMU's command line.
+
+        A command line whose files are all remote (``nbd:``, ``rbd``,
+        ``iscsi``, ``/dev/fdset/N``...) plans no claim at all.
+        """
+        named = named_files(options)
+        if named.specs:
+            return named
+        specs: list[ClaimSpec] = []
+        sources: dict[str, str] = {}
+        remote: list[Remote] = []
+        for drive in find_images(command.program):
+            if not drive.local:
+                # nbd:, iscsi:, rbd, /dev/fdset...: their servers do the locking.
+                remote.append(Remote(drive.filename, drive.protocol, drive.source, drive.role))
+                continue
+            # A data file is read as raw data, never probed (it may hold anything).
+            fmt = "raw" if drive.role == Role.DATA_FILE else drive.format
+            specs.append(
+                ClaimSpec(
+                    drive.filename, Mode(drive.mode), fmt,
+                    backing=drive.implicit_backing, data_file=drive.implicit_data_file,
+                    role=drive.role,
+                )
+            )  # fmt: skip
+            sources.setdefault(drive.filename, drive.source)
+        return FilePlan(tuple(specs), sources, tuple(remote))
+
+    def prepare(self, options: RunOptions, command: Command, reporter: Reporter) -> QemuRun:
+        """QEMU's command line with a private QMP monitor that hands the claim over on migration."""
+        private_dir.sweep()  # those of wrappers that were killed
+        private = private_dir.make()  # mode 0700: only we can reach the socket
+        try:
+            follower = self._follower(options, command, reporter)
+            handoff = Handoff.for_command(
+                command.program, private, options.handoff_timeout, follower
+            )
+        except BaseException:
+            shutil.rmtree(private, ignore_errors=True)
+            raise
+        # The wrappers in front exec QEMU with the options added at its end.
+        return QemuRun((*command.prefix, *handoff.argv), handoff, private)
+
+    def _follower(
+        self, options: RunOptions, command: Command, reporter: Reporter
+    ) -> GraphFollower | None:
+        """What follows QEMU's block graph (``--graph-interval``), if anything does."""
+        if options.graph_interval <= 0:
+            return None
+        root = qemu_root(command.program)
+        if root is not None:
+            reporter.warn(CHROOTED.format(root=root))
+            return None
+        return GraphFollower(options.graph_interval, pin_start=bool(options.named))
+
+
+ADAPTER: Final = QemuAdapter()
