@@ -5,8 +5,8 @@ Lock tests (F_OFD_GETLK) do not see flock locks on local filesystems, so
 little it holds: the kernel takes ``file_rwsem`` for writing (fs/locks.c,
 ``locks_start``), which waits for an RCU grace period, about 10 ms on an
 idle machine.  The wait sleeps in the kernel without the GIL, so
-``imglock status`` starts the read first thing, in the background, and it
-overlaps the imports that follow instead of adding to them.
+``imglock status`` starts the read in the background as it begins, and it
+overlaps the images' first lock tests instead of adding to them.
 """
 
 from __future__ import annotations
@@ -30,8 +30,6 @@ class FlockTable:
     happens at the first :meth:`files`.  Either way it happens once, so one
     `status` or one conflict report sees one consistent picture.
     """
-
-    __slots__ = ("_files", "_lock", "_reader")
 
     def __init__(self, *, background: bool = False) -> None:
         self._files: frozenset[str] | None = None
