@@ -260,3 +260,20 @@ def test_names_that_are_not_utf8(imglock_cli: Any, tmp_path: Path) -> None:
     missing = imglock_cli("info", name + "x", timeout=10, env=ENV)
     assert missing.returncode == EX_NOINPUT
     assert "Traceback" not in missing.stderr
+
+
+def test_plain_info_imports_no_json(raw_image: Path) -> None:
+    probe = (
+        "import sys\n"
+        "from imglock.cli import main\n"
+        "try:\n"
+        f"    main(['info', {str(raw_image)!r}])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('json' in sys.modules, file=sys.stderr)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=30, env=ENV
+    )
+    assert proc.stderr.strip() == "False"
+    assert proc.stdout.startswith(f"image: {raw_image}\n")

@@ -45,9 +45,9 @@ LOCKS = {
 RUN = {"imglock.run.runner", "imglock.run.launch"}
 #: The claim machinery, which looking at who holds an image does not need.
 CLAIMS = {"imglock.api"}
-#: Costly to load or to use at every start-up: the qcow2 parser (for an
-#: image that is not qcow2), QEMU's command-line parser (for a command that
-#: is not QEMU).
+#: Costly to load or to use at every start-up: the json package, the qcow2
+#: parser (for an image that is not qcow2), QEMU's command-line parser (for
+#: a command that is not QEMU).
 QCOW2 = {"imglock.formats.qcow2"}
 QEMU_CMDLINE = {"imglock.qemu.cmdline"}
 
@@ -93,14 +93,15 @@ def test_info_reads_a_header_without_the_lock_machinery(raw_image: Path) -> None
     modules = imglock("info", raw_image)
     assert "imglock.formats.raw" in modules
     unwanted = NEVER | PROC | LOCKS | RUN | QCOW2 | QEMU_CMDLINE
-    assert (unwanted | {"imglock.lock.discovery"}) & modules == set()
+    assert (unwanted | {"json", "imglock.lock.discovery"}) & modules == set()
+    assert "json" in imglock("info", "--json", raw_image)
 
 
 def test_info_of_a_qcow2_image_loads_its_parser_and_nothing_more(tmp_path: Path) -> None:
     modules = imglock("info", write_qcow2(tmp_path / "disk.qcow2"))
     assert modules >= QCOW2
     unwanted = NEVER | PROC | LOCKS | RUN | QEMU_CMDLINE
-    assert (unwanted | {"imglock.lock.discovery"}) & modules == set()
+    assert (unwanted | {"json", "imglock.lock.discovery"}) & modules == set()
 
 
 def test_a_named_format_loads_only_its_driver(tmp_path: Path) -> None:
@@ -109,11 +110,12 @@ def test_a_named_format_loads_only_its_driver(tmp_path: Path) -> None:
     assert not QCOW2 & imglock("info", "--format", "raw", image)  # named: never probed
 
 
-def test_status_of_free_images_scans_no_proc(raw_image: Path) -> None:
+def test_status_of_free_images_scans_no_proc_and_loads_no_json(raw_image: Path) -> None:
     modules = imglock("status", raw_image)
     assert "imglock.lock.discovery" in modules
     unwanted = NEVER | CHAIN | PROC | RUN | CLAIMS | QCOW2 | QEMU_CMDLINE
-    assert unwanted & modules == set()
+    assert (unwanted | {"json"}) & modules == set()
+    assert "json" in imglock("status", "--json", raw_image)
 
 
 def test_status_of_a_held_image_reads_proc(raw_image: Path, rival: SpawnRival) -> None:
