@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from benchmarks.timing import Figure, print_table
+from imglock.lock import fcntl_locks
 from imglock.qemu.monitor import EVENT_RESUME, EVENT_STOP, MonitorThread
 
 GUEST = ("-M", "pc", "-m", "64", "-nodefaults", "-display", "none", "-accel", "tcg")
@@ -57,8 +58,6 @@ def _event_time(monitor: MonitorThread, name: str, timeout: float = 30.0) -> flo
 
 
 def _wait_until_free(image: Path, timeout: float = 30.0) -> None:
-    from imglock.lock import fcntl_locks
-
     fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
     try:
         deadline = time.monotonic() + timeout

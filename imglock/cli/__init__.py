@@ -1,29 +1,34 @@
 """The ``imglock`` command: a thin shell over the library.
 
 Subcommands live in their own modules and are imported only when run, so
-``imglock info`` does not pay for what ``imglock run`` needs.  Shell
-completion is click's: ``_IMGLOCK_COMPLETE=bash_source imglock`` prints the
-bash script (``zsh_source``, ``fish_source`` for the others).
+``imglock info`` does not pay for what ``imglock run`` needs: the command
+registry, :data:`COMMANDS`, is the one place the command line loads code
+lazily.  Shell completion is click's: ``_IMGLOCK_COMPLETE=bash_source
+imglock`` prints the bash script (``zsh_source``, ``fish_source`` for the
+others).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import sys
+import warnings
+from collections.abc import Callable
 from typing import Any, NoReturn
 
-# First, before click: it starts the work whose waiting start-up can overlap.
-from imglock.cli import early  # noqa: F401
-
-# isort: split
 import click
 from click.exceptions import NoArgsIsHelpError
 
-from imglock import __version__
+from imglock import __version__, faults
 from imglock.cli.common import echo_error, show_warning, verbosity_options
+from imglock.lock.proclocks import FlockTable
 
-#: subcommand name -> (module, attribute, one-line help)
+#: subcommand name -> (module, attribute, one-line help).  A command's
+#: module is imported when the command is run (or its help shown), never
+#: before: each pulls in the library code it needs, and that is most of a
+#: command's start-up.
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "info": ("imglock.cli.info", "info", "Show an image's format, size and backing chain."),
     "status": ("imglock.cli.status", "status", "Show who holds images, and how."),
@@ -33,6 +38,15 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "doctor",
         "Tell whether locks on a directory are shared between hosts.",
     ),
+}
+
+#: subcommand name -> work it will wait on, started before its module is
+#: imported and handed to it as the context's object.  ``status`` looks every
+#: image up in /proc/locks, whose first read in a while sleeps 10-15 ms in the
+#: kernel (see :mod:`imglock.lock.proclocks`): started here, that sleep
+#: overlaps the import of the library status needs instead of adding to it.
+HEAD_STARTS: dict[str, Callable[[], object]] = {
+    "status": functools.partial(FlockTable, background=True),
 }
 
 
@@ -46,7 +60,9 @@ class LazyGroup(click.Group):
         entry = COMMANDS.get(cmd_name)
         if entry is None:
             return None
-        module = importlib.import_module(entry[0])
+        if cmd_name in HEAD_STARTS and ctx.obj is None:
+            ctx.obj = HEAD_STARTS[cmd_name]()
+        module = importlib.import_module(entry[0])  # the one lazy import: see COMMANDS
         command: click.Command = getattr(module, entry[1])
         return command
 
@@ -94,8 +110,6 @@ def cli() -> None:
       zsh:  eval "$(_IMGLOCK_COMPLETE=zsh_source imglock)"
       fish: _IMGLOCK_COMPLETE=fish_source imglock | source
     """
-    import warnings
-
     # A warning (such as the POSIX-lock fallback) is one line, silenced by -q.
     warnings.showwarning = show_warning
 
@@ -103,8 +117,6 @@ def cli() -> None:
 def main(argv: list[str] | None = None) -> Any:
     """Run the imglock command line (the program itself starts in :mod:`imglock.__main__`)."""
     if "IMGLOCK_FAULTS" in os.environ:
-        from imglock import faults
-
         faults.install_from_environment()
     return cli.main(args=argv, prog_name="imglock")
 

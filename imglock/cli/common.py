@@ -12,13 +12,20 @@ kept in the click context:
 
 Errors are one line on stderr, ``imglock: FILE: what is wrong``; warnings
 read ``imglock: warning: ...``; notes ``imglock: ...``.
+
+Options that take seconds or a signal are checked by the parameter types
+here (:class:`Seconds`, :class:`SignalNumber`, :func:`seconds_option`), so
+that every command rejects a bad value the same way, before anything runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import signal
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Final, TypeVar
 
 import click
@@ -78,6 +85,7 @@ def echo_error(line: str) -> None:
     click.echo(visible(line), err=True)
 
 
+@dataclass(frozen=True)
 class Voice:
     """How a command speaks on stderr, at a fixed verbosity.
 
@@ -85,10 +93,7 @@ class Voice:
     that runs outside click (the runner's threads and signal loop).
     """
 
-    __slots__ = ("level",)
-
-    def __init__(self, level: int = NORMAL) -> None:
-        self.level = level
+    level: int = NORMAL
 
     @classmethod
     def current(cls) -> Voice:
@@ -152,8 +157,6 @@ class Seconds(click.ParamType):  # type: ignore[type-arg]  # generic from click 
     def convert(
         self, value: object, param: click.Parameter | None, ctx: click.Context | None
     ) -> float:
-        import math
-
         if isinstance(value, bool):
             self.fail(f"{value!r} is not a number of seconds", param, ctx)
         if isinstance(value, (int, float)):
@@ -177,6 +180,11 @@ class Seconds(click.ParamType):  # type: ignore[type-arg]  # generic from click 
         return number
 
 
+def seconds_option(*param_decls: str, default: float, help: str) -> Callable[[F], F]:
+    """An option that takes a number of seconds (:class:`Seconds`), its default shown in --help."""
+    return click.option(*param_decls, type=Seconds(), default=default, show_default=True, help=help)
+
+
 class SignalNumber(click.ParamType):  # type: ignore[type-arg]  # generic from click 8.2
     """A signal as kill(1) takes it: a name (TERM, SIGTERM, term) or a number (15)."""
 
@@ -185,8 +193,6 @@ class SignalNumber(click.ParamType):  # type: ignore[type-arg]  # generic from c
     def convert(
         self, value: object, param: click.Parameter | None, ctx: click.Context | None
     ) -> int:
-        import signal
-
         if isinstance(value, int) and not isinstance(value, bool):
             text = str(value)
         else:

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import sys
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import click
 
-from imglock.cli.common import Seconds, Voice, verbosity_options
+from imglock.cli.common import Voice, reported_errors, seconds_option, verbosity_options
+from imglock.lock import datastore, sharing
+from imglock.lock.datastore import Setting
+from imglock.lock.sharing import Assessment, ProbeResult
 from imglock.lockcheck import DEFAULT_DEADLINE
 from imglock.text import visible
-
-if TYPE_CHECKING:
-    from imglock.lock.datastore import Setting
-    from imglock.lock.sharing import Assessment, ProbeResult
 
 #: Exit statuses: the locks are shared between hosts, or that is not shown.
 EX_SHARED: Final = 0
@@ -31,19 +31,15 @@ EX_CONFIG: Final = 78
     is_flag=True,
     help="Also hold a probe lock and look for another host's: run on two hosts at once.",
 )
-@click.option(
+@seconds_option(
     "-w",
     "--wait",
-    type=Seconds(),
     default=60.0,
-    show_default=True,
     help="With --probe, seconds to wait for another host's probe (inf: until one is seen).",
 )
-@click.option(
+@seconds_option(
     "--check-deadline",
-    type=Seconds(),
     default=DEFAULT_DEADLINE,
-    show_default=True,
     help="The lock-check deadline to judge the filesystem's timeouts by (imglock run's).",
 )
 @verbosity_options
@@ -63,9 +59,6 @@ def doctor(as_json: bool, probe: bool, wait: float, check_deadline: float, direc
     was seen) and no setting is unsafe, 1 when they are not shared or that
     could not be shown, 78 when they are shared but a setting is unsafe.
     """
-    from imglock.cli.common import reported_errors
-    from imglock.lock import datastore, sharing
-
     voice = Voice.current()
     with reported_errors():
         assessment = sharing.assess(sharing.mount_of(directory))
@@ -80,8 +73,6 @@ def doctor(as_json: bool, probe: bool, wait: float, check_deadline: float, direc
     )
     silent = shared and any(setting.safe is False for setting in settings)
     if as_json:
-        import json
-
         report = to_json(directory, assessment, result, shared)
         report["settings"] = [setting_json(setting) for setting in settings]
         report["silent-loss"] = silent

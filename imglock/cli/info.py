@@ -12,8 +12,9 @@ from typing import Any
 
 import click
 
+from imglock.chain import open_chain
 from imglock.cli.common import Voice, reported_errors, verbosity_options
-from imglock.formats import FORMAT_NAMES
+from imglock.formats import FORMAT_NAMES, open_image
 from imglock.text import visible_lines
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
@@ -107,14 +108,10 @@ def info(as_json: bool, image_format: str, backing_chain: bool, image: str) -> N
     """
     with reported_errors():
         if backing_chain:
-            from imglock.chain import open_chain
-
             with open_chain(image, image_format) as chain:
                 infos = [img.driver.info(img) for img in chain.backing_chain]
             output: dict[str, Any] | list[dict[str, Any]] = infos
         else:
-            from imglock.formats import open_image
-
             opened = open_image(image, image_format)
             try:
                 how = "probed" if image_format == "auto" else "as named"
@@ -123,6 +120,8 @@ def info(as_json: bool, image_format: str, backing_chain: bool, image: str) -> N
             finally:
                 opened.close()
     if as_json:
+        # The json package costs about 2 ms to load, a twentieth of `import
+        # click`, and only --json needs it: loaded here, where JSON is written.
         import json
 
         text = json.dumps(output, indent=4)

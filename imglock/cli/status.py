@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 import click
 
 from imglock.cli.common import Voice, verbosity_options
-from imglock.errors import EX_HELD, EX_OK
+from imglock.cli.table import cell, render
+from imglock.errors import EX_HELD, EX_OK, ImglockError
+from imglock.formats import OpenImage
+from imglock.lock.discovery import LocalLocks
+from imglock.lock.fcntl_locks import OFFSET_MAX
+from imglock.lock.holder import Holder
+from imglock.lock.proclocks import FlockTable
+from imglock.report import ImageReport, inspect_image
+from imglock.scan import survey
 from imglock.text import json_visible
-
-if TYPE_CHECKING:
-    from imglock.errors import ImglockError
-    from imglock.formats import OpenImage
-    from imglock.lock.holder import Holder
-    from imglock.report import ImageReport
 
 HEADER: Final = (
     "IMAGE",
@@ -79,15 +81,11 @@ def status(as_json: bool, lockspace: str | None, paths: tuple[str, ...]) -> None
     not be read (one line on stderr each), the first such error's status
     (65 malformed, 66 cannot be opened, 74 read error); otherwise 0.
     """
-    from imglock.cli.early import take_flocks
-
-    flocks = take_flocks()  # /proc/locks, read while the imports run
-
-    from imglock.errors import ImglockError
-    from imglock.lock.discovery import LocalLocks
-    from imglock.report import inspect_image
-    from imglock.scan import survey
-
+    # Every image is looked up in /proc/locks (lock tests do not show flock
+    # holders); the command line starts that read before loading this module
+    # (imglock.cli.HEAD_STARTS), and a caller that did not gets it started now.
+    started = click.get_current_context().find_object(FlockTable)
+    flocks = started if started is not None else FlockTable(background=True)
     voice = Voice.current()
     local = LocalLocks(flocks)  # one /proc scan, and only once some lock is seen
     reports: list[ImageReport] = []
@@ -115,13 +113,13 @@ def status(as_json: bool, lockspace: str | None, paths: tuple[str, ...]) -> None
         voice.warn(f"no images found in {', '.join(paths)}")
 
     if as_json:
+        # The json package costs about 2 ms to load, a twentieth of `import
+        # click`, and only --json needs it: loaded here, where JSON is written.
         import json
 
         text = json.dumps(utf8_clean([r.to_json() for r in reports]), indent=2, ensure_ascii=False)
         click.echo(json_visible(text).encode("utf-8"))
     elif reports:
-        from imglock.cli.table import render
-
         # Every cell is escaped (cell()): the table is valid UTF-8 throughout.
         text = render(HEADER, [row for r in reports for row in table_rows(r)])
         click.echo(text.encode("utf-8"))
@@ -158,8 +156,6 @@ def exit_status(reports: Sequence[ImageReport], errors: Sequence[ImglockError]) 
 
 def table_rows(report: ImageReport) -> list[list[str]]:
     """The table's rows for one image: one per holder (or one saying it is free), then waiters."""
-    from imglock.cli.table import cell
-
     image = [cell(report.filename), cell(report.format), cell(report.backing_filename)]
     flags = cell(",".join(flags_of(report)))
 
@@ -178,8 +174,6 @@ def _locks_held(holder: Holder) -> str:
     """QEMU's permission names, or for a foreign lock the bytes it covers."""
     if holder.range is None:
         return ",".join(holder.perms)
-    from imglock.lock.fcntl_locks import OFFSET_MAX
-
     start, end = holder.range
     if end >= OFFSET_MAX:
         return "whole file" if start == 0 else f"bytes {start}-EOF"

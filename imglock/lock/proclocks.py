@@ -4,9 +4,10 @@ Lock tests (F_OFD_GETLK) do not see flock locks on local filesystems, so
 /proc/locks is the one place that shows them.  Reading it is slow however
 little it holds: the kernel takes ``file_rwsem`` for writing (fs/locks.c,
 ``locks_start``), which waits for an RCU grace period, about 10 ms on an
-idle machine.  The wait sleeps in the kernel without the GIL, so
-``imglock status`` starts the read first thing, in the background, and it
-overlaps the imports that follow instead of adding to them.
+idle machine.  The wait sleeps in the kernel without the GIL, so a caller
+that will need the table starts the read in the background early
+(``imglock status`` does as soon as the command is known), and the wait
+overlaps its other work instead of adding to it.
 """
 
 from __future__ import annotations
@@ -30,8 +31,6 @@ class FlockTable:
     happens at the first :meth:`files`.  Either way it happens once, so one
     `status` or one conflict report sees one consistent picture.
     """
-
-    __slots__ = ("_files", "_lock", "_reader")
 
     def __init__(self, *, background: bool = False) -> None:
         self._files: frozenset[str] | None = None

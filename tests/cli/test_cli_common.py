@@ -26,6 +26,7 @@ from imglock import __version__
 from imglock.cli import COMMANDS, cli
 from imglock.cli.common import Seconds, Voice, verbosity_options
 from imglock.errors import EX_NOINPUT, EX_OK, EX_USAGE
+from imglock.lock.proclocks import FlockTable
 
 # --------------------------------------------------------------------------
 # -v and -q on every command
@@ -51,6 +52,16 @@ def invocation(command: str, image: Path, flag: str | None, where: str) -> list[
 def options_of(command: click.Command | None) -> set[str]:
     assert command is not None
     return {opt for param in command.params for opt in param.opts}
+
+
+def test_resolving_status_starts_its_proc_locks_read_and_hands_it_over() -> None:
+    ctx = click.Context(cli)
+    cli.get_command(ctx, "status")
+    assert isinstance(ctx.obj, FlockTable)  # started before status's code was loaded
+    assert click.Context(cli.get_command(ctx, "status"), parent=ctx).find_object(FlockTable)
+    other = click.Context(cli)
+    cli.get_command(other, "info")
+    assert other.obj is None  # only status waits on /proc/locks
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))
