@@ -1,6 +1,6 @@
 """Hypervisor adapters: a new VMM is one module, found through an entry point.
 
-tests/toy_vmm is a VMM imglock knows nothing of; tests/toy_adapter.py is
+tests/support/toy_vmm is a VMM imglock knows nothing of; tests/support/toy_adapter.py is
 its adapter, installed here the way a package installs it: a
 ``toy_adapter-0.dist-info`` with an ``entry_points.txt`` in the
 ``imglock.hypervisors`` group, on the ``PYTHONPATH`` of ``imglock run``.
@@ -20,8 +20,8 @@ from processes import wait_until
 
 import imglock
 
-TESTS = Path(__file__).parent
-TOY_VMM = str(TESTS / "toy_vmm")
+SUPPORT = Path(__file__).parents[1] / "support"
+TOY_VMM = str(SUPPORT / "toy_vmm")
 
 
 @pytest.fixture
@@ -33,7 +33,7 @@ def toy_env(tmp_path: Path) -> dict[str, str]:
     (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-adapter\nVersion: 0\n")
     entry_points = "[imglock.hypervisors]\ntoy = toy_adapter:ADAPTER\n"
     (dist_info / "entry_points.txt").write_text(entry_points)
-    path = os.pathsep.join([str(site), str(TESTS), ENV["PYTHONPATH"]])
+    path = os.pathsep.join([str(site), str(SUPPORT), ENV["PYTHONPATH"]])
     return {**ENV, "PYTHONPATH": path}
 
 

@@ -1,9 +1,9 @@
-"""The adapter of tests/toy_vmm: a hypervisor imglock learns of through an entry point.
+"""The adapter of tests/support/toy_vmm: a hypervisor imglock learns of through an entry point.
 
 A whole adapter: which command it runs, and the file it claims (the
 ``--disk`` argument, exclusive).  Everything else (signals pause it, no
 monitor) is the generic adapter's.  Registered as
-``[imglock.hypervisors] toy = toy_adapter:ADAPTER`` (see test_adapters.py).
+``[imglock.hypervisors] toy = toy_adapter:ADAPTER`` (see tests/cli/test_adapters.py).
 """
 
 from __future__ import annotations
