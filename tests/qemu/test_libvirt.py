@@ -8,9 +8,8 @@ looks at what ``imglock status`` says from outside.
 
 from __future__ import annotations
 
-import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -26,11 +25,15 @@ from libvirt_hosts import (
     unavailable_reason,
 )
 from processes import wait_until
+from qcow2_builder import QemuImg
 
 pytestmark = [pytest.mark.qemu, pytest.mark.libvirt]
 
 IMGLOCK = [sys.executable, "-m", "imglock"]
 SIZE = "16M"
+
+#: Defines a domain on host A with the given disks (the ``new_domain`` fixture).
+NewDomain = Callable[..., Domain]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +47,7 @@ def host() -> Libvirt:
 
 
 @pytest.fixture
-def images(tmp_path: Path, qemu_img) -> tuple[Path, Path]:  # type: ignore[no-untyped-def]
+def images(tmp_path: Path, qemu_img: QemuImg) -> tuple[Path, Path]:
     """A qcow2 top on a qcow2 backing file."""
     base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", base, SIZE)
@@ -62,7 +65,7 @@ def domains(host: Libvirt, tmp_path: Path) -> Iterator[list[Domain]]:
 
 
 @pytest.fixture
-def new_domain(host: Libvirt, tmp_path: Path, domains: list[Domain]):  # type: ignore[no-untyped-def]
+def new_domain(host: Libvirt, tmp_path: Path, domains: list[Domain]) -> NewDomain:
     program = emulator(tmp_path)
 
     def make(*disks: Disk) -> Domain:
@@ -86,8 +89,8 @@ def free(path: Path) -> bool:
 
 
 def test_a_domain_holds_its_top_exclusive_and_its_backing_file_shared_under_its_qemus_pid(
-    host: Libvirt, images: tuple[Path, Path], new_domain
-) -> None:  # type: ignore[no-untyped-def]
+    host: Libvirt, images: tuple[Path, Path], new_domain: NewDomain
+) -> None:
     top, base = images
     domain = new_domain(Disk(top))
     domain.virsh("start")
@@ -99,8 +102,8 @@ def test_a_domain_holds_its_top_exclusive_and_its_backing_file_shared_under_its_
 
 
 def test_a_second_domain_on_the_same_top_is_refused_with_the_holder_in_virshs_error(
-    host: Libvirt, images: tuple[Path, Path], new_domain
-) -> None:  # type: ignore[no-untyped-def]
+    host: Libvirt, images: tuple[Path, Path], new_domain: NewDomain
+) -> None:
     top, _base = images
     first = new_domain(Disk(top))
     first.virsh("start")
@@ -114,8 +117,8 @@ def test_a_second_domain_on_the_same_top_is_refused_with_the_holder_in_virshs_er
 
 
 def test_destroy_ends_qemu_and_frees_the_claim(
-    images: tuple[Path, Path], new_domain
-) -> None:  # type: ignore[no-untyped-def]
+    images: tuple[Path, Path], new_domain: NewDomain
+) -> None:
     top, base = images
     domain = new_domain(Disk(top))
     domain.virsh("start")
@@ -126,8 +129,8 @@ def test_destroy_ends_qemu_and_frees_the_claim(
 
 
 def test_suspend_and_resume_keep_the_claim(
-    images: tuple[Path, Path], new_domain
-) -> None:  # type: ignore[no-untyped-def]
+    images: tuple[Path, Path], new_domain: NewDomain
+) -> None:
     top, _base = images
     domain = new_domain(Disk(top))
     domain.virsh("start")
@@ -138,8 +141,8 @@ def test_suspend_and_resume_keep_the_claim(
 
 
 def test_a_disk_only_snapshot_moves_the_exclusive_claim_to_the_new_overlay(
-    tmp_path: Path, images: tuple[Path, Path], new_domain
-) -> None:  # type: ignore[no-untyped-def]
+    tmp_path: Path, images: tuple[Path, Path], new_domain: NewDomain
+) -> None:
     top, base = images
     overlay = tmp_path / "overlay.qcow2"
     domain = new_domain(Disk(top))
@@ -152,8 +155,8 @@ def test_a_disk_only_snapshot_moves_the_exclusive_claim_to_the_new_overlay(
 
 
 def test_attach_and_detach_disk_claim_and_release_the_file(
-    tmp_path: Path, images: tuple[Path, Path], new_domain, qemu_img
-) -> None:  # type: ignore[no-untyped-def]
+    tmp_path: Path, images: tuple[Path, Path], new_domain: NewDomain, qemu_img: QemuImg
+) -> None:
     top, _base = images
     extra = tmp_path / "extra.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", extra, SIZE)
@@ -167,8 +170,8 @@ def test_attach_and_detach_disk_claim_and_release_the_file(
 
 
 def test_a_libvirtd_restart_leaves_the_domain_and_its_claim(
-    host: Libvirt, images: tuple[Path, Path], new_domain
-) -> None:  # type: ignore[no-untyped-def]
+    host: Libvirt, images: tuple[Path, Path], new_domain: NewDomain
+) -> None:
     top, _base = images
     domain = new_domain(Disk(top))
     domain.virsh("start")
@@ -181,8 +184,8 @@ def test_a_libvirtd_restart_leaves_the_domain_and_its_claim(
 
 
 def test_save_releases_the_claim_and_restore_takes_it_again(
-    tmp_path: Path, images: tuple[Path, Path], new_domain
-) -> None:  # type: ignore[no-untyped-def]
+    tmp_path: Path, images: tuple[Path, Path], new_domain: NewDomain
+) -> None:
     top, _base = images
     saved = tmp_path / "saved.state"
     domain = new_domain(Disk(top))
@@ -198,8 +201,8 @@ def test_save_releases_the_claim_and_restore_takes_it_again(
 
 @pytest.mark.parametrize("flags", [(), ("--shallow",)], ids=["full", "shallow"])
 def test_an_active_blockcommit_with_pivot_leaves_the_base_claimed_exclusive(
-    tmp_path: Path, images: tuple[Path, Path], new_domain, flags: tuple[str, ...]
-) -> None:  # type: ignore[no-untyped-def]
+    tmp_path: Path, images: tuple[Path, Path], new_domain: NewDomain, flags: tuple[str, ...]
+) -> None:
     top, base = images
     overlay = tmp_path / "overlay.qcow2"
     domain = new_domain(Disk(top))
@@ -214,8 +217,8 @@ def test_an_active_blockcommit_with_pivot_leaves_the_base_claimed_exclusive(
 
 
 def test_blockpull_and_blockcopy_with_pivot_leave_the_claim_on_what_qemu_writes(
-    tmp_path: Path, images: tuple[Path, Path], new_domain
-) -> None:  # type: ignore[no-untyped-def]
+    tmp_path: Path, images: tuple[Path, Path], new_domain: NewDomain
+) -> None:
     top, base = images
     copy = tmp_path / "copy.qcow2"
     domain = new_domain(Disk(top))
@@ -229,8 +232,8 @@ def test_blockpull_and_blockcopy_with_pivot_leave_the_claim_on_what_qemu_writes(
 
 
 def test_change_media_claims_the_new_cd_shared(
-    tmp_path: Path, images: tuple[Path, Path], new_domain
-) -> None:  # type: ignore[no-untyped-def]
+    tmp_path: Path, images: tuple[Path, Path], new_domain: NewDomain
+) -> None:
     top, _base = images
     first, second = tmp_path / "first.iso", tmp_path / "second.iso"
     for iso in (first, second):

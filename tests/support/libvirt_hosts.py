@@ -9,6 +9,7 @@ real QEMU, as the README's recipe has it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -34,7 +35,7 @@ def unavailable_reason() -> str | None:
     """Why the libvirt tests cannot run here, or None when they can."""
     for name in ("IMGLOCK_LIBVIRT_A", "IMGLOCK_LIBVIRT_B"):
         if not os.environ.get(name):
-            return f"{name} is not set: start the daemons with eval \"$(tests/libvirt/up)\""
+            return f'{name} is not set: start the daemons with eval "$(tests/libvirt/up)"'
     if not os.path.exists(QEMU):
         return f"{QEMU} not found"
     check = subprocess.run([UP, "--check"], capture_output=True, timeout=VIRSH_TIMEOUT)
@@ -71,22 +72,22 @@ class Libvirt:
     def virsh(self, *args: str | os.PathLike[str], timeout: float = VIRSH_TIMEOUT) -> str:
         """Run ``virsh -c URI ARGS``; its output, or :class:`VirshError` with its stderr."""
         proc = subprocess.run(
-            ["virsh", "-q", "-c", self.uri, *map(os.fspath, args)],
+            ["virsh", "-q", "-c", self.uri, *(os.fspath(arg) for arg in args)],
             capture_output=True,
             text=True,
             timeout=timeout,
         )
         if proc.returncode != 0:
-            raise VirshError(proc.stderr.strip() or f"virsh {args[0]}: exit {proc.returncode}")
-        return proc.stdout
+            raise VirshError(proc.stderr.strip() or f"virsh {args[0]!s}: exit {proc.returncode}")
+        output: str = proc.stdout
+        return output
 
 
 def emulator(directory: Path) -> Path:
     """The ``<emulator>`` that runs QEMU through this checkout's ``imglock run``."""
     path = directory / "imglock-qemu"
     path.write_text(
-        "#!/bin/sh\n"
-        f"exec env PYTHONPATH={ROOT} {sys.executable} -m imglock run -- {QEMU} \"$@\"\n"
+        f'#!/bin/sh\nexec env PYTHONPATH={ROOT} {sys.executable} -m imglock run -- {QEMU} "$@"\n'
     )
     path.chmod(0o755)
     return path
@@ -180,10 +181,8 @@ class Domain:
         finally:
             for pid in self.qemu_pids():  # left running: end it, and fail all the same
                 os.kill(pid, signal.SIGKILL)
-        try:
+        with contextlib.suppress(VirshError):
             self.virsh("undefine", "--managed-save", "--snapshots-metadata")
-        except VirshError:
-            pass
 
 
 def holders(imglock: list[str], path: Path) -> list[dict[str, object]]:
