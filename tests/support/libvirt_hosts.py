@@ -83,6 +83,12 @@ class Libvirt:
         return output
 
 
+def host_namespace(host: Libvirt) -> str:
+    """The UTS namespace of the host's daemons: its QEMUs run in it too."""
+    keeper = (host.state_dir / "virtlogd.pid").read_text().strip()
+    return os.readlink(f"/proc/{keeper}/ns/uts")
+
+
 def emulator(directory: Path) -> Path:
     """The ``<emulator>`` that runs QEMU through this checkout's ``imglock run``."""
     path = directory / "imglock-qemu"
@@ -155,16 +161,18 @@ class Domain:
             return None
 
     def qemu_pids(self) -> list[int]:
-        """Every QEMU of this machine started for this domain (its ``-name guest=NAME``)."""
+        """The QEMUs this domain's host runs for it (``-name guest=NAME`` in its namespaces)."""
         found = []
+        host = host_namespace(self.host)
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
                 continue
             try:
                 argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+                namespace = os.readlink(f"/proc/{entry}/ns/uts")
             except OSError:
                 continue
-            if (argv[0].endswith(b"qemu-system-x86_64")
+            if (argv[0].endswith(b"qemu-system-x86_64") and namespace == host
                     and f"guest={self.name},".encode() in b" ".join(argv)):  # fmt: skip
                 found.append(int(entry))
         return [pid for pid in found if alive(pid)]
@@ -218,3 +226,33 @@ def restart_libvirtd(host: Libvirt) -> None:
         return True
 
     wait_until(answers, what="libvirtd to answer again", timeout=30)
+
+
+def bind_in_namespace(host: Libvirt, source: Path, target: Path) -> None:
+    """Make *target* show *source* to the host's daemons and domains (a bind mount there).
+
+    With *source* and *target* two mounts of one network filesystem, a
+    domain's disk path is the same on both hosts while each host goes
+    through its own client.  Done once: a target that shows *source* already
+    is left as it is.
+    """
+    keeper = (host.state_dir / "virtlogd.pid").read_text().strip()
+    enter = ["nsenter", "-t", keeper, "-m"]
+    device = os.stat(source).st_dev
+    inside = subprocess.run(
+        [*enter, "stat", "-c", "%d", os.fspath(target)], capture_output=True, text=True, timeout=30
+    )
+    if inside.returncode == 0 and int(inside.stdout) == device:
+        return
+    subprocess.run(
+        [*enter, "mount", "--bind", os.fspath(source), os.fspath(target)], check=True, timeout=30
+    )
+
+
+def migrate(domain: Domain, destination: Libvirt, *flags: str) -> str:
+    """``virsh migrate --live`` *domain* to *destination* over a unix socket (no TCP port)."""
+    socket = domain.host.state_dir / f"{domain.name}.migrate"
+    uri = destination.uri.replace("qemu://", "qemu+unix://", 1)
+    return domain.virsh(
+        "migrate", "--live", "--unsafe", uri, "--migrateuri", f"unix://{socket}", *flags
+    )
