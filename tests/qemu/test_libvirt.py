@@ -1,0 +1,246 @@
+"""libvirt runs its domains through imglock: what a libvirt operator does to a VM.
+
+A domain's ``<emulator>`` is imglock's (``imglock run`` over the real
+QEMU); libvirtd 9.0 of ``tests/libvirt/up`` starts it, as root, in a host
+of its own (``libvirt-a``).  Each test uses what virsh offers and then
+looks at what ``imglock status`` says from outside.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from libvirt_hosts import (
+    REQUIRE_LIBVIRT,
+    Disk,
+    Domain,
+    Libvirt,
+    VirshError,
+    emulator,
+    holders,
+    restart_libvirtd,
+    unavailable_reason,
+)
+from processes import wait_until
+from qcow2_builder import QemuImg
+
+pytestmark = [pytest.mark.qemu, pytest.mark.libvirt]
+
+IMGLOCK = [sys.executable, "-m", "imglock"]
+SIZE = "16M"
+
+#: Defines a domain on host A with the given disks (the ``new_domain`` fixture).
+NewDomain = Callable[..., Domain]
+
+
+@pytest.fixture(scope="module")
+def host() -> Libvirt:
+    reason = unavailable_reason()
+    if reason is not None and REQUIRE_LIBVIRT:
+        pytest.fail(f"libvirt tests are required (IMGLOCK_REQUIRE_LIBVIRT=1): {reason}")
+    if reason is not None:
+        pytest.skip(reason)
+    return Libvirt.of("a")
+
+
+@pytest.fixture
+def images(tmp_path: Path, qemu_img: QemuImg) -> tuple[Path, Path]:
+    """A qcow2 top on a qcow2 backing file."""
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", base, SIZE)
+    qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
+    return top, base
+
+
+@pytest.fixture
+def domains(host: Libvirt, tmp_path: Path) -> Iterator[list[Domain]]:
+    """Domains a test defines; destroyed and undefined afterwards."""
+    made: list[Domain] = []
+    yield made
+    for domain in made:
+        domain.remove()
+
+
+@pytest.fixture
+def new_domain(host: Libvirt, tmp_path: Path, domains: list[Domain]) -> NewDomain:
+    program = emulator(tmp_path)
+
+    def make(*disks: Disk) -> Domain:
+        domain = Domain(host, program, list(disks)).define(tmp_path)
+        domains.append(domain)
+        return domain
+
+    return make
+
+
+def imglock_holders(path: Path) -> list[dict[str, object]]:
+    return [h for h in holders(IMGLOCK, path) if h["layer"] == "imglock"]
+
+
+def held(path: Path, mode: str) -> bool:
+    return [h["mode"] for h in imglock_holders(path)] == [mode]
+
+
+def free(path: Path) -> bool:
+    return not imglock_holders(path)
+
+
+def test_a_domain_holds_its_top_exclusive_and_its_backing_file_shared_under_its_qemus_pid(
+    host: Libvirt, images: tuple[Path, Path], new_domain: NewDomain
+) -> None:
+    top, base = images
+    domain = new_domain(Disk(top))
+    domain.virsh("start")
+    [qemu] = wait_until(domain.qemu_pids, what="the domain's QEMU")
+    [holder] = imglock_holders(top)
+    assert (holder["mode"], holder["pid"], holder["host"]) == ("exclusive", qemu, host.hostname)
+    assert f"guest={domain.name}," in str(holder["command"])
+    assert [(h["mode"], h["pid"]) for h in imglock_holders(base)] == [("shared", qemu)]
+
+
+def test_a_second_domain_on_the_same_top_is_refused_with_the_holder_in_virshs_error(
+    host: Libvirt, images: tuple[Path, Path], new_domain: NewDomain
+) -> None:
+    top, _base = images
+    first = new_domain(Disk(top))
+    first.virsh("start")
+    [qemu] = wait_until(first.qemu_pids, what="the first domain's QEMU")
+    second = new_domain(Disk(top))
+    with pytest.raises(VirshError) as refused:
+        second.virsh("start")
+    assert str(top) in str(refused.value) and f"pid {qemu}" in str(refused.value)
+    assert second.state() == "shut off" and not second.qemu_pids()
+    assert held(top, "exclusive") and first.state() == "running"
+
+
+def test_destroy_ends_qemu_and_frees_the_claim(
+    images: tuple[Path, Path], new_domain: NewDomain
+) -> None:
+    top, base = images
+    domain = new_domain(Disk(top))
+    domain.virsh("start")
+    wait_until(domain.qemu_pids, what="the domain's QEMU")
+    domain.virsh("destroy")
+    assert not domain.qemu_pids()
+    wait_until(lambda: free(top) and free(base), what="the claim to be free")
+
+
+def test_suspend_and_resume_keep_the_claim(
+    images: tuple[Path, Path], new_domain: NewDomain
+) -> None:
+    top, _base = images
+    domain = new_domain(Disk(top))
+    domain.virsh("start")
+    domain.virsh("suspend")
+    assert domain.state() == "paused" and held(top, "exclusive")
+    domain.virsh("resume")
+    assert domain.state() == "running" and held(top, "exclusive")
+
+
+def test_a_disk_only_snapshot_moves_the_exclusive_claim_to_the_new_overlay(
+    tmp_path: Path, images: tuple[Path, Path], new_domain: NewDomain
+) -> None:
+    top, base = images
+    overlay = tmp_path / "overlay.qcow2"
+    domain = new_domain(Disk(top))
+    domain.virsh("start")
+    domain.virsh("snapshot-create-as", "--name", "s1", "--disk-only", "--no-metadata",
+                 "--diskspec", f"vda,file={overlay}")  # fmt: skip
+    wait_until(lambda: held(overlay, "exclusive") and held(top, "shared"),
+               what="the overlay claimed exclusive, the old top shared")  # fmt: skip
+    assert held(base, "shared") and domain.state() == "running"
+
+
+def test_attach_and_detach_disk_claim_and_release_the_file(
+    tmp_path: Path, images: tuple[Path, Path], new_domain: NewDomain, qemu_img: QemuImg
+) -> None:
+    top, _base = images
+    extra = tmp_path / "extra.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", extra, SIZE)
+    domain = new_domain(Disk(top))
+    domain.virsh("start")
+    domain.virsh("attach-disk", extra, "sdb", "--targetbus", "scsi", "--subdriver", "qcow2")
+    wait_until(lambda: held(extra, "exclusive"), what="the attached disk claimed exclusive")
+    domain.virsh("detach-disk", "sdb")
+    wait_until(lambda: free(extra), what="the detached disk released")
+    assert held(top, "exclusive") and domain.state() == "running"
+
+
+def test_a_libvirtd_restart_leaves_the_domain_and_its_claim(
+    host: Libvirt, images: tuple[Path, Path], new_domain: NewDomain
+) -> None:
+    top, _base = images
+    domain = new_domain(Disk(top))
+    domain.virsh("start")
+    [qemu] = wait_until(domain.qemu_pids, what="the domain's QEMU")
+    restart_libvirtd(host)
+    assert domain.state() == "running" and domain.qemu_pids() == [qemu]
+    assert held(top, "exclusive")
+    domain.virsh("destroy")
+    wait_until(lambda: free(top), what="the claim to be free after destroy")
+
+
+def test_save_releases_the_claim_and_restore_takes_it_again(
+    tmp_path: Path, images: tuple[Path, Path], new_domain: NewDomain
+) -> None:
+    top, _base = images
+    saved = tmp_path / "saved.state"
+    domain = new_domain(Disk(top))
+    domain.virsh("start")
+    domain.host.virsh("save", domain.name, saved)
+    assert domain.state() == "shut off"
+    wait_until(lambda: free(top), what="the claim to be free once saved")
+    domain.host.virsh("restore", saved)
+    assert domain.state() == "running"
+    [qemu] = wait_until(domain.qemu_pids, what="the restored QEMU")
+    assert [(h["mode"], h["pid"]) for h in imglock_holders(top)] == [("exclusive", qemu)]
+
+
+@pytest.mark.parametrize("flags", [(), ("--shallow",)], ids=["full", "shallow"])
+def test_an_active_blockcommit_with_pivot_leaves_the_base_claimed_exclusive(
+    tmp_path: Path, images: tuple[Path, Path], new_domain: NewDomain, flags: tuple[str, ...]
+) -> None:
+    top, base = images
+    overlay = tmp_path / "overlay.qcow2"
+    domain = new_domain(Disk(top))
+    domain.virsh("start")
+    domain.virsh("snapshot-create-as", "--name", "s1", "--disk-only", "--no-metadata",
+                 "--diskspec", f"vda,file={overlay}")  # fmt: skip
+    wait_until(lambda: held(overlay, "exclusive"), what="the overlay claimed")
+    domain.virsh("blockcommit", "vda", "--active", "--pivot", "--wait", *flags)
+    target = top if flags else base
+    wait_until(lambda: held(target, "exclusive"), what=f"{target.name} claimed exclusive")
+    assert domain.state() == "running"
+
+
+def test_blockpull_and_blockcopy_with_pivot_leave_the_claim_on_what_qemu_writes(
+    tmp_path: Path, images: tuple[Path, Path], new_domain: NewDomain
+) -> None:
+    top, base = images
+    copy = tmp_path / "copy.qcow2"
+    domain = new_domain(Disk(top))
+    domain.virsh("start")
+    domain.virsh("blockpull", "vda", "--wait")
+    wait_until(lambda: free(base), what="the pulled backing file released")
+    domain.virsh("blockcopy", "vda", copy, "--pivot", "--wait", "--transient-job")
+    wait_until(lambda: held(copy, "exclusive") and free(top),
+               what="the copy claimed exclusive, the old top released")  # fmt: skip
+    assert domain.state() == "running"
+
+
+def test_change_media_claims_the_new_cd_shared(
+    tmp_path: Path, images: tuple[Path, Path], new_domain: NewDomain
+) -> None:
+    top, _base = images
+    first, second = tmp_path / "first.iso", tmp_path / "second.iso"
+    for iso in (first, second):
+        iso.write_bytes(b"\0" * 2048 * 16)
+    domain = new_domain(Disk(top), Disk(first, "sda", "raw", "cdrom"))
+    domain.virsh("start")
+    wait_until(lambda: held(first, "shared"), what="the CD claimed shared")
+    domain.virsh("change-media", "sda", second, "--update")
+    wait_until(lambda: held(second, "shared") and free(first),
+               what="the new CD claimed, the old one released")  # fmt: skip
