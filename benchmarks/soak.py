@@ -1,7 +1,7 @@
 """Race and soak figures: many claimers on one qcow2 chain, and the log's verdict.
 
-The workers and the log check are the test's own (tests/soak_worker.py, as
-run by tests/test_race_soak.py); this runs them longer or wider and prints
+The workers and the log check are the test's own (tests/support/soak_worker.py, as
+run by tests/library/test_race_soak.py); this runs them longer or wider and prints
 the figures as a table.  Run: ``python -m benchmarks.soak [--duration S]
 [--processes N] [--threads N]``.  Exits 1 if the log shows any violation.
 """
@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
 
 from soak_worker import SoakPlan, make_chain, soak
 

@@ -9,7 +9,13 @@ from typing import Any, Final, TypeVar
 
 import click
 
-from imglock.cli.common import Seconds, SignalNumber, Voice, reported_errors, verbosity_options
+from imglock.cli.common import (
+    SignalNumber,
+    Voice,
+    reported_errors,
+    seconds_option,
+    verbosity_options,
+)
 from imglock.cli.table import cell, render
 from imglock.errors import EX_NOTFOUND, EX_TEMPFAIL
 from imglock.lockcheck import DEFAULT_DEADLINE
@@ -31,11 +37,6 @@ def _files_option(flag: str, name: str, help: str) -> Callable[[Command], Comman
     )
 
 
-def _seconds_option(*names: str, default: float, help: str) -> Callable[[Command], Command]:
-    """An option taking seconds (``inf`` for ever), its default shown."""
-    return click.option(*names, type=Seconds(), default=default, show_default=True, help=help)
-
-
 def _policy_option(*names: str, help: str) -> Callable[[Command], Command]:
     """An option taking auto, on or off (default auto)."""
     return click.option(
@@ -43,9 +44,7 @@ def _policy_option(*names: str, help: str) -> Callable[[Command], Command]:
     )
 
 
-@click.command(
-    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False}
-)
+@click.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @_files_option("--image", "images", "Claim PATH exclusive (its backing files shared).")
 @_files_option("--shared", "shared", "Claim PATH shared (read-only use).")
 @_files_option(
@@ -53,7 +52,7 @@ def _policy_option(*names: str, help: str) -> Callable[[Command], Command]:
     "shared_write",
     "Claim PATH shared-write (writers sharing it on purpose, share-rw=on).",
 )
-@_seconds_option(
+@seconds_option(
     "-w",
     "--wait",
     "--timeout",
@@ -78,7 +77,7 @@ def _policy_option(*names: str, help: str) -> Callable[[Command], Command]:
     "flock_policy",
     help="Also hold a flock(2) on each image, as crosvm's (auto: where flock is not fcntl).",
 )
-@_seconds_option(
+@seconds_option(
     "--handoff-timeout",
     default=30.0,
     help="On a migration destination, seconds to wait for the source to release (inf: no limit).",
@@ -88,12 +87,12 @@ def _policy_option(*names: str, help: str) -> Callable[[Command], Command]:
     type=click.Path(file_okay=False),
     help="Keep the locks on files in this shared directory instead of the images.",
 )
-@_seconds_option(
+@seconds_option(
     "--check-interval",
     default=5.0,
     help="Seconds between re-checks of the locks while COMMAND runs (0 or inf: never).",
 )
-@_seconds_option(
+@seconds_option(
     "--check-deadline",
     default=DEFAULT_DEADLINE,
     help="Seconds a lock check may hang (the storage not answering) before the guest is "
@@ -106,7 +105,7 @@ def _policy_option(*names: str, help: str) -> Callable[[Command], Command]:
     show_default=True,
     help="Signal (name or number) sent to a non-QEMU COMMAND when its lock is lost.",
 )
-@_seconds_option(
+@seconds_option(
     "--graph-interval",
     default=0.5,
     help="QEMU: seconds between readings of its block graph, which the claim follows "

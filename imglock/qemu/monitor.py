@@ -23,7 +23,7 @@ The lock library stays out of this module: the watchers take ``claim``,
 ``release`` and ``reclaim`` callables.  Plain functions run in a worker
 thread (a claim may wait for seconds), coroutine functions are awaited.
 
-Behaviour of QEMU 7.2 this relies on (measured by tests/test_qemu_monitor.py):
+Behaviour of QEMU 7.2 this relies on (measured by tests/qemu/test_qemu_monitor.py):
 
 * ``MIGRATION`` events are only sent after ``migrate-set-capabilities``
   with ``events: true``; the capability is per QEMU and may be set on a

@@ -58,7 +58,9 @@ def test_resolving_status_starts_its_proc_locks_read_and_hands_it_over() -> None
     ctx = click.Context(cli)
     cli.get_command(ctx, "status")
     assert isinstance(ctx.obj, FlockTable)  # started before status's code was loaded
-    assert click.Context(cli.get_command(ctx, "status"), parent=ctx).find_object(FlockTable)
+    status = cli.get_command(ctx, "status")
+    assert status is not None
+    assert click.Context(status, parent=ctx).find_object(FlockTable)
     other = click.Context(cli)
     cli.get_command(other, "info")
     assert other.obj is None  # only status waits on /proc/locks

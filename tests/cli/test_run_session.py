@@ -20,15 +20,20 @@ def session(raw_image: Path) -> ClaimSession:
     return ClaimSession(claim, Reporter(note=notes.append))
 
 
+def state(session: ClaimSession) -> State:
+    """The session's state now (read again after each step)."""
+    return session.state
+
+
 def test_a_migration_hands_the_claim_over_and_a_resumed_guest_takes_it_back(
     session: ClaimSession, raw_image: Path
 ) -> None:
     session.open()
-    assert session.state is State.PLANNED
+    assert state(session) is State.PLANNED
     session.take()
     assert session.held and [h.mode for h in imglock_holders(raw_image)] == ["exclusive"]
     session.hand_over()
-    assert session.state is State.HANDED_OVER and imglock_holders(raw_image) == []
+    assert state(session) is State.HANDED_OVER and imglock_holders(raw_image) == []
     with session.files() as files:
         assert files is None  # the migration owns the claim: the graph is not followed
     session.take_back()
@@ -36,7 +41,7 @@ def test_a_migration_hands_the_claim_over_and_a_resumed_guest_takes_it_back(
     with session.files() as files:
         assert files is not None and len(files.members) == 1
     session.end()
-    assert session.state is State.ENDED and imglock_holders(raw_image) == []
+    assert state(session) is State.ENDED and imglock_holders(raw_image) == []
 
 
 def test_a_destination_is_prepared_then_claims_on_arrival(
@@ -44,7 +49,7 @@ def test_a_destination_is_prepared_then_claims_on_arrival(
 ) -> None:
     session.open()
     session.prepare_arrival()
-    assert session.state is State.PREPARED and imglock_holders(raw_image) == []
+    assert state(session) is State.PREPARED and imglock_holders(raw_image) == []
     session.take_on_arrival(wait=1.0, backoff_cap=0.001)
     assert session.held and len(imglock_holders(raw_image)) == 1
     session.write_deferred_records()

@@ -143,9 +143,7 @@ def test_child_that_inherited_the_descriptor_keeps_the_lock_after_its_parent_die
     assert imglock.holders(raw_image) == []
 
 
-def test_a_claim_of_several_images_is_all_or_nothing(
-    tmp_path: Path, rival: SpawnRival
-) -> None:
+def test_a_claim_of_several_images_is_all_or_nothing(tmp_path: Path, rival: SpawnRival) -> None:
     free, taken = tmp_path / "a.raw", tmp_path / "b.raw"
     for path in (free, taken):
         path.write_bytes(b"\0" * 4096)

@@ -477,8 +477,9 @@ def test_a_stream_left_for_its_manager_to_dismiss_never_crashes_qemu(lab: Lab) -
     vm.qmp("block-stream", {"job-id": "s", "device": "drive0", "auto-dismiss": False})
     concluded = [{"id": "s", "type": "stream", "status": "concluded"}]
     wait_until(
-        lambda: [{k: j[k] for k in ("id", "type", "status")} for j in vm.qmp("query-jobs")]
-        == concluded,
+        lambda: (
+            [{k: j[k] for k in ("id", "type", "status")} for j in vm.qmp("query-jobs")] == concluded
+        ),
         what="the stream to conclude",
         timeout=TIMEOUT,
     )

@@ -86,9 +86,7 @@ def test_qemu_img_refuses_an_image_imglock_holds(
 ) -> None:
     top, _base = chain
     assert rival(top).ok
-    proc = subprocess.run(
-        [qemu_img_path, "info", top], capture_output=True, text=True, timeout=30
-    )
+    proc = subprocess.run([qemu_img_path, "info", top], capture_output=True, text=True, timeout=30)
     assert proc.returncode != 0
     assert 'Failed to get shared "write" lock' in proc.stderr
 
