@@ -112,6 +112,13 @@ def _policy_option(*names: str, help: str) -> Callable[[Command], Command]:
     "(0 or inf: never).",
 )
 @click.option(
+    "--exec",
+    "exec_in_place",
+    is_flag=True,
+    help="Exec COMMAND in the wrapper's place, so that its pid is the one a manager "
+    "(libvirt, systemd) tracks; a helper beside it checks the claim and follows the VMM.",
+)
+@click.option(
     "--dry-run",
     "dry_run_only",
     is_flag=True,
@@ -134,6 +141,7 @@ def run(
     check_deadline: float,
     lock_lost_signal: int,
     graph_interval: float,
+    exec_in_place: bool,
     dry_run_only: bool,
     as_json: bool,
     command: tuple[str, ...],
@@ -172,6 +180,7 @@ def run(
         check_deadline=check_deadline,
         lock_lost_signal=lock_lost_signal,
         graph_interval=0.0 if math.isinf(graph_interval) else graph_interval,
+        exec_in_place=exec_in_place,
     )
     reporter = Reporter(error=voice.error, warn=voice.warn, note=voice.note)
     with reported_errors():

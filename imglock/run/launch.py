@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Final
 
+from imglock.run.in_place import InPlace
 from imglock.run.options import RunOptions
 from imglock.run.plan import RunPlan, plan_run
 from imglock.run.reporter import Reporter
@@ -37,8 +38,15 @@ def run_plan(plan: RunPlan, reporter: Reporter) -> int:
         reporter.warn(NOTHING_LOCAL)
     session = ClaimSession(plan.claim(), reporter)
     vmm = plan.adapter.prepare(plan.options, plan.command, reporter)
-    runner = Runner(session, vmm, plan.options.check_interval, plan.options.check_deadline)
+    options = plan.options
+    if options.exec_in_place:
+        in_place = InPlace(session, vmm, options.check_interval, options.check_deadline)
+        try:
+            return run_command(in_place, options.conflict_exit)
+        finally:
+            vmm.close(watched=False)  # reached only if the command was not exec'd
+    runner = Runner(session, vmm, options.check_interval, options.check_deadline)
     try:
-        return run_command(runner, plan.options.conflict_exit)
+        return run_command(runner, options.conflict_exit)
     finally:
         vmm.close(watched=bool(runner.watcher))

@@ -42,6 +42,8 @@ class RunOptions:
     lock_lost_signal: int = signal.SIGSTOP
     #: Seconds between readings of a VMM's block graph (0: do not follow it).
     graph_interval: float = 0.5
+    #: ``--exec``: the command replaces the wrapper (one pid), a helper beside it.
+    exec_in_place: bool = False
 
     def named_modes(self) -> list[tuple[str, str, Mode]]:
         """(option, path, mode) of every file named on the wrapper."""

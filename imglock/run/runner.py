@@ -34,7 +34,7 @@ import signal
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 from imglock import faults
 from imglock.errors import (
@@ -318,7 +318,21 @@ def interruptible(mask: set[int | signal.Signals]) -> Iterator[None]:
             signal.signal(signo, handler)
 
 
-def run_command(runner: Runner, conflict_exit: int = EX_TEMPFAIL) -> int:
+class Launcher(Protocol):
+    """What runs a command under a claim: a :class:`Runner`, or one that execs in place."""
+
+    @property
+    def session(self) -> ClaimSession: ...
+
+    @property
+    def argv(self) -> Sequence[str]: ...
+
+    def run(self) -> int:
+        """Run the command; its exit status (or the wrapper's, if it never ran)."""
+        ...
+
+
+def run_command(runner: Launcher, conflict_exit: int = EX_TEMPFAIL) -> int:
     """Run *runner*; return the exit status for the wrapper (flock(1)'s conventions)."""
     say = runner.session.reporter.error
     try:

@@ -35,7 +35,7 @@ from typing import Final
 
 from imglock import faults
 from imglock.lock import procfs
-from imglock.run.adapters.base import Attachment
+from imglock.run.adapters.base import Attachment, VmmRun
 from imglock.run.reporter import Reporter
 from imglock.run.session import ClaimSession, FileKey
 from imglock.run.survivors import using
@@ -92,13 +92,18 @@ class Watched:
     """What the wrapper hands to its watcher: the claim, the VMM, the processes that use it."""
 
     session: ClaimSession
-    attached: Attachment
+    #: The VMM as the wrapper followed it; None when the watcher attaches
+    #: to it itself (*attach_to*: the command was exec'd in the wrapper's place).
+    attached: Attachment | None
     #: A pidfd on each process still using the claim, by pid.
     pidfds: dict[int, int]
     #: The process the lock names.
     named: int
     check_interval: float
     check_deadline: float
+    attach_to: VmmRun | None = None
+    #: Where the watcher's messages go (syslog, for one with no terminal).
+    reporter: Reporter | None = None
 
 
 def start(watched: Watched, mask: Iterable[int]) -> int:
@@ -115,23 +120,36 @@ def start(watched: Watched, mask: Iterable[int]) -> int:
         return pid
     code = WATCHER_FAILED  # pragma: no cover - everything below runs in the watcher
     try:
-        _detach(keep={*watched.session.descriptors, *watched.pidfds.values()})
-        # Any signal that ends the watcher ends it at once: the survivors
-        # hold the claim without it, and it must not clean up under them.
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_SETMASK, set(mask))
-        code = Watcher(watched).run()
-    except BaseException as exc:  # the watcher has no one to raise to
-        _log(f"watcher stopped: {exc!r}; the processes using the images keep the claim")
+        code = run_watcher(watched, mask)
     finally:
         os._exit(code)
 
 
-def _detach(keep: set[int]) -> None:  # pragma: no cover - runs in the watcher
-    """A session of its own, /dev/null as stdin/stdout/stderr, no descriptor but *keep*."""
+def run_watcher(watched: Watched, mask: Iterable[int], keep_stderr: bool = False) -> int:
+    """In a forked process: detach, then watch until the claim ends; the exit status.
+
+    With *keep_stderr* the watcher keeps the command's standard error (a
+    libvirt domain's log), where its messages go too.
+    """
+    try:  # pragma: no cover - runs in the watcher
+        _detach({*watched.session.descriptors, *watched.pidfds.values()}, keep_stderr)
+        # Any signal that ends the watcher ends it at once: the survivors
+        # hold the claim without it, and it must not clean up under them.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set(mask))
+        return Watcher(watched).run()
+    except BaseException as exc:  # the watcher has no one to raise to
+        (watched.reporter or WATCHER_REPORTER).error(
+            f"watcher stopped: {exc!r}; the processes using the images keep the claim"
+        )
+        return WATCHER_FAILED
+
+
+def _detach(keep: set[int], keep_stderr: bool) -> None:  # pragma: no cover - in the watcher
+    """A session of its own, /dev/null as stdin/stdout (and stderr), no descriptor but *keep*."""
     os.setsid()
     null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
+    for fd in (0, 1) if keep_stderr else (0, 1, 2):
         os.dup2(null, fd)
     low = 3
     for fd in sorted(keep | {null}):
@@ -157,6 +175,22 @@ def _no_note(message: str) -> None:
 WATCHER_REPORTER: Final = Reporter(error=_log, warn=_log, note=_no_note)
 
 
+def helper_reporter() -> Reporter:
+    """Messages of a watcher beside a command exec'd in place: its stderr, and syslog.
+
+    The command's standard error is where its operator looks (a libvirt
+    domain's log); syslog may not exist (no /dev/log), or be where a
+    datacenter gathers alarms.
+    """
+    say = Reporter().error
+
+    def both(message: str) -> None:
+        say(message)
+        _log(message)
+
+    return Reporter(error=both, warn=both, note=_no_note)
+
+
 @dataclass(eq=False)
 class Watcher:
     """The watcher's loop: wait for the survivors, re-check the locks, end the claim."""
@@ -166,19 +200,27 @@ class Watcher:
     pidfds: dict[int, int] = field(init=False)
     named: int = field(init=False)
 
+    attached: Attachment = field(init=False)
+
     def __post_init__(self) -> None:
         # The claim is the watcher's to end now, and it speaks to syslog.
-        self.session = self.watched.session.detached(WATCHER_REPORTER)
+        self.session = self.watched.session.detached(self.watched.reporter or WATCHER_REPORTER)
         self.pidfds = dict(self.watched.pidfds)
         self.named = self.watched.named
 
     def run(self) -> int:
         watched, session = self.watched, self.session
-        handover = watched.attached.handover
-        if handover is not None:
-            handover.in_watcher(session, self.named)
+        if watched.attach_to is not None:
+            session.command_started()
+            self.attached = watched.attach_to.attach(session, self.named)
+        else:
+            assert watched.attached is not None, "a watcher that attaches to nothing"
+            self.attached = watched.attached
+            if self.attached.handover is not None:
+                self.attached.handover.in_watcher(session, self.named)
+        handover = self.attached.handover
         faults.point("watch:started")
-        session.watch(watched.attached.guest, watched.check_interval, watched.check_deadline)
+        session.watch(self.attached.guest, watched.check_interval, watched.check_deadline)
         try:
             self._wait()
         finally:
@@ -212,7 +254,7 @@ class Watcher:
 
     def _guest_is_everyone(self) -> None:
         """A lost lock pauses every process still using the images (not QEMU: QMP stops it)."""
-        self.watched.attached.guest.retarget(self.named, sorted(self.pidfds))
+        self.attached.guest.retarget(self.named, sorted(self.pidfds))
 
     def _adopt_others(self) -> bool:
         """Processes that still share the claim's descriptors though none watched is left.

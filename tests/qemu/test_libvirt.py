@@ -8,6 +8,8 @@ looks at what ``imglock status`` says from outside.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -244,3 +246,42 @@ def test_change_media_claims_the_new_cd_shared(
     domain.virsh("change-media", "sda", second, "--update")
     wait_until(lambda: held(second, "shared") and free(first),
                what="the new CD claimed, the old one released")  # fmt: skip
+
+
+def test_the_pid_libvirt_tracks_is_qemus_and_holds_the_claim(
+    images: tuple[Path, Path], new_domain: NewDomain
+) -> None:
+    top, _base = images
+    domain = new_domain(Disk(top))
+    domain.virsh("start")
+    [qemu] = wait_until(domain.qemu_pids, what="the domain's QEMU")
+    assert domain.pid() == qemu
+    assert [(h["mode"], h["pid"]) for h in imglock_holders(top)] == [("exclusive", qemu)]
+
+
+def test_a_sigkill_to_the_pid_libvirt_tracks_leaves_no_qemu_and_no_claim(
+    images: tuple[Path, Path], new_domain: NewDomain
+) -> None:
+    top, _base = images
+    domain = new_domain(Disk(top))
+    domain.virsh("start")
+    pid = domain.pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: domain.state() == "shut off", what="libvirt to see the domain gone")
+    wait_until(lambda: not domain.qemu_pids(), what="no QEMU left running")
+    wait_until(lambda: free(top), what="the claim to be free")
+
+
+def test_destroy_of_a_stopped_qemu_ends_it_and_frees_the_claim(
+    images: tuple[Path, Path], new_domain: NewDomain
+) -> None:
+    top, _base = images
+    domain = new_domain(Disk(top))
+    domain.virsh("start")
+    [qemu] = wait_until(domain.qemu_pids, what="the domain's QEMU")
+    os.kill(qemu, signal.SIGSTOP)  # hung: it answers nothing, not even its monitor
+    domain.virsh("destroy")
+    assert domain.state() == "shut off"
+    wait_until(lambda: not domain.qemu_pids(), what="no QEMU left running")
+    wait_until(lambda: free(top), what="the claim to be free")

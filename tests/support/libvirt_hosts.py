@@ -90,10 +90,10 @@ def host_namespace(host: Libvirt) -> str:
 
 
 def emulator(directory: Path) -> Path:
-    """The ``<emulator>`` that runs QEMU through this checkout's ``imglock run``."""
+    """The ``<emulator>``: this checkout's ``imglock-qemu`` (``imglock run --exec`` over QEMU)."""
     path = directory / "imglock-qemu"
     path.write_text(
-        f'#!/bin/sh\nexec env PYTHONPATH={ROOT} {sys.executable} -m imglock run -- {QEMU} "$@"\n'
+        f'#!/bin/sh\nexec env PYTHONPATH={ROOT} {sys.executable} -m imglock.cli.emulator "$@"\n'
     )
     path.chmod(0o755)
     return path
