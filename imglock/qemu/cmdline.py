@@ -1081,6 +1081,51 @@ def qmp_socket_args(path: str | os.PathLike[str], chardev_id: str = QMP_CHARDEV_
     return ["-chardev", f"socket,{chardev}", "-mon", f"chardev={chardev_id},mode=control"]
 
 
+@dataclass(frozen=True)
+class ManagerMonitor:
+    """A control monitor whose listening socket a manager passed as a descriptor.
+
+    ``-chardev socket,id=ID,fd=N,server=on,wait=off`` with ``-mon
+    chardev=ID,mode=control``: how libvirt gives QEMU its monitor.
+    """
+
+    chardev_id: str
+    fd: int
+    #: Where the ``-chardev`` argument is in argv.
+    index: int
+
+
+def manager_monitors(argv: Sequence[str]) -> list[ManagerMonitor]:
+    """The control monitors of *argv* on listening sockets passed as descriptors."""
+    control: set[str] = set()
+    for arg in _scan_arguments(argv):
+        if arg.name == "-mon" and arg.value is not None:
+            options = dict(parse_qemu_opts(arg.value, "chardev"))
+            if options.get("mode") == "control" and "chardev" in options:
+                control.add(options["chardev"])
+    found = []
+    for arg in _scan_arguments(argv):
+        if arg.name != "-chardev" or arg.value is None:
+            continue
+        options = dict(parse_qemu_opts(arg.value, "backend"))
+        fd = options.get("fd", "")
+        if (options.get("backend") == "socket" and options.get("id") in control
+                and fd.isdigit() and options.get("server") in ("on", "yes", "true")):  # fmt: skip
+            found.append(ManagerMonitor(options["id"], int(fd), arg.index + 1))
+    return found
+
+
+def with_monitor_fd(argv: Sequence[str], monitor: ManagerMonitor, fd: int) -> list[str]:
+    """*argv* with *monitor*'s chardev listening on descriptor *fd* instead."""
+    args = list(argv)
+    options = parse_qemu_opts(args[monitor.index], "backend")
+    args[monitor.index] = ",".join(
+        ["socket", format_qemu_opts([(k, str(fd) if k == "fd" else v)
+                                     for k, v in options if k != "backend"])]
+    )  # fmt: skip
+    return args
+
+
 def _chardev_ids(argv: Sequence[str]) -> set[str]:
     ids: set[str] = set()
     for arg in _scan_arguments(argv):

@@ -23,6 +23,7 @@ import enum
 import math
 import os
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -53,6 +54,9 @@ class State(enum.Enum):
     LOST = "lost"
     ENDED = "ended"
 
+
+#: Seconds between looks at a destination's claim while a manager's resume waits for it.
+RESUME_POLL: Final = 0.001
 
 _LAYER_WORDS: Final = (
     (Layer.IMGLOCK, "imglock layer"),
@@ -115,6 +119,8 @@ class ClaimSession:
     _guest: GuestControl | None = None
     #: The destination's holder records are still to be written.
     _records_due: bool = False
+    #: Why a migration destination could not take its claim, once it could not.
+    _arrival_refused: str | None = None
 
     def _move_to(self, state: State) -> None:
         """Go to *state*, unless the claim is lost: it stays lost (never checked again)."""
@@ -215,8 +221,14 @@ class ClaimSession:
             self.claim.remove_records()
 
     def take_back(self) -> None:
-        """The guest was resumed here after migrating away: take the claim again (-> held)."""
+        """The guest was resumed here after migrating away: take the claim again (-> held).
+
+        Nothing to do when it is held already (a manager's resume was let
+        through only once it was taken back).
+        """
         with self._lock:
+            if self.state is State.HELD:
+                return
             try:
                 self.claim.acquire()
             except ImglockError as exc:
@@ -239,10 +251,40 @@ class ClaimSession:
                 claim.acquire()
             except ImglockError as exc:
                 self.reporter.error(f"{exc}; the migrated guest stays paused")
+                self._arrival_refused = str(exc)
                 raise
             finally:
                 claim.record = self._records_due
             self.state = State.HELD
+
+    def admit_resume(self, timeout: float) -> str | None:
+        """Whether the guest may run now (a manager resumes it): None if so, else why not.
+
+        A migration destination's claim is waited for, up to *timeout*
+        seconds; a source that handed its claim over takes it back first (the
+        migration failed after the switch-over, and the manager resumes it
+        here).  A lost or ended claim never lets the guest run.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            state, refused = self.state, self._arrival_refused
+            if state is State.HELD:
+                return None
+            if state is State.LOST:
+                return "its claim is lost (imglock(7), LOCK LOSS)"
+            if state is State.ENDED:
+                return "its claim has ended"
+            if state is State.HANDED_OVER:
+                try:
+                    self.take_back()
+                except ImglockError as exc:
+                    return str(exc)
+                return None
+            if refused is not None:
+                return refused
+            if time.monotonic() > deadline:
+                return f"its claim is not held after {timeout:g} s"
+            time.sleep(RESUME_POLL)
 
     def write_deferred_records(self) -> None:
         if not self._records_due:
@@ -363,6 +405,7 @@ class ClaimSession:
             self.stalled,
             self._suspended,
             _records_due=self._records_due,
+            _arrival_refused=self._arrival_refused,
         )
 
     # -- ending --------------------------------------------------------------

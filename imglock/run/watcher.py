@@ -132,7 +132,8 @@ def run_watcher(watched: Watched, mask: Iterable[int], keep_stderr: bool = False
     libvirt domain's log), where its messages go too.
     """
     try:  # pragma: no cover - runs in the watcher
-        _detach({*watched.session.descriptors, *watched.pidfds.values()}, keep_stderr)
+        vmm = watched.attach_to.descriptors if watched.attach_to is not None else set()
+        _detach({*watched.session.descriptors, *watched.pidfds.values(), *vmm}, keep_stderr)
         # Any signal that ends the watcher ends it at once: the survivors
         # hold the claim without it, and it must not clean up under them.
         signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -135,6 +135,11 @@ class VmmRun(Protocol):
         """Claim before the command starts (not on a migration destination: the handoff claims)."""
         ...
 
+    @property
+    def descriptors(self) -> set[int]:
+        """Descriptors that whoever attaches to the command needs (a relayed monitor's)."""
+        ...
+
     def attach(self, session: ClaimSession, pid: int) -> Attachment:
         """The command runs as *pid*: start following it; return its guest control."""
         ...
@@ -151,6 +156,10 @@ class SignalRun:
     argv: Sequence[str]
     signo: int
     claim_at_start: bool = True
+
+    @property
+    def descriptors(self) -> set[int]:
+        return set()
 
     def attach(self, session: ClaimSession, pid: int) -> Attachment:
         return Attachment(SignalGuest(pid, self.signo))

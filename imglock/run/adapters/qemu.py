@@ -6,19 +6,26 @@
   (:mod:`imglock.run.private_dir`), through which the live-migration handoff
   (:mod:`imglock.run.handoff`) hands the claim over, the guest is paused,
   and the claim follows QEMU's block graph (:mod:`imglock.run.graph`);
-* a daemonizing QEMU's watcher connects to that monitor again.
+* a daemonizing QEMU's watcher connects to that monitor again;
+* a manager's monitor passed as a listening socket (libvirt's) is relayed
+  to QEMU (:mod:`imglock.qemu.proxy`), and its ``cont`` held back until
+  the claim is held: the guest never runs without it, whoever resumes it.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
-from dataclasses import dataclass
-from typing import Final
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
 
 from imglock.api import ClaimSpec
 from imglock.lock.protocol import Mode
-from imglock.qemu.cmdline import Role, find_images
+from imglock.qemu.cmdline import Role, find_images, manager_monitors, with_monitor_fd
 from imglock.qemu.names import is_qemu
+from imglock.qemu.proxy import MonitorProxy
 from imglock.run import private_dir
 from imglock.run.adapters.base import (
     Adapter,
@@ -34,6 +41,23 @@ from imglock.run.options import RunOptions
 from imglock.run.reporter import Reporter
 from imglock.run.session import ClaimSession
 
+#: Commands that let a guest run: held back until the claim is held.
+RESUMING_COMMANDS: Final = frozenset({"cont"})
+#: Seconds a manager's ``cont`` waits beyond the handoff timeout for the claim.
+RESUME_MARGIN: Final = 5.0
+
+
+@dataclass
+class Relay:
+    """A manager's monitor, relayed: its listening socket, and QEMU's in its place."""
+
+    #: The manager's listening socket (its descriptor, kept from QEMU).
+    manager_fd: int
+    #: Where QEMU listens now: a socket in the private directory.
+    qemu_path: str
+    #: QEMU's listening socket, inherited by QEMU.
+    qemu_fd: int
+
 
 @dataclass
 class QemuRun:
@@ -43,22 +67,63 @@ class QemuRun:
     handoff: Handoff
     #: The private directory of the monitor's socket.
     private: str
+    relays: list[Relay] = field(default_factory=list)
+    proxies: list[MonitorProxy] = field(default_factory=list)
 
     @property
     def claim_at_start(self) -> bool:
         """A migration destination claims at the handoff, not before QEMU starts."""
         return not self.handoff.incoming
 
+    @property
+    def descriptors(self) -> set[int]:
+        """The managers' monitor sockets: whoever attaches to QEMU relays them."""
+        return {relay.manager_fd for relay in self.relays}
+
     def attach(self, session: ClaimSession, pid: int) -> Attachment:
         self.handoff.attach(session, pid)
+        timeout = self.handoff.timeout + RESUME_MARGIN
+
+        def gate(command: Mapping[str, Any]) -> str | None:
+            if command.get("execute") not in RESUMING_COMMANDS:
+                return None
+            why = session.admit_resume(timeout)
+            return None if why is None else f"imglock: the guest may not run: {why}"
+
+        for relay in self.relays:
+            listener = socket.socket(fileno=relay.manager_fd)
+            proxy = MonitorProxy(listener, relay.qemu_path, gate, session.reporter.error)
+            self.proxies.append(proxy.start())
         return Attachment(self.handoff, self.handoff)
 
     def close(self, watched: bool) -> None:
         self.handoff.close()
+        for proxy in self.proxies:
+            proxy.close()
         # A daemonized QEMU keeps its socket here: its watcher removes the
         # directory once the daemon is gone.
         if not watched:
             shutil.rmtree(self.private, ignore_errors=True)
+
+
+def relay_monitors(argv: list[str], private: str) -> tuple[list[str], list[Relay]]:
+    """*argv* with each manager's monitor listening in *private* instead; the relays.
+
+    The manager's socket is kept from QEMU (close-on-exec): only the relay
+    answers on it.
+    """
+    relays: list[Relay] = []
+    for monitor in manager_monitors(argv):
+        path = os.path.join(private, f"monitor-{len(relays)}.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(1)
+        listener.set_inheritable(True)
+        os.set_inheritable(monitor.fd, False)
+        qemu_fd = listener.detach()
+        argv = with_monitor_fd(argv, monitor, qemu_fd)
+        relays.append(Relay(monitor.fd, path, qemu_fd))
+    return argv, relays
 
 
 @dataclass(frozen=True)
@@ -105,14 +170,13 @@ class QemuAdapter(Adapter):
         private = private_dir.make()  # mode 0700: only we can reach the socket
         try:
             follower = self._follower(options, command, reporter)
-            handoff = Handoff.for_command(
-                command.program, private, options.handoff_timeout, follower
-            )
+            program, relays = relay_monitors(list(command.program), private)
+            handoff = Handoff.for_command(program, private, options.handoff_timeout, follower)
         except BaseException:
             shutil.rmtree(private, ignore_errors=True)
             raise
         # The wrappers in front exec QEMU with the options added at its end.
-        return QemuRun((*command.prefix, *handoff.argv), handoff, private)
+        return QemuRun((*command.prefix, *handoff.argv), handoff, private, relays)
 
     def _follower(
         self, options: RunOptions, command: Command, reporter: Reporter
