@@ -59,14 +59,11 @@ def injected(spec: str) -> Iterator[None]:
     """
     with tempfile.TemporaryFile() as scratch:  # the probe for OFD locks is not counted
         fcntl_locks.conflicting(scratch.fileno(), 0, 1, "scratch")
-    saved = fcntl_locks._fcntl, records._fail_writes_with, dict(faults._kill_points)
     faults.install(spec)
     try:
         yield
     finally:
-        fcntl_locks._fcntl, records._fail_writes_with = saved[:2]
-        faults._kill_points.clear()
-        faults._kill_points.update(saved[2])
+        faults.reset()
 
 
 def cli(*args: str | os.PathLike[str], spec: str) -> subprocess.CompletedProcess[str]:

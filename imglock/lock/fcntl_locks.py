@@ -22,6 +22,7 @@ import struct
 import warnings
 from typing import Final
 
+from imglock import faults
 from imglock.errors import LockError
 
 # <fcntl.h> on Linux; the values are the same on every architecture.
@@ -40,7 +41,7 @@ OFFSET_MAX: Final = (1 << 63) - 1
 #: Lock/unlock errors that mean "someone else holds a conflicting lock".
 _CONFLICT_ERRNOS: Final = frozenset({errno.EAGAIN, errno.EACCES})
 
-#: Seam for fault injection in tests: the fcntl call every primitive goes through.
+#: The fcntl call every primitive goes through (tests wrap it to watch the calls).
 _fcntl = fcntl.fcntl
 
 
@@ -90,6 +91,9 @@ def _call(fd: int, cmd: int, ltype: int, start: int, length: int, filename: str)
     arg = FLOCK.pack(ltype, os.SEEK_SET, start, length, 0)
     while True:
         try:
+            failure = faults.fcntl_failure()
+            if failure is not None:
+                raise failure
             return _fcntl(fd, cmd, arg)
         except InterruptedError:
             continue

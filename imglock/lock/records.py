@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, Final, NamedTuple
 
+from imglock import faults
 from imglock.lock import ownership
 from imglock.lock.identity import Owner, hostname
 
@@ -44,8 +45,6 @@ _JSON_SECRET: Final = r'("(?:data|password|password-secret|key-secret)"\s*:\s*)"
 _URL_PASSWORD: Final = r"(://[^/@:\s]*:)[^/@\s]*@"
 #: The key in rbd's filename syntax: rbd:pool/image:id=admin:key=KEY:mon_host=...
 _RBD_KEY: Final = r"(:key=)(?:\\.|[^:\\,])*"
-#: Test seam (imglock.faults): make every record write fail with this errno.
-_fail_writes_with: int | None = None
 
 
 # A NamedTuple, not a dataclass: as immutable, and far cheaper to define at start-up.
@@ -206,8 +205,9 @@ def write(directory: str, image_name: str, record: Record, *, create: bool = Tru
             )
             try:
                 try:
-                    if _fail_writes_with is not None:
-                        raise OSError(_fail_writes_with, os.strerror(_fail_writes_with))
+                    failure = faults.record_failure()
+                    if failure is not None:
+                        raise failure
                     ownership.adopt(fd, image, owner=False)
                     os.write(fd, data)
                 finally:
