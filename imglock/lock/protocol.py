@@ -71,6 +71,7 @@ import contextlib
 import enum
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Final, NamedTuple
 
 from imglock import faults
@@ -80,8 +81,45 @@ from imglock.lock.fcntl_locks import RangeLock
 from imglock.lock.identity import HOST_TAG_BITS, OWNER_BITS, PID_BITS, PID_MASK, Owner
 
 
+# --- QEMU's layer (block/file-posix.c: RAW_LOCK_PERM_BASE, RAW_LOCK_SHARED_BASE) ----------
+QEMU_PERM_BASE: Final = 100
+QEMU_SHARED_BASE: Final = 200
+#: QEMU reserves 64 bits for each set; only the first five have ever been used.
+QEMU_PERM_SLOTS: Final = 64
+
+#: BlockPermission bits in QEMU's order, with the names its messages use.
+QEMU_PERM_NAMES: Final = (
+    "consistent read",
+    "write",
+    "write unchanged",
+    "resize",
+    "change children",  # QEMU <= 6.1 only
+)
+PERM_CONSISTENT_READ: Final = 0
+PERM_WRITE: Final = 1
+PERM_RESIZE: Final = 3
+
+#: What a running QEMU writer holds on its top image, and what it refuses to share.
+QEMU_WRITER_PERMS: Final = (PERM_CONSISTENT_READ, PERM_WRITE, PERM_RESIZE)
+QEMU_WRITER_UNSHARED: Final = (PERM_WRITE, PERM_RESIZE)
+#: ... and on a backing file it only reads.
+QEMU_READER_PERMS: Final = (PERM_CONSISTENT_READ,)
+QEMU_READER_UNSHARED: Final = (PERM_WRITE, PERM_RESIZE)
+#: What a QEMU 7.2 disk device with ``share-rw=on`` holds on a raw image
+#: (measured: bytes 100 and 101 only): it reads and writes, and shares all.
+#: (On a qcow2 the format layer refuses to share write and resize whatever
+#: the device says, so QEMU holds a writer's bytes there.)
+QEMU_SHARED_WRITER_PERMS: Final = (PERM_CONSISTENT_READ, PERM_WRITE)
+QEMU_SHARED_WRITER_UNSHARED: Final = ()
+
+
 class Mode(enum.StrEnum):
-    """How an image is claimed."""
+    """How an image is claimed.
+
+    All that differs from one mode to another is data in :data:`MODE_TABLE`
+    (its row's fields are the mode's attributes): adding a mode is adding a
+    member here and its row there.
+    """
 
     #: One writer, and no one else: the top image of a running VM.
     EXCLUSIVE = "exclusive"
@@ -93,10 +131,91 @@ class Mode(enum.StrEnum):
     #: shared readers, who need an image that does not change under them.
     SHARED_WRITE = "shared-write"
 
+    @property
+    def admits(self) -> frozenset[str]:
+        return MODE_TABLE[self].admits
+
+    @property
+    def slots(self) -> tuple[int, int]:
+        return MODE_TABLE[self].slots
+
+    @property
+    def queue_code(self) -> int:
+        return MODE_TABLE[self].queue_code
+
+    @property
+    def qemu_perms(self) -> tuple[int, ...]:
+        return MODE_TABLE[self].qemu_perms
+
+    @property
+    def qemu_unshared(self) -> tuple[int, ...]:
+        return MODE_TABLE[self].qemu_unshared
+
+    @property
+    def option(self) -> str:
+        return MODE_TABLE[self].option
+
+    @property
+    def option_help(self) -> str:
+        return MODE_TABLE[self].option_help
+
+
+@dataclass(frozen=True)
+class ModeRow:
+    """One mode's row of the table: everything that makes it the mode it is."""
+
+    #: The values of the modes a claim in this mode admits beside it.
+    admits: frozenset[str]
+    #: (holder slot, intent slot): where its regions lie, in SLOT_SIZE from
+    #: the slots' base (see the map below; there is room for more slots).
+    slots: tuple[int, int]
+    #: Its 2-bit code in a queue byte (one code is still free).
+    queue_code: int
+    #: QEMU's permissions a claim in this mode takes, and refuses to share.
+    qemu_perms: tuple[int, ...]
+    qemu_unshared: tuple[int, ...]
+    #: The ``imglock run`` option that claims a PATH in this mode, and its help.
+    option: str
+    option_help: str
+
+
+MODE_TABLE: Final = {
+    Mode.EXCLUSIVE: ModeRow(
+        admits=frozenset(),
+        slots=(2, 3),
+        queue_code=0,
+        qemu_perms=QEMU_WRITER_PERMS,
+        qemu_unshared=QEMU_WRITER_UNSHARED,
+        option="--image",
+        option_help="Claim PATH exclusive (its backing files shared). Repeatable.",
+    ),
+    Mode.SHARED: ModeRow(
+        admits=frozenset({"shared"}),
+        slots=(4, 5),
+        queue_code=1,
+        qemu_perms=QEMU_READER_PERMS,
+        qemu_unshared=QEMU_READER_UNSHARED,
+        option="--shared",
+        option_help="Claim PATH shared (read-only use). Repeatable.",
+    ),
+    Mode.SHARED_WRITE: ModeRow(
+        admits=frozenset({"shared-write"}),
+        slots=(0, 1),
+        queue_code=2,
+        qemu_perms=QEMU_SHARED_WRITER_PERMS,
+        qemu_unshared=QEMU_SHARED_WRITER_UNSHARED,
+        option="--shared-write",
+        option_help=(
+            "Claim PATH shared-write (writers sharing it on purpose, share-rw=on). Repeatable."
+        ),
+    ),
+}
+assert set(MODE_TABLE) == set(Mode), "every mode has its row"
+
 
 def conflicts(a: Mode, b: Mode) -> bool:
     """Whether claims in modes *a* and *b* exclude each other."""
-    return a is Mode.EXCLUSIVE or b is Mode.EXCLUSIVE or a is not b
+    return b.value not in a.admits or a.value not in b.admits
 
 
 def strongest(a: Mode, b: Mode) -> Mode:
@@ -161,16 +280,11 @@ QUEUE_BASE: Final = 1 << 62
 QUEUE_SIZE: Final = 1 << 61
 SLOT_SIZE: Final = 1 << (OWNER_BITS + 1)
 _SLOTS_BASE: Final = QUEUE_BASE + QUEUE_SIZE
-#: (holder slot, intent slot) of each mode, counted in SLOT_SIZE from _SLOTS_BASE.
-_SLOT_OF: Final = {
-    Mode.SHARED_WRITE: (0, 1),
-    Mode.EXCLUSIVE: (2, 3),
-    Mode.SHARED: (4, 5),
-}
-HOLDER_BASE: Final = {m: _SLOTS_BASE + h * SLOT_SIZE for m, (h, _i) in _SLOT_OF.items()}
-INTENT_BASE: Final = {m: _SLOTS_BASE + i * SLOT_SIZE for m, (_h, i) in _SLOT_OF.items()}
+#: Where each mode's holder and intent regions begin (Mode.slots).
+HOLDER_BASE: Final = {m: _SLOTS_BASE + m.slots[0] * SLOT_SIZE for m in Mode}
+INTENT_BASE: Final = {m: _SLOTS_BASE + m.slots[1] * SLOT_SIZE for m in Mode}
 IMGLOCK_START: Final = QUEUE_BASE
-IMGLOCK_END: Final = _SLOTS_BASE + 6 * SLOT_SIZE
+IMGLOCK_END: Final = _SLOTS_BASE + (1 + max(max(m.slots) for m in Mode)) * SLOT_SIZE
 
 #: A holder's lock is two bytes long when it also carries QEMU's bytes (so
 #: that another host can tell them from a second, plain QEMU), else one.
@@ -184,47 +298,8 @@ TICKET_MAX: Final = (1 << TICKET_BITS) - 1
 WAITER_HOST_BITS: Final = 13
 _MODE_SHIFT: Final = PID_BITS + WAITER_HOST_BITS
 _TICKET_SHIFT: Final = _MODE_SHIFT + 2
-_MODE_CODE: Final = {Mode.EXCLUSIVE: 0, Mode.SHARED: 1, Mode.SHARED_WRITE: 2}
-_CODE_MODE: Final = {code: mode for mode, code in _MODE_CODE.items()}
+_CODE_MODE: Final = {mode.queue_code: mode for mode in Mode}
 assert QUEUE_SIZE.bit_length() - 1 == _TICKET_SHIFT + TICKET_BITS
-
-# --- QEMU's layer (block/file-posix.c: RAW_LOCK_PERM_BASE, RAW_LOCK_SHARED_BASE) ----------
-QEMU_PERM_BASE: Final = 100
-QEMU_SHARED_BASE: Final = 200
-#: QEMU reserves 64 bits for each set; only the first five have ever been used.
-QEMU_PERM_SLOTS: Final = 64
-
-#: BlockPermission bits in QEMU's order, with the names its messages use.
-QEMU_PERM_NAMES: Final = (
-    "consistent read",
-    "write",
-    "write unchanged",
-    "resize",
-    "change children",  # QEMU <= 6.1 only
-)
-PERM_CONSISTENT_READ: Final = 0
-PERM_WRITE: Final = 1
-PERM_RESIZE: Final = 3
-
-#: What a running QEMU writer holds on its top image, and what it refuses to share.
-QEMU_WRITER_PERMS: Final = (PERM_CONSISTENT_READ, PERM_WRITE, PERM_RESIZE)
-QEMU_WRITER_UNSHARED: Final = (PERM_WRITE, PERM_RESIZE)
-#: ... and on a backing file it only reads.
-QEMU_READER_PERMS: Final = (PERM_CONSISTENT_READ,)
-QEMU_READER_UNSHARED: Final = (PERM_WRITE, PERM_RESIZE)
-#: What a QEMU 7.2 disk device with ``share-rw=on`` holds on a raw image
-#: (measured: bytes 100 and 101 only): it reads and writes, and shares all.
-#: (On a qcow2 the format layer refuses to share write and resize whatever
-#: the device says, so QEMU holds a writer's bytes there.)
-QEMU_SHARED_WRITER_PERMS: Final = (PERM_CONSISTENT_READ, PERM_WRITE)
-QEMU_SHARED_WRITER_UNSHARED: Final = ()
-
-#: QEMU's (perms, unshared) for each mode: as a writer, a reader, a share-rw=on writer.
-QEMU_PERMISSIONS: Final = {
-    Mode.EXCLUSIVE: (QEMU_WRITER_PERMS, QEMU_WRITER_UNSHARED),
-    Mode.SHARED: (QEMU_READER_PERMS, QEMU_READER_UNSHARED),
-    Mode.SHARED_WRITE: (QEMU_SHARED_WRITER_PERMS, QEMU_SHARED_WRITER_UNSHARED),
-}
 
 Range = tuple[int, int]  # (start, length)
 
@@ -289,7 +364,7 @@ def queue_byte(ticket: int, mode: Mode, owner: Owner) -> int:
     return (
         QUEUE_BASE
         | ticket << _TICKET_SHIFT
-        | _MODE_CODE[mode] << _MODE_SHIFT
+        | mode.queue_code << _MODE_SHIFT
         | host << PID_BITS
         | owner.pid
     )
@@ -394,7 +469,7 @@ def rival_ranges(mode: Mode, *, with_queue: bool) -> list[Range]:
 
 def qemu_bytes(mode: Mode) -> tuple[list[int], list[int]]:
     """(bytes to take, bytes to test) for the QEMU layer of a claim in *mode*."""
-    perms, unshared = QEMU_PERMISSIONS[mode]
+    perms, unshared = mode.qemu_perms, mode.qemu_unshared
     take = [QEMU_PERM_BASE + p for p in perms] + [QEMU_SHARED_BASE + p for p in unshared]
     # A permission we use conflicts with anyone refusing to share it, and a
     # permission we refuse to share conflicts with anyone using it.
