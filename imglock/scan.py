@@ -39,7 +39,15 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Final, TypeVar
 
 from imglock.errors import ImageError, ImglockError, UnreadableFormat
-from imglock.formats import HEAD_SIZE, PROBE_SIZE, OpenImage, driver_for, open_for_locks, probe
+from imglock.formats import (
+    HEAD_SIZE,
+    PROBE_SIZE,
+    OpenImage,
+    driver_for,
+    open_for_locks,
+    open_with,
+    probe,
+)
 from imglock.lock.records import RECORD_DIR
 from imglock.safeio import OPEN_FLAGS, close_quietly, read_at
 
@@ -334,9 +342,7 @@ def _regular(path: str, name: str, skipped: SkipHook) -> Found | None:
                 driver, read_as = driver_for("raw"), exc.format
             if read_as or driver.name != "raw" or suffix or _locked(fd, path, skipped):
                 os.set_blocking(fd, True)
-                image = driver.open(path, fd, st, head)
-                image.read_as = read_as
-                return Found(path, image=image)
+                return Found(path, image=open_with(driver, path, fd, st, head, read_as))
             skipped(path, "not an image (no known format, image suffix or lock)")
     except ImglockError as exc:
         close_quietly(fd)

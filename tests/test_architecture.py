@@ -37,7 +37,7 @@ LAYERS: Final = (
         (
             "imglock",
             "imglock.api",
-            "imglock.claim",
+            "imglock.claims",
             "imglock.report",
             "imglock.scan",
             "imglock.lockcheck",

@@ -35,7 +35,7 @@ import imglock
 from imglock import faults
 from imglock.api import Claim, ClaimSpec
 from imglock.errors import EX_IOERR, EX_OK, EX_TEMPFAIL, LockConflict, LockError
-from imglock.lock import fcntl_locks, records
+from imglock.lock import fcntl_locks
 from imglock.lock.records import RECORD_DIR
 
 #: Lock calls of an exclusive claim of one raw image with both layers:

@@ -71,15 +71,14 @@ import contextlib
 import enum
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final, NamedTuple
 
 from imglock import faults
 from imglock.errors import LockConflict, LockError, LockLost
-from imglock.lock import fcntl_locks
+from imglock.lock import fcntl_locks, flock
 from imglock.lock.fcntl_locks import RangeLock
 from imglock.lock.identity import HOST_TAG_BITS, OWNER_BITS, PID_BITS, PID_MASK, Owner
-
 
 # --- QEMU's layer (block/file-posix.c: RAW_LOCK_PERM_BASE, RAW_LOCK_SHARED_BASE) ----------
 QEMU_PERM_BASE: Final = 100
@@ -256,8 +255,6 @@ def flock_layer_for_file(fd: int) -> Layer:
     the file is open, so a claim decides it once per file (a stat and a
     mountinfo read) instead of in every attempt.
     """
-    from imglock.lock import flock
-
     return Layer.FLOCK_EVERYWHERE if flock.applies(fd, everywhere=False) else Layer(0)
 
 
@@ -304,28 +301,17 @@ assert QUEUE_SIZE.bit_length() - 1 == _TICKET_SHIFT + TICKET_BITS
 Range = tuple[int, int]  # (start, length)
 
 
-# A plain class, not a dataclass or NamedTuple: those cost far more to define,
-# and every command that takes or looks at a lock loads this module.
+@dataclass(frozen=True)
 class Held:
     """What one descriptor holds for one claim: enough to release or verify it."""
 
-    __slots__ = ("flock", "layers", "mode", "owner", "ranges")
-
-    def __init__(
-        self,
-        mode: Mode,
-        layers: Layer,
-        owner: Owner,
-        ranges: tuple[Range, ...] = (),
-        flock: bool = False,
-    ) -> None:
-        self.mode = mode
-        self.layers = layers
-        self.owner = owner
-        #: (start, length) of every byte range taken, the holder range first.
-        self.ranges = ranges
-        #: Whether a flock(2) is held too.
-        self.flock = flock
+    mode: Mode
+    layers: Layer
+    owner: Owner
+    #: (start, length) of every byte range taken, the holder range first.
+    ranges: tuple[Range, ...] = ()
+    #: Whether a flock(2) is held too.
+    flock: bool = False
 
 
 class Place(NamedTuple):
@@ -622,7 +608,7 @@ def acquire(
     except BaseException:
         _unlock_quietly(fd, filename, [*taken, *([intent] if intent else [])])
         if flock_taken:
-            _release_flock(fd, filename)
+            _release_flock(fd)
         raise
     if intent is not None:
         fcntl_locks.unlock(fd, intent[0], intent[1], filename)
@@ -631,28 +617,19 @@ def acquire(
 
 def _take_flock(fd: int, filename: str, mode: Mode, layers: Layer, had: Mode | None = None) -> bool:
     """Take the flock layer (or convert the one held in mode *had*); False if it does not apply."""
-    from imglock.lock import flock
-
     if had is None and not flock.applies(fd, bool(layers & Layer.FLOCK_EVERYWHERE)):
         return False
-    import portalocker  # for flock.take's errors other than a conflict
-
-    try:
-        if flock.take(fd, exclusive=mode is Mode.EXCLUSIVE):
-            return True
-    except portalocker.LockException as exc:
-        raise LockError(filename, f"cannot flock: {exc}") from None
+    if flock.take(fd, filename, exclusive=mode is Mode.EXCLUSIVE):
+        return True
     # flock(2) cannot convert a lock atomically: a refused conversion has
     # dropped the old one, so take it back as it was (see imglock(7)).
     if had is not None:
         with contextlib.suppress(Exception):
-            flock.take(fd, exclusive=had is Mode.EXCLUSIVE)
+            flock.take(fd, filename, exclusive=had is Mode.EXCLUSIVE)
     raise ProtocolConflict(filename, mode, RangeLock(fcntl_locks.F_WRLCK, 0, 0, -1), flock=True)
 
 
-def _release_flock(fd: int, filename: str) -> None:
-    from imglock.lock import flock
-
+def _release_flock(fd: int) -> None:
     with contextlib.suppress(Exception):
         flock.release(fd)
 
@@ -713,8 +690,6 @@ def release(fd: int, filename: str, held: Held) -> None:
     for start, length in held.ranges:
         fcntl_locks.unlock(fd, start, length, filename)
     if held.flock:
-        from imglock.lock import flock
-
         flock.release(fd)
 
 
@@ -735,7 +710,18 @@ def relabel(fd: int, filename: str, held: Held, owner: Owner) -> Held:
     faults.point("relabel:both")
     fcntl_locks.unlock(fd, *old, filename)
     ranges = tuple(new if r == old else r for r in held.ranges)
-    return Held(held.mode, held.layers, owner, ranges, held.flock)
+    return replace(held, owner=owner, ranges=ranges)
+
+
+def handed_to_qemu(held: Held) -> Held:
+    """*held* once the claim's own QEMU runs: QEMU's bytes, tested (Layer.QEMU_TEST)
+    before it started, are held by that QEMU now (Layer.QEMU_HELD).
+
+    The ranges stay the same: both mark QEMU's bytes as the holder's.
+    """
+    if Layer.QEMU_TEST not in held.layers:
+        return held
+    return replace(held, layers=held.layers & ~Layer.QEMU_TEST | Layer.QEMU_HELD)
 
 
 def change_mode(fd: int, filename: str, held: Held, new_mode: Mode) -> Held:
