@@ -13,16 +13,18 @@ way in.
 
 from __future__ import annotations
 
+import importlib
 import os
+from typing import TYPE_CHECKING, Any, Final
 
 from imglock.claims.facade import Claim
 from imglock.claims.spec import ClaimSpec, as_mode, as_path, as_seconds
 from imglock.claims.waiting import BACKOFF_CAP, BACKOFF_FIRST
 from imglock.errors import UsageError
-from imglock.formats import open_for_locks
-from imglock.lock.discovery import LocalLocks
 from imglock.lock.protocol import Layer, Mode, flock_layer
-from imglock.report import ImageReport, inspect_image
+
+if TYPE_CHECKING:
+    from imglock.report import ImageReport, inspect, inspect_image
 
 __all__ = [
     "BACKOFF_CAP",
@@ -77,15 +79,12 @@ def claim(
     return Claim([spec], wait=wait, layers=layers, lockspace=lockspace, record=record).acquire()
 
 
-def inspect(
-    path: str | bytes | os.PathLike[str] | os.PathLike[bytes],
-    *,
-    lockspace: str | None = None,
-    local: LocalLocks | None = None,
-) -> ImageReport:
-    """Who holds *path* (any file), and the header facts that matter for it; takes no lock."""
-    image = open_for_locks(as_path(path))
-    try:
-        return inspect_image(image, lockspace=lockspace, local=local)
-    finally:
-        image.close()
+#: Names of :mod:`imglock.report`, also reachable from here.  Resolved on
+#: first use: a claimer never needs what looking at holders loads.
+_FROM_REPORT: Final = frozenset({"ImageReport", "inspect", "inspect_image"})
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _FROM_REPORT:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module("imglock.report"), name)

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from types import ModuleType
 
 _kill_points: dict[str, int] = {}
 
@@ -66,7 +66,18 @@ def point(name: str) -> None:
         # one, usually), and this thread may run on past the step before the
         # stop reaches it.  A thread's own SIGSTOP or SIGKILL still stops or
         # kills the whole process, starting with this thread.
-        signal.pthread_kill(threading.get_ident(), _kill_points[name])
+        _signal().pthread_kill(threading.get_ident(), _kill_points[name])
+
+
+def _signal() -> ModuleType:
+    """The signal module, loaded once a kill point is installed.
+
+    Deliberately lazy: it costs start-up time that no command pays unless
+    a test injects a fault.
+    """
+    import signal
+
+    return signal
 
 
 def fcntl_failure() -> OSError | None:
@@ -109,6 +120,7 @@ def install(spec: str) -> None:
         elif kind == "record":
             _record_errno = _errno(value)
         elif kind in ("crash", "stop"):
+            signal = _signal()
             _kill_points[value] = signal.SIGKILL if kind == "crash" else signal.SIGSTOP
         else:
             raise ValueError(f"IMGLOCK_FAULTS: unknown fault kind {kind!r}")

@@ -6,9 +6,11 @@ does not load the claim machinery.
 
 from __future__ import annotations
 
+import os
 from typing import Any, NamedTuple
 
-from imglock.formats import OpenImage
+from imglock.claims.spec import as_path
+from imglock.formats import OpenImage, open_for_locks
 from imglock.lock import records
 from imglock.lock.discovery import LocalLocks, survey
 from imglock.lock.holder import Holder
@@ -92,3 +94,17 @@ def inspect_image(
         waiting=found.waiting,
         inode=None if target.lock_file else image.st.st_ino,
     )
+
+
+def inspect(
+    path: str | bytes | os.PathLike[str] | os.PathLike[bytes],
+    *,
+    lockspace: str | None = None,
+    local: LocalLocks | None = None,
+) -> ImageReport:
+    """Who holds *path* (any file), and the header facts that matter for it; takes no lock."""
+    image = open_for_locks(as_path(path))
+    try:
+        return inspect_image(image, lockspace=lockspace, local=local)
+    finally:
+        image.close()

@@ -44,12 +44,10 @@ LOCKS = {
 }
 RUN = {"imglock.run.runner", "imglock.run.launch"}
 #: The claim machinery, which looking at who holds an image does not need.
-CLAIMS = {"imglock.api"}
-#: Costly to load or to use at every start-up: dataclasses (a dataclass costs
-#: far more to define than a plain class), the json package, the qcow2
+CLAIMS = {"imglock.api", "imglock.claims.facade"}
+#: Costly to load or to use at every start-up: the json package, the qcow2
 #: parser (for an image that is not qcow2), QEMU's command-line parser (for
 #: a command that is not QEMU).
-DATACLASSES = {"dataclasses"}
 QCOW2 = {"imglock.formats.qcow2"}
 QEMU_CMDLINE = {"imglock.qemu.cmdline"}
 
@@ -94,7 +92,7 @@ def test_help_imports_no_command() -> None:
 def test_info_reads_a_header_without_the_lock_machinery(raw_image: Path) -> None:
     modules = imglock("info", raw_image)
     assert "imglock.formats.raw" in modules
-    unwanted = NEVER | CHAIN | PROC | LOCKS | RUN | DATACLASSES | QCOW2 | QEMU_CMDLINE
+    unwanted = NEVER | CHAIN | PROC | LOCKS | RUN | QCOW2 | QEMU_CMDLINE
     assert (unwanted | {"json", "imglock.lock.discovery"}) & modules == set()
     assert "json" in imglock("info", "--json", raw_image)
 
@@ -102,7 +100,7 @@ def test_info_reads_a_header_without_the_lock_machinery(raw_image: Path) -> None
 def test_info_of_a_qcow2_image_loads_its_parser_and_nothing_more(tmp_path: Path) -> None:
     modules = imglock("info", write_qcow2(tmp_path / "disk.qcow2"))
     assert modules >= QCOW2
-    unwanted = NEVER | CHAIN | PROC | LOCKS | RUN | DATACLASSES | QEMU_CMDLINE
+    unwanted = NEVER | CHAIN | PROC | LOCKS | RUN | QEMU_CMDLINE
     assert (unwanted | {"json", "imglock.lock.discovery"}) & modules == set()
 
 
@@ -115,7 +113,7 @@ def test_a_named_format_loads_only_its_driver(tmp_path: Path) -> None:
 def test_status_of_free_images_scans_no_proc_and_loads_no_json(raw_image: Path) -> None:
     modules = imglock("status", raw_image)
     assert "imglock.lock.discovery" in modules
-    unwanted = NEVER | CHAIN | PROC | RUN | CLAIMS | DATACLASSES | QCOW2 | QEMU_CMDLINE
+    unwanted = NEVER | CHAIN | PROC | RUN | CLAIMS | QCOW2 | QEMU_CMDLINE
     assert (unwanted | {"json", "signal"}) & modules == set()
     assert "json" in imglock("status", "--json", raw_image)
 
@@ -128,7 +126,7 @@ def test_status_of_a_held_image_reads_proc(raw_image: Path, rival: SpawnRival) -
 
 
 #: portalocker, and what it loads: only a claim that takes the flock layer needs it.
-FLOCK = {"portalocker", "imglock.lock.flock"}
+FLOCK = {"portalocker"}
 
 
 def test_run_of_a_command_that_is_not_qemu_never_loads_the_monitor(raw_image: Path) -> None:

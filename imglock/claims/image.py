@@ -10,14 +10,18 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from imglock.errors import LockError, LockLost
 from imglock.formats import OpenImage
-from imglock.lock import discovery, fcntl_locks, flock, protocol
+from imglock.lock import fcntl_locks, flock, protocol
 from imglock.lock.fcntl_locks import RangeLock, reason
 from imglock.lock.identity import Owner
 from imglock.lock.lockspace import LockTarget, open_target
 from imglock.lock.protocol import Held, Layer, Mode, Place
+
+if TYPE_CHECKING:
+    from imglock.lock.discovery import Survey
 
 
 @dataclass(eq=False)
@@ -141,8 +145,13 @@ class ClaimedImage(OpenImage):
 
     # -- looking ------------------------------------------------------------
 
-    def survey(self) -> discovery.Survey:
+    def survey(self) -> Survey:
         """Who holds the file and who waits for it (looked at, nothing taken)."""
+        # Deliberately lazy: discovery (every lock, /proc, the records) is
+        # loaded when a claim meets someone; a claim that succeeds never
+        # needs it, and `imglock run` starts without it.
+        from imglock.lock import discovery
+
         target = self.target
         return discovery.survey(
             target.fd,
