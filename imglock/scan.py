@@ -33,9 +33,12 @@ skipped, in the order of a walk one file at a time.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import stat
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Final, TypeVar
 
 from imglock.errors import ImageError, ImglockError, UnreadableFormat
@@ -48,6 +51,7 @@ from imglock.formats import (
     open_with,
     probe,
 )
+from imglock.lock import fcntl_locks
 from imglock.lock.records import RECORD_DIR
 from imglock.safeio import OPEN_FLAGS, close_quietly, read_at
 
@@ -80,19 +84,13 @@ R = TypeVar("R")
 T = TypeVar("T")
 
 
-# A plain class, not a dataclass or NamedTuple: those cost far more to define,
-# and every command that looks for images (``status``) loads this module.
+@dataclass
 class Found:
     """One image: opened (the caller closes it), or the error that stopped it."""
 
-    __slots__ = ("error", "filename", "image")
-
-    def __init__(
-        self, filename: str, image: OpenImage | None = None, error: ImglockError | None = None
-    ) -> None:
-        self.filename = filename
-        self.image = image
-        self.error = error
+    filename: str
+    image: OpenImage | None = None
+    error: ImglockError | None = None
 
 
 def has_image_suffix(name: str) -> bool:
@@ -185,9 +183,6 @@ def overlapped(jobs: Iterator[Callable[[], T]], workers: int) -> Iterator[T]:
         for job in jobs:
             yield job()
         return
-
-    import itertools
-    import threading
 
     pending = itertools.chain(enumerate((first, second)), enumerate(jobs, start=2))
     done: dict[int, tuple[bool, object]] = {}
@@ -356,8 +351,6 @@ def _regular(path: str, name: str, skipped: SkipHook) -> Found | None:
 
 def _locked(fd: int, path: str, skipped: SkipHook) -> bool:
     """Whether anyone holds a lock anywhere on the file open as *fd*."""
-    from imglock.lock import fcntl_locks
-
     try:
         return fcntl_locks.conflicting(fd, 0, 0, path) is not None
     except ImglockError as exc:

@@ -20,6 +20,7 @@ import fcntl
 import os
 import struct
 import warnings
+from dataclasses import dataclass
 from typing import Final
 
 from imglock import faults
@@ -49,20 +50,16 @@ class PosixFallbackWarning(RuntimeWarning):
     """OFD locks are missing; POSIX locks are used, and any close() drops them."""
 
 
-# A plain class, not a dataclass or NamedTuple: those cost far more to define,
-# and every command that takes or looks at a lock loads this module.
+@dataclass(frozen=True)
 class RangeLock:
     """A lock seen by a conflict test: its type and range, as the kernel reports it."""
 
-    __slots__ = ("length", "pid", "start", "type")
-
-    def __init__(self, type: int, start: int, length: int, pid: int) -> None:
-        self.type = type
-        self.start = start
-        #: 0 means "to the end of any file", as in struct flock.
-        self.length = length
-        #: -1 for OFD locks; the owner's pid (on the server's view) for POSIX locks.
-        self.pid = pid
+    type: int
+    start: int
+    #: 0 means "to the end of any file", as in struct flock.
+    length: int
+    #: -1 for OFD locks; the owner's pid (on the server's view) for POSIX locks.
+    pid: int
 
     @property
     def end(self) -> int:
@@ -70,6 +67,7 @@ class RangeLock:
         return OFFSET_MAX if self.length == 0 else self.start + self.length
 
 
+@dataclass
 class _Commands:
     """Which fcntl commands this kernel answers: OFD, or POSIX as a fallback."""
 
