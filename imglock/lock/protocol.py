@@ -80,6 +80,9 @@ from imglock.lock import fcntl_locks, flock
 from imglock.lock.fcntl_locks import RangeLock
 from imglock.lock.identity import HOST_TAG_BITS, OWNER_BITS, PID_BITS, PID_MASK, Owner
 
+#: A byte range: (start, length).
+Range = tuple[int, int]
+
 # --- QEMU's layer (block/file-posix.c: RAW_LOCK_PERM_BASE, RAW_LOCK_SHARED_BASE) ----------
 QEMU_PERM_BASE: Final = 100
 QEMU_SHARED_BASE: Final = 200
@@ -178,37 +181,23 @@ class ModeRow:
     option_help: str
 
 
+#: Each mode's row, its fields in ModeRow's order: admits, slots, queue code,
+#: QEMU perms and unshared perms, the run option and its help.
 MODE_TABLE: Final = {
     Mode.EXCLUSIVE: ModeRow(
-        admits=frozenset(),
-        slots=(2, 3),
-        queue_code=0,
-        qemu_perms=QEMU_WRITER_PERMS,
-        qemu_unshared=QEMU_WRITER_UNSHARED,
-        option="--image",
-        option_help="Claim PATH exclusive (its backing files shared). Repeatable.",
+        frozenset(), (2, 3), 0, QEMU_WRITER_PERMS, QEMU_WRITER_UNSHARED,
+        "--image", "Claim PATH exclusive (its backing files shared). Repeatable.",
     ),
     Mode.SHARED: ModeRow(
-        admits=frozenset({"shared"}),
-        slots=(4, 5),
-        queue_code=1,
-        qemu_perms=QEMU_READER_PERMS,
-        qemu_unshared=QEMU_READER_UNSHARED,
-        option="--shared",
-        option_help="Claim PATH shared (read-only use). Repeatable.",
+        frozenset({"shared"}), (4, 5), 1, QEMU_READER_PERMS, QEMU_READER_UNSHARED,
+        "--shared", "Claim PATH shared (read-only use). Repeatable.",
     ),
     Mode.SHARED_WRITE: ModeRow(
-        admits=frozenset({"shared-write"}),
-        slots=(0, 1),
-        queue_code=2,
-        qemu_perms=QEMU_SHARED_WRITER_PERMS,
-        qemu_unshared=QEMU_SHARED_WRITER_UNSHARED,
-        option="--shared-write",
-        option_help=(
-            "Claim PATH shared-write (writers sharing it on purpose, share-rw=on). Repeatable."
-        ),
+        frozenset({"shared-write"}), (0, 1), 2,
+        QEMU_SHARED_WRITER_PERMS, QEMU_SHARED_WRITER_UNSHARED, "--shared-write",
+        "Claim PATH shared-write (writers sharing it on purpose, share-rw=on). Repeatable.",
     ),
-}
+}  # fmt: skip
 assert set(MODE_TABLE) == set(Mode), "every mode has its row"
 
 
@@ -297,8 +286,6 @@ _MODE_SHIFT: Final = PID_BITS + WAITER_HOST_BITS
 _TICKET_SHIFT: Final = _MODE_SHIFT + 2
 _CODE_MODE: Final = {mode.queue_code: mode for mode in Mode}
 assert QUEUE_SIZE.bit_length() - 1 == _TICKET_SHIFT + TICKET_BITS
-
-Range = tuple[int, int]  # (start, length)
 
 
 @dataclass(frozen=True)
