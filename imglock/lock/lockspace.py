@@ -37,8 +37,7 @@ from typing import Final
 
 from imglock.errors import ImageError
 from imglock.lock import ownership
-from imglock.lock.mounts import mount_of_device
-from imglock.lock.sharing import LOCAL_FILESYSTEMS
+from imglock.lock.mounts import LOCAL_FILESYSTEMS, mount_of_device
 from imglock.safeio import open_image_fd
 
 LOCK_SUFFIX: Final = ".lock"
