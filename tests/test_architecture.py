@@ -23,6 +23,8 @@ from typing import Final
 
 import pytest
 
+import imglock
+
 PACKAGE_DIR: Final = Path(__file__).resolve().parent.parent / "imglock"
 
 #: The layers, lowest first: (layer, the modules in it, by name or name prefix).
@@ -264,3 +266,9 @@ def test_the_reader_resolves_submodules_and_type_checking() -> None:
     assert ("imglock.cli", "imglock", False) in imports  # from imglock import __version__
     assert not any(i.imported == "imglock" and "faults" in i.statement for i in IMPORTS)
     assert any(imported == "imglock.faults" for _i, imported, _t in imports)
+
+
+def test_no_module_shadows_a_name_of_the_package() -> None:
+    """A submodule named like a public name (``imglock.claim``) would replace it once imported."""
+    submodules = {name.split(".")[1] for name in MODULES if name.count(".") >= 1}
+    assert submodules.isdisjoint(imglock.__all__), submodules & set(imglock.__all__)
