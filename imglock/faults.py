@@ -25,36 +25,18 @@ import errno
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from types import ModuleType
 
 _kill_points: dict[str, int] = {}
 
 
-@dataclass
-class _FcntlFault:
-    """Lock calls that fail: from call number *first*, *count* of them, after *after* s."""
-
-    errno: int
-    first: int
-    count: int | None
-    after: float
-    start: float = field(default_factory=time.monotonic)
-    calls: int = 0
-
-    def strikes(self) -> bool:
-        """Whether this lock call fails (the calls are counted once *after* has passed)."""
-        if time.monotonic() - self.start < self.after:
-            return False
-        self.calls += 1
-        return self.calls >= self.first and (
-            self.count is None or self.calls < self.first + self.count
-        )
-
+#: The errno a lock call fails with, or None: one function per ``fcntl=`` entry.
+FcntlFault = Callable[[], int | None]
 
 #: Each entry as if it wrapped the lock call of those before it: the last
 #: one installed counts a call first, and a call it fails reaches no other.
-_fcntl_faults: list[_FcntlFault] = []
+_fcntl_faults: list[FcntlFault] = []
 _record_errno: int | None = None
 
 
@@ -83,8 +65,9 @@ def _signal() -> ModuleType:
 def fcntl_failure() -> OSError | None:
     """The error this lock call is to fail with, if an injected fault says so."""
     for fault in reversed(_fcntl_faults):
-        if fault.strikes():
-            return OSError(fault.errno, os.strerror(fault.errno))
+        err = fault()
+        if err is not None:
+            return OSError(err, os.strerror(err))
     return None
 
 
@@ -102,6 +85,24 @@ def _errno(name: str) -> int:
     return value
 
 
+def _failing_fcntl(err: int, first: int, count: int | None, after: float) -> FcntlFault:
+    """Lock calls number *first* and on fail with *err*, *count* of them (None: all),
+    counted once *after* seconds have passed."""
+    start = time.monotonic()
+    calls = 0
+
+    def strikes() -> int | None:
+        nonlocal calls
+        if time.monotonic() - start < after:
+            return None
+        calls += 1
+        if calls >= first and (count is None or calls < first + count):
+            return err
+        return None
+
+    return strikes
+
+
 def install(spec: str) -> None:
     """Install the faults described by *spec* (the IMGLOCK_FAULTS syntax)."""
     global _record_errno
@@ -110,7 +111,7 @@ def install(spec: str) -> None:
         value, *options = rest.split(",")
         opts = dict(opt.partition("=")[::2] for opt in options)
         if kind == "fcntl":
-            fault = _FcntlFault(
+            fault = _failing_fcntl(
                 _errno(value),
                 int(opts.get("first", 1)),
                 int(opts["count"]) if "count" in opts else None,

@@ -14,13 +14,12 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
 ChildRole = Literal["backing", "data-file"]
 
 
-@dataclass(frozen=True)
-class Child:
+class Child(NamedTuple):
     """A file an image depends on, as the image names it."""
 
     role: ChildRole

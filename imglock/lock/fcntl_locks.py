@@ -20,8 +20,7 @@ import fcntl
 import os
 import struct
 import warnings
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from imglock import faults
 from imglock.errors import LockError
@@ -50,8 +49,7 @@ class PosixFallbackWarning(RuntimeWarning):
     """OFD locks are missing; POSIX locks are used, and any close() drops them."""
 
 
-@dataclass(frozen=True)
-class RangeLock:
+class RangeLock(NamedTuple):
     """A lock seen by a conflict test: its type and range, as the kernel reports it."""
 
     type: int
@@ -67,7 +65,6 @@ class RangeLock:
         return OFFSET_MAX if self.length == 0 else self.start + self.length
 
 
-@dataclass
 class _Commands:
     """Which fcntl commands this kernel answers: OFD, or POSIX as a fallback."""
 

@@ -13,8 +13,7 @@ from __future__ import annotations
 import os
 import re
 from collections import defaultdict
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from imglock.lock.fcntl_locks import OFFSET_MAX
 
@@ -28,8 +27,7 @@ _LOCK_LINE: Final = re.compile(
 FileKey = tuple[int, int]  # (st_dev, st_ino)
 
 
-@dataclass(frozen=True)
-class LocalLock:
+class LocalLock(NamedTuple):
     """One lock held through one descriptor of one local process."""
 
     pid: int

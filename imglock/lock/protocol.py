@@ -71,7 +71,6 @@ import contextlib
 import enum
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
 from typing import Final, NamedTuple
 
 from imglock import faults
@@ -162,8 +161,7 @@ class Mode(enum.StrEnum):
         return MODE_TABLE[self].option_help
 
 
-@dataclass(frozen=True)
-class ModeRow:
+class ModeRow(NamedTuple):
     """One mode's row of the table: everything that makes it the mode it is."""
 
     #: The values of the modes a claim in this mode admits beside it.
@@ -288,8 +286,7 @@ _CODE_MODE: Final = {mode.queue_code: mode for mode in Mode}
 assert QUEUE_SIZE.bit_length() - 1 == _TICKET_SHIFT + TICKET_BITS
 
 
-@dataclass(frozen=True)
-class Held:
+class Held(NamedTuple):
     """What one descriptor holds for one claim: enough to release or verify it."""
 
     mode: Mode
@@ -697,7 +694,7 @@ def relabel(fd: int, filename: str, held: Held, owner: Owner) -> Held:
     faults.point("relabel:both")
     fcntl_locks.unlock(fd, *old, filename)
     ranges = tuple(new if r == old else r for r in held.ranges)
-    return replace(held, owner=owner, ranges=ranges)
+    return held._replace(owner=owner, ranges=ranges)
 
 
 def handed_to_qemu(held: Held) -> Held:
@@ -708,7 +705,7 @@ def handed_to_qemu(held: Held) -> Held:
     """
     if Layer.QEMU_TEST not in held.layers:
         return held
-    return replace(held, layers=held.layers & ~Layer.QEMU_TEST | Layer.QEMU_HELD)
+    return held._replace(layers=held.layers & ~Layer.QEMU_TEST | Layer.QEMU_HELD)
 
 
 def change_mode(fd: int, filename: str, held: Held, new_mode: Mode) -> Held:
