@@ -18,10 +18,11 @@ import os
 from typing import TYPE_CHECKING, Any, Final
 
 from imglock.claims.facade import Claim
-from imglock.claims.spec import ClaimSpec, as_mode, as_path, as_seconds
+from imglock.claims.spec import ClaimSpec, as_mode, as_seconds
 from imglock.claims.waiting import BACKOFF_CAP, BACKOFF_FIRST
 from imglock.errors import UsageError
 from imglock.lock.protocol import Layer, Mode, flock_layer
+from imglock.safeio import as_path
 
 if TYPE_CHECKING:
     from imglock.report import ImageReport, inspect, inspect_image

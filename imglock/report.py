@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 from typing import Any, NamedTuple
 
-from imglock.claims.spec import as_path
 from imglock.formats import OpenImage, open_for_locks
 from imglock.lock import records
 from imglock.lock.discovery import LocalLocks, survey
 from imglock.lock.holder import Holder
 from imglock.lock.lockspace import open_target
+from imglock.safeio import as_path
 
 
 class ImageReport(NamedTuple):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 from imglock.errors import UsageError
@@ -40,14 +39,6 @@ def as_seconds(name: str, value: object) -> float:
     if math.isnan(number) or number < 0:
         raise UsageError(None, f"{name} must be a number of seconds >= 0, not {value!r}")
     return number
-
-
-def as_path(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> str:
-    """*path* as a str: str, bytes and path-like objects are all accepted."""
-    try:
-        return os.fsdecode(path)
-    except TypeError:
-        raise UsageError(None, f"not a path: {path!r}") from None
 
 
 def as_mode(mode: Mode | str) -> Mode:
