@@ -35,7 +35,7 @@ class Contended(Exception):
 
 def refuses(holder: Holder, mode: Mode) -> bool:
     """Whether *holder* is in the way of a claim in *mode* (by its mode or QEMU's perms)."""
-    if mode is Mode.EXCLUSIVE:
+    if mode.alone:
         return True
     if holder.layer == "imglock" and holder.mode is not None:
         return conflicts(mode, Mode(holder.mode))

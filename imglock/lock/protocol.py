@@ -137,6 +137,11 @@ class Mode(enum.StrEnum):
         return MODE_TABLE[self].admits
 
     @property
+    def alone(self) -> bool:
+        """Whether a claim in this mode admits no one beside it (its flock is exclusive)."""
+        return not MODE_TABLE[self].admits
+
+    @property
     def slots(self) -> tuple[int, int]:
         return MODE_TABLE[self].slots
 
@@ -603,13 +608,13 @@ def _take_flock(fd: int, filename: str, mode: Mode, layers: Layer, had: Mode | N
     """Take the flock layer (or convert the one held in mode *had*); False if it does not apply."""
     if had is None and not flock.applies(fd, bool(layers & Layer.FLOCK_EVERYWHERE)):
         return False
-    if flock.take(fd, filename, exclusive=mode is Mode.EXCLUSIVE):
+    if flock.take(fd, filename, exclusive=mode.alone):
         return True
     # flock(2) cannot convert a lock atomically: a refused conversion has
     # dropped the old one, so take it back as it was (see imglock(7)).
     if had is not None:
         with contextlib.suppress(Exception):
-            flock.take(fd, filename, exclusive=had is Mode.EXCLUSIVE)
+            flock.take(fd, filename, exclusive=had.alone)
     raise ProtocolConflict(filename, mode, RangeLock(fcntl_locks.F_WRLCK, 0, 0, -1), flock=True)
 
 
@@ -722,7 +727,7 @@ def change_mode(fd: int, filename: str, held: Held, new_mode: Mode) -> Held:
     if new_mode is held.mode:
         return held
     old = _bytes(held.ranges)
-    if held.mode is Mode.EXCLUSIVE:
+    if held.mode.alone:  # no one else holds the image: nothing to test
         new = _downgraded(fd, filename, held, new_mode, old)
     else:
         new = acquire(
