@@ -38,8 +38,7 @@ import os
 import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Final, TypeVar
+from typing import Final, NamedTuple, TypeVar
 
 from imglock.errors import ImageError, ImglockError, UnreadableFormat
 from imglock.formats import (
@@ -84,8 +83,7 @@ R = TypeVar("R")
 T = TypeVar("T")
 
 
-@dataclass
-class Found:
+class Found(NamedTuple):
     """One image: opened (the caller closes it), or the error that stopped it."""
 
     filename: str

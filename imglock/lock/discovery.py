@@ -21,8 +21,7 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from imglock.lock import fcntl_locks, records
 from imglock.lock.fcntl_locks import RangeLock
@@ -82,15 +81,14 @@ class LocalLocks:
         return self._index.get((st.st_dev, st.st_ino), [])
 
 
-@dataclass
-class Survey:
+class Survey(NamedTuple):
     """All that is known about one image's holders and waiters."""
 
     holders: list[Holder]
     #: Records whose lock is gone: shown, never obeyed.
     stale_records: list[records.Record]
     #: Claimers waiting in the image's queue, first first (never holders).
-    waiting: list[Holder] = field(default_factory=list)
+    waiting: list[Holder]
 
 
 def _iso(timestamp: float | None) -> str | None:
