@@ -12,8 +12,10 @@
 * :mod:`~imglock.claims.holder_records`: the holder records written beside the locks;
 * :mod:`~imglock.claims.graph_edits`: files added, dropped or changed while held
   (a VM's block graph);
+* :mod:`~imglock.claims.migration`: what a live migration needs: all settled
+  ahead of the switch-over, and the explicit unlock of its source;
 * :mod:`~imglock.claims.facade`: :class:`Claim`, which puts them together
-  (and owns the claim's life across forks and a migration).
+  (and owns the claim's life across forks).
 
 Imports run facade -> the others -> :mod:`imglock.lock`, :mod:`imglock.formats`
 and :mod:`imglock.chain`; nothing here imports the wrapper or the CLI.
