@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 _LAZY: dict[str, str] = {
     "claim": "imglock.api",
     "Claim": "imglock.api",
-    "inspect": "imglock.api",
+    "inspect": "imglock.report",
     "holders": "imglock.lock.discovery",
     "Holder": "imglock.lock.holder",
     "Mode": "imglock.lock.protocol",
@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from imglock.api import Claim, claim, inspect
+    from imglock.api import Claim, claim
     from imglock.errors import (
         ChainError,
         FormatError,
@@ -67,6 +67,7 @@ if TYPE_CHECKING:
     from imglock.lock.discovery import holders
     from imglock.lock.holder import Holder
     from imglock.lock.protocol import Mode
+    from imglock.report import inspect
 
 
 def __getattr__(name: str) -> Any:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from types import TracebackType
+from dataclasses import dataclass, field
 from typing import Final, Literal
 
 from imglock.errors import ChainError, ImageError, ImglockError, UsageError
@@ -33,30 +33,19 @@ ChainRole = Literal["top", "backing", "data-file"]
 MAX_CHAIN_DEPTH: Final = 256
 
 
-# A plain class, not a dataclass or NamedTuple: those cost far more to define,
-# and every command that claims an image loads this module.
+@dataclass(eq=False)
 class ChainLink:
     """One file of a chain, and how it got there."""
 
-    __slots__ = ("depth", "image", "name", "parent", "role")
-
-    def __init__(
-        self,
-        role: ChainRole,
-        image: OpenImage,
-        parent: OpenImage | None = None,
-        name: str | None = None,
-        depth: int = 0,
-    ) -> None:
-        self.role = role
-        self.image = image
-        #: The image that names this file; None for the top image.
-        self.parent = parent
-        #: The name as the parent stores it; None for the top image.
-        self.name = name
-        #: Backing steps from the top: 0 for the top image and its data file,
-        #: 1 for its backing file and that file's data file, and so on.
-        self.depth = depth
+    role: ChainRole
+    image: OpenImage
+    #: The image that names this file; None for the top image.
+    parent: OpenImage | None = None
+    #: The name as the parent stores it; None for the top image.
+    name: str | None = None
+    #: Backing steps from the top: 0 for the top image and its data file,
+    #: 1 for its backing file and that file's data file, and so on.
+    depth: int = 0
 
 
 class Chain:
@@ -99,12 +88,7 @@ class Chain:
     def __enter__(self) -> Chain:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def __iter__(self) -> Iterator[ChainLink]:
@@ -114,31 +98,28 @@ class Chain:
         return len(self.links)
 
 
+@dataclass(eq=False)
 class ChainProblem:
     """A file a chain names that cannot be opened or followed, and why.
 
     What :func:`open_chain` reports instead of raising, when asked to.
     """
 
-    __slots__ = ("depth", "error", "filename", "parent", "role")
-
-    def __init__(
-        self, role: ChainRole, filename: str, parent: OpenImage, depth: int, error: ImglockError
-    ) -> None:
-        self.role = role
-        #: The local path the parent names, or the name as stored when it has none.
-        self.filename = filename
-        self.parent = parent
-        self.depth = depth
-        self.error = error
+    role: ChainRole
+    #: The local path the parent names, or the name as stored when it has none.
+    filename: str
+    parent: OpenImage
+    depth: int
+    error: ImglockError
 
 
+@dataclass
 class _Opener:
     """The state of one :func:`open_chain` call: what is open, and where."""
 
-    def __init__(self) -> None:
-        self.links: list[ChainLink] = []
-        self.seen: dict[tuple[int, int], str] = {}
+    links: list[ChainLink] = field(default_factory=list)
+    #: The filename of each file opened, by (st_dev, st_ino).
+    seen: dict[tuple[int, int], str] = field(default_factory=dict)
 
     def add(self, link: ChainLink) -> None:
         """Record *link*, or close it and raise if its file is already in the chain."""

@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from imglock.text import visible
-
-if TYPE_CHECKING:
-    from imglock.lock.holder import Holder
 
 # Exit statuses, from sysexits.h where one fits.
 EX_OK = 0
@@ -29,6 +26,17 @@ EX_IOERR = 74  # a lock or read failed with an I/O error (EIO, ENOLCK)
 EX_TEMPFAIL = 75  # a conflict, or a wait that ran out
 EX_NOEXEC = 126  # `run`: COMMAND found but not executable
 EX_NOTFOUND = 127  # `run`: COMMAND not found
+
+
+class Holder(Protocol):
+    """What an error says of a holder: :class:`imglock.lock.holder.Holder` is one.
+
+    A protocol, so that the errors name holders without importing the lock layer.
+    """
+
+    def describe(self) -> str: ...
+
+    def to_json(self) -> dict[str, Any]: ...
 
 
 class ImglockError(Exception):

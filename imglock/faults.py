@@ -14,32 +14,68 @@ starts.  Entries are separated by ``;``; each is ``KIND=VALUE[,KEY=VALUE...]``:
     SIGKILL (or SIGSTOP) this process when it reaches the step POINT (see
     :func:`point` calls; imglock(7) lists them).
 
-Without the variable nothing here runs and the seams cost one set lookup.
+The seams ask this module (:func:`point`, :func:`fcntl_failure`,
+:func:`record_failure`); it imports nothing of imglock.  Without the
+variable nothing is installed and each seam costs a lookup.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from types import ModuleType
 
 _kill_points: dict[str, int] = {}
+
+
+#: The errno a lock call fails with, or None: one function per ``fcntl=`` entry.
+FcntlFault = Callable[[], int | None]
+
+#: Each entry as if it wrapped the lock call of those before it: the last
+#: one installed counts a call first, and a call it fails reaches no other.
+_fcntl_faults: list[FcntlFault] = []
+_record_errno: int | None = None
 
 
 def point(name: str) -> None:
     """A named step where a test may crash or freeze this process."""
     if name in _kill_points:
-        import signal
-        import threading
-
         # At the calling thread, not the process: a signal sent to the whole
         # process is taken by whichever thread the kernel picks (the main
         # one, usually), and this thread may run on past the step before the
         # stop reaches it.  A thread's own SIGSTOP or SIGKILL still stops or
         # kills the whole process, starting with this thread.
-        signal.pthread_kill(threading.get_ident(), _kill_points[name])
+        _signal().pthread_kill(threading.get_ident(), _kill_points[name])
+
+
+def _signal() -> ModuleType:
+    """The signal module, loaded once a kill point is installed.
+
+    Deliberately lazy: it costs start-up time that no command pays unless
+    a test injects a fault.
+    """
+    import signal
+
+    return signal
+
+
+def fcntl_failure() -> OSError | None:
+    """The error this lock call is to fail with, if an injected fault says so."""
+    for fault in reversed(_fcntl_faults):
+        err = fault()
+        if err is not None:
+            return OSError(err, os.strerror(err))
+    return None
+
+
+def record_failure() -> OSError | None:
+    """The error a holder record write is to fail with, if an injected fault says so."""
+    if _record_errno is None:
+        return None
+    return OSError(_record_errno, os.strerror(_record_errno))
 
 
 def _errno(name: str) -> int:
@@ -49,47 +85,54 @@ def _errno(name: str) -> int:
     return value
 
 
-def _failing_fcntl(
-    real: Callable[..., Any], err: int, first: int, count: int | None, after: float
-) -> Callable[..., Any]:
+def _failing_fcntl(err: int, first: int, count: int | None, after: float) -> FcntlFault:
+    """Lock calls number *first* and on fail with *err*, *count* of them (None: all),
+    counted once *after* seconds have passed."""
     start = time.monotonic()
     calls = 0
 
-    def fcntl(fd: int, cmd: int, arg: Any = 0) -> Any:
+    def strikes() -> int | None:
         nonlocal calls
-        if time.monotonic() - start >= after:
-            calls += 1
-            if calls >= first and (count is None or calls < first + count):
-                raise OSError(err, os.strerror(err))
-        return real(fd, cmd, arg)
+        if time.monotonic() - start < after:
+            return None
+        calls += 1
+        if calls >= first and (count is None or calls < first + count):
+            return err
+        return None
 
-    return fcntl
+    return strikes
 
 
 def install(spec: str) -> None:
     """Install the faults described by *spec* (the IMGLOCK_FAULTS syntax)."""
-    import signal  # the signal module is costly to load; only injected faults need it
-
-    from imglock.lock import fcntl_locks, records
-
+    global _record_errno
     for entry in filter(None, (e.strip() for e in spec.split(";"))):
         kind, _, rest = entry.partition("=")
         value, *options = rest.split(",")
         opts = dict(opt.partition("=")[::2] for opt in options)
         if kind == "fcntl":
-            fcntl_locks._fcntl = _failing_fcntl(
-                fcntl_locks._fcntl,
+            fault = _failing_fcntl(
                 _errno(value),
                 int(opts.get("first", 1)),
                 int(opts["count"]) if "count" in opts else None,
                 float(opts.get("after", 0)),
             )
+            _fcntl_faults.append(fault)
         elif kind == "record":
-            records._fail_writes_with = _errno(value)
+            _record_errno = _errno(value)
         elif kind in ("crash", "stop"):
+            signal = _signal()
             _kill_points[value] = signal.SIGKILL if kind == "crash" else signal.SIGSTOP
         else:
             raise ValueError(f"IMGLOCK_FAULTS: unknown fault kind {kind!r}")
+
+
+def reset() -> None:
+    """Remove every installed fault."""
+    global _record_errno
+    _record_errno = None
+    _fcntl_faults.clear()
+    _kill_points.clear()
 
 
 def install_from_environment() -> None:

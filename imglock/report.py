@@ -1,23 +1,22 @@
 """What ``imglock status`` reports about one image, and how it is found.
 
-Apart from :mod:`imglock.api` so that ``status``, which takes no claim,
-does not load the claim machinery at start-up.
+Apart from :mod:`imglock.claims` so that ``status``, which takes no claim,
+does not load the claim machinery.
 """
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
-from imglock.lock.lockspace import attach
+from imglock.formats import OpenImage, open_for_locks
+from imglock.lock import records
+from imglock.lock.discovery import LocalLocks, survey
+from imglock.lock.holder import Holder
+from imglock.lock.lockspace import open_target
+from imglock.safeio import as_path
 
-if TYPE_CHECKING:
-    from imglock.formats.base import OpenImage
-    from imglock.lock import records
-    from imglock.lock.discovery import Holder, LocalLocks, Survey
 
-
-# A NamedTuple, not a dataclass: as immutable, and far cheaper to define at start-up.
 class ImageReport(NamedTuple):
     """What ``imglock status`` knows about one image."""
 
@@ -70,15 +69,19 @@ def inspect_image(
     local: LocalLocks | None = None,
 ) -> ImageReport:
     """:func:`inspect` for an image the caller has open (and closes afterwards)."""
-    from imglock.lock.discovery import survey
-
     facts = image.driver.info(image)
-    record_dir, record_name = attach(image, lockspace)
-    fd, target = image.lock_target
-    st = image.st if fd == image.fd else os.fstat(fd)
-    found: Survey = survey(
-        fd, target, st, record_dir=record_dir, record_name=record_name, local=local
-    )
+    target = open_target(image.fd, image.filename, image.st, lockspace)
+    try:
+        found = survey(
+            target.fd,
+            target.filename,
+            target.st,
+            record_dir=target.record_dir,
+            record_name=target.record_name,
+            local=local,
+        )
+    finally:
+        target.close()
     specific = facts.get("format-specific", {}).get("data", {})
     return ImageReport(
         filename=image.filename,
@@ -89,5 +92,19 @@ def inspect_image(
         corrupt=specific.get("corrupt"),
         backing_filename=facts.get("backing-filename"),
         waiting=found.waiting,
-        inode=image.st.st_ino if fd == image.fd else None,
+        inode=None if target.lock_file else image.st.st_ino,
     )
+
+
+def inspect(
+    path: str | bytes | os.PathLike[str] | os.PathLike[bytes],
+    *,
+    lockspace: str | None = None,
+    local: LocalLocks | None = None,
+) -> ImageReport:
+    """Who holds *path* (any file), and the header facts that matter for it; takes no lock."""
+    image = open_for_locks(as_path(path))
+    try:
+        return inspect_image(image, lockspace=lockspace, local=local)
+    finally:
+        image.close()

@@ -22,7 +22,7 @@ import os
 import stat
 from typing import Final
 
-from imglock.errors import EX_IOERR, FormatError, ImageError
+from imglock.errors import EX_IOERR, FormatError, ImageError, UsageError
 
 #: Flags every image is opened with: read only, never blocking on open,
 #: never acquiring a controlling terminal, never leaking into children.
@@ -72,6 +72,14 @@ def _refuse_type(filename: str, mode: int) -> None:
     complaint = _type_complaint(mode)
     if complaint is not None:
         raise ImageError(filename, complaint)
+
+
+def as_path(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> str:
+    """*path* as a str: str, bytes and path-like objects are all accepted."""
+    try:
+        return os.fsdecode(path)
+    except TypeError:
+        raise UsageError(None, f"not a path: {path!r}") from None
 
 
 def open_image_fd(path: str | os.PathLike[str]) -> tuple[int, os.stat_result]:

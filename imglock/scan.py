@@ -33,13 +33,24 @@ skipped, in the order of a walk one file at a time.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import stat
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Final, TypeVar
+from typing import Final, NamedTuple, TypeVar
 
 from imglock.errors import ImageError, ImglockError, UnreadableFormat
-from imglock.formats import HEAD_SIZE, PROBE_SIZE, OpenImage, driver_for, open_for_locks, probe
+from imglock.formats import (
+    HEAD_SIZE,
+    PROBE_SIZE,
+    OpenImage,
+    driver_for,
+    open_for_locks,
+    open_with,
+    probe,
+)
+from imglock.lock import fcntl_locks
 from imglock.lock.records import RECORD_DIR
 from imglock.safeio import OPEN_FLAGS, close_quietly, read_at
 
@@ -72,19 +83,12 @@ R = TypeVar("R")
 T = TypeVar("T")
 
 
-# A plain class, not a dataclass or NamedTuple: those cost far more to define,
-# and every command that looks for images (``status``) loads this module.
-class Found:
+class Found(NamedTuple):
     """One image: opened (the caller closes it), or the error that stopped it."""
 
-    __slots__ = ("error", "filename", "image")
-
-    def __init__(
-        self, filename: str, image: OpenImage | None = None, error: ImglockError | None = None
-    ) -> None:
-        self.filename = filename
-        self.image = image
-        self.error = error
+    filename: str
+    image: OpenImage | None = None
+    error: ImglockError | None = None
 
 
 def has_image_suffix(name: str) -> bool:
@@ -177,9 +181,6 @@ def overlapped(jobs: Iterator[Callable[[], T]], workers: int) -> Iterator[T]:
         for job in jobs:
             yield job()
         return
-
-    import itertools
-    import threading
 
     pending = itertools.chain(enumerate((first, second)), enumerate(jobs, start=2))
     done: dict[int, tuple[bool, object]] = {}
@@ -334,9 +335,7 @@ def _regular(path: str, name: str, skipped: SkipHook) -> Found | None:
                 driver, read_as = driver_for("raw"), exc.format
             if read_as or driver.name != "raw" or suffix or _locked(fd, path, skipped):
                 os.set_blocking(fd, True)
-                image = driver.open(path, fd, st, head)
-                image.read_as = read_as
-                return Found(path, image=image)
+                return Found(path, image=open_with(driver, path, fd, st, head, read_as))
             skipped(path, "not an image (no known format, image suffix or lock)")
     except ImglockError as exc:
         close_quietly(fd)
@@ -350,8 +349,6 @@ def _regular(path: str, name: str, skipped: SkipHook) -> Found | None:
 
 def _locked(fd: int, path: str, skipped: SkipHook) -> bool:
     """Whether anyone holds a lock anywhere on the file open as *fd*."""
-    from imglock.lock import fcntl_locks
-
     try:
         return fcntl_locks.conflicting(fd, 0, 0, path) is not None
     except ImglockError as exc:

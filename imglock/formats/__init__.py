@@ -29,6 +29,7 @@ __all__ = [
     "open_claimable",
     "open_for_locks",
     "open_image",
+    "open_with",
     "probe",
 ]
 
@@ -151,19 +152,20 @@ def open_for_locks(path: str | os.PathLike[str]) -> OpenImage:
     try:
         return open_image(path)
     except UnreadableFormat as exc:
-        image = open_image(path, "raw")
-        image.read_as = exc.format
-        return image
+        return open_image(path, "raw", read_as=exc.format)
 
 
-def open_image(path: str | os.PathLike[str], format: str | None = None) -> OpenImage:
+def open_image(
+    path: str | os.PathLike[str], format: str | None = None, *, read_as: str | None = None
+) -> OpenImage:
     """Open the image at *path* read-only and parse its header.
 
     *format* None (or "auto") probes the file; a format name uses that
     driver without probing; naming one of :data:`DATA_FORMATS` opens the
-    file as plain data.  Raises ImageError (cannot open), FormatError (bad
-    header) or UsageError (unknown format name).  The caller closes the
-    returned image.
+    file as plain data.  *read_as* names the format of a file opened as
+    plain data that imglock cannot read (see :attr:`OpenImage.read_as`).
+    Raises ImageError (cannot open), FormatError (bad header) or
+    UsageError (unknown format name).  The caller closes the returned image.
     """
     filename = os.fspath(path)
     # An unknown format name is refused before the file is touched.
@@ -172,11 +174,27 @@ def open_image(path: str | os.PathLike[str], format: str | None = None) -> OpenI
     try:
         head = read_at(fd, 0, HEAD_SIZE, filename)
         driver = named or probe(head[:PROBE_SIZE], filename)
-        image = driver.open(filename, fd, st, head)
+        return open_with(driver, filename, fd, st, head, read_as or _data_format(format))
     except BaseException:
         close_quietly(fd)
         raise
-    image.read_as = format if format in DATA_FORMATS else None
+
+
+def _data_format(format: str | None) -> str | None:
+    return format if format in DATA_FORMATS else None
+
+
+def open_with(
+    driver: FormatDriver,
+    filename: str,
+    fd: int,
+    st: os.stat_result,
+    head: bytes,
+    read_as: str | None = None,
+) -> OpenImage:
+    """The image open as *fd*, its header read by *driver*; *read_as* as for :func:`open_image`."""
+    image = driver.open(filename, fd, st, head)
+    image.read_as = read_as
     return image
 
 

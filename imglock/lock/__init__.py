@@ -9,7 +9,9 @@
 * :mod:`~imglock.lock.records`: holder records (command, since) beside the lock;
 * :mod:`~imglock.lock.lockspace`: locks moved to a file in a shared directory.
 
-Nothing here imports :mod:`imglock.formats`, :mod:`imglock.api`, the wrapper
-(:mod:`imglock.run`) or the CLI: imports run CLI → run → api → formats and lock.
-The submodules are imported where used, so that start-up stays cheap.
+Nothing here imports :mod:`imglock.formats`, :mod:`imglock.chain`, the library
+(:mod:`imglock.api`, :mod:`imglock.claims`, :mod:`imglock.report`), the wrapper
+(:mod:`imglock.run`) or the CLI; below it are only the base modules
+(:mod:`imglock.errors`, :mod:`imglock.faults`, :mod:`imglock.text`,
+:mod:`imglock.safeio`).  tests/test_architecture.py holds the layer order.
 """

@@ -21,12 +21,13 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from imglock.lock import fcntl_locks, records
 from imglock.lock.fcntl_locks import RangeLock
 from imglock.lock.holder import Holder as Holder
 from imglock.lock.identity import hostname
+from imglock.lock.lockspace import open_lock_target
 from imglock.lock.protocol import (
     QEMU_PERM_BASE,
     QEMU_PERM_NAMES,
@@ -43,15 +44,16 @@ from imglock.lock.protocol import (
     read_waiting,
 )
 
-if TYPE_CHECKING:  # imported when some lock is seen: most images have none
+# The /proc view (procfs, proclocks) is deliberately imported where it is
+# first used, once some lock is seen: most images have none, and `status`
+# of free images reads nothing of /proc.
+if TYPE_CHECKING:
     from imglock.lock import procfs, proclocks
 
 
 class LocalLocks:
     """The /proc view of local locks, taken once and reused for many images
     (with the record directories' listings, also read once)."""
-
-    __slots__ = ("_flocks", "_index", "record_dirs")
 
     def __init__(self, flocks: proclocks.FlockTable | None = None) -> None:
         self._index: dict[procfs.FileKey, list[procfs.LocalLock]] | None = None
@@ -79,22 +81,14 @@ class LocalLocks:
         return self._index.get((st.st_dev, st.st_ino), [])
 
 
-class Survey:
+class Survey(NamedTuple):
     """All that is known about one image's holders and waiters."""
 
-    __slots__ = ("holders", "stale_records", "waiting")
-
-    def __init__(
-        self,
-        holders: list[Holder],
-        stale_records: list[records.Record],
-        waiting: list[Holder] | None = None,
-    ) -> None:
-        self.holders = holders
-        #: Records whose lock is gone: shown, never obeyed.
-        self.stale_records = stale_records
-        #: Claimers waiting in the image's queue, first first (never holders).
-        self.waiting = waiting or []
+    holders: list[Holder]
+    #: Records whose lock is gone: shown, never obeyed.
+    stale_records: list[records.Record]
+    #: Claimers waiting in the image's queue, first first (never holders).
+    waiting: list[Holder]
 
 
 def _iso(timestamp: float | None) -> str | None:
@@ -374,8 +368,6 @@ def holders(path: str | os.PathLike[str], *, lockspace: str | None = None) -> li
     Takes no lock and reads no more of the image than its header's format
     needs.  With *lockspace*, the image's lock file there is read instead.
     """
-    from imglock.lock.lockspace import open_lock_target
-
     with open_lock_target(os.fspath(path), lockspace) as target:
         return survey(
             target.fd,

@@ -20,8 +20,9 @@ import fcntl
 import os
 import struct
 import warnings
-from typing import Final
+from typing import Final, NamedTuple
 
+from imglock import faults
 from imglock.errors import LockError
 
 # <fcntl.h> on Linux; the values are the same on every architecture.
@@ -40,7 +41,7 @@ OFFSET_MAX: Final = (1 << 63) - 1
 #: Lock/unlock errors that mean "someone else holds a conflicting lock".
 _CONFLICT_ERRNOS: Final = frozenset({errno.EAGAIN, errno.EACCES})
 
-#: Seam for fault injection in tests: the fcntl call every primitive goes through.
+#: The fcntl call every primitive goes through (tests wrap it to watch the calls).
 _fcntl = fcntl.fcntl
 
 
@@ -48,20 +49,15 @@ class PosixFallbackWarning(RuntimeWarning):
     """OFD locks are missing; POSIX locks are used, and any close() drops them."""
 
 
-# A plain class, not a dataclass or NamedTuple: those cost far more to define,
-# and every command that takes or looks at a lock loads this module.
-class RangeLock:
+class RangeLock(NamedTuple):
     """A lock seen by a conflict test: its type and range, as the kernel reports it."""
 
-    __slots__ = ("length", "pid", "start", "type")
-
-    def __init__(self, type: int, start: int, length: int, pid: int) -> None:
-        self.type = type
-        self.start = start
-        #: 0 means "to the end of any file", as in struct flock.
-        self.length = length
-        #: -1 for OFD locks; the owner's pid (on the server's view) for POSIX locks.
-        self.pid = pid
+    type: int
+    start: int
+    #: 0 means "to the end of any file", as in struct flock.
+    length: int
+    #: -1 for OFD locks; the owner's pid (on the server's view) for POSIX locks.
+    pid: int
 
     @property
     def end(self) -> int:
@@ -90,6 +86,9 @@ def _call(fd: int, cmd: int, ltype: int, start: int, length: int, filename: str)
     arg = FLOCK.pack(ltype, os.SEEK_SET, start, length, 0)
     while True:
         try:
+            failure = faults.fcntl_failure()
+            if failure is not None:
+                raise failure
             return _fcntl(fd, cmd, arg)
         except InterruptedError:
             continue

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import functools
 import os
+from types import ModuleType
 from typing import Final
 
+from imglock.errors import LockError
 from imglock.lock.mounts import mount_of_device
 
 #: Filesystem types (as /proc/self/mountinfo names them) on which Linux
@@ -53,19 +55,33 @@ def applies(fd: int, everywhere: bool) -> bool:
     return everywhere or separate_from_fcntl(filesystem_type(os.fstat(fd).st_dev))
 
 
-def take(fd: int, exclusive: bool) -> bool:
-    """Take a whole-file flock on *fd*, never waiting; False if another holds one in the way."""
+def load() -> ModuleType:
+    """portalocker, imported on first use.
+
+    Deliberately lazy: it costs some 20 ms to load, and only a claim that
+    takes this layer needs it (a migration destination loads it ahead of
+    the switch-over, see Claim.prepare).
+    """
     import portalocker
 
+    return portalocker
+
+
+def take(fd: int, filename: str, exclusive: bool) -> bool:
+    """Take a whole-file flock on *fd*, never waiting; False if another holds one in the way.
+
+    Raises LockError when the system refuses the lock itself.
+    """
+    portalocker = load()
     flags = portalocker.LockFlags.EXCLUSIVE if exclusive else portalocker.LockFlags.SHARED
     try:
         portalocker.lock(fd, flags | portalocker.LockFlags.NON_BLOCKING)
     except portalocker.AlreadyLocked:
         return False
+    except portalocker.LockException as exc:
+        raise LockError(filename, f"cannot flock: {exc}") from None
     return True
 
 
 def release(fd: int) -> None:
-    import portalocker
-
-    portalocker.unlock(fd)
+    load().unlock(fd)

@@ -1,7 +1,7 @@
 """One holder of an image, as discovery reports it.
 
-Plain data with no imports from the rest of imglock, so that the error
-classes can name it without importing the lock layer.
+Plain data; the error classes name it through a protocol
+(:class:`imglock.errors.Holder`), without importing the lock layer.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from typing import Any, Literal, NamedTuple
 HolderLayer = Literal["imglock", "qemu", "flock", "foreign"]
 
 
-# A NamedTuple, not a dataclass: as immutable, and far cheaper to define at start-up.
 class Holder(NamedTuple):
     """One holder of an image, as far as its locks (and records) tell."""
 

@@ -14,6 +14,11 @@ import functools
 import os
 from typing import Final, NamedTuple
 
+try:  # hashlib.blake2b is _blake2's; importing hashlib would also load OpenSSL
+    from _blake2 import blake2b
+except ImportError:  # pragma: no cover - a Python built without _blake2
+    from hashlib import blake2b
+
 #: Linux's PID_MAX_LIMIT on 64-bit is 2**22: every pid fits.
 PID_BITS: Final = 22
 HOST_TAG_BITS: Final = 34
@@ -25,10 +30,6 @@ HOST_TAG_MASK: Final = (1 << HOST_TAG_BITS) - 1
 @functools.cache  # every claim asks for this host's tag: hash the name once
 def host_tag(hostname: str) -> int:
     """The 34-bit tag of *hostname*: the first bits of its BLAKE2b digest."""
-    try:  # hashlib.blake2b is _blake2's; importing hashlib would also load OpenSSL
-        from _blake2 import blake2b
-    except ImportError:  # pragma: no cover - a Python built without _blake2
-        from hashlib import blake2b
     digest = blake2b(hostname.encode("utf-8", "surrogateescape"), digest_size=8)
     return int.from_bytes(digest.digest(), "big") >> (64 - HOST_TAG_BITS)
 
@@ -39,7 +40,6 @@ def hostname() -> str:
     return os.uname().nodename
 
 
-# A NamedTuple, not a dataclass: as immutable, and far cheaper to define at start-up.
 class Owner(NamedTuple):
     """A holder's identity as its lock offset carries it."""
 

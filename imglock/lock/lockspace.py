@@ -32,14 +32,13 @@ import functools
 import os
 import stat
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Final
+from dataclasses import dataclass
+from typing import Final
 
 from imglock.errors import ImageError
 from imglock.lock import ownership
+from imglock.lock.mounts import LOCAL_FILESYSTEMS, mount_of_device
 from imglock.safeio import open_image_fd
-
-if TYPE_CHECKING:
-    from imglock.formats.base import OpenImage
 
 LOCK_SUFFIX: Final = ".lock"
 #: Files in /sys/dev/block/MAJ:MIN that name a device the same on every host.
@@ -50,21 +49,24 @@ _BY_UUID: Final = "/dev/disk/by-uuid"
 _BOOT_ID: Final = "/proc/sys/kernel/random/boot_id"
 
 
-# A plain class, not a dataclass or NamedTuple: those cost far more to define,
-# and every command that takes or looks at a lock loads this module.
+@dataclass(eq=False)
 class LockTarget:
     """An open file whose bytes carry an image's locks, and where its records go."""
 
-    __slots__ = ("fd", "filename", "record_dir", "record_name", "st")
+    fd: int
+    filename: str
+    st: os.stat_result
+    record_dir: str
+    record_name: str
+    #: Whether *fd* is a lock file of a lockspace, opened for this target
+    #: (and closed with it), rather than the image's own descriptor.
+    lock_file: bool = False
 
-    def __init__(
-        self, fd: int, filename: str, st: os.stat_result, record_dir: str, record_name: str
-    ) -> None:
-        self.fd = fd
-        self.filename = filename
-        self.st = st
-        self.record_dir = record_dir
-        self.record_name = record_name
+    def close(self) -> None:
+        """Close the lock file, if the target opened one (the image's descriptor is not its own)."""
+        fd, self.fd = self.fd, -1
+        if self.lock_file and fd >= 0:
+            os.close(fd)
 
 
 def _sysfs_identity(dev: int) -> str | None:
@@ -116,9 +118,6 @@ def filesystem_identity(dev: int) -> str | None:
         wwid = _sysfs_identity(dev)
         if wwid:
             return f"block:{wwid}"
-    from imglock.lock.mounts import mount_of_device
-    from imglock.lock.sharing import LOCAL_FILESYSTEMS
-
     mount = mount_of_device(dev)  # any of its mounts: bind mounts agree
     if mount is None:
         return None
@@ -148,7 +147,8 @@ def lock_file_name(path: str, st: os.stat_result) -> str:
     Nothing of the name the image was reached by goes into it: a hard link
     or a bind mount must find the same file.
     """
-    import hashlib  # loads OpenSSL: only lockspace users pay for it
+    # Loads OpenSSL (a few ms): only a claim or a look through a lockspace pays for it.
+    import hashlib
 
     ident = identity(path, st)
     digest = hashlib.sha256(ident.encode("utf-8", "surrogateescape")).hexdigest()
@@ -254,14 +254,18 @@ def open_lockspace_file(
         os.close(dfd)
 
 
-def attach(image: OpenImage, lockspace: str | None) -> tuple[str, str]:
-    """Point *image*'s locks at its lockspace file, if any; return (record dir, record name)."""
+def open_target(fd: int, filename: str, st: os.stat_result, lockspace: str | None) -> LockTarget:
+    """The file that carries the locks of the image open as *fd*: the image, or its lock file.
+
+    Records go beside the image, or into the lockspace.  The caller closes
+    the target (which closes a lock file it opened) before the image.
+    """
     if lockspace is None:
-        return os.path.dirname(image.filename) or ".", os.path.basename(image.filename)
-    name = lock_file_name(image.filename, image.st)
-    image.lock_fd, _st = open_lockspace_file(lockspace, name, image.st)
-    image.lock_filename = os.path.join(lockspace, name)
-    return lockspace, name
+        record_dir = os.path.dirname(filename) or "."
+        return LockTarget(fd, filename, st, record_dir, os.path.basename(filename))
+    name = lock_file_name(filename, st)
+    lock_fd, lock_st = open_lockspace_file(lockspace, name, st)
+    return LockTarget(lock_fd, os.path.join(lockspace, name), lock_st, lockspace, name, True)
 
 
 @contextlib.contextmanager
@@ -269,14 +273,10 @@ def open_lock_target(path: str, lockspace: str | None) -> Iterator[LockTarget]:
     """Open the file that carries *path*'s locks, for reading; close it afterwards."""
     fd, st = open_image_fd(path)
     try:
-        if lockspace is None:
-            yield LockTarget(fd, path, st, os.path.dirname(path) or ".", os.path.basename(path))
-            return
-        name = lock_file_name(path, st)
-        lock_fd, lock_st = open_lockspace_file(lockspace, name, st)
+        target = open_target(fd, path, st, lockspace)
         try:
-            yield LockTarget(lock_fd, os.path.join(lockspace, name), lock_st, lockspace, name)
+            yield target
         finally:
-            os.close(lock_fd)
+            target.close()
     finally:
         os.close(fd)

@@ -13,6 +13,11 @@ from collections.abc import Iterable
 from typing import Final, NamedTuple
 
 MOUNTINFO: Final = "/proc/self/mountinfo"
+#: Filesystems whose fcntl locks live in this kernel only.
+LOCAL_FILESYSTEMS: Final = frozenset({
+    "ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "f2fs", "jfs", "reiserfs", "bcachefs",
+    "tmpfs", "ramfs", "overlay", "vfat", "exfat", "ntfs", "ntfs3", "squashfs", "iso9660",
+})  # fmt: skip
 
 
 class Mount(NamedTuple):

@@ -27,7 +27,9 @@ is compared; ACLs on the image are not read.
 from __future__ import annotations
 
 import functools
+import grp
 import os
+import pwd
 import stat
 from typing import Final
 
@@ -45,9 +47,6 @@ def _grants(mode: int, shift: int) -> bool:
 @functools.cache
 def _member(uid: int, gid: int) -> bool:
     """Whether user *uid* is in group *gid* (as its primary group, or listed in it)."""
-    import grp
-    import pwd
-
     try:
         user = pwd.getpwuid(uid)
     except KeyError:

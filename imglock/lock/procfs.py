@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 from collections import defaultdict
-from typing import Final
+from typing import Final, NamedTuple
 
 from imglock.lock.fcntl_locks import OFFSET_MAX
 
@@ -27,20 +27,17 @@ _LOCK_LINE: Final = re.compile(
 FileKey = tuple[int, int]  # (st_dev, st_ino)
 
 
-# A plain class, not a dataclass or NamedTuple: those cost far more to define,
-# and ``status`` loads this module whenever some image is locked.
-class LocalLock:
+class LocalLock(NamedTuple):
     """One lock held through one descriptor of one local process."""
 
-    __slots__ = ("end", "fd", "kind", "pid", "start", "write")
-
-    def __init__(self, pid: int, fd: int, kind: str, write: bool, start: int, end: int) -> None:
-        self.pid = pid
-        self.fd = fd
-        self.kind = kind  # "OFDLCK", "POSIX", "FLOCK"
-        self.write = write
-        self.start = start
-        self.end = end  # one past the last byte
+    pid: int
+    fd: int
+    #: "OFDLCK", "POSIX" or "FLOCK".
+    kind: str
+    write: bool
+    start: int
+    #: One past the last byte.
+    end: int
 
     def covers(self, start: int, end: int) -> bool:
         return self.start <= start and end <= self.end

@@ -75,13 +75,52 @@ from typing import Final, NamedTuple
 
 from imglock import faults
 from imglock.errors import LockConflict, LockError, LockLost
-from imglock.lock import fcntl_locks
+from imglock.lock import fcntl_locks, flock
 from imglock.lock.fcntl_locks import RangeLock
 from imglock.lock.identity import HOST_TAG_BITS, OWNER_BITS, PID_BITS, PID_MASK, Owner
 
+#: A byte range: (start, length).
+Range = tuple[int, int]
+
+# --- QEMU's layer (block/file-posix.c: RAW_LOCK_PERM_BASE, RAW_LOCK_SHARED_BASE) ----------
+QEMU_PERM_BASE: Final = 100
+QEMU_SHARED_BASE: Final = 200
+#: QEMU reserves 64 bits for each set; only the first five have ever been used.
+QEMU_PERM_SLOTS: Final = 64
+
+#: BlockPermission bits in QEMU's order, with the names its messages use.
+QEMU_PERM_NAMES: Final = (
+    "consistent read",
+    "write",
+    "write unchanged",
+    "resize",
+    "change children",  # QEMU <= 6.1 only
+)
+PERM_CONSISTENT_READ: Final = 0
+PERM_WRITE: Final = 1
+PERM_RESIZE: Final = 3
+
+#: What a running QEMU writer holds on its top image, and what it refuses to share.
+QEMU_WRITER_PERMS: Final = (PERM_CONSISTENT_READ, PERM_WRITE, PERM_RESIZE)
+QEMU_WRITER_UNSHARED: Final = (PERM_WRITE, PERM_RESIZE)
+#: ... and on a backing file it only reads.
+QEMU_READER_PERMS: Final = (PERM_CONSISTENT_READ,)
+QEMU_READER_UNSHARED: Final = (PERM_WRITE, PERM_RESIZE)
+#: What a QEMU 7.2 disk device with ``share-rw=on`` holds on a raw image
+#: (measured: bytes 100 and 101 only): it reads and writes, and shares all.
+#: (On a qcow2 the format layer refuses to share write and resize whatever
+#: the device says, so QEMU holds a writer's bytes there.)
+QEMU_SHARED_WRITER_PERMS: Final = (PERM_CONSISTENT_READ, PERM_WRITE)
+QEMU_SHARED_WRITER_UNSHARED: Final = ()
+
 
 class Mode(enum.StrEnum):
-    """How an image is claimed."""
+    """How an image is claimed.
+
+    All that differs from one mode to another is data in :data:`MODE_TABLE`
+    (its row's fields are the mode's attributes): adding a mode is adding a
+    member here and its row there.
+    """
 
     #: One writer, and no one else: the top image of a running VM.
     EXCLUSIVE = "exclusive"
@@ -93,10 +132,81 @@ class Mode(enum.StrEnum):
     #: shared readers, who need an image that does not change under them.
     SHARED_WRITE = "shared-write"
 
+    @property
+    def admits(self) -> frozenset[str]:
+        return MODE_TABLE[self].admits
+
+    @property
+    def alone(self) -> bool:
+        """Whether a claim in this mode admits no one beside it (its flock is exclusive)."""
+        return not MODE_TABLE[self].admits
+
+    @property
+    def slots(self) -> tuple[int, int]:
+        return MODE_TABLE[self].slots
+
+    @property
+    def queue_code(self) -> int:
+        return MODE_TABLE[self].queue_code
+
+    @property
+    def qemu_perms(self) -> tuple[int, ...]:
+        return MODE_TABLE[self].qemu_perms
+
+    @property
+    def qemu_unshared(self) -> tuple[int, ...]:
+        return MODE_TABLE[self].qemu_unshared
+
+    @property
+    def option(self) -> str:
+        return MODE_TABLE[self].option
+
+    @property
+    def option_help(self) -> str:
+        return MODE_TABLE[self].option_help
+
+
+class ModeRow(NamedTuple):
+    """One mode's row of the table: everything that makes it the mode it is."""
+
+    #: The values of the modes a claim in this mode admits beside it.
+    admits: frozenset[str]
+    #: (holder slot, intent slot): where its regions lie, in SLOT_SIZE from
+    #: the slots' base (see the map below; there is room for more slots).
+    slots: tuple[int, int]
+    #: Its 2-bit code in a queue byte (one code is still free).
+    queue_code: int
+    #: QEMU's permissions a claim in this mode takes, and refuses to share.
+    qemu_perms: tuple[int, ...]
+    qemu_unshared: tuple[int, ...]
+    #: The ``imglock run`` option that claims a PATH in this mode, and its help.
+    option: str
+    option_help: str
+
+
+#: Each mode's row, its fields in ModeRow's order: admits, slots, queue code,
+#: QEMU perms and unshared perms, the run option and its help.
+MODE_TABLE: Final = {
+    Mode.EXCLUSIVE: ModeRow(
+        frozenset(), (2, 3), 0, QEMU_WRITER_PERMS, QEMU_WRITER_UNSHARED,
+        "--image", "Claim PATH exclusive (its backing files shared). Repeatable.",
+    ),
+    Mode.SHARED: ModeRow(
+        frozenset({"shared"}), (4, 5), 1, QEMU_READER_PERMS, QEMU_READER_UNSHARED,
+        "--shared", "Claim PATH shared (read-only use). Repeatable.",
+    ),
+    Mode.SHARED_WRITE: ModeRow(
+        frozenset({"shared-write"}), (0, 1), 2,
+        QEMU_SHARED_WRITER_PERMS, QEMU_SHARED_WRITER_UNSHARED, "--shared-write",
+        "Claim PATH shared-write (writers sharing it on purpose, share-rw=on). Repeatable.",
+    ),
+}  # fmt: skip
+assert set(MODE_TABLE) == set(Mode), "every mode has its row"
+
 
 def conflicts(a: Mode, b: Mode) -> bool:
     """Whether claims in modes *a* and *b* exclude each other."""
-    return a is Mode.EXCLUSIVE or b is Mode.EXCLUSIVE or a is not b
+    return b.value not in a.admits or a.value not in b.admits
 
 
 def strongest(a: Mode, b: Mode) -> Mode:
@@ -137,8 +247,6 @@ def flock_layer_for_file(fd: int) -> Layer:
     the file is open, so a claim decides it once per file (a stat and a
     mountinfo read) instead of in every attempt.
     """
-    from imglock.lock import flock
-
     return Layer.FLOCK_EVERYWHERE if flock.applies(fd, everywhere=False) else Layer(0)
 
 
@@ -161,16 +269,11 @@ QUEUE_BASE: Final = 1 << 62
 QUEUE_SIZE: Final = 1 << 61
 SLOT_SIZE: Final = 1 << (OWNER_BITS + 1)
 _SLOTS_BASE: Final = QUEUE_BASE + QUEUE_SIZE
-#: (holder slot, intent slot) of each mode, counted in SLOT_SIZE from _SLOTS_BASE.
-_SLOT_OF: Final = {
-    Mode.SHARED_WRITE: (0, 1),
-    Mode.EXCLUSIVE: (2, 3),
-    Mode.SHARED: (4, 5),
-}
-HOLDER_BASE: Final = {m: _SLOTS_BASE + h * SLOT_SIZE for m, (h, _i) in _SLOT_OF.items()}
-INTENT_BASE: Final = {m: _SLOTS_BASE + i * SLOT_SIZE for m, (_h, i) in _SLOT_OF.items()}
+#: Where each mode's holder and intent regions begin (Mode.slots).
+HOLDER_BASE: Final = {m: _SLOTS_BASE + m.slots[0] * SLOT_SIZE for m in Mode}
+INTENT_BASE: Final = {m: _SLOTS_BASE + m.slots[1] * SLOT_SIZE for m in Mode}
 IMGLOCK_START: Final = QUEUE_BASE
-IMGLOCK_END: Final = _SLOTS_BASE + 6 * SLOT_SIZE
+IMGLOCK_END: Final = _SLOTS_BASE + (1 + max(max(m.slots) for m in Mode)) * SLOT_SIZE
 
 #: A holder's lock is two bytes long when it also carries QEMU's bytes (so
 #: that another host can tell them from a second, plain QEMU), else one.
@@ -184,73 +287,20 @@ TICKET_MAX: Final = (1 << TICKET_BITS) - 1
 WAITER_HOST_BITS: Final = 13
 _MODE_SHIFT: Final = PID_BITS + WAITER_HOST_BITS
 _TICKET_SHIFT: Final = _MODE_SHIFT + 2
-_MODE_CODE: Final = {Mode.EXCLUSIVE: 0, Mode.SHARED: 1, Mode.SHARED_WRITE: 2}
-_CODE_MODE: Final = {code: mode for mode, code in _MODE_CODE.items()}
+_CODE_MODE: Final = {mode.queue_code: mode for mode in Mode}
 assert QUEUE_SIZE.bit_length() - 1 == _TICKET_SHIFT + TICKET_BITS
 
-# --- QEMU's layer (block/file-posix.c: RAW_LOCK_PERM_BASE, RAW_LOCK_SHARED_BASE) ----------
-QEMU_PERM_BASE: Final = 100
-QEMU_SHARED_BASE: Final = 200
-#: QEMU reserves 64 bits for each set; only the first five have ever been used.
-QEMU_PERM_SLOTS: Final = 64
 
-#: BlockPermission bits in QEMU's order, with the names its messages use.
-QEMU_PERM_NAMES: Final = (
-    "consistent read",
-    "write",
-    "write unchanged",
-    "resize",
-    "change children",  # QEMU <= 6.1 only
-)
-PERM_CONSISTENT_READ: Final = 0
-PERM_WRITE: Final = 1
-PERM_RESIZE: Final = 3
-
-#: What a running QEMU writer holds on its top image, and what it refuses to share.
-QEMU_WRITER_PERMS: Final = (PERM_CONSISTENT_READ, PERM_WRITE, PERM_RESIZE)
-QEMU_WRITER_UNSHARED: Final = (PERM_WRITE, PERM_RESIZE)
-#: ... and on a backing file it only reads.
-QEMU_READER_PERMS: Final = (PERM_CONSISTENT_READ,)
-QEMU_READER_UNSHARED: Final = (PERM_WRITE, PERM_RESIZE)
-#: What a QEMU 7.2 disk device with ``share-rw=on`` holds on a raw image
-#: (measured: bytes 100 and 101 only): it reads and writes, and shares all.
-#: (On a qcow2 the format layer refuses to share write and resize whatever
-#: the device says, so QEMU holds a writer's bytes there.)
-QEMU_SHARED_WRITER_PERMS: Final = (PERM_CONSISTENT_READ, PERM_WRITE)
-QEMU_SHARED_WRITER_UNSHARED: Final = ()
-
-#: QEMU's (perms, unshared) for each mode: as a writer, a reader, a share-rw=on writer.
-QEMU_PERMISSIONS: Final = {
-    Mode.EXCLUSIVE: (QEMU_WRITER_PERMS, QEMU_WRITER_UNSHARED),
-    Mode.SHARED: (QEMU_READER_PERMS, QEMU_READER_UNSHARED),
-    Mode.SHARED_WRITE: (QEMU_SHARED_WRITER_PERMS, QEMU_SHARED_WRITER_UNSHARED),
-}
-
-Range = tuple[int, int]  # (start, length)
-
-
-# A plain class, not a dataclass or NamedTuple: those cost far more to define,
-# and every command that takes or looks at a lock loads this module.
-class Held:
+class Held(NamedTuple):
     """What one descriptor holds for one claim: enough to release or verify it."""
 
-    __slots__ = ("flock", "layers", "mode", "owner", "ranges")
-
-    def __init__(
-        self,
-        mode: Mode,
-        layers: Layer,
-        owner: Owner,
-        ranges: tuple[Range, ...] = (),
-        flock: bool = False,
-    ) -> None:
-        self.mode = mode
-        self.layers = layers
-        self.owner = owner
-        #: (start, length) of every byte range taken, the holder range first.
-        self.ranges = ranges
-        #: Whether a flock(2) is held too.
-        self.flock = flock
+    mode: Mode
+    layers: Layer
+    owner: Owner
+    #: (start, length) of every byte range taken, the holder range first.
+    ranges: tuple[Range, ...] = ()
+    #: Whether a flock(2) is held too.
+    flock: bool = False
 
 
 class Place(NamedTuple):
@@ -289,7 +339,7 @@ def queue_byte(ticket: int, mode: Mode, owner: Owner) -> int:
     return (
         QUEUE_BASE
         | ticket << _TICKET_SHIFT
-        | _MODE_CODE[mode] << _MODE_SHIFT
+        | mode.queue_code << _MODE_SHIFT
         | host << PID_BITS
         | owner.pid
     )
@@ -394,7 +444,7 @@ def rival_ranges(mode: Mode, *, with_queue: bool) -> list[Range]:
 
 def qemu_bytes(mode: Mode) -> tuple[list[int], list[int]]:
     """(bytes to take, bytes to test) for the QEMU layer of a claim in *mode*."""
-    perms, unshared = QEMU_PERMISSIONS[mode]
+    perms, unshared = mode.qemu_perms, mode.qemu_unshared
     take = [QEMU_PERM_BASE + p for p in perms] + [QEMU_SHARED_BASE + p for p in unshared]
     # A permission we use conflicts with anyone refusing to share it, and a
     # permission we refuse to share conflicts with anyone using it.
@@ -547,7 +597,7 @@ def acquire(
     except BaseException:
         _unlock_quietly(fd, filename, [*taken, *([intent] if intent else [])])
         if flock_taken:
-            _release_flock(fd, filename)
+            _release_flock(fd)
         raise
     if intent is not None:
         fcntl_locks.unlock(fd, intent[0], intent[1], filename)
@@ -556,28 +606,19 @@ def acquire(
 
 def _take_flock(fd: int, filename: str, mode: Mode, layers: Layer, had: Mode | None = None) -> bool:
     """Take the flock layer (or convert the one held in mode *had*); False if it does not apply."""
-    from imglock.lock import flock
-
     if had is None and not flock.applies(fd, bool(layers & Layer.FLOCK_EVERYWHERE)):
         return False
-    import portalocker  # for flock.take's errors other than a conflict
-
-    try:
-        if flock.take(fd, exclusive=mode is Mode.EXCLUSIVE):
-            return True
-    except portalocker.LockException as exc:
-        raise LockError(filename, f"cannot flock: {exc}") from None
+    if flock.take(fd, filename, exclusive=mode.alone):
+        return True
     # flock(2) cannot convert a lock atomically: a refused conversion has
     # dropped the old one, so take it back as it was (see imglock(7)).
     if had is not None:
         with contextlib.suppress(Exception):
-            flock.take(fd, exclusive=had is Mode.EXCLUSIVE)
+            flock.take(fd, filename, exclusive=had.alone)
     raise ProtocolConflict(filename, mode, RangeLock(fcntl_locks.F_WRLCK, 0, 0, -1), flock=True)
 
 
-def _release_flock(fd: int, filename: str) -> None:
-    from imglock.lock import flock
-
+def _release_flock(fd: int) -> None:
     with contextlib.suppress(Exception):
         flock.release(fd)
 
@@ -638,8 +679,6 @@ def release(fd: int, filename: str, held: Held) -> None:
     for start, length in held.ranges:
         fcntl_locks.unlock(fd, start, length, filename)
     if held.flock:
-        from imglock.lock import flock
-
         flock.release(fd)
 
 
@@ -660,7 +699,18 @@ def relabel(fd: int, filename: str, held: Held, owner: Owner) -> Held:
     faults.point("relabel:both")
     fcntl_locks.unlock(fd, *old, filename)
     ranges = tuple(new if r == old else r for r in held.ranges)
-    return Held(held.mode, held.layers, owner, ranges, held.flock)
+    return held._replace(owner=owner, ranges=ranges)
+
+
+def handed_to_qemu(held: Held) -> Held:
+    """*held* once the claim's own QEMU runs: QEMU's bytes, tested (Layer.QEMU_TEST)
+    before it started, are held by that QEMU now (Layer.QEMU_HELD).
+
+    The ranges stay the same: both mark QEMU's bytes as the holder's.
+    """
+    if Layer.QEMU_TEST not in held.layers:
+        return held
+    return held._replace(layers=held.layers & ~Layer.QEMU_TEST | Layer.QEMU_HELD)
 
 
 def change_mode(fd: int, filename: str, held: Held, new_mode: Mode) -> Held:
@@ -677,7 +727,7 @@ def change_mode(fd: int, filename: str, held: Held, new_mode: Mode) -> Held:
     if new_mode is held.mode:
         return held
     old = _bytes(held.ranges)
-    if held.mode is Mode.EXCLUSIVE:
+    if held.mode.alone:  # no one else holds the image: nothing to test
         new = _downgraded(fd, filename, held, new_mode, old)
     else:
         new = acquire(

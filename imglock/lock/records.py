@@ -22,12 +22,20 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import pwd
+import re
 import stat
 import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Final, NamedTuple
 
+try:  # json's own escaping function, without loading the json package
+    from _json import encode_basestring_ascii as quote
+except ImportError:  # pragma: no cover - a Python built without _json
+    from json.encoder import py_encode_basestring_ascii as quote
+
+from imglock import faults
 from imglock.lock import ownership
 from imglock.lock.identity import Owner, hostname
 
@@ -44,11 +52,8 @@ _JSON_SECRET: Final = r'("(?:data|password|password-secret|key-secret)"\s*:\s*)"
 _URL_PASSWORD: Final = r"(://[^/@:\s]*:)[^/@\s]*@"
 #: The key in rbd's filename syntax: rbd:pool/image:id=admin:key=KEY:mon_host=...
 _RBD_KEY: Final = r"(:key=)(?:\\.|[^:\\,])*"
-#: Test seam (imglock.faults): make every record write fail with this errno.
-_fail_writes_with: int | None = None
 
 
-# A NamedTuple, not a dataclass: as immutable, and far cheaper to define at start-up.
 class Record(NamedTuple):
     """One holder's details, as written beside the image."""
 
@@ -80,8 +85,6 @@ def redact(argv: list[str]) -> str:
     syntax (``-object '{"qom-type":"secret","data":...}'``, ``json:{...}``),
     passwords in URLs (``https://user:PASSWORD@host``) and rbd's ``:key=``.
     """
-    import re
-
     out = []
     for arg in argv:
         parts = _option_parts(arg)
@@ -127,8 +130,6 @@ def now_iso() -> str:
 def make_record(
     image: str, owner: Owner, mode: str, argv: list[str] | None = None, inode: int | None = None
 ) -> Record:
-    import pwd
-
     try:
         user = pwd.getpwuid(os.geteuid()).pw_name
     except KeyError:
@@ -206,8 +207,9 @@ def write(directory: str, image_name: str, record: Record, *, create: bool = Tru
             )
             try:
                 try:
-                    if _fail_writes_with is not None:
-                        raise OSError(_fail_writes_with, os.strerror(_fail_writes_with))
+                    failure = faults.record_failure()
+                    if failure is not None:
+                        raise failure
                     ownership.adopt(fd, image, owner=False)
                     os.write(fd, data)
                 finally:
@@ -230,10 +232,6 @@ def _json_text(record: Record) -> str:
     more than writing the record does.  Strings are quoted by json's own
     escaping function.
     """
-    try:
-        from _json import encode_basestring_ascii as quote
-    except ImportError:  # pragma: no cover - a Python built without _json
-        from json.encoder import py_encode_basestring_ascii as quote
     members = (
         f"{quote(key)}: {_json_value(value, quote)}"
         for key, value in sorted(record.to_json().items())
@@ -256,6 +254,8 @@ def remove(directory: str, image_name: str, owner: Owner) -> None:
 
 
 def _read_one(dfd: int, name: str, image: os.stat_result) -> Record | None:
+    # Deliberately lazy: the json package costs more than most commands, and
+    # only an image with records (a held one, or a stale record) needs it.
     import json
 
     try:

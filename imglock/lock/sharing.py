@@ -28,7 +28,7 @@ from typing import Final, NamedTuple
 from imglock.errors import ImageError, LockError
 from imglock.lock import fcntl_locks
 from imglock.lock.identity import hostname
-from imglock.lock.mounts import MOUNTINFO, Mount, read_mounts
+from imglock.lock.mounts import LOCAL_FILESYSTEMS, MOUNTINFO, Mount, read_mounts
 
 PROC_LOCKS: Final = "/proc/locks"
 
@@ -90,11 +90,6 @@ class ProbeResult(NamedTuple):
 
 # -- the mount -----------------------------------------------------------
 
-#: Filesystems whose fcntl locks live in this kernel only.
-LOCAL_FILESYSTEMS: Final = frozenset({
-    "ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "f2fs", "jfs", "reiserfs", "bcachefs",
-    "tmpfs", "ramfs", "overlay", "vfat", "exfat", "ntfs", "ntfs3", "squashfs", "iso9660",
-})  # fmt: skip
 #: Filesystems (as mountinfo names them) whose lock manager spans hosts.
 SHARED_FILESYSTEMS: Final = {
     "nfs": "NFSv2/3 locks through the NLM lock manager (lockd and rpc.statd on every host)",

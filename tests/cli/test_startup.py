@@ -44,7 +44,7 @@ LOCKS = {
 }
 RUN = {"imglock.run.runner", "imglock.run.launch"}
 #: The claim machinery, which looking at who holds an image does not need.
-CLAIMS = {"imglock.api"}
+CLAIMS = {"imglock.api", "imglock.claims.facade"}
 #: Costly to load or to use at every start-up: the json package, the qcow2
 #: parser (for an image that is not qcow2), QEMU's command-line parser (for
 #: a command that is not QEMU).
@@ -126,7 +126,7 @@ def test_status_of_a_held_image_reads_proc(raw_image: Path, rival: SpawnRival) -
 
 
 #: portalocker, and what it loads: only a claim that takes the flock layer needs it.
-FLOCK = {"portalocker", "imglock.lock.flock"}
+FLOCK = {"portalocker"}
 
 
 def test_run_of_a_command_that_is_not_qemu_never_loads_the_monitor(raw_image: Path) -> None:

@@ -35,7 +35,7 @@ import imglock
 from imglock import faults
 from imglock.api import Claim, ClaimSpec
 from imglock.errors import EX_IOERR, EX_OK, EX_TEMPFAIL, LockConflict, LockError
-from imglock.lock import fcntl_locks, records
+from imglock.lock import fcntl_locks
 from imglock.lock.records import RECORD_DIR
 
 #: Lock calls of an exclusive claim of one raw image with both layers:
@@ -59,14 +59,11 @@ def injected(spec: str) -> Iterator[None]:
     """
     with tempfile.TemporaryFile() as scratch:  # the probe for OFD locks is not counted
         fcntl_locks.conflicting(scratch.fileno(), 0, 1, "scratch")
-    saved = fcntl_locks._fcntl, records._fail_writes_with, dict(faults._kill_points)
     faults.install(spec)
     try:
         yield
     finally:
-        fcntl_locks._fcntl, records._fail_writes_with = saved[:2]
-        faults._kill_points.clear()
-        faults._kill_points.update(saved[2])
+        faults.reset()
 
 
 def cli(*args: str | os.PathLike[str], spec: str) -> subprocess.CompletedProcess[str]:
