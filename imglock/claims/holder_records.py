@@ -30,9 +30,7 @@ def rewrite(member: Member, owner: Owner, command: list[str] | None) -> None:
     """Name *owner* in *member*'s record instead of the owner it names now."""
     image = member.image
     record = records.make_record(image.filename, owner, member.mode.value, command, image.st.st_ino)
-    problem = records.write(
-        image.target.record_dir, image.target.record_name, record, create=False
-    )
+    problem = records.write(image.target.record_dir, image.target.record_name, record, create=False)
     remove(member)  # the old owner's
     member.recorded_as = owner if problem is None else None
     member.record_problem = problem

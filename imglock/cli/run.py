@@ -18,6 +18,7 @@ from imglock.cli.common import (
 )
 from imglock.cli.table import cell, render
 from imglock.errors import EX_NOTFOUND, EX_TEMPFAIL
+from imglock.lock.protocol import Mode
 from imglock.lockcheck import DEFAULT_DEADLINE
 from imglock.run.dry_run import dry_run
 from imglock.run.launch import run_plan
@@ -30,11 +31,22 @@ Command = TypeVar("Command", bound=Callable[..., Any])
 POLICIES: Final = ("auto", "on", "off")
 
 
-def _files_option(flag: str, name: str, help: str) -> Callable[[Command], Command]:
-    """An option naming files to claim (repeatable); its mode is that of NAMED_FILE_OPTIONS."""
-    return click.option(
-        flag, name, multiple=True, type=click.Path(readable=False), help=f"{help} Repeatable."
-    )
+def _named_file_options(command: Command) -> Command:
+    """One option per claim mode (``--image``...), naming files to claim in it (repeatable)."""
+    for option, mode in reversed(NAMED_FILE_OPTIONS.items()):
+        command = click.option(
+            option,
+            _files_parameter(mode),
+            multiple=True,
+            type=click.Path(readable=False),
+            help=mode.option_help,
+        )(command)
+    return command
+
+
+def _files_parameter(mode: Mode) -> str:
+    """The name click gives the files named in *mode*'s option."""
+    return f"files_{mode.name.lower()}"
 
 
 def _policy_option(*names: str, help: str) -> Callable[[Command], Command]:
@@ -45,13 +57,7 @@ def _policy_option(*names: str, help: str) -> Callable[[Command], Command]:
 
 
 @click.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
-@_files_option("--image", "images", "Claim PATH exclusive (its backing files shared).")
-@_files_option("--shared", "shared", "Claim PATH shared (read-only use).")
-@_files_option(
-    "--shared-write",
-    "shared_write",
-    "Claim PATH shared-write (writers sharing it on purpose, share-rw=on).",
-)
+@_named_file_options
 @seconds_option(
     "-w",
     "--wait",
@@ -128,9 +134,6 @@ def _policy_option(*names: str, help: str) -> Callable[[Command], Command]:
 @verbosity_options
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(
-    images: tuple[str, ...],
-    shared: tuple[str, ...],
-    shared_write: tuple[str, ...],
     wait: float,
     conflict_exit_code: int,
     qemu_locks: str,
@@ -145,6 +148,7 @@ def run(
     dry_run_only: bool,
     as_json: bool,
     command: tuple[str, ...],
+    **named_files: tuple[str, ...],
 ) -> None:
     """Claim the images, run COMMAND while holding them, release when it exits.
 
@@ -165,10 +169,8 @@ def run(
         argv=command,
         named=tuple(
             (option, path)
-            for option, paths in zip(
-                NAMED_FILE_OPTIONS, (images, shared, shared_write), strict=True
-            )
-            for path in paths
+            for option, mode in NAMED_FILE_OPTIONS.items()
+            for path in named_files[_files_parameter(mode)]
         ),
         wait=wait,
         conflict_exit=conflict_exit_code,

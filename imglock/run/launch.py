@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Final
 
-from imglock.run.in_place import InPlace
 from imglock.run.options import RunOptions
 from imglock.run.plan import RunPlan, plan_run
 from imglock.run.reporter import Reporter
@@ -40,6 +39,10 @@ def run_plan(plan: RunPlan, reporter: Reporter) -> int:
     vmm = plan.adapter.prepare(plan.options, plan.command, reporter)
     options = plan.options
     if options.exec_in_place:
+        # Deliberately lazy, as the runner's watcher: only --exec needs the
+        # helper, and /proc's lock table with it (start-up of every run).
+        from imglock.run.in_place import InPlace
+
         in_place = InPlace(session, vmm, options.check_interval, options.check_deadline)
         try:
             return run_command(in_place, options.conflict_exit)

@@ -10,13 +10,9 @@ from imglock.errors import EX_TEMPFAIL
 from imglock.lock.protocol import Mode
 from imglock.lockcheck import DEFAULT_DEADLINE
 
-#: The options that name a file to claim, and the mode each claims it in.
-#: The one place that maps them: a new mode's option is one more entry.
-NAMED_FILE_OPTIONS: Final[dict[str, Mode]] = {
-    "--image": Mode.EXCLUSIVE,
-    "--shared": Mode.SHARED,
-    "--shared-write": Mode.SHARED_WRITE,
-}
+#: The options that name a file to claim, and the mode each claims it in:
+#: each mode's own (see the mode table in imglock.lock.protocol).
+NAMED_FILE_OPTIONS: Final[dict[str, Mode]] = {mode.option: mode for mode in Mode}
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,10 @@ def test_the_exit_status_is_the_commands_and_the_claim_ends_with_it(raw_image: P
 
 def test_a_signal_to_the_pid_reaches_the_command_itself(raw_image: Path, tmp_path: Path) -> None:
     said = tmp_path / "got"
-    script = f"trap 'echo TERM > {said}; exit 3' TERM; echo ready > {said}.ready; while :; do sleep 0.05; done"
+    script = (
+        f"trap 'echo TERM > {said}; exit 3' TERM; echo ready > {said}.ready; "
+        "while :; do sleep 0.05; done"
+    )
     run = start(raw_image, "sh", "-c", script)
     wait_until(Path(f"{said}.ready").exists, what="the command's trap")
     run.send_signal(signal.SIGTERM)
