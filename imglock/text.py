@@ -23,30 +23,30 @@ from __future__ import annotations
 
 from typing import Final
 
-#: The first and last of the code points ``surrogateescape`` turns bytes 0x80-0xff into.
+#: The code points ``surrogateescape`` turns bytes 0x80-0xff into.
 _ESCAPED_BYTES: Final = range(0xDC80, 0xDD00)
-#: Every lone surrogate: none can be encoded as UTF-8.
-_SURROGATES: Final = range(0xD800, 0xE000)
 
 
-def _shown(code: int) -> str:
+def _invisible(char: str) -> bool:
+    """A C0 control, DEL, a C1 control, or a lone surrogate (never valid UTF-8)."""
+    code = ord(char)
+    return code < 0x20 or 0x7F <= code < 0xA0 or 0xD800 <= code < 0xE000
+
+
+def _shown(char: str) -> str:
+    code = ord(char)
     if code in _ESCAPED_BYTES:
         return f"\\x{code - 0xDC00:02x}"
-    if code in _SURROGATES:
+    if code >= 0xD800:
         return f"\\u{code:04x}"
     return f"\\x{code:02x}"
 
 
-#: str.translate's table: each control character and surrogate to its escape.
-_VISIBLE: Final = {
-    code: _shown(code)
-    for code in (*range(0x20), *range(0x7F, 0xA0), *_SURROGATES)
-}  # fmt: skip
-
-
 def visible(text: str) -> str:
     """*text* with every control character and undecodable byte shown as an escape."""
-    return text.translate(_VISIBLE)
+    if text.isprintable():  # no control, no surrogate: the common case, at C speed
+        return text
+    return "".join(_shown(char) if _invisible(char) else char for char in text)
 
 
 #: DEL and C1 controls as JSON string escapes (they can only occur inside strings).

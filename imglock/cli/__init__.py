@@ -10,12 +10,10 @@ others).
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 import sys
 import warnings
-from collections.abc import Callable
 from typing import Any, NoReturn
 
 import click
@@ -23,7 +21,6 @@ from click.exceptions import NoArgsIsHelpError
 
 from imglock import __version__, faults
 from imglock.cli.common import echo_error, show_warning, verbosity_options
-from imglock.lock.proclocks import FlockTable
 
 #: subcommand name -> (module, attribute, one-line help).  A command's
 #: module is imported when the command is run (or its help shown), never
@@ -40,15 +37,6 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     ),
 }
 
-#: subcommand name -> work it will wait on, started before its module is
-#: imported and handed to it as the context's object.  ``status`` looks every
-#: image up in /proc/locks, whose first read in a while sleeps 10-15 ms in the
-#: kernel (see :mod:`imglock.lock.proclocks`): started here, that sleep
-#: overlaps the import of the library status needs instead of adding to it.
-HEAD_STARTS: dict[str, Callable[[], object]] = {
-    "status": functools.partial(FlockTable, background=True),
-}
-
 
 class LazyGroup(click.Group):
     """A group whose subcommands are imported when first used."""
@@ -60,8 +48,6 @@ class LazyGroup(click.Group):
         entry = COMMANDS.get(cmd_name)
         if entry is None:
             return None
-        if cmd_name in HEAD_STARTS and ctx.obj is None:
-            ctx.obj = HEAD_STARTS[cmd_name]()
         module = importlib.import_module(entry[0])  # the one lazy import: see COMMANDS
         command: click.Command = getattr(module, entry[1])
         return command
@@ -114,11 +100,15 @@ def cli() -> None:
     warnings.showwarning = show_warning
 
 
-def main(argv: list[str] | None = None) -> Any:
-    """Run the imglock command line (the program itself starts in :mod:`imglock.__main__`)."""
+def main(argv: list[str] | None = None, obj: object | None = None) -> Any:
+    """Run the imglock command line (the program itself starts in :mod:`imglock.__main__`).
+
+    *obj* is the context object commands find: work started for them ahead
+    of loading the command line (:data:`imglock.__main__.HEAD_STARTS`).
+    """
     if "IMGLOCK_FAULTS" in os.environ:
         faults.install_from_environment()
-    return cli.main(args=argv, prog_name="imglock")
+    return cli.main(args=argv, prog_name="imglock", obj=obj)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ from typing import Any, Final
 
 import click
 
-from imglock.cli.common import Voice, reported_errors, seconds_option, verbosity_options
+from imglock.cli.common import Voice, reported_errors, verbosity_options
+from imglock.cli.params import seconds_option
 from imglock.lock import datastore, sharing
 from imglock.lock.datastore import Setting
 from imglock.lock.sharing import Assessment, ProbeResult

@@ -9,13 +9,8 @@ from typing import Any, Final, TypeVar
 
 import click
 
-from imglock.cli.common import (
-    SignalNumber,
-    Voice,
-    reported_errors,
-    seconds_option,
-    verbosity_options,
-)
+from imglock.cli.common import Voice, reported_errors, verbosity_options
+from imglock.cli.params import SignalNumber, seconds_option
 from imglock.cli.table import cell, render
 from imglock.errors import EX_NOTFOUND, EX_TEMPFAIL
 from imglock.lock.protocol import Mode

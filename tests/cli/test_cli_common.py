@@ -23,8 +23,10 @@ from click.testing import CliRunner
 from conftest import ImglockCli
 
 from imglock import __version__
+from imglock.__main__ import command_of, head_start
 from imglock.cli import COMMANDS, cli
-from imglock.cli.common import Seconds, Voice, verbosity_options
+from imglock.cli.common import Voice, verbosity_options
+from imglock.cli.params import Seconds
 from imglock.errors import EX_NOINPUT, EX_OK, EX_USAGE
 from imglock.lock.proclocks import FlockTable
 
@@ -54,16 +56,33 @@ def options_of(command: click.Command | None) -> set[str]:
     return {opt for param in command.params for opt in param.opts}
 
 
-def test_resolving_status_starts_its_proc_locks_read_and_hands_it_over() -> None:
-    ctx = click.Context(cli)
-    cli.get_command(ctx, "status")
-    assert isinstance(ctx.obj, FlockTable)  # started before status's code was loaded
-    status = cli.get_command(ctx, "status")
-    assert status is not None
-    assert click.Context(status, parent=ctx).find_object(FlockTable)
-    other = click.Context(cli)
-    cli.get_command(other, "info")
-    assert other.obj is None  # only status waits on /proc/locks
+@pytest.mark.parametrize(
+    ("args", "command"),
+    [
+        (["status", "x"], "status"),
+        (["-v", "-q", "status"], "status"),
+        (["--verbose", "info", "status"], "info"),
+        (["--help", "status"], None),
+        (["-V"], None),
+        ([], None),
+    ],
+)
+def test_the_program_reads_the_command_as_click_does(args: list[str], command: str | None) -> None:
+    assert command_of(args) == command
+
+
+def test_status_gets_its_proc_locks_read_started_before_the_command_line_loads() -> None:
+    assert isinstance(head_start(["-q", "status", "x"]), FlockTable)
+    assert head_start(["info", "x"]) is None  # only status waits on /proc/locks
+    ran: list[object] = []
+
+    @click.command()
+    def probe() -> None:
+        ran.append(click.get_current_context().find_object(FlockTable))
+
+    started = FlockTable(background=True)
+    probe.main(args=[], obj=started, standalone_mode=False)
+    assert ran == [started]  # a command finds the read started for it
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))
