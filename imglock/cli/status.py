@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import Final
+from typing import Any, Final
 
 import click
 
@@ -16,6 +16,7 @@ from imglock.lock.discovery import LocalLocks
 from imglock.lock.fcntl_locks import OFFSET_MAX
 from imglock.lock.holder import Holder
 from imglock.lock.proclocks import FlockTable
+from imglock.qemu.guest import guest_name
 from imglock.report import ImageReport, inspect_image
 from imglock.scan import survey
 from imglock.text import json_visible
@@ -29,6 +30,7 @@ HEADER: Final = (
     "PERMS",
     "UNSHARED",
     "PID",
+    "VM",
     "HOST",
     "SINCE",
     "FLAGS",
@@ -117,7 +119,8 @@ def status(as_json: bool, lockspace: str | None, paths: tuple[str, ...]) -> None
         # click`, and only --json needs it: loaded here, where JSON is written.
         import json
 
-        text = json.dumps(utf8_clean([r.to_json() for r in reports]), indent=2, ensure_ascii=False)
+        listed = [report_json(r) for r in reports]
+        text = json.dumps(utf8_clean(listed), indent=2, ensure_ascii=False)
         click.echo(json_visible(text).encode("utf-8"))
     elif reports:
         # Every cell is escaped (cell()): the table is valid UTF-8 throughout.
@@ -154,6 +157,15 @@ def exit_status(reports: Sequence[ImageReport], errors: Sequence[ImglockError]) 
     return errors[0].exit_status if errors else EX_OK
 
 
+def report_json(report: ImageReport) -> dict[str, Any]:
+    """*report* as ``--json`` gives it: each holder and waiter with the ``vm`` it runs."""
+    out = report.to_json()
+    for who, listed in ((report.holders, out["holders"]), (report.waiting, out["waiting"])):
+        for holder, entry in zip(who, listed, strict=True):
+            entry["vm"] = guest_name(holder.command)
+    return out
+
+
 def table_rows(report: ImageReport) -> list[list[str]]:
     """The table's rows for one image: one per holder (or one saying it is free), then waiters."""
     image = [cell(report.filename), cell(report.format), cell(report.backing_filename)]
@@ -162,11 +174,12 @@ def table_rows(report: ImageReport) -> list[list[str]]:
     def row(kind: str, who: Holder, locks: str, unshared: str) -> list[str]:
         pid = cell(None if who.pid is None else str(who.pid))
         when = [cell(who.host), cell(who.since), flags, cell(who.command, COMMAND_WIDTH)]
-        return [*image, kind, cell(who.mode), locks, unshared, pid, *when]
+        return [*image, kind, cell(who.mode), locks, unshared, pid, cell(guest_name(who.command)),
+                *when]  # fmt: skip
 
     rows = [
         row(h.layer, h, cell(_locks_held(h)), cell(",".join(h.unshared))) for h in report.holders
-    ] or [[*image, "none", *["-"] * 6, flags, "-"]]
+    ] or [[*image, "none", *["-"] * 7, flags, "-"]]
     return rows + [row("waiting", w, "-", "-") for w in report.waiting]
 
 

@@ -26,10 +26,11 @@ from qcow2_builder import Qcow2Spec, build
 
 from imglock.errors import EX_DATAERR, EX_HELD, EX_NOINPUT, EX_OK, ImageError
 from imglock.lock.identity import hostname
+from imglock.qemu.guest import guest_name
 from imglock.scan import find_images
 
 HEADER = ["IMAGE", "FORMAT", "BACKING", "HOLDER", "MODE", "PERMS", "UNSHARED"]
-HEADER += ["PID", "HOST", "SINCE", "FLAGS", "COMMAND"]
+HEADER += ["PID", "VM", "HOST", "SINCE", "FLAGS", "COMMAND"]
 
 
 def qcow2(path: Path, **fields: Any) -> Path:
@@ -347,3 +348,20 @@ def test_a_directory_without_images_warns_unless_quiet(
     assert proc.stderr == f"imglock: warning: no images found in {tmp_path}\n"
     assert status(imglock_cli, "-q", tmp_path).stderr == ""
     assert status_json(imglock_cli, "-q", tmp_path) == (EX_OK, [])
+
+
+@pytest.mark.parametrize(
+    ("command", "vm"),
+    [
+        ("/usr/bin/qemu-system-x86_64 -name guest=web1,debug-threads=on -S", "web1"),
+        ("qemu-system-x86_64 -name db", "db"),
+        ("qemu-kvm --name debug-threads=on,guest=a,,b", "a,b"),
+        ("qemu-system-x86_64 -m 64", None),
+        ("sh -c sleep", None),
+        (None, None),
+    ],
+)
+def test_a_holders_vm_is_the_guest_its_qemu_command_line_names(
+    command: str | None, vm: str | None
+) -> None:
+    assert guest_name(command) == vm

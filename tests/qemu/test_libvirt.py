@@ -99,7 +99,7 @@ def test_a_domain_holds_its_top_exclusive_and_its_backing_file_shared_under_its_
     [qemu] = wait_until(domain.qemu_pids, what="the domain's QEMU")
     [holder] = imglock_holders(top)
     assert (holder["mode"], holder["pid"], holder["host"]) == ("exclusive", qemu, host.hostname)
-    assert f"guest={domain.name}," in str(holder["command"])
+    assert holder["vm"] == domain.name and f"guest={domain.name}," in str(holder["command"])
     assert [(h["mode"], h["pid"]) for h in imglock_holders(base)] == [("shared", qemu)]
 
 
