@@ -99,6 +99,18 @@ PERM_WRITE: Final = "write"
 FDSET_PREFIX: Final = "/dev/fdset/"
 
 
+def open_file_keys(pid: int) -> set[tuple[int, int]]:
+    """(st_dev, st_ino) of every file process *pid* has open (its /proc fd table)."""
+    keys = set()
+    directory = f"/proc/{pid}/fd"
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(directory):
+            with contextlib.suppress(OSError):  # closed meanwhile
+                st = os.stat(entry.path)
+                keys.add((st.st_dev, st.st_ino))
+    return keys
+
+
 def qemu_root(argv: Sequence[str]) -> str | None:
     """The directory a QEMU command line makes QEMU chroot into, or None.
 
@@ -323,6 +335,8 @@ class GraphFollower:
         # Looked at before the claim is locked: a stat on a hung NFS mount
         # must not keep the runner from checking its locks meanwhile.
         seen: dict[tuple[int, int], tuple[str, Mode]] = {}
+        #: The files QEMU has open, read from /proc once a path needs it.
+        qemu_files: list[set[tuple[int, int]]] = []
         #: Files QEMU has open that cannot be looked at now (a shared
         #: filesystem gone away): whatever is claimed of them is kept.
         unseen: set[str] = set()
@@ -339,7 +353,12 @@ class GraphFollower:
                 if not self._claimed(path):
                     self._skip(path, os.strerror(exc.errno or 0))
                 continue
-            key = self._known_file(path, st)
+            key = self._file_qemu_has(path, st, qemu_files)
+            if key is None:
+                # The path leads elsewhere now (the image was replaced): what
+                # QEMU has open is not there.  The lock check reports it.
+                unseen.update((file.filename, path))
+                continue
             mode = strongest(seen[key][1], file.mode) if key in seen else file.mode
             seen[key] = (path, mode)
         note = self._session.reporter.note
@@ -406,6 +425,33 @@ class GraphFollower:
     def _claimed(self, path: str) -> bool:
         """Whether the claim holds a file by this path (which may not answer a stat now)."""
         return any(self._path(m.image.filename) == path for m in self._session.members())
+
+    def _file_qemu_has(
+        self, path: str, st: os.stat_result, qemu_files: list[set[tuple[int, int]]]
+    ) -> tuple[int, int] | None:
+        """The (st_dev, st_ino) of the file QEMU has open as *path* (*st*: the path's now).
+
+        Usually the file at *path*, which the claim already knows.  A file
+        the claim does not know yet is taken only if QEMU has it open: when
+        the path now leads to another file (the image replaced under the
+        VM), QEMU still writes the old one, which stays claimed; the new one
+        is no one's here.  None when QEMU has nothing open under *path*.
+        """
+        key = self._known_file(path, st)
+        if key in self._member_keys():
+            return key
+        if not qemu_files:
+            qemu_files.append(open_file_keys(self.pid))
+        if key in qemu_files[0]:
+            return key
+        for member in self._session.members():
+            known = (member.image.st.st_dev, member.image.st.st_ino)
+            if self._path(member.image.filename) == path and known in qemu_files[0]:
+                return known
+        return None
+
+    def _member_keys(self) -> set[tuple[int, int]]:
+        return {(m.image.st.st_dev, m.image.st.st_ino) for m in self._session.members()}
 
     def _known_file(self, path: str, st: os.stat_result) -> tuple[int, int]:
         """The (st_dev, st_ino) under which the claim knows the file at *path*.
