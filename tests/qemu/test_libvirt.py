@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from libvirt_hosts import (
     REQUIRE_LIBVIRT,
     Disk,
     Domain,
+    EventWatch,
     Libvirt,
     VirshError,
     emulator,
@@ -285,3 +287,37 @@ def test_destroy_of_a_stopped_qemu_ends_it_and_frees_the_claim(
     assert domain.state() == "shut off"
     wait_until(lambda: not domain.qemu_pids(), what="no QEMU left running")
     wait_until(lambda: free(top), what="the claim to be free")
+
+
+def test_a_restore_while_another_holds_the_image_never_runs_the_guest(
+    host: Libvirt, tmp_path: Path, images: tuple[Path, Path], domains: list[Domain]
+) -> None:
+    top, _base = images
+    watch = EventWatch(tmp_path / "events.sock")
+    program = emulator(tmp_path, "--handoff-timeout", "2")
+    domain = Domain(host, program, [Disk(top)], qemu_args=watch.args()).define(tmp_path)
+    domains.append(domain)
+    domain.virsh("start")
+    saved = tmp_path / "saved.state"
+    host.virsh("save", domain.name, saved)
+    wait_until(lambda: free(top), what="the claim to be free once saved")
+    other = subprocess.Popen(
+        [*IMGLOCK, "run", "--exec", "--image", str(top), "--", "sleep", "60"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: [h["pid"] for h in imglock_holders(top)] == [other.pid],
+                   what="another holder")  # fmt: skip
+        watch.start()
+        with pytest.raises(VirshError) as refused:
+            host.virsh("restore", saved)
+        assert "may not run" in str(refused.value), refused.value
+        assert domain.state() == "shut off" and not domain.qemu_pids()
+        assert watch.greeted.is_set(), "the restored QEMU was never watched"
+        assert "RESUME" not in watch.stop()  # the guest never ran
+        assert [h["pid"] for h in imglock_holders(top)] == [other.pid]
+    finally:
+        other.kill()
+        _out, err = other.communicate()
+        assert "imglock" not in err, err

@@ -13,8 +13,10 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +31,8 @@ REQUIRE_LIBVIRT = os.environ.get("IMGLOCK_REQUIRE_LIBVIRT") == "1"
 #: Seconds for a virsh command (a start with TCG takes well under one).
 VIRSH_TIMEOUT = 60.0
 QEMU = "/usr/bin/qemu-system-x86_64"
+#: The XML namespace of libvirt's QEMU pass-through (<qemu:commandline>).
+QEMU_NAMESPACE = "http://libvirt.org/schemas/domain/qemu/1.0"
 
 
 def unavailable_reason() -> str | None:
@@ -89,12 +93,18 @@ def host_namespace(host: Libvirt) -> str:
     return os.readlink(f"/proc/{keeper}/ns/uts")
 
 
-def emulator(directory: Path) -> Path:
-    """The ``<emulator>``: this checkout's ``imglock-qemu`` (``imglock run --exec`` over QEMU)."""
-    path = directory / "imglock-qemu"
-    path.write_text(
-        f'#!/bin/sh\nexec env PYTHONPATH={ROOT} {sys.executable} -m imglock.cli.emulator "$@"\n'
-    )
+def emulator(directory: Path, *run_options: str) -> Path:
+    """The ``<emulator>``: this checkout's ``imglock-qemu`` (``imglock run --exec`` over QEMU).
+
+    With *run_options*, ``imglock run --exec RUN_OPTIONS -- QEMU`` itself
+    (``--handoff-timeout 2``...): libvirt passes no environment to set them.
+    """
+    path = directory / ("imglock-qemu" if not run_options else "imglock-run-qemu")
+    if run_options:
+        program = f"-m imglock run --exec {' '.join(run_options)} -- {QEMU}"
+    else:
+        program = "-m imglock.cli.emulator"
+    path.write_text(f'#!/bin/sh\nexec env PYTHONPATH={ROOT} {sys.executable} {program} "$@"\n')
     path.chmod(0o755)
     return path
 
@@ -127,17 +137,21 @@ class Domain:
     emulator: Path
     disks: list[Disk]
     name: str = field(default_factory=lambda: f"imglock-{uuid.uuid4().hex[:10]}")
+    #: More of QEMU's options (libvirt's <qemu:commandline>): a test's own monitor.
+    qemu_args: tuple[str, ...] = ()
 
     def xml(self) -> str:
         devices = "".join(disk.xml() for disk in self.disks)
+        extra = "".join(f"<qemu:arg value={quoteattr(arg)}/>" for arg in self.qemu_args)
         return (
-            f"<domain type='qemu'><name>{self.name}</name>"
+            f"<domain type='qemu' xmlns:qemu='{QEMU_NAMESPACE}'><name>{self.name}</name>"
             "<memory unit='MiB'>64</memory><vcpu>1</vcpu>"
             "<os><type arch='x86_64' machine='pc'>hvm</type></os><features><acpi/></features>"
             # SCSI disks come and go without the guest's help (a virtio
             # disk's unplug waits for a guest OS that is not there).
             f"<devices><emulator>{self.emulator}</emulator>{devices}"
-            "<controller type='scsi' model='virtio-scsi'/></devices></domain>"
+            "<controller type='scsi' model='virtio-scsi'/></devices>"
+            f"<qemu:commandline>{extra}</qemu:commandline></domain>"
         )
 
     def define(self, directory: Path) -> Domain:
@@ -256,3 +270,50 @@ def migrate(domain: Domain, destination: Libvirt, *flags: str) -> str:
     return domain.virsh(
         "migrate", "--live", "--unsafe", uri, "--migrateuri", f"unix://{socket}", *flags
     )
+
+
+@dataclass
+class EventWatch:
+    """A QMP monitor of the test's own on a domain's QEMU: the events it sees, from the start.
+
+    The domain names the socket (:meth:`args`); a thread connects as soon as
+    QEMU creates it and keeps every event until QEMU closes it.
+    """
+
+    path: Path
+    events: list[str] = field(default_factory=list)
+    greeted: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def args(self) -> tuple[str, ...]:
+        return ("-qmp", f"unix:{self.path},server=on,wait=off")
+
+    def start(self) -> EventWatch:
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        sock = wait_until(self._connect, what=f"QEMU's monitor at {self.path}", timeout=60)
+        with sock, sock.makefile("rb") as lines:
+            self.greeted.set()
+            sock.sendall(b'{"execute": "qmp_capabilities"}\n')
+            for line in lines:
+                message = json.loads(line)
+                if "event" in message:
+                    self.events.append(str(message["event"]))
+
+    def _connect(self) -> socket.socket | None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(os.fspath(self.path))
+        except OSError:
+            sock.close()
+            return None
+        return sock
+
+    def stop(self) -> list[str]:
+        """The events seen, once QEMU has closed the monitor."""
+        assert self._thread is not None
+        self._thread.join(60)
+        return self.events
