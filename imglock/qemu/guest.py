@@ -9,6 +9,7 @@ the next space.
 
 from __future__ import annotations
 
+import itertools
 from typing import Final
 
 #: The option, as QEMU takes it with one dash or two.
@@ -20,7 +21,7 @@ def guest_name(command: str | None) -> str | None:
     if not command:
         return None
     words = command.split(" ")
-    for option, value in zip(words, words[1:], strict=False):
+    for option, value in itertools.pairwise(words):
         if option in NAME_OPTIONS:
             return _guest_of(value)
     return None

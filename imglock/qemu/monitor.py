@@ -485,15 +485,15 @@ class Monitor:
         reply = await self.execute("x-debug-query-block-graph")
         return reply if isinstance(reply, dict) else {}
 
-    async def job_statuses(self) -> list[str]:
-        """``query-jobs``: the status of every job (``running``, ``concluded``...).
+    async def jobs(self) -> list[tuple[str, str]]:
+        """``query-jobs``: the (type, status) of every job (``stream``, ``concluded``...).
 
         Does no I/O on the images.
         """
         reply = await self.execute("query-jobs")
         if not isinstance(reply, list):
             return []
-        return [str(job.get("status")) for job in reply if isinstance(job, dict)]
+        return [(str(j.get("type")), str(j.get("status"))) for j in reply if isinstance(j, dict)]
 
     async def named_block_nodes(self) -> list[Mapping[str, Any]]:
         """``query-named-block-nodes`` (flat): every node with its driver and file name."""

@@ -72,12 +72,15 @@ GRAPH_EVENTS: Final = frozenset(
     }
 )
 
-#: Job statuses (qapi/job.json) in which ``query-named-block-nodes`` crashes
-#: QEMU: a ``block-stream`` job that has concluded and waits for its manager
-#: to dismiss it (libvirt sets ``auto-dismiss`` off) leaves a node behind that
-#: the query dereferences (SIGSEGV in Debian 12's QEMU 7.2, on the first
-#: reading after ``virsh blockpull``).  The nodes are read once it is dismissed.
-UNSETTLED_JOB_STATUSES: Final = frozenset({"concluded"})
+#: ``query-named-block-nodes`` crashes QEMU (SIGSEGV in Debian 12's QEMU 7.2)
+#: once a ``block-stream`` job has concluded and waits for its manager to
+#: dismiss it (libvirt's ``virsh blockpull`` leaves it so): a node it leaves
+#: behind is dereferenced.  A running stream may conclude between two
+#: commands of ours, so the nodes are not read at all while a stream job
+#: exists, nor while any job has concluded; they are read once it is gone
+#: (JOB_STATUS_CHANGE).  Until then the claim stays what it was.
+UNSAFE_JOB_TYPES: Final = frozenset({"stream"})
+UNSAFE_JOB_STATUSES: Final = frozenset({"concluded"})
 
 #: One reading of QEMU's block graph: ``x-debug-query-block-graph``'s graph
 #: and ``query-named-block-nodes``' nodes.
@@ -215,15 +218,17 @@ async def query_open_files(
     from *known*, the (graph, nodes) of the last reading, which is
     returned for the next one.
 
-    Nor are they asked for while a job has ended but is not yet dismissed
-    (:data:`UNSETTLED_JOB_STATUSES`): then the files are None, and *known*
-    is returned unchanged.
+    Nor are they asked for while a job makes that query unsafe
+    (:data:`UNSAFE_JOB_TYPES`): then the files are None, and *known* is
+    returned unchanged.
     """
     graph = await monitor.block_graph()
     if known is not None and known[0] == graph:
         nodes = known[1]
-    elif set(await monitor.job_statuses()) & UNSETTLED_JOB_STATUSES:
-        # Read again once the job is dismissed (JOB_STATUS_CHANGE).
+    elif any(
+        kind in UNSAFE_JOB_TYPES or status in UNSAFE_JOB_STATUSES
+        for kind, status in await monitor.jobs()
+    ):
         return None, known
     else:
         nodes = await monitor.named_block_nodes()

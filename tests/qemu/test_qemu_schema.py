@@ -9,11 +9,14 @@ every one of those members.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 from typing import Any
 
 import pytest
+from processes import wait_until
+from qemu.qmp import QMPClient
 from qemu_vm import NONE_MACHINE
 
 from imglock.formats import DATA_FORMATS
@@ -21,24 +24,35 @@ from imglock.qemu import drivers
 from imglock.qemu.cmdline import find_images
 from imglock.qemu.schema import SchemaError, driver_children
 
-QMP_SESSION = [{"execute": "qmp_capabilities"}, {"execute": "query-qmp-schema"},
-               {"execute": "quit"}]  # fmt: skip
-
 
 @pytest.fixture(scope="module")
-def schema(qemu_system_path: str) -> list[dict[str, Any]]:
-    """The installed QEMU's answer to query-qmp-schema."""
-    session = "".join(json.dumps(command) + "\n" for command in QMP_SESSION)
-    proc = subprocess.run(
-        [qemu_system_path, *NONE_MACHINE, "-qmp", "stdio"],
-        input=session, capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
-    for line in proc.stdout.splitlines():
-        message = json.loads(line)
-        if isinstance(message.get("return"), list):
-            answer: list[dict[str, Any]] = message["return"]
+def schema(qemu_system_path: str, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """The installed QEMU's answer to query-qmp-schema, asked over a QMP socket.
+
+    Not over ``-qmp stdio``: QEMU writes its stdout without blocking, and a
+    reader slow to drain the pipe (a busy machine) gets a truncated answer.
+    """
+    socket = tmp_path_factory.mktemp("schema") / "qmp.sock"
+    qemu = subprocess.Popen(
+        [qemu_system_path, *NONE_MACHINE, "-qmp", f"unix:{socket},server=on,wait=off"]
+    )
+    try:
+        wait_until(socket.exists, what="QEMU's QMP socket", timeout=60)
+
+        async def ask() -> list[dict[str, Any]]:
+            client = QMPClient("imglock-test")
+            await client.connect(str(socket))
+            try:
+                answer = await client.execute("query-qmp-schema")
+            finally:
+                await client.disconnect()
+            assert isinstance(answer, list), answer
             return answer
-    raise AssertionError(f"no schema in QEMU's answer: {proc.stdout[:500]}")
+
+        return asyncio.run(ask())
+    finally:
+        qemu.kill()
+        qemu.wait()
 
 
 @pytest.fixture(scope="module")

@@ -106,6 +106,20 @@ class QemuRun:
             shutil.rmtree(self.private, ignore_errors=True)
 
 
+def _listening_socket(fd: int) -> bool:
+    """Whether *fd* is open here, and a listening stream socket."""
+    try:
+        probe = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return False
+    try:
+        return bool(probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
 def relay_monitors(argv: list[str], private: str) -> tuple[list[str], list[Relay]]:
     """*argv* with each manager's monitor listening in *private* instead; the relays.
 
@@ -114,6 +128,8 @@ def relay_monitors(argv: list[str], private: str) -> tuple[list[str], list[Relay
     """
     relays: list[Relay] = []
     for monitor in manager_monitors(argv):
+        if not _listening_socket(monitor.fd):
+            continue  # not a manager's socket here: QEMU says what is wrong with it
         path = os.path.join(private, f"monitor-{len(relays)}.sock")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(path)
