@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import math
 import os
 import signal
 import warnings
@@ -37,9 +36,7 @@ from typing import Final
 
 from imglock import faults
 from imglock.errors import EX_NOEXEC, EX_NOTFOUND
-from imglock.run.adapters.base import VmmRun
-from imglock.run.runner import INTERRUPTING, interruptible
-from imglock.run.session import ClaimSession
+from imglock.run.runner import INTERRUPTING, Launcher, interruptible
 from imglock.run.watcher import WATCHER_FAILED, Watched, helper_reporter, run_watcher
 
 #: What the helper writes before it waits, so that a wrapper never execs
@@ -48,17 +45,8 @@ _HELPER_READY: Final = b"r"
 
 
 @dataclass(eq=False)
-class InPlace:
+class InPlace(Launcher):
     """Claims, forks the helper, and execs the command in this process."""
-
-    session: ClaimSession
-    vmm: VmmRun
-    check_interval: float = 5.0
-    check_deadline: float = math.inf
-
-    @property
-    def argv(self) -> list[str]:
-        return list(self.vmm.argv)
 
     def run(self) -> int:
         """Exec the command here, its claim held; return only if it could not be run."""

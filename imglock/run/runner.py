@@ -34,7 +34,7 @@ import signal
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Final
 
 from imglock import faults
 from imglock.errors import (
@@ -72,8 +72,8 @@ _GATE_GO: Final = b"g"
 
 
 @dataclass(eq=False)
-class Runner:
-    """Runs one command under a claim session; :meth:`run` returns its exit status."""
+class Launcher:
+    """What runs a command under a claim: :class:`Runner`, or one that execs in place."""
 
     session: ClaimSession
     #: The command to run, as its adapter prepared it.
@@ -82,15 +82,25 @@ class Runner:
     check_interval: float = 5.0
     #: Seconds a lock check may take before the guest is suspended (inf: no limit).
     check_deadline: float = math.inf
+
+    @property
+    def argv(self) -> list[str]:
+        return list(self.vmm.argv)
+
+    def run(self) -> int:
+        """Run the command; its exit status (or the wrapper's, if it never ran)."""
+        raise NotImplementedError
+
+
+@dataclass(eq=False)
+class Runner(Launcher):
+    """Runs one command as a child under a claim session; :meth:`run` returns its exit status."""
+
     child: int = -1
     #: The pid of the watcher the claim was handed to, once it was.
     watcher: int = 0
     #: Whether the command's orphans become our children (PR_SET_CHILD_SUBREAPER).
     subreaper: bool = False
-
-    @property
-    def argv(self) -> Sequence[str]:
-        return self.vmm.argv
 
     def run(self) -> int:
         session = self.session
@@ -316,20 +326,6 @@ def interruptible(mask: set[int | signal.Signals]) -> Iterator[None]:
     finally:
         for signo, handler in old.items():
             signal.signal(signo, handler)
-
-
-class Launcher(Protocol):
-    """What runs a command under a claim: a :class:`Runner`, or one that execs in place."""
-
-    @property
-    def session(self) -> ClaimSession: ...
-
-    @property
-    def argv(self) -> Sequence[str]: ...
-
-    def run(self) -> int:
-        """Run the command; its exit status (or the wrapper's, if it never ran)."""
-        ...
 
 
 def run_command(runner: Launcher, conflict_exit: int = EX_TEMPFAIL) -> int:
