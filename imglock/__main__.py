@@ -12,10 +12,12 @@ short command beyond loading click:
   overlaps the loading instead of adding to it.  :data:`HEAD_STARTS` lists
   the work a command will wait on; the command is read from the arguments
   as click reads it (the first that is not an option of the group).
-* **The collector.**  Loading the command line makes tens of thousands of
-  objects that live as long as the process; the cyclic collector would
-  walk them again at exit.  :func:`gc.freeze` sets them aside once loaded;
-  a long ``imglock run`` still collects what it makes itself.
+* **The collector.**  Loading the command line and the command makes tens
+  of thousands of objects that live as long as the process; the cyclic
+  collector would walk them again and again while they are made, and once
+  more at exit.  So it is off while :func:`main` loads them, and
+  :func:`gc.freeze` sets them aside before it is on again: a long
+  ``imglock run`` still collects what it makes itself.
 
 Both are measured by ``python -m benchmarks.bench_startup`` against
 ``import click``.
@@ -54,13 +56,20 @@ def head_start(args: Sequence[str]) -> object | None:
 
 
 def main() -> Any:
-    started = head_start(sys.argv[1:])
-    # Loaded after the head start, deliberately: loading the command line
-    # (click above all) is most of a short command's time, and the work
-    # started runs meanwhile.
-    from imglock.cli import main as command_line
+    args = sys.argv[1:]
+    gc.disable()
+    try:
+        started = head_start(args)
+        # Loaded after the head start, deliberately: loading the command line
+        # (click above all) and the command's module is most of a short
+        # command's time, and the work started runs meanwhile.
+        from imglock.cli import load_command
+        from imglock.cli import main as command_line
 
-    gc.freeze()
+        load_command(command_of(args) or "")
+    finally:
+        gc.freeze()
+        gc.enable()
     return command_line(obj=started)
 
 

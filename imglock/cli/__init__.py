@@ -38,6 +38,16 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
+def load_command(name: str) -> click.Command | None:
+    """The command *name*, its module imported now if it was not yet; None if there is none."""
+    entry = COMMANDS.get(name)
+    if entry is None:
+        return None
+    module = importlib.import_module(entry[0])  # the one lazy import: see COMMANDS
+    command: click.Command = getattr(module, entry[1])
+    return command
+
+
 class LazyGroup(click.Group):
     """A group whose subcommands are imported when first used."""
 
@@ -45,12 +55,7 @@ class LazyGroup(click.Group):
         return sorted(COMMANDS)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        entry = COMMANDS.get(cmd_name)
-        if entry is None:
-            return None
-        module = importlib.import_module(entry[0])  # the one lazy import: see COMMANDS
-        command: click.Command = getattr(module, entry[1])
-        return command
+        return load_command(cmd_name)
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         try:
