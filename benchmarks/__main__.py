@@ -33,6 +33,7 @@ from benchmarks import (
     bench_claim,
     bench_cli,
     bench_gluster,
+    bench_qmp_relay,
     bench_rtt,
     bench_shared_fs,
     bench_startup,
@@ -83,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows += _guarded("imglock commands", bench_cli.figures, args.quick)
     rows += _guarded("start-up in a fresh venv", bench_startup.figures, args.quick)
     rows += migration_rows(args.quick)
+    rows += _guarded(bench_qmp_relay.SECTION, bench_qmp_relay.figures, args.quick)
     rows += _guarded(bench_gluster.SECTION, bench_gluster.figures, args.quick)
     cephfs = bench_shared_fs.CEPHFS
     rows += _guarded(cephfs.section, functools.partial(bench_shared_fs.figures, cephfs), args.quick)
