@@ -12,6 +12,8 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -34,6 +36,8 @@ from libvirt_hosts import (
 from processes import wait_until
 from qcow2_builder import QemuImg
 from wrapped_vm import Watcher
+
+import imglock
 
 pytestmark = [pytest.mark.qemu, pytest.mark.libvirt, pytest.mark.gluster]
 
@@ -76,9 +80,14 @@ def top(qemu_img: QemuImg) -> Iterator[Path]:
 
 @pytest.fixture
 def domain(hosts: tuple[Libvirt, Libvirt], top: Path, tmp_path: Path) -> Iterator[Domain]:
-    """A domain defined on host A; removed from both hosts afterwards."""
+    """A domain defined on host A; removed from both hosts afterwards.
+
+    Its handoff waits 3 s for the claim (30 s by default), so that a
+    refused handoff ends soon.
+    """
     a, b = hosts
-    made = Domain(a, emulator(tmp_path), [Disk(top)]).define(tmp_path)
+    program = emulator(tmp_path, "--handoff-timeout", "3")
+    made = Domain(a, program, [Disk(top)]).define(tmp_path)
     try:
         yield made
     finally:
@@ -159,3 +168,45 @@ def test_an_aborted_migration_leaves_the_claim_and_the_running_guest_on_host_a(
     assert len(seen) == 1 and seen[0].endswith(f":{qemu_a}"), seen
     assert domain.state() == "running" and domain.qemu_pids() == [qemu_a]
     assert not on_b(domain, b).qemu_pids()
+
+
+def test_a_migration_whose_destination_cannot_claim_leaves_no_guest_running_without_its_claim(
+    hosts: tuple[Libvirt, Libvirt], domain: Domain, top: Path
+) -> None:
+    """A claimer queued on host C before the switch-over gets the image: B's claim is refused.
+
+    libvirt then resumes neither side: B's ``cont`` is refused, and so is
+    A's, which would have to take the claim back from C.
+    """
+    _a, b = hosts
+    domain.virsh("start")
+    [qemu_a] = wait_until(domain.qemu_pids, what="host A's QEMU")
+    on_c = mount_points()[2] / top.parent.name / top.name
+    waiter = subprocess.Popen(
+        [sys.executable, "-m", "imglock", "run", "--exec", "-w", "60", "--image", str(on_c),
+         "--", "sleep", "60"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: waiting_on(top) == [waiter.pid], what="C to wait in the queue")
+        with Watcher(top, owners=True) as watcher:
+            with pytest.raises(VirshError):
+                migrate(domain, b)
+            wait_until(lambda: holder_pids(top) == [waiter.pid], what="C to hold the image")
+            samples = watcher.stop()
+        seen = owners(samples)
+        assert seen[0].endswith(f":{qemu_a}") and seen[-1].endswith(f":{waiter.pid}"), seen
+        assert domain.state() != "running"  # A's guest stays paused: its claim is C's now
+        # B's QEMU never ran the guest; libvirt ended it once the migration failed.
+        wait_until(lambda: not on_b(domain, b).qemu_pids(), what="B's QEMU to end")
+    finally:
+        waiter.kill()
+        waiter.communicate()
+
+
+def holder_pids(top: Path) -> list[int | None]:
+    return [h.pid for h in imglock.holders(top) if h.layer == "imglock"]
+
+
+def waiting_on(top: Path) -> list[int | None]:
+    return [w.pid for w in imglock.inspect(top).waiting]
