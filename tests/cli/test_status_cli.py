@@ -225,7 +225,11 @@ def test_the_table_names_the_holder_its_host_pid_command_and_qemu_permissions(
     assert (row["PERMS"], row["UNSHARED"]) == ("consistent read,write,resize", "write,resize")
     assert (row["PID"], row["HOST"]) == (str(pid), hostname())
     assert row["SINCE"].endswith("Z") and row["FLAGS"] == "-"
-    assert "claimer.py" in row["COMMAND"]
+    # The holder's command line, cut to the table's width: its start, and "..." if longer.
+    command = " ".join(Path(f"/proc/{pid}/cmdline").read_text().rstrip("\0").split("\0"))
+    shown = row["COMMAND"].removesuffix("...")
+    assert command.startswith(shown) and "claimer" in shown, (shown, command)
+    assert row["VM"] == "-"  # not a QEMU: no guest to name
 
 
 def test_json_gives_the_same_holder_with_the_design_key_names(
