@@ -60,7 +60,7 @@ def figures(quick: bool = False) -> list[Figure]:
     medians = {}
     for name, wrapper in (
         ("straight", ()),
-        ("relayed", (sys.executable, "-m", "imglock", "run", "--exec", "--")),
+        ("relayed", (sys.executable, "-m", "imglock", "-q", "run", "--exec", "--")),
     ):
         path = root / f"{name}.sock"
         process = _start(path, wrapper)
