@@ -321,3 +321,19 @@ def test_a_restore_while_another_holds_the_image_never_runs_the_guest(
         other.kill()
         _out, err = other.communicate()
         assert "imglock" not in err, err
+
+
+def test_an_intermediate_blockcommit_releases_the_committed_file(
+    tmp_path: Path, qemu_img: QemuImg, new_domain: NewDomain
+) -> None:
+    base, mid, top = tmp_path / "base.qcow2", tmp_path / "mid.qcow2", tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", base, SIZE)
+    qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", mid)
+    qemu_img("create", "-q", "-f", "qcow2", "-b", mid, "-F", "qcow2", top)
+    domain = new_domain(Disk(top))
+    domain.virsh("start")
+    wait_until(lambda: held(top, "exclusive") and held(mid, "shared") and held(base, "shared"),
+               what="the chain claimed")  # fmt: skip
+    domain.virsh("blockcommit", "vda", "--top", mid, "--base", base, "--wait")
+    wait_until(lambda: free(mid), what="the committed file released")
+    assert held(top, "exclusive") and held(base, "shared") and domain.state() == "running"
