@@ -171,3 +171,34 @@ def test_a_manager_that_reconnects_is_greeted_anew(managed: ManagedVM) -> None:
     first.close()
     second = managed.manager()  # greeting and capabilities again, as from QEMU itself
     assert second.status() == "prelaunch"
+
+
+def test_a_blockdev_add_of_a_file_another_holds_is_refused_before_qemu_opens_it(
+    managed: ManagedVM, tmp_path: Path, qemu_img: QemuImg
+) -> None:
+    other, free = tmp_path / "other.qcow2", tmp_path / "free.qcow2"
+    for path in (other, free):
+        qemu_img("create", "-q", "-f", "qcow2", path, "16M")
+    holder = subprocess.Popen(
+        [sys.executable, "-m", "imglock", "run", "--exec", "--image", str(other), "--",
+         "sleep", "60"],
+        env=ENV,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: [h.pid for h in imglock_holders(other)] == [holder.pid],
+                   what="another holder", timeout=TIMEOUT)  # fmt: skip
+        manager = managed.manager()
+        node: dict[str, Any] = {"driver": "qcow2", "node-name": "other",
+                                "file": {"driver": "file", "filename": str(other)}}  # fmt: skip
+        reply = manager.execute("blockdev-add", **node)
+        assert reply["error"]["class"] == "GenericError", reply
+        assert f"{other}: held imglock exclusive by pid {holder.pid}" in reply["error"]["desc"]
+        nodes = manager.execute("query-named-block-nodes", flat=True)["return"]
+        assert "other" not in {n["node-name"] for n in nodes}  # QEMU never opened it
+        added: dict[str, Any] = {"driver": "qcow2", "node-name": "free",
+                                 "file": {"driver": "file", "filename": str(free)}}  # fmt: skip
+        assert manager.execute("blockdev-add", **added) == {"return": {}, "id": "blockdev-add"}
+        wait_until(lambda: imglock_holders(free), what="the added file claimed", timeout=TIMEOUT)
+    finally:
+        holder.kill()
+        holder.wait()

@@ -22,8 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from imglock.api import ClaimSpec
+from imglock.errors import ImglockError
+from imglock.lock.discovery import holders
+from imglock.lock.identity import hostname
 from imglock.lock.protocol import Mode
 from imglock.qemu.cmdline import Role, find_images, manager_monitors, with_monitor_fd
+from imglock.qemu.drivers import LOCAL_FILE_MEMBERS
 from imglock.qemu.names import is_qemu
 from imglock.qemu.proxy import MonitorProxy
 from imglock.run import private_dir
@@ -35,7 +39,7 @@ from imglock.run.adapters.base import (
     Remote,
     named_files,
 )
-from imglock.run.graph import CHROOTED, GraphFollower, qemu_root
+from imglock.run.graph import CHROOTED, FDSET_PREFIX, GraphFollower, qemu_root
 from imglock.run.handoff import Handoff
 from imglock.run.options import RunOptions
 from imglock.run.reporter import Reporter
@@ -43,6 +47,10 @@ from imglock.run.session import ClaimSession
 
 #: Commands that let a guest run: held back until the claim is held.
 RESUMING_COMMANDS: Final = frozenset({"cont"})
+#: Commands that make QEMU open a file: a file another holder has is refused first.
+OPENING_COMMANDS: Final = frozenset({"blockdev-add"})
+#: Modes of another holder that no new use of the file may meet.
+EXCLUDING_MODES: Final = frozenset({Mode.EXCLUSIVE.value, Mode.SHARED_WRITE.value})
 #: Seconds a manager's ``cont`` waits beyond the handoff timeout for the claim.
 RESUME_MARGIN: Final = 5.0
 
@@ -69,6 +77,8 @@ class QemuRun:
     private: str
     relays: list[Relay] = field(default_factory=list)
     proxies: list[MonitorProxy] = field(default_factory=list)
+    #: ``--lockspace``: where the locks of files QEMU opens are looked at.
+    lockspace: str | None = None
 
     @property
     def claim_at_start(self) -> bool:
@@ -85,6 +95,8 @@ class QemuRun:
         timeout = self.handoff.timeout + RESUME_MARGIN
 
         def gate(command: Mapping[str, Any]) -> str | None:
+            if command.get("execute") in OPENING_COMMANDS:
+                return held_elsewhere(command.get("arguments"), session, pid, self.lockspace)
             if command.get("execute") not in RESUMING_COMMANDS:
                 return None
             why = session.admit_resume(timeout)
@@ -104,6 +116,51 @@ class QemuRun:
         # directory once the daemon is gone.
         if not watched:
             shutil.rmtree(self.private, ignore_errors=True)
+
+
+def files_opened(arguments: object) -> list[str]:
+    """The local files a ``blockdev-add`` opens: the filenames of its file nodes, nested too."""
+    found: list[str] = []
+    if isinstance(arguments, Mapping):
+        filename = arguments.get("filename")
+        if arguments.get("driver") in LOCAL_FILE_MEMBERS and isinstance(filename, str):
+            found.append(filename)
+        for value in arguments.values():
+            found += files_opened(value)
+    elif isinstance(arguments, list):
+        for value in arguments:
+            found += files_opened(value)
+    return found
+
+
+def held_elsewhere(
+    arguments: object, session: ClaimSession, pid: int, lockspace: str | None
+) -> str | None:
+    """Why QEMU must not open the files of *arguments* (a ``blockdev-add``), or None.
+
+    A file someone else holds exclusive or shared-write (another VM, on
+    this host or another) is refused before QEMU opens it, naming the
+    holder; the graph follower claims the files it may open once it has.
+    """
+    own = session.file_keys()
+    for filename in files_opened(arguments):
+        if filename.startswith(FDSET_PREFIX):
+            continue
+        try:
+            st = os.stat(filename)
+        except OSError:
+            continue  # QEMU says what is wrong with it
+        if (st.st_dev, st.st_ino) in own:
+            continue
+        try:
+            found = holders(filename, lockspace=lockspace)
+        except ImglockError:
+            continue  # not a file imglock can look at: QEMU's own locks decide
+        for holder in found:
+            if (holder.layer == "imglock" and holder.mode in EXCLUDING_MODES
+                    and not (holder.pid == pid and holder.host == hostname())):  # fmt: skip
+                return f"imglock: {filename}: held {holder.describe()}"
+    return None
 
 
 def _listening_socket(fd: int) -> bool:
@@ -192,7 +249,9 @@ class QemuAdapter(Adapter):
             shutil.rmtree(private, ignore_errors=True)
             raise
         # The wrappers in front exec QEMU with the options added at its end.
-        return QemuRun((*command.prefix, *handoff.argv), handoff, private, relays)
+        return QemuRun(
+            (*command.prefix, *handoff.argv), handoff, private, relays, lockspace=options.lockspace
+        )
 
     def _follower(
         self, options: RunOptions, command: Command, reporter: Reporter
