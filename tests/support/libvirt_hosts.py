@@ -161,8 +161,20 @@ class Domain:
         return self
 
     def virsh(self, command: str, *args: str | os.PathLike[str]) -> str:
-        """``virsh COMMAND DOMAIN ARGS``."""
-        return self.host.virsh(command, self.name, *args)
+        """``virsh COMMAND DOMAIN ARGS``; a failure says the end of the domain's log too."""
+        try:
+            return self.host.virsh(command, self.name, *args)
+        except VirshError as exc:
+            raise VirshError(f"{exc}\n{self.log_tail()}") from None
+
+    def log_tail(self, lines: int = 12) -> str:
+        """The last lines of the domain's log (QEMU's stderr, imglock's messages)."""
+        log = self.host.state_dir / "log" / "qemu" / f"{self.name}.log"
+        try:
+            text = log.read_text(errors="replace")
+        except OSError:
+            return f"(no log at {log})"
+        return "\n".join(line for line in text.splitlines()[-lines:])
 
     def state(self) -> str:
         return self.virsh("domstate").strip()
