@@ -100,6 +100,13 @@ def on_b(domain: Domain, b: Libvirt) -> Domain:
     return Domain(b, domain.emulator, domain.disks, domain.name)
 
 
+def start_on_a(domain: Domain) -> int:
+    """Start *domain* on host A; its QEMU's pid."""
+    domain.virsh("start")
+    [qemu] = wait_until(domain.qemu_pids, what="host A's QEMU")
+    return qemu
+
+
 def owners(samples: Samples) -> list[str]:
     """Who held the image exclusive (``HOSTTAG:PID``), in the order seen, repeats folded.
 
@@ -126,8 +133,7 @@ def test_a_live_migration_moves_the_claim_from_host_a_to_host_b_never_to_both(
     hosts: tuple[Libvirt, Libvirt], domain: Domain, top: Path
 ) -> None:
     _a, b = hosts
-    domain.virsh("start")
-    [qemu_a] = wait_until(domain.qemu_pids, what="host A's QEMU")
+    qemu_a = start_on_a(domain)
     with Watcher(top, owners=True) as watcher:
         migrate(domain, b)
         arrived = on_b(domain, b)
@@ -145,8 +151,7 @@ def test_an_aborted_migration_leaves_the_claim_and_the_running_guest_on_host_a(
     hosts: tuple[Libvirt, Libvirt], domain: Domain, top: Path
 ) -> None:
     _a, b = hosts
-    domain.virsh("start")
-    [qemu_a] = wait_until(domain.qemu_pids, what="host A's QEMU")
+    qemu_a = start_on_a(domain)
     refused: list[VirshError] = []
 
     def slow_migration() -> None:
@@ -179,8 +184,7 @@ def test_a_migration_whose_destination_cannot_claim_leaves_no_guest_running_with
     A's, which would have to take the claim back from C.
     """
     _a, b = hosts
-    domain.virsh("start")
-    [qemu_a] = wait_until(domain.qemu_pids, what="host A's QEMU")
+    qemu_a = start_on_a(domain)
     on_c = mount_points()[2] / top.parent.name / top.name
     waiter = subprocess.Popen(
         [sys.executable, "-m", "imglock", "run", "--exec", "-w", "60", "--image", str(on_c),

@@ -429,10 +429,16 @@ def make_chain(lab: Lab) -> tuple[Path, Path, Path]:
     return base, mid, top
 
 
-def test_block_commit_active(lab: Lab) -> None:
+def running_chain(lab: Lab) -> tuple[WrappedVM, tuple[Path, Path, Path]]:
+    """A VM on a base <- mid <- top chain, claimed as QEMU uses it: (the VM, the files)."""
     base, mid, top = make_chain(lab)
     vm = lab.start(*chain_drive(top))
     lab.expect(vm, {top: EXCLUSIVE, mid: SHARED, base: SHARED})
+    return vm, (base, mid, top)
+
+
+def test_block_commit_active(lab: Lab) -> None:
+    vm, (base, mid, top) = running_chain(lab)
     vm.qmp("block-commit", {"job-id": "c", "device": "drive0", "base-node": "base"})
     wait_until(lambda: job_ready(vm, "c"), what="the commit to be ready", timeout=TIMEOUT)
     # QEMU now writes the base, and still writes the top.
@@ -460,9 +466,7 @@ def test_block_commit_intermediate(lab: Lab, qemu_img_path: str) -> None:
 
 
 def test_block_stream(lab: Lab) -> None:
-    base, mid, top = make_chain(lab)
-    vm = lab.start(*chain_drive(top))
-    lab.expect(vm, {top: EXCLUSIVE, mid: SHARED, base: SHARED})
+    vm, (base, mid, top) = running_chain(lab)
     vm.qmp("block-stream", {"job-id": "s", "device": "drive0"})
     wait_until(lambda: job_gone(vm, "s"), what="the stream to end", timeout=TIMEOUT)
     lab.expect(vm, {top: EXCLUSIVE, mid: FREE, base: FREE})
@@ -471,9 +475,7 @@ def test_block_stream(lab: Lab) -> None:
 
 def test_a_stream_left_for_its_manager_to_dismiss_never_crashes_qemu(lab: Lab) -> None:
     """QEMU 7.2 crashes if asked for its named nodes while the stream waits to be dismissed."""
-    base, mid, top = make_chain(lab)
-    vm = lab.start(*chain_drive(top))
-    lab.expect(vm, {top: EXCLUSIVE, mid: SHARED, base: SHARED})
+    vm, (base, mid, top) = running_chain(lab)
     vm.qmp("block-stream", {"job-id": "s", "device": "drive0", "auto-dismiss": False})
     concluded = [{"id": "s", "type": "stream", "status": "concluded"}]
     wait_until(

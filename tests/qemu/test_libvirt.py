@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,28 @@ def new_domain(host: Libvirt, tmp_path: Path, domains: list[Domain]) -> NewDomai
     return make
 
 
+@dataclass(frozen=True)
+class Running:
+    """A domain on the images' top, started, and its QEMU's pid."""
+
+    domain: Domain
+    qemu: int
+
+
+@pytest.fixture
+def running(images: tuple[Path, Path], new_domain: NewDomain) -> Running:
+    domain = new_domain(Disk(images[0]))
+    domain.virsh("start")
+    [qemu] = wait_until(domain.qemu_pids, what="the domain's QEMU")
+    return Running(domain, qemu)
+
+
+def snapshot_to(domain: Domain, overlay: Path) -> None:
+    """A disk-only snapshot of vda onto *overlay*, which becomes the top."""
+    domain.virsh("snapshot-create-as", "--name", "s1", "--disk-only", "--no-metadata",
+                 "--diskspec", f"vda,file={overlay}")  # fmt: skip
+
+
 def imglock_holders(path: Path) -> list[dict[str, object]]:
     return [h for h in holders(IMGLOCK, path) if h["layer"] == "imglock"]
 
@@ -93,12 +116,10 @@ def free(path: Path) -> bool:
 
 
 def test_a_domain_holds_its_top_exclusive_and_its_backing_file_shared_under_its_qemus_pid(
-    host: Libvirt, images: tuple[Path, Path], new_domain: NewDomain
+    host: Libvirt, images: tuple[Path, Path], running: Running
 ) -> None:
     top, base = images
-    domain = new_domain(Disk(top))
-    domain.virsh("start")
-    [qemu] = wait_until(domain.qemu_pids, what="the domain's QEMU")
+    domain, qemu = running.domain, running.qemu
     [holder] = imglock_holders(top)
     assert (holder["mode"], holder["pid"], holder["host"]) == ("exclusive", qemu, host.hostname)
     assert holder["vm"] == domain.name and f"guest={domain.name}," in str(holder["command"])
@@ -120,24 +141,18 @@ def test_a_second_domain_on_the_same_top_is_refused_with_the_holder_in_virshs_er
     assert held(top, "exclusive") and first.state() == "running"
 
 
-def test_destroy_ends_qemu_and_frees_the_claim(
-    images: tuple[Path, Path], new_domain: NewDomain
-) -> None:
+def test_destroy_ends_qemu_and_frees_the_claim(images: tuple[Path, Path], running: Running) -> None:
     top, base = images
-    domain = new_domain(Disk(top))
-    domain.virsh("start")
+    domain = running.domain
     wait_until(domain.qemu_pids, what="the domain's QEMU")
     domain.virsh("destroy")
     assert not domain.qemu_pids()
     wait_until(lambda: free(top) and free(base), what="the claim to be free")
 
 
-def test_suspend_and_resume_keep_the_claim(
-    images: tuple[Path, Path], new_domain: NewDomain
-) -> None:
+def test_suspend_and_resume_keep_the_claim(images: tuple[Path, Path], running: Running) -> None:
     top, _base = images
-    domain = new_domain(Disk(top))
-    domain.virsh("start")
+    domain = running.domain
     domain.virsh("suspend")
     assert domain.state() == "paused" and held(top, "exclusive")
     domain.virsh("resume")
@@ -145,27 +160,24 @@ def test_suspend_and_resume_keep_the_claim(
 
 
 def test_a_disk_only_snapshot_moves_the_exclusive_claim_to_the_new_overlay(
-    tmp_path: Path, images: tuple[Path, Path], new_domain: NewDomain
+    tmp_path: Path, images: tuple[Path, Path], running: Running
 ) -> None:
     top, base = images
     overlay = tmp_path / "overlay.qcow2"
-    domain = new_domain(Disk(top))
-    domain.virsh("start")
-    domain.virsh("snapshot-create-as", "--name", "s1", "--disk-only", "--no-metadata",
-                 "--diskspec", f"vda,file={overlay}")  # fmt: skip
+    domain = running.domain
+    snapshot_to(domain, overlay)
     wait_until(lambda: held(overlay, "exclusive") and held(top, "shared"),
                what="the overlay claimed exclusive, the old top shared")  # fmt: skip
     assert held(base, "shared") and domain.state() == "running"
 
 
 def test_attach_and_detach_disk_claim_and_release_the_file(
-    tmp_path: Path, images: tuple[Path, Path], new_domain: NewDomain, qemu_img: QemuImg
+    tmp_path: Path, images: tuple[Path, Path], running: Running, qemu_img: QemuImg
 ) -> None:
     top, _base = images
     extra = tmp_path / "extra.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", extra, SIZE)
-    domain = new_domain(Disk(top))
-    domain.virsh("start")
+    domain = running.domain
     domain.virsh("attach-disk", extra, "sdb", "--targetbus", "scsi", "--subdriver", "qcow2")
     wait_until(lambda: held(extra, "exclusive"), what="the attached disk claimed exclusive")
     domain.virsh("detach-disk", "sdb")
@@ -174,12 +186,10 @@ def test_attach_and_detach_disk_claim_and_release_the_file(
 
 
 def test_a_libvirtd_restart_leaves_the_domain_and_its_claim(
-    host: Libvirt, images: tuple[Path, Path], new_domain: NewDomain
+    host: Libvirt, images: tuple[Path, Path], running: Running
 ) -> None:
     top, _base = images
-    domain = new_domain(Disk(top))
-    domain.virsh("start")
-    [qemu] = wait_until(domain.qemu_pids, what="the domain's QEMU")
+    domain, qemu = running.domain, running.qemu
     restart_libvirtd(host)
     assert domain.state() == "running" and domain.qemu_pids() == [qemu]
     assert held(top, "exclusive")
@@ -188,12 +198,11 @@ def test_a_libvirtd_restart_leaves_the_domain_and_its_claim(
 
 
 def test_save_releases_the_claim_and_restore_takes_it_again(
-    tmp_path: Path, images: tuple[Path, Path], new_domain: NewDomain
+    tmp_path: Path, images: tuple[Path, Path], running: Running
 ) -> None:
     top, _base = images
     saved = tmp_path / "saved.state"
-    domain = new_domain(Disk(top))
-    domain.virsh("start")
+    domain = running.domain
     domain.host.virsh("save", domain.name, saved)
     assert domain.state() == "shut off"
     wait_until(lambda: free(top), what="the claim to be free once saved")
@@ -205,14 +214,12 @@ def test_save_releases_the_claim_and_restore_takes_it_again(
 
 @pytest.mark.parametrize("flags", [(), ("--shallow",)], ids=["full", "shallow"])
 def test_an_active_blockcommit_with_pivot_leaves_the_base_claimed_exclusive(
-    tmp_path: Path, images: tuple[Path, Path], new_domain: NewDomain, flags: tuple[str, ...]
+    tmp_path: Path, images: tuple[Path, Path], running: Running, flags: tuple[str, ...]
 ) -> None:
     top, base = images
     overlay = tmp_path / "overlay.qcow2"
-    domain = new_domain(Disk(top))
-    domain.virsh("start")
-    domain.virsh("snapshot-create-as", "--name", "s1", "--disk-only", "--no-metadata",
-                 "--diskspec", f"vda,file={overlay}")  # fmt: skip
+    domain = running.domain
+    snapshot_to(domain, overlay)
     wait_until(lambda: held(overlay, "exclusive"), what="the overlay claimed")
     domain.virsh("blockcommit", "vda", "--active", "--pivot", "--wait", *flags)
     target = top if flags else base
@@ -221,12 +228,11 @@ def test_an_active_blockcommit_with_pivot_leaves_the_base_claimed_exclusive(
 
 
 def test_blockpull_and_blockcopy_with_pivot_leave_the_claim_on_what_qemu_writes(
-    tmp_path: Path, images: tuple[Path, Path], new_domain: NewDomain
+    tmp_path: Path, images: tuple[Path, Path], running: Running
 ) -> None:
     top, base = images
     copy = tmp_path / "copy.qcow2"
-    domain = new_domain(Disk(top))
-    domain.virsh("start")
+    domain = running.domain
     domain.virsh("blockpull", "vda", "--wait")
     wait_until(lambda: free(base), what="the pulled backing file released")
     domain.virsh("blockcopy", "vda", copy, "--pivot", "--wait", "--transient-job")
@@ -251,22 +257,19 @@ def test_change_media_claims_the_new_cd_shared(
 
 
 def test_the_pid_libvirt_tracks_is_qemus_and_holds_the_claim(
-    images: tuple[Path, Path], new_domain: NewDomain
+    images: tuple[Path, Path], running: Running
 ) -> None:
     top, _base = images
-    domain = new_domain(Disk(top))
-    domain.virsh("start")
-    [qemu] = wait_until(domain.qemu_pids, what="the domain's QEMU")
+    domain, qemu = running.domain, running.qemu
     assert domain.pid() == qemu
     assert [(h["mode"], h["pid"]) for h in imglock_holders(top)] == [("exclusive", qemu)]
 
 
 def test_a_sigkill_to_the_pid_libvirt_tracks_leaves_no_qemu_and_no_claim(
-    images: tuple[Path, Path], new_domain: NewDomain
+    images: tuple[Path, Path], running: Running
 ) -> None:
     top, _base = images
-    domain = new_domain(Disk(top))
-    domain.virsh("start")
+    domain = running.domain
     pid = domain.pid()
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
@@ -276,12 +279,10 @@ def test_a_sigkill_to_the_pid_libvirt_tracks_leaves_no_qemu_and_no_claim(
 
 
 def test_destroy_of_a_stopped_qemu_ends_it_and_frees_the_claim(
-    images: tuple[Path, Path], new_domain: NewDomain
+    images: tuple[Path, Path], running: Running
 ) -> None:
     top, _base = images
-    domain = new_domain(Disk(top))
-    domain.virsh("start")
-    [qemu] = wait_until(domain.qemu_pids, what="the domain's QEMU")
+    domain, qemu = running.domain, running.qemu
     os.kill(qemu, signal.SIGSTOP)  # hung: it answers nothing, not even its monitor
     domain.virsh("destroy")
     assert domain.state() == "shut off"
