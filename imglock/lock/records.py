@@ -159,7 +159,10 @@ def _trusted_dir(fd: int) -> bool:
 def _record_dir(directory: str, create: bool) -> Iterator[int | None]:
     """Open ``directory/.imglock`` without following symlinks; None if unusable."""
     try:
-        parent = os.open(directory, _DIR_FLAGS & ~os.O_NOFOLLOW)
+        # O_PATH: a directory its writer may search but not list (0711, as
+        # Debian's /var/lib/libvirt/images for libvirt-qemu) still holds its
+        # .imglock; the descriptor serves only to reach that by name.
+        parent = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         yield None
         return
