@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 from libvirt_hosts import (
-    REQUIRE_LIBVIRT,
     Disk,
     Domain,
     EventWatch,
@@ -26,8 +25,8 @@ from libvirt_hosts import (
     VirshError,
     emulator,
     holders,
+    required_host,
     restart_libvirtd,
-    unavailable_reason,
 )
 from processes import wait_until
 from qcow2_builder import QemuImg
@@ -43,12 +42,7 @@ NewDomain = Callable[..., Domain]
 
 @pytest.fixture(scope="module")
 def host() -> Libvirt:
-    reason = unavailable_reason()
-    if reason is not None and REQUIRE_LIBVIRT:
-        pytest.fail(f"libvirt tests are required (IMGLOCK_REQUIRE_LIBVIRT=1): {reason}")
-    if reason is not None:
-        pytest.skip(reason)
-    return Libvirt.of("a")
+    return required_host("a")
 
 
 @pytest.fixture

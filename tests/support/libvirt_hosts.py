@@ -1,10 +1,11 @@
 """libvirt 9.0 as the manager above QEMU: the daemons of ``tests/libvirt/up``.
 
-Two libvirtd, each in mount and UTS namespaces of its own (hosts
-``libvirt-a`` and ``libvirt-b``), run domains as root; tests reach them by
-the URIs in ``IMGLOCK_LIBVIRT_A`` and ``IMGLOCK_LIBVIRT_B``.  A domain's
-``<emulator>`` is a two-line program that runs ``imglock run`` over the
-real QEMU, as the README's recipe has it.
+Three libvirtd, each in mount and UTS namespaces of its own (hosts
+``libvirt-a``, ``libvirt-b`` and ``libvirt-c``); tests reach them by the
+URIs in ``IMGLOCK_LIBVIRT_A``, ``_B`` and ``_C``.  A and B run domains as
+root, and a domain's ``<emulator>`` there is a two-line program that runs
+this checkout's ``imglock-qemu`` over the real QEMU.  C is libvirt as Debian
+ships it (domains as libvirt-qemu), for the README's recipe as it stands.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
+import pytest
 from processes import alive, wait_until
 
 #: The project's root: the emulator runs this checkout's imglock.
@@ -37,7 +39,7 @@ QEMU_NAMESPACE = "http://libvirt.org/schemas/domain/qemu/1.0"
 
 def unavailable_reason() -> str | None:
     """Why the libvirt tests cannot run here, or None when they can."""
-    for name in ("IMGLOCK_LIBVIRT_A", "IMGLOCK_LIBVIRT_B"):
+    for name in ("IMGLOCK_LIBVIRT_A", "IMGLOCK_LIBVIRT_B", "IMGLOCK_LIBVIRT_C"):
         if not os.environ.get(name):
             return f'{name} is not set: start the daemons with eval "$(tests/libvirt/up)"'
     if not os.path.exists(QEMU):
@@ -46,6 +48,16 @@ def unavailable_reason() -> str | None:
     if check.returncode != 0:
         return "the libvirt daemons of tests/libvirt/up do not answer"
     return None
+
+
+def required_host(name: str) -> Libvirt:
+    """Host *name* (``a``, ``b`` or ``c``); the test fails without it under CI, else skips."""
+    reason = unavailable_reason()
+    if reason is not None and REQUIRE_LIBVIRT:
+        pytest.fail(f"libvirt tests are required (IMGLOCK_REQUIRE_LIBVIRT=1): {reason}")
+    if reason is not None:
+        pytest.skip(reason)
+    return Libvirt.of(name)
 
 
 class VirshError(Exception):
@@ -89,8 +101,17 @@ class Libvirt:
 
 def host_namespace(host: Libvirt) -> str:
     """The UTS namespace of the host's daemons: its QEMUs run in it too."""
-    keeper = (host.state_dir / "virtlogd.pid").read_text().strip()
-    return os.readlink(f"/proc/{keeper}/ns/uts")
+    return os.readlink(f"/proc/{keeper(host)}/ns/uts")
+
+
+def keeper(host: Libvirt) -> str:
+    """The pid of the host's virtlogd, which keeps its namespaces while libvirtd restarts."""
+    return (host.state_dir / "virtlogd.pid").read_text().strip()
+
+
+def on_host(host: Libvirt) -> list[str]:
+    """The command prefix that runs a program on *host*: in its mount and UTS namespaces."""
+    return ["nsenter", "-t", keeper(host), "-m", "-u"]
 
 
 def emulator(directory: Path, *run_options: str) -> Path:
@@ -235,14 +256,13 @@ def restart_libvirtd(host: Libvirt) -> None:
     Its virtlogd keeps the namespaces alive meanwhile; the domains keep running.
     """
     pid = int((host.state_dir / "libvirtd.pid").read_text())
-    keeper = int((host.state_dir / "virtlogd.pid").read_text())
     os.kill(pid, 15)
     wait_until(lambda: not alive(pid), what="libvirtd to stop", timeout=30)
     subprocess.run(
-        ["nsenter", "-t", str(keeper), "-m", "-u", "libvirtd", "-d", "-p",
-         os.fspath(host.state_dir / "libvirtd.pid")],
-        check=True, timeout=VIRSH_TIMEOUT,
-    )  # fmt: skip
+        [*on_host(host), "libvirtd", "-d", "-p", os.fspath(host.state_dir / "libvirtd.pid")],
+        check=True,
+        timeout=VIRSH_TIMEOUT,
+    )
 
     def answers() -> bool:
         try:
@@ -262,8 +282,7 @@ def bind_in_namespace(host: Libvirt, source: Path, target: Path) -> None:
     through its own client.  Done once: a target that shows *source* already
     is left as it is.
     """
-    keeper = (host.state_dir / "virtlogd.pid").read_text().strip()
-    enter = ["nsenter", "-t", keeper, "-m"]
+    enter = ["nsenter", "-t", keeper(host), "-m"]
     device = os.stat(source).st_dev
     inside = subprocess.run(
         [*enter, "stat", "-c", "%d", os.fspath(target)], capture_output=True, text=True, timeout=30
