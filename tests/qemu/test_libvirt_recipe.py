@@ -44,9 +44,12 @@ SECTION = "## With libvirt"
 #: Where Debian keeps a domain's images; as the host sees it, in its own copy.
 IMAGES = Path("/var/lib/libvirt/images")
 QEMU_USER = "libvirt-qemu"
-#: The environment of a root login on a fresh Debian 12, and pip's way to
-#: the wheelhouse instead of an index it cannot reach here.
-FRESH_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: The environment of a root login on a fresh Debian 12 (no pip
+#: configuration: pip's way to the wheelhouse is added to it), not this one's.
+FRESH_LOGIN = (
+    "env", "-i", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME=/root", "LANG=C.UTF-8",
+)  # fmt: skip
 #: Left in a venv this module made, so that a run killed before its
 #: clean-up does not make the next run refuse the venv as someone else's.
 MADE_HERE = ".made-by-imglock-tests"
@@ -111,8 +114,9 @@ class Installed:
     recipe: Recipe
 
     def imglock(self) -> list[str]:
-        """``imglock`` of the venv, run on the host."""
-        return [*on_host(self.host), os.fspath(self.recipe.venv / "bin" / "imglock")]
+        """``imglock`` of the venv, run on the host as root logs in there (not this checkout's)."""
+        program = os.fspath(self.recipe.venv / "bin" / "imglock")
+        return [*on_host(self.host), *FRESH_LOGIN, program]
 
 
 @pytest.fixture(scope="module")
@@ -137,9 +141,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
     made_records = not records.exists()
     try:
         run = subprocess.run(
-            [*on_host(host), "env", "-i", f"PATH={FRESH_PATH}", "HOME=/root", "LANG=C.UTF-8",
-             "PIP_CONFIG_FILE=/dev/null", "PIP_NO_INDEX=1", f"PIP_FIND_LINKS={wheelhouse}",
-             "bash", "-e", "-c", recipe.script],
+            [*on_host(host), *FRESH_LOGIN, "PIP_CONFIG_FILE=/dev/null", "PIP_NO_INDEX=1",
+             f"PIP_FIND_LINKS={wheelhouse}", "bash", "-e", "-c", recipe.script],
             cwd="/", capture_output=True, text=True, timeout=600,
         )  # fmt: skip
         if venv.is_dir():
