@@ -24,11 +24,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from imglock.lock import fcntl_locks, records
-from imglock.lock.fcntl_locks import RangeLock
-from imglock.lock.holder import Holder as Holder
-from imglock.lock.identity import hostname
-from imglock.lock.lockspace import open_lock_target
-from imglock.lock.protocol import (
+from imglock.lock.byte_map import (
     QEMU_PERM_BASE,
     QEMU_PERM_NAMES,
     QEMU_PERM_SLOTS,
@@ -43,6 +39,10 @@ from imglock.lock.protocol import (
     read_intent,
     read_waiting,
 )
+from imglock.lock.fcntl_locks import RangeLock
+from imglock.lock.holder import Holder as Holder
+from imglock.lock.identity import hostname
+from imglock.lock.lockspace import open_lock_target
 
 # The /proc view (procfs, proclocks) is deliberately imported where it is
 # first used, once some lock is seen: most images have none, and `status`
