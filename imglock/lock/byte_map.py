@@ -198,7 +198,7 @@ _CODE_MODE: Final = {mode.queue_code: mode for mode in Mode}
 assert QUEUE_SIZE.bit_length() - 1 == _TICKET_SHIFT + TICKET_BITS
 
 
-# --- Where each thing lies, and what a lock seen means -------------------------------
+# --- Where each thing lies, and what a lock seen means ----------------------------------
 
 
 def intent_byte(mode: Mode, owner: Owner) -> int:
