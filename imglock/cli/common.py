@@ -132,7 +132,3 @@ def reported_errors(prefix: str = PREFIX) -> Iterator[None]:
     except ImglockError as exc:
         echo_error(f"{prefix}: {exc}")
         sys.exit(exc.exit_status)
-
-
-#: The longest finite number of seconds an option takes (about 31 years):
-#: beyond it the system's timers overflow; ``inf`` says "forever".
