@@ -16,6 +16,8 @@ import click
 F = TypeVar("F", bound=Callable[..., object])
 
 
+#: The longest finite number of seconds an option takes (about 31 years):
+#: beyond it the system's timers overflow; ``inf`` says "forever".
 MAX_SECONDS: Final = 1e9
 
 

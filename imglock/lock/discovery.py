@@ -24,11 +24,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from imglock.lock import fcntl_locks, records
-from imglock.lock.fcntl_locks import RangeLock
-from imglock.lock.holder import Holder as Holder
-from imglock.lock.identity import hostname
-from imglock.lock.lockspace import open_lock_target
-from imglock.lock.protocol import (
+from imglock.lock.byte_map import (
     QEMU_PERM_BASE,
     QEMU_PERM_NAMES,
     QEMU_PERM_SLOTS,
@@ -43,19 +39,24 @@ from imglock.lock.protocol import (
     read_intent,
     read_waiting,
 )
+from imglock.lock.fcntl_locks import RangeLock
+from imglock.lock.holder import Holder as Holder
+from imglock.lock.identity import hostname
+from imglock.lock.lockspace import open_lock_target
+from imglock.lock.proclocks import FlockTable
 
-# The /proc view (procfs, proclocks) is deliberately imported where it is
+# The /proc view of processes (procfs) is deliberately imported where it is
 # first used, once some lock is seen: most images have none, and `status`
-# of free images reads nothing of /proc.
+# of free images reads nothing of /proc but /proc/locks.
 if TYPE_CHECKING:
-    from imglock.lock import procfs, proclocks
+    from imglock.lock import procfs
 
 
 class LocalLocks:
     """The /proc view of local locks, taken once and reused for many images
     (with the record directories' listings, also read once)."""
 
-    def __init__(self, flocks: proclocks.FlockTable | None = None) -> None:
+    def __init__(self, flocks: FlockTable | None = None) -> None:
         self._index: dict[procfs.FileKey, list[procfs.LocalLock]] | None = None
         #: /proc/locks, read at most once (``status`` starts it in the background).
         self._flocks = flocks
@@ -68,8 +69,6 @@ class LocalLocks:
         is worth reading for a file whose fcntl locks are all free.
         """
         if self._flocks is None:
-            from imglock.lock.proclocks import FlockTable
-
             self._flocks = FlockTable()
         return self._flocks.has(st)
 
