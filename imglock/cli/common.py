@@ -86,9 +86,8 @@ class Voice(NamedTuple):
     """How a command speaks on stderr, at a fixed verbosity.
 
     Bound once the options are parsed, so that it can be handed to code
-    that runs outside click (the runner's threads and signal loop).  An
-    immutable value, and every command loads it: a NamedTuple is defined
-    in a fifth of a frozen dataclass's time.
+    that runs outside click (the runner's threads and signal loop): an
+    immutable value.
     """
 
     level: int = NORMAL
