@@ -9,7 +9,7 @@ Lockspace lock files and holder records take the owner, group and mode
 that follow from the image's, and a file that would hand out more is
 refused (imglock(7), OWNERSHIP; SECURITY.md).
 
-Besides: two images on two filesystems without a shared identity (tmpfs)
+Besides: two images on two filesystems without a shared identity (tmpfs, overlay)
 never share a lock file; a Claim cannot be copied; and a wait for a busy
 image ends at SIGTERM, SIGINT or SIGHUP without starting the command.
 """
@@ -352,30 +352,49 @@ def test_a_lock_file_of_ours_that_lets_in_more_than_the_image_is_brought_into_li
 # Lockspace identity: two filesystems without a shared one
 
 
-@pytest.fixture
-def two_tmpfs(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
-    """Two fresh tmpfs mounts, each holding one raw image with the same inode number."""
+@pytest.fixture(params=["tmpfs", "overlay"])
+def two_local_mounts(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """Two fresh mounts of one filesystem type that only this host has, each
+    holding one raw image with the same inode number: two tmpfs, or two
+    overlays each over a tmpfs of its own (a file not copied up keeps the
+    tmpfs's inode number)."""
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
+    mounted: list[Path] = []
     images = []
-    for name in ("a", "b"):
-        point = tmp_path / name
-        point.mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", point], check=True)
-        images.append(point / "vm.raw")
     try:
-        for image in images:
-            image.write_bytes(bytes(65536))
+        for name in ("a", "b"):
+            point = tmp_path / name
+            point.mkdir()
+            mount(mounted, point, "-t", "tmpfs", "-o", "size=4m", "tmpfs")
+            if request.param == "overlay":
+                layers = [point / layer for layer in ("lower", "upper", "work", "merged")]
+                for layer in layers:
+                    layer.mkdir()
+                lower, upper, work, merged = layers
+                (lower / "vm.raw").write_bytes(bytes(65536))
+                options = f"lowerdir={lower},upperdir={upper},workdir={work}"
+                mount(mounted, merged, "-t", "overlay", "-o", options, "overlay")
+                point = merged
+            else:
+                (point / "vm.raw").write_bytes(bytes(65536))
+            images.append(point / "vm.raw")
         yield images[0], images[1]
     finally:
-        for image in images:
-            subprocess.run(["umount", "--lazy", image.parent], check=False)
+        for point in reversed(mounted):
+            subprocess.run(["umount", "--lazy", point], check=False)
 
 
-def test_images_with_one_inode_number_on_two_tmpfs_mounts_get_two_lock_files(
-    two_tmpfs: tuple[Path, Path], tmp_path: Path, rival: SpawnRival
+def mount(mounted: list[Path], point: Path, *args: str) -> None:
+    """``mount ARGS POINT`` (*args* ending with the source), noted to be undone."""
+    subprocess.run(["mount", *args, point], check=True)
+    mounted.append(point)
+
+
+def test_images_with_one_inode_number_on_two_local_mounts_get_two_lock_files(
+    two_local_mounts: tuple[Path, Path], tmp_path: Path, rival: SpawnRival
 ) -> None:
-    first, second = two_tmpfs
+    first, second = two_local_mounts
     assert first.stat().st_ino == second.stat().st_ino  # what the identity used to stop at
     space = tmp_path / "lockspace"
     space.mkdir()
