@@ -184,6 +184,7 @@ def test_no_control_character_reaches_any_text_output(
             "info": invoke("info", image),
             "info --backing-chain": invoke("info", "--backing-chain", image),
             "error line": invoke("info", image + "-missing"),
+            "run error line": invoke("run", "--image", image + "-missing", "--", "true"),
             "doctor": invoke("doctor", os.fsdecode(directory)),
             "run --dry-run": invoke("run", "--dry-run", "--image", image, "--", "true"),
             "run --dry-run (plain)": invoke("run", "--dry-run", "--image", plain, "--", "true"),
@@ -192,8 +193,12 @@ def test_no_control_character_reaches_any_text_output(
         # status shows for a holder not on this host).
         with held_elsewhere(plain, host, command):
             outputs["status"] = invoke("status", image, plain)
+            # The directory's walk finds the names itself.
+            outputs["status DIR"] = invoke("status", os.fsdecode(directory))
         # The record was read: the host it names is in the table, escaped.
-        assert visible(host or "-") in outputs["status"][0].decode()
+        for table in ("status", "status DIR"):
+            assert visible(host or "-") in outputs[table][0].decode(), table
+        assert outputs["run error line"][1], "run said nothing of the missing image"
         for what, (out, err) in outputs.items():
             assert controls_in(out) == [], (what, out)
             assert controls_in(err) == [], (what, err)

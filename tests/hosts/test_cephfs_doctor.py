@@ -7,18 +7,24 @@ process serving the mount, found by its mount point), and the filesystem's
 the client's own configuration file.  The rig's defaults are safe; a
 client that reconnects stale (an evicted client writing again through a
 new descriptor) makes ``doctor`` refuse the datastore (exit 78) and print
-the command that fixes it.
+the command that fixes it.  What ``doctor`` tells an operator to do about a
+dead host (evict its session, found with the command it names) frees that
+host's images at once, rather than after ``session_autoclose``.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from cephfs_hosts import Datastore
+from cephfs_hosts import Datastore, ceph
+from conftest import imglock_holders
+from processes import wait_until
 
 #: The two-host datastore fixture (conftest.py), on CephFS alone.
 on_cephfs = pytest.mark.parametrize(
@@ -75,3 +81,39 @@ def test_a_client_that_reconnects_stale_is_refused_with_the_fix(datastore: Datas
     text = doctor(stale.dir)
     assert text.returncode == EX_CONFIG
     assert "client_reconnect_stale true" in text.stdout + text.stderr
+
+
+#: The commands doctor's session_autoclose line gives, in backquotes.
+QUOTED = re.compile(r"`ceph ([^`]*)`")
+
+
+@on_cephfs
+def test_the_eviction_doctor_names_frees_a_dead_host_s_images_at_once(
+    datastore: Datastore, started: list[subprocess.Popen[str]]
+) -> None:
+    dead = datastore.own_host("host-d")  # a client of its own, to kill
+    image = dead.path("vm.raw")
+    with image.open("wb") as f:
+        f.truncate(1 << 20)
+    started.append(
+        dead.popen(
+            [sys.executable, "-m", "imglock", "run", "--image", image, "--", "sleep", "600"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+    )  # fmt: skip
+    on_b = datastore.b.path("vm.raw")
+    wait_until(lambda: imglock_holders(on_b), what="host D's claim", timeout=30)
+    # Asked before the host dies: the dead client's capabilities would stall a look-up.
+    autoclose = settings_of(json.loads(doctor("--json", datastore.b.dir).stdout))[
+        "session_autoclose"
+    ]
+    evict, listing = (shlex.split(command) for command in QUOTED.findall(str(autoclose["why"])))
+    assert evict[-1] == "id=SESSION", autoclose["why"]
+
+    dead.crash()  # its session, and its locks, stay until session_autoclose (300 s)
+    listed = json.loads(ceph(*listing, "--format", "json"))
+    assert dead.session in [entry["id"] for entry in listed], listed
+    ceph(*evict[:-1], f"id={dead.session}")
+    # Host B gets the image now, not minutes later.
+    claim = datastore.b.imglock("run", "--image", on_b, "--", "true")
+    assert claim.returncode == 0, claim.stderr

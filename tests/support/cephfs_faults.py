@@ -78,8 +78,23 @@ def kill_mds(filesystem: str = FAULT_FILESYSTEM) -> str:
     pid = mds_pid(name)
     assert pid is not None, f"mds.{name} does not run"
     os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: not alive(pid), what=f"mds.{name} to die", timeout=MDS_TIMEOUT)
+    wait_until(lambda: exited(pid), what=f"mds.{name} to die", timeout=MDS_TIMEOUT)
     return name
+
+
+def exited(pid: int) -> bool:
+    """Whether every thread of process *pid* has exited.
+
+    Not only its first: that one turns zombie as soon as it has exited
+    itself, while the others may still be closing the process's files (an
+    MDS's pidfile stays locked until then, and an MDS started meanwhile
+    refuses to run).
+    """
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return True
+    return not any(alive(int(thread)) for thread in threads)
 
 
 def start_mds(name: str) -> None:
