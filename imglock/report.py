@@ -30,8 +30,8 @@ class ImageReport(NamedTuple):
     backing_filename: str | None = None
     #: Claimers waiting in the image's queue, first first: not holders.
     waiting: list[Holder] = []  # noqa: RUF012 - a NamedTuple field default, never mutated
-    #: The file's inode number now (image mode), to tell records of a file
-    #: since replaced at this path.
+    #: The inode number of the file that carries the locks now (the image, or
+    #: its lock file), to tell records of a file since replaced or removed.
     inode: int | None = None
 
     @property
@@ -70,6 +70,7 @@ def inspect_image(
 ) -> ImageReport:
     """:func:`inspect` for an image the caller has open (and closes afterwards)."""
     facts = image.driver.info(image)
+    local = local or LocalLocks()
     target = open_target(image.fd, image.filename, image.st, lockspace)
     try:
         found = survey(
@@ -82,17 +83,23 @@ def inspect_image(
         )
     finally:
         target.close()
+    stale = found.stale_records
+    if target.lock_file and not found.holders:
+        # The records of a file replaced at this path lie under its old lock
+        # file's name: found by the path they name, they make it "replaced".
+        named = local.record_dirs.naming(target.record_dir, image.filename)
+        stale = stale + [record for name, record in named if name != target.record_name]
     specific = facts.get("format-specific", {}).get("data", {})
     return ImageReport(
         filename=image.filename,
         format=image.format,
         holders=found.holders,
-        stale_records=found.stale_records,
+        stale_records=stale,
         dirty=facts.get("dirty-flag"),
         corrupt=specific.get("corrupt"),
         backing_filename=facts.get("backing-filename"),
         waiting=found.waiting,
-        inode=None if target.lock_file else image.st.st_ino,
+        inode=target.st.st_ino,
     )
 
 

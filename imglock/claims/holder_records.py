@@ -16,7 +16,9 @@ def write(member: Member, owner: Owner, command: list[str] | None, *, lockspace:
     controls what its header names.
     """
     image = member.image
-    record = records.make_record(image.filename, owner, member.mode.value, command, image.st.st_ino)
+    record = records.make_record(
+        image.filename, owner, member.mode.value, command, image.target.st.st_ino
+    )
     member.record_problem = records.write(
         image.target.record_dir,
         image.target.record_name,
@@ -29,7 +31,9 @@ def write(member: Member, owner: Owner, command: list[str] | None, *, lockspace:
 def rewrite(member: Member, owner: Owner, command: list[str] | None) -> None:
     """Name *owner* in *member*'s record instead of the owner it names now."""
     image = member.image
-    record = records.make_record(image.filename, owner, member.mode.value, command, image.st.st_ino)
+    record = records.make_record(
+        image.filename, owner, member.mode.value, command, image.target.st.st_ino
+    )
     problem = records.write(image.target.record_dir, image.target.record_name, record, create=False)
     remove(member)  # the old owner's
     member.recorded_as = owner if problem is None else None

@@ -65,8 +65,9 @@ class Record(NamedTuple):
     user: str
     command: str
     since: str
-    #: The inode number of the file claimed: a record whose inode is not the
-    #: file's now was written for a file since replaced at this path.
+    #: The inode number of the file that carries the claim's locks (the
+    #: image, or its lock file in a lockspace): a record whose inode is not
+    #: that file's now was written for a file since replaced or removed.
     inode: int | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -304,12 +305,26 @@ class RecordDirs:
 
     def __init__(self) -> None:
         self._images: dict[str, frozenset[str]] = {}
+        self._by_path: dict[str, dict[str, list[tuple[str, Record]]]] = {}
 
     def has_records(self, directory: str, image_name: str) -> bool:
         images = self._images.get(directory)
         if images is None:
             images = self._images[directory] = _images_with_records(directory)
         return image_name in images
+
+    def naming(self, directory: str, path: str) -> list[tuple[str, Record]]:
+        """The records in *directory* written for a file claimed as *path*,
+        each with the name of the file it speaks for.
+
+        A lockspace names its lock files after the file's identity, not its
+        path: the records of a file since replaced at *path* are found only
+        by the path they name.  Every record of the directory is read, once.
+        """
+        by_path = self._by_path.get(directory)
+        if by_path is None:
+            by_path = self._by_path[directory] = _records_by_path(directory)
+        return by_path.get(os.path.abspath(path), [])
 
 
 def _images_with_records(directory: str) -> frozenset[str]:
@@ -320,6 +335,28 @@ def _images_with_records(directory: str) -> frozenset[str]:
             names = []
     tails = (name for name in names if len(name) > _NAME_TAIL)
     return frozenset(name[:-_NAME_TAIL] for name in tails if name.endswith(RECORD_SUFFIX))
+
+
+def _records_by_path(directory: str) -> dict[str, list[tuple[str, Record]]]:
+    """Every well-formed record in *directory*, by the absolute path it names."""
+    found: dict[str, list[tuple[str, Record]]] = {}
+    with _record_dir(directory, create=False) as dfd:
+        try:
+            names = os.listdir(dfd) if dfd is not None else []
+        except OSError:
+            names = []
+        for name in names:
+            if len(name) <= _NAME_TAIL or not name.endswith(RECORD_SUFFIX):
+                continue
+            file_name = name[:-_NAME_TAIL]
+            try:
+                spoken_for = os.stat(os.path.join(directory, file_name))
+            except OSError:
+                continue  # nothing to judge the record by: believe it not
+            record = _read_one(dfd, name, spoken_for) if dfd is not None else None
+            if record is not None:
+                found.setdefault(os.path.abspath(record.image), []).append((file_name, record))
+    return found
 
 
 def read_all(directory: str, image_name: str, index: RecordDirs | None = None) -> list[Record]:

@@ -215,3 +215,54 @@ def test_status_says_an_image_replaced_while_held_is_replaced_not_free(raw_image
     (report,) = json.loads(proc.stdout)
     assert report["replaced"] is True and report["holders"] == []
     assert proc.returncode == 1, "a replaced image must not read as free"
+
+
+def status_in(space: Path, image: Path) -> tuple[int, dict[str, object]]:
+    proc = subprocess.run(
+        [*IMGLOCK, "status", "--json", "--lockspace", space, image],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    (report,) = json.loads(proc.stdout)
+    return proc.returncode, report
+
+
+def test_status_in_a_lockspace_says_an_image_replaced_while_held_is_replaced(
+    raw_image: Path, tmp_path: Path
+) -> None:
+    space = tmp_path / "space"
+    space.mkdir()
+    with imglock.claim(raw_image, lockspace=str(space)):
+        assert status_in(space, raw_image)[0] == 1  # held
+        raw_image.rename(raw_image.with_suffix(".old"))
+        raw_image.write_bytes(b"\0" * 4096)
+        code, report = status_in(space, raw_image)
+    assert report["replaced"] is True and report["holders"] == []
+    assert code == 1, "a replaced image must not read as free"
+
+
+def test_status_in_a_lockspace_says_an_image_whose_lock_file_was_removed_is_replaced(
+    raw_image: Path, tmp_path: Path
+) -> None:
+    space = tmp_path / "space"
+    space.mkdir()
+    with imglock.claim(raw_image, lockspace=str(space)):
+        (lock_file,) = [p for p in space.iterdir() if p.is_file()]
+        lock_file.unlink()
+        code, report = status_in(space, raw_image)
+    assert report["replaced"] is True and report["holders"] == []
+    assert code == 1, "an image whose lock file was removed under its holder must not read as free"
+
+
+def test_status_in_a_lockspace_of_an_image_released_and_replaced_is_free(
+    raw_image: Path, tmp_path: Path
+) -> None:
+    space = tmp_path / "space"
+    space.mkdir()
+    with imglock.claim(raw_image, lockspace=str(space)):
+        pass
+    raw_image.rename(raw_image.with_suffix(".old"))
+    raw_image.write_bytes(b"\0" * 4096)
+    code, report = status_in(space, raw_image)
+    assert (code, report["replaced"], report["stale-records"]) == (0, False, [])
