@@ -70,7 +70,7 @@ sys.stdin.read()
 """
 #: Seconds between the lock checks of the neighbour's victim.
 CHECK_INTERVAL = 0.1
-#: A byte a rival shared holder would lock: the one the issue's neighbour took.
+#: A byte a rival shared holder would lock: a reader's way to pose as a shared holder.
 SHARED_HOLDER_BYTE = HOLDER_BASE[Mode.SHARED] + 2 * Owner(0x2A, 4242).id
 
 
