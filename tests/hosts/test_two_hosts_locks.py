@@ -316,3 +316,32 @@ def test_a_lockspace_on_the_shared_volume_keeps_a_local_image_to_one_host(
     proc = c.imglock("status", "--json", "--lockspace", c.path("lockspace"), image)
     (report,) = json.loads(proc.stdout)
     assert [(h["host"], h["mode"]) for h in imglock_holders(report)] == [("host-a", "exclusive")]
+
+
+def test_status_of_a_thousand_images_from_a_third_host_lists_all_and_the_five_held(
+    datastore: Datastore, started: list[subprocess.Popen[str]]
+) -> None:
+    a, _b, c = datastore.hosts
+    names = [f"vm{i:04d}.raw" for i in range(1004)]
+    for name in names:
+        (a.dir / name).write_bytes(b"\0" * 4096)
+    held = names[::250][:5]
+    for name in held:
+        # Held as a VM launch would hold them: the command runs once claimed.
+        run = a.popen(
+            [sys.executable, "-m", "imglock", "run", "--image", a.path(name), "--",
+             "sh", "-c", "echo claimed && exec sleep 300"],
+            stdout=subprocess.PIPE,
+        )  # fmt: skip
+        started.append(run)
+        assert run.stdout is not None and run.stdout.readline() == "claimed\n"
+    proc = c.imglock("status", "--json", c.dir)
+    assert proc.returncode == EX_HELD, proc.stderr
+    reports = json.loads(proc.stdout)
+    assert sorted(Path(str(r["filename"])).name for r in reports) == names
+    holders = {
+        Path(str(r["filename"])).name: [(h["host"], h["mode"]) for h in imglock_holders(r)]
+        for r in reports
+        if r["holders"]
+    }
+    assert holders == {name: [("host-a", "exclusive")] for name in held}
