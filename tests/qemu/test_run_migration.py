@@ -24,6 +24,7 @@ from qemu_vm import TINY_PC
 from wrapped_vm import TIMEOUT, Watcher, WrappedVM, WrappedVMs
 
 import imglock
+from imglock.lock import fcntl_locks, protocol
 
 pytestmark = pytest.mark.qemu
 
@@ -72,6 +73,16 @@ class Lab:
             for h in imglock.holders(self.image)
             if h.layer == "imglock" and h.mode == "exclusive"
         )
+
+
+def intents(image: Path) -> list[fcntl_locks.RangeLock]:
+    """The exclusive intents held on *image*: claimers deciding, a destination announcing."""
+    fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        start = protocol.INTENT_BASE[protocol.Mode.EXCLUSIVE]
+        return fcntl_locks.all_conflicting(fd, start, protocol.SLOT_SIZE, str(image))
+    finally:
+        os.close(fd)
 
 
 @pytest.fixture
@@ -143,6 +154,30 @@ def test_the_source_removes_its_record_after_the_switch_over_never_naming_a_hold
     assert source.process.poll() is None
 
 
+def test_the_destination_announces_its_claim_while_the_migration_runs_and_names_no_one(
+    lab: Lab,
+) -> None:
+    # Its intent stands from the start of the migration, so that the
+    # switch-over holds only a test and its holder bytes; an intent is no
+    # holder, and it is gone once the guest runs.
+    source = lab.start("source")
+    lab.wait_for_claim(source, what="the source's claim")
+    source.qmp("migrate-set-parameters", {"max-bandwidth": 1 << 20})  # a migration that lasts
+    dest = lab.migrate(source, "dest")
+    wait_until(lambda: intents(lab.image) != [], what="the destination's intent", timeout=TIMEOUT)
+    assert source.migration() == "active"
+    assert lab.exclusive_holders() == [source.qemu_pid]
+    with pytest.raises(imglock.LockConflict) as refused:
+        imglock.claim(lab.image, qemu_locks=False)
+    assert [h.pid for h in refused.value.holders] == [source.qemu_pid]
+    source.qmp("migrate-set-parameters", {"max-bandwidth": 1 << 40})
+    wait_until(
+        lambda: dest.runstate() == RUNNING, what="the destination guest to run", timeout=TIMEOUT
+    )
+    lab.wait_for_claim(dest, what="the destination's claim")
+    wait_until(lambda: intents(lab.image) == [], what="the intent withdrawn", timeout=TIMEOUT)
+
+
 def test_destination_resumes_the_guest_only_once_it_holds_the_claim(lab: Lab) -> None:
     source = lab.start("source")
     lab.wait_for_claim(source, what="the source's claim")
@@ -173,6 +208,7 @@ def test_a_cancelled_migration_leaves_the_claim_with_the_source(lab: Lab) -> Non
     wait_until(lambda: source.migration() == "cancelled", what="the cancellation", timeout=TIMEOUT)
     assert dest.process.wait(timeout=20) != 0  # the destination QEMU gives up
     assert source.runstate() == RUNNING
+    assert intents(lab.image) == []  # the destination's announced claim went with it
     holds_for(  # while the source's watcher takes in the outcome
         lambda: lab.exclusive_holders() == [source.qemu_pid],
         0.3,
