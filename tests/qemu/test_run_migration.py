@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,11 @@ from qemu_vm import TINY_PC
 from wrapped_vm import TIMEOUT, Watcher, WrappedVM, WrappedVMs
 
 import imglock
+from imglock.api import Claim, ClaimSpec
 from imglock.lock import fcntl_locks, protocol
+from imglock.lock.protocol import Layer, Mode
+from imglock.run.reporter import Reporter
+from imglock.run.session import ClaimSession
 
 pytestmark = pytest.mark.qemu
 
@@ -369,3 +374,79 @@ def test_a_snapshot_made_as_a_migration_keeps_the_claim(lab: Lab, save: object) 
     assert vm.runstate() == RUNNING
     assert lab.exclusive_holders() == [vm.qemu_pid]
     assert "claim released" not in vm.stderr()
+
+
+# --- The destination's claim during the migration, at the session's level ---------------
+
+
+def _destination(image: Path) -> ClaimSession:
+    """A migration destination's session on *image*, prepared and announced."""
+    claim = Claim([ClaimSpec(str(image), Mode.EXCLUSIVE)], layers=Layer.IMGLOCK)
+    session = ClaimSession(claim, Reporter(note=lambda _line: None))
+    session.open()
+    session.prepare_arrival()
+    session.announce_arrival()
+    assert intents(image) != []
+    return session
+
+
+def test_an_announced_destination_wins_the_claim_as_soon_as_the_source_lets_go(
+    tmp_path: Path,
+) -> None:
+    # So that the switch-over, once its QEMU has completed, has no lock call left.
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(4096))
+    source = imglock.claim(image, qemu_locks=False)
+    session = _destination(image)
+    finished = threading.Event()
+    early = threading.Thread(target=session.claim_early, args=(finished, 0.005))
+    early.start()
+    try:
+        holds_for(lambda: not session.held, 0.1, what="the destination waits for the source")
+        source.release()
+        wait_until(lambda: session.held, what="the destination's claim", timeout=TIMEOUT)
+        assert [h.pid for h in imglock.holders(image) if h.layer == "imglock"] == [os.getpid()]
+        session.take_on_arrival(wait=0, backoff_cap=0.001)  # nothing left to take
+        assert session.held
+        session.withdraw_arrival()
+        assert intents(image) == []
+    finally:
+        finished.set()
+        early.join()
+        session.end()
+
+
+def test_an_announced_destination_with_no_one_to_let_go_claims_only_at_the_switch_over(
+    tmp_path: Path,
+) -> None:
+    # No holder to begin with (a source outside imglock, still running): the
+    # claim waits for the switch-over, when the source's QEMU has let go.
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(4096))
+    session = _destination(image)
+    session.claim_early(threading.Event(), 0.005)
+    try:
+        assert not session.held and imglock.holders(image) == []
+    finally:
+        session.end()
+
+
+def test_a_failed_incoming_migration_gives_up_the_claim_won_meanwhile(tmp_path: Path) -> None:
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(4096))
+    source = imglock.claim(image, qemu_locks=False)
+    session = _destination(image)
+    finished = threading.Event()
+    early = threading.Thread(target=session.claim_early, args=(finished, 0.005))
+    early.start()
+    try:
+        source.release()
+        wait_until(lambda: session.held, what="the destination's claim", timeout=TIMEOUT)
+        finished.set()
+        session.abandon_arrival()
+        assert not session.held
+        assert imglock.holders(image) == [] and intents(image) == []
+    finally:
+        finished.set()
+        early.join()
+        session.end()
