@@ -11,14 +11,18 @@ side holds the claim (the idea of QEMU's old claim/release hooks):
   that fails.
 * **destination** (``-incoming``): QEMU starts without a claim and with
   ``-S``.  Once the incoming migration has begun, the claim's intent bytes
-  are taken (announced); once it has completed, the claim is taken with
-  them (a test and the holder bytes: the switch-over's whole share of lock
-  calls), retrying until the handoff timeout, judging only the imglock
-  layer (the destination's own QEMU already holds QEMU's bytes by then),
-  and only then is the guest resumed with ``cont``, unless the user asked
-  for ``-S``; the intents are withdrawn after.  A failed or cancelled
-  incoming migration withdraws them at once.  A destination that has
-  taken over is then watched as a source, for the next migration.
+  are taken (announced), and while a holder (the source) stands in the
+  way the claim is tried for, until the source lets go: the claim is then
+  won before the destination's QEMU completes, and the switch-over has no
+  lock call left.  Otherwise, once the incoming migration has completed,
+  the claim is taken with the intents (a test and the holder bytes),
+  retrying until the handoff timeout.  Either judges only the imglock
+  layer (the destination's own QEMU holds QEMU's bytes by then), and only
+  once the claim is held is the guest resumed with ``cont``, unless the
+  user asked for ``-S``; the intents are withdrawn after.  A failed or
+  cancelled incoming migration gives up the intents, and a claim won
+  meanwhile, at once.  A destination that has taken over is then watched
+  as a source, for the next migration.
 
 The wrapper talks to QEMU through a QMP monitor of its own, on a socket in
 a private 0700 directory, added beside whatever monitors the user has.
