@@ -33,15 +33,15 @@ wait takes a place in the queue; later arrivals see it and queue behind it,
 which serves a waiting writer once those ahead of it have left.
 
 A live migration's destination takes step 1 early (:func:`announce`,
-when the incoming migration begins) and steps 2-4 at the switch-over,
-dropping the intent once its guest runs (:func:`withdraw`): the same
-steps, far apart, so the argument above holds, and the switch-over
-holds only a test and the holder bytes.  While only holders are in its
-way (the source letting go) it tests again with its intent kept; another
-claimer's intent or a waiter in its way makes it drop the intent and
-carry on as any claimer whose first attempt failed, so an early intent
-never serves it before a waiter.  An intent is never a holder: nothing
-names it as one.
+when the incoming migration begins) and keeps its intent until its guest
+runs (:func:`withdraw`); steps 2-4 follow once the source has let go,
+during the migration or at the switch-over: the same steps, however far
+apart, so the argument above holds, and the switch-over holds at most a
+test and the holder bytes.  While only holders are in its way (the
+source) it tests again with its intent kept; another claimer's intent
+or a waiter in its way makes it drop the intent and carry on as any
+claimer whose first attempt failed, so an early intent never serves it
+before a waiter.  An intent is never a holder: nothing names it as one.
 
 Bytes 0 (libvirt's virtlockd), 100-163 and 200-263 (QEMU) are never locked
 by the imglock layer.

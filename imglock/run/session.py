@@ -270,7 +270,10 @@ class ClaimSession:
                 first = self.claim.first_rival()
             except LockError:
                 return  # the switch-over claims, and says what went wrong
-        if first is None or not first.held:
+            if first is not None and not first.held:
+                self.claim.withdraw()  # in line behind another: no early intent holds it up
+                return
+        if first is None:
             return
         delay = EARLY_FIRST
         while not finished.wait(delay):

@@ -27,6 +27,7 @@ from wrapped_vm import TIMEOUT, Watcher, WrappedVM, WrappedVMs
 import imglock
 from imglock.api import Claim, ClaimSpec
 from imglock.lock import fcntl_locks, protocol
+from imglock.lock.identity import Owner
 from imglock.lock.protocol import Layer, Mode
 from imglock.run.reporter import Reporter
 from imglock.run.session import ClaimSession
@@ -450,3 +451,20 @@ def test_a_failed_incoming_migration_gives_up_the_claim_won_meanwhile(tmp_path: 
         finished.set()
         early.join()
         session.end()
+
+
+def test_an_announced_destination_meeting_a_waiter_withdraws_at_once(tmp_path: Path) -> None:
+    # A waiter keeps its turn: the destination's early intent does not hold it up.
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(4096))
+    waiter_fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        protocol.enqueue(waiter_fd, str(image), Mode.EXCLUSIVE, Owner.current(1))
+        session = _destination(image)
+        try:
+            session.claim_early(threading.Event(), 0.005)
+            assert not session.held and intents(image) == []
+        finally:
+            session.end()
+    finally:
+        os.close(waiter_fd)
