@@ -10,10 +10,11 @@ paths through the same table.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -282,6 +283,17 @@ def image(raw_image: Path) -> Iterator[Path]:
     yield raw_image
 
 
+@contextlib.contextmanager
+def beside(step: Callable[[], None]) -> Iterator[None]:
+    """*step* in a thread of its own while the block runs; joined at its end."""
+    helper = threading.Thread(target=step)
+    helper.start()
+    try:
+        yield
+    finally:
+        helper.join()
+
+
 def _claim(path: Path, mode: Mode, layers: Layer, wait: float = 0.0) -> Claim:
     return Claim([ClaimSpec(str(path), mode)], wait=wait, layers=layers, record=False)
 
@@ -345,12 +357,10 @@ def test_a_waiter_queues_defers_and_wins_as_modelled(
         threading.Event().wait(0.05)  # it goes on deferring to the waiter ahead meanwhile
         protocol.leave(ahead_fd, str(image), ahead)
 
-    helper = threading.Thread(target=step_aside)
-    helper.start()
     try:
-        claim.acquire()
+        with beside(step_aside):
+            claim.acquire()
     finally:
-        helper.join()
         os.close(ahead_fd)
     claim.release(close=False)
     steps = recorder.protocol_steps()
@@ -398,12 +408,8 @@ def test_an_announced_arrival_is_the_test_and_the_holder_byte_at_the_switch_over
         source.release(close=False)
         calls.clear()  # from here on, the switch-over's share
 
-    helper = threading.Thread(target=let_go)
-    helper.start()
-    try:
+    with beside(let_go):
         claim.arrive()
-    finally:
-        helper.join()
     at_switch_over = [fd for fd in calls if fd == claim.fds[0]]
     claim.withdraw()
     claim.release(close=False)
@@ -436,13 +442,11 @@ def test_an_arrival_meeting_a_waiter_withdraws_and_queues_behind_it(
         intent_while_queued.append(fcntl_locks.conflicting(waiter_fd, intent, 1, str(image)))
         protocol.leave(waiter_fd, str(image), waiter)
 
-    helper = threading.Thread(target=let_go)
-    helper.start()
     try:
-        assert claim.announce()
-        claim.arrive()
+        with beside(let_go):
+            assert claim.announce()
+            claim.arrive()
     finally:
-        helper.join()
         os.close(waiter_fd)
     claim.withdraw()
     claim.release(close=False)

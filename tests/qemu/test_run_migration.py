@@ -9,6 +9,7 @@ watches the image's holders from outside, as an operator's
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
@@ -391,18 +392,30 @@ def _destination(image: Path) -> ClaimSession:
     return session
 
 
-def test_an_announced_destination_wins_the_claim_as_soon_as_the_source_lets_go(
-    tmp_path: Path,
-) -> None:
-    # So that the switch-over, once its QEMU has completed, has no lock call left.
-    image = tmp_path / "disk.raw"
-    image.write_bytes(bytes(4096))
+@contextlib.contextmanager
+def _source_and_early_destination(image: Path) -> Iterator[tuple[imglock.Claim, ClaimSession]]:
+    """A source holding *image*, and a destination trying for it early, in a thread."""
     source = imglock.claim(image, qemu_locks=False)
     session = _destination(image)
     finished = threading.Event()
     early = threading.Thread(target=session.claim_early, args=(finished, 0.005))
     early.start()
     try:
+        yield source, session
+    finally:
+        finished.set()
+        early.join()
+        session.end()
+        source.release()
+
+
+def test_an_announced_destination_wins_the_claim_as_soon_as_the_source_lets_go(
+    tmp_path: Path,
+) -> None:
+    # So that the switch-over, once its QEMU has completed, has no lock call left.
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(4096))
+    with _source_and_early_destination(image) as (source, session):
         holds_for(lambda: not session.held, 0.1, what="the destination waits for the source")
         source.release()
         wait_until(lambda: session.held, what="the destination's claim", timeout=TIMEOUT)
@@ -411,10 +424,6 @@ def test_an_announced_destination_wins_the_claim_as_soon_as_the_source_lets_go(
         assert session.held
         session.withdraw_arrival()
         assert intents(image) == []
-    finally:
-        finished.set()
-        early.join()
-        session.end()
 
 
 def test_an_announced_destination_with_no_one_to_let_go_claims_only_at_the_switch_over(
@@ -435,22 +444,12 @@ def test_an_announced_destination_with_no_one_to_let_go_claims_only_at_the_switc
 def test_a_failed_incoming_migration_gives_up_the_claim_won_meanwhile(tmp_path: Path) -> None:
     image = tmp_path / "disk.raw"
     image.write_bytes(bytes(4096))
-    source = imglock.claim(image, qemu_locks=False)
-    session = _destination(image)
-    finished = threading.Event()
-    early = threading.Thread(target=session.claim_early, args=(finished, 0.005))
-    early.start()
-    try:
+    with _source_and_early_destination(image) as (source, session):
         source.release()
         wait_until(lambda: session.held, what="the destination's claim", timeout=TIMEOUT)
-        finished.set()
         session.abandon_arrival()
         assert not session.held
         assert imglock.holders(image) == [] and intents(image) == []
-    finally:
-        finished.set()
-        early.join()
-        session.end()
 
 
 def test_an_announced_destination_meeting_a_waiter_withdraws_at_once(tmp_path: Path) -> None:
