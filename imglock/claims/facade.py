@@ -153,6 +153,71 @@ class Claim:
         migration.prepare(self.members, self.layers, self.owner_pid)
         return self
 
+    def announce(self) -> bool:
+        """Take every file's intent byte now, ahead of :meth:`arrive`; False if they are not held.
+
+        A migration destination announces once its incoming migration has
+        begun (imglock(7), MIGRATION): other claimers meanwhile see a
+        claimer deciding and back off, as from any claimer's intent.  The
+        intents are held until :meth:`withdraw` (or release).
+        """
+        if self.held or not self.members:
+            return False
+        return migration.announce(self.members, self._owner())
+
+    def withdraw(self) -> None:
+        """Drop the intent bytes :meth:`announce` took (a claim won keeps its holder bytes)."""
+        migration.withdraw(self.members)
+
+    def arrive(self) -> Self:
+        """Claim every image as an announced migration destination; as :meth:`acquire` otherwise.
+
+        With its intents held already, each attempt is the test and the
+        holder bytes.  While only holders are in the way (the source has
+        not let go yet), it tries again with its intents kept, up to
+        :attr:`wait` seconds; another claimer's intent or a waiter in the
+        way has it withdraw and claim as anyone does (:meth:`acquire`:
+        queueing behind the waiters), in the time left.  The intents stay
+        held after a win: :meth:`withdraw` them once the guest runs.
+        """
+        if self.held or not self.announced:
+            return self.acquire()
+        deadline = time.monotonic() + max(self.wait, 0.0)
+        backoff = Backoff(self.backoff_cap)
+        while True:
+            lost = self.try_arrival()
+            if lost is None:
+                return self
+            remaining = deadline - time.monotonic()
+            if not lost.conflict.held or remaining <= 0:
+                self.withdraw()
+                return self._acquire(deadline, lost=lost)
+            backoff.pause(remaining)
+
+    @property
+    def announced(self) -> bool:
+        """Whether intents announced ahead of an arrival are held (:meth:`announce`)."""
+        return any(m.image.intent is not None for m in self.members)
+
+    def try_arrival(self) -> Contended | None:
+        """One attempt of an announced arrival: None once held, else what was in the way.
+
+        Nothing new is held after a loss, and the intents are kept either way.
+        """
+        try:
+            self._claim_all()
+        except Contended as exc:
+            return exc
+        return None
+
+    def first_rival(self) -> ProtocolConflict | None:
+        """A look at what stands in the way of a first attempt, file by file; nothing taken."""
+        for member in self.members:
+            lock = member.image.rival(member.mode)
+            if lock is not None:
+                return ProtocolConflict(member.image.filename, member.mode, lock)
+        return None
+
     def acquire(self) -> Self:
         """Claim every image, waiting up to :attr:`wait` seconds; raise LockConflict if not.
 
@@ -163,32 +228,39 @@ class Claim:
         """
         if self.held:
             return self
+        return self._acquire(time.monotonic() + max(self.wait, 0.0))
+
+    def _acquire(self, deadline: float, lost: Contended | None = None) -> Self:
+        """:meth:`acquire` until *deadline*; *lost*: its first attempt, made and lost already."""
         opened_here = not self.members
         self.open()
-        deadline = time.monotonic() + max(self.wait, 0.0)
         backoff = Backoff(self.backoff_cap)
         queued: Queued | None = None
         try:
             while True:
-                try:
-                    self._claim_all(queued)
+                exc: LockConflict | Contended | None = lost
+                lost = None
+                if exc is None:
+                    try:
+                        self._claim_all(queued)
+                        waiting.leave(queued)
+                        return self
+                    except (LockConflict, Contended) as caught:
+                        exc = caught
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
                     waiting.leave(queued)
-                    return self
-                except (LockConflict, Contended) as exc:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        waiting.leave(queued)
-                        if isinstance(exc, Contended):
-                            place = queued.place_of(exc.member) if queued else None
-                            raise named_conflict(exc.member, exc.conflict, place) from None
-                        raise
-                    if isinstance(exc, Contended) and (
-                        queued is None or queued.member is not exc.member
-                    ):
-                        waiting.leave(queued)
-                        queued = None  # (enqueue may fail: hold no place meanwhile)
-                        queued = waiting.enqueue(exc.member, self._owner())
-                    backoff.pause(remaining)
+                    if isinstance(exc, Contended):
+                        place = queued.place_of(exc.member) if queued else None
+                        raise named_conflict(exc.member, exc.conflict, place) from None
+                    raise exc
+                if isinstance(exc, Contended) and (
+                    queued is None or queued.member is not exc.member
+                ):
+                    waiting.leave(queued)
+                    queued = None  # (enqueue may fail: hold no place meanwhile)
+                    queued = waiting.enqueue(exc.member, self._owner())
+                backoff.pause(remaining)
         except BaseException:
             waiting.leave(queued)
             if opened_here:

@@ -38,6 +38,9 @@ class ClaimedImage(OpenImage):
     #: A second open file description of the target, holding nothing:
     #: where the lock check looks from (protocol.verify); -1 until it has.
     observer: int = field(default=-1, kw_only=True, repr=False)
+    #: (mode, owner) of the intent byte taken ahead of an attempt
+    #: (protocol.announce: a migration destination), while it is held.
+    intent: tuple[Mode, Owner] | None = field(default=None, kw_only=True, repr=False)
 
     @classmethod
     def open(cls, opened: OpenImage, lockspace: str | None) -> ClaimedImage:
@@ -101,9 +104,34 @@ class ClaimedImage(OpenImage):
                 flock.load()
 
     def take(self, mode: Mode, layers: Layer, owner: Owner, place: Place | None = None) -> None:
-        """Claim the file in *mode* (one attempt); ProtocolConflict with nothing new held."""
+        """Claim the file in *mode* (one attempt); ProtocolConflict with nothing new held.
+
+        An intent announced for this very attempt (:meth:`announce`) is used, and kept.
+        """
         fd, filename = self.lock_target
-        self.held = protocol.acquire(fd, filename, mode, self.layers_for(layers), owner, place)
+        announced = place is None and self.intent == (mode, owner)
+        self.held = protocol.acquire(
+            fd, filename, mode, self.layers_for(layers), owner, place, announced=announced
+        )
+
+    def announce(self, mode: Mode, owner: Owner) -> None:
+        """Take the intent byte of a claim in *mode* ahead of the attempt (protocol.announce)."""
+        fd, filename = self.lock_target
+        if fd >= 0 and self.intent is None:
+            protocol.announce(fd, filename, mode, owner)
+            self.intent = (mode, owner)
+
+    def rival(self, mode: Mode) -> RangeLock | None:
+        """The first lock in the way of a claim in *mode*, looked at only (protocol.first_rival)."""
+        fd, filename = self.lock_target
+        return protocol.first_rival(fd, filename, mode) if fd >= 0 else None
+
+    def withdraw(self) -> None:
+        """Drop the intent byte :meth:`announce` took, if it is held."""
+        fd, filename = self.lock_target
+        intent, self.intent = self.intent, None
+        if intent is not None and fd >= 0:
+            protocol.withdraw(fd, filename, *intent)
 
     def drop(self) -> None:
         """Drop every lock held, keeping the descriptors (see the lifetime rule in protocol)."""
@@ -228,7 +256,7 @@ class ClaimedImage(OpenImage):
         dead NFS server: EIO) may fail to close, but it is closed all the
         same, and its locks are gone with the server's view of it.
         """
-        self.held = None
+        self.held = self.intent = None
         observer, self.observer = self.observer, -1
         with contextlib.suppress(OSError):
             if observer >= 0:

@@ -1,15 +1,17 @@
 """What a live migration needs of a claim: everything settled ahead, and the explicit unlock.
 
-A destination prepares before the switch-over, so that the guest's
-downtime holds only the lock calls themselves; a source whose QEMU has
-inactivated its images drops its locks but keeps its descriptors, for the
-guest may yet be resumed there (Claim.release(close=False), then acquire).
+A destination prepares before the switch-over, and announces its claim
+(its intent bytes) once the incoming migration has begun, so that the
+guest's downtime holds only a test and the holder bytes; a source whose
+QEMU has inactivated its images drops its locks but keeps its
+descriptors, for the guest may yet be resumed there
+(Claim.release(close=False), then acquire).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from imglock import faults
 from imglock.claims.member import Member
@@ -35,4 +37,27 @@ def unlock(members: Iterable[Member]) -> None:
     for member in members:
         with contextlib.suppress(LockError):  # a dead mount: its locks are gone with it
             member.image.drop()
+        with contextlib.suppress(LockError):
+            member.image.withdraw()  # an intent announced for an arrival still held
         faults.point("release:unlocked")
+
+
+def announce(members: Sequence[Member], owner: Owner) -> bool:
+    """Take every file's intent byte ahead of the switch-over; False (none held) if one fails.
+
+    Without them the arrival is an ordinary claim, only slower.
+    """
+    try:
+        for member in members:
+            member.image.announce(member.mode, owner)
+    except LockError:
+        withdraw(members)
+        return False
+    return True
+
+
+def withdraw(members: Iterable[Member]) -> None:
+    """Drop the intents :func:`announce` took (one not dropped dies with its descriptor)."""
+    for member in members:
+        with contextlib.suppress(LockError):
+            member.image.withdraw()

@@ -33,6 +33,17 @@ any host, ever sees a holder that is not one.  A claimer that loses and may
 wait takes a place in the queue; later arrivals see it and queue behind it,
 which serves a waiting writer once those ahead of it have left.
 
+A live migration's destination takes step 1 early (:func:`announce`,
+when the incoming migration begins) and keeps its intent until its guest
+runs (:func:`withdraw`); steps 2-4 follow once the source has let go,
+during the migration or at the switch-over: the same steps, however far
+apart, so the argument above holds, and the switch-over holds at most a
+test and the holder bytes.  While only holders are in its way (the
+source) it tests again with its intent kept; another claimer's intent
+or a waiter in its way makes it drop the intent and carry on as any
+claimer whose first attempt failed, so an early intent never serves it
+before a waiter.  An intent is never a holder: nothing names it as one.
+
 Bytes 0 (libvirt's virtlockd), 100-163 and 200-263 (QEMU) are never locked
 by the imglock layer.
 
@@ -307,14 +318,19 @@ class ProtocolConflict(LockConflict):
     """A claim lost; :attr:`lock` is the lock that was in the way.
 
     :attr:`queued` says that the lock was a waiter's place ahead of the
-    claimer (the image may be free of holders); :attr:`flock` that it was
-    someone's flock(2) on the whole file.
+    claimer (the image may be free of holders), :attr:`claiming` that it
+    was another claimer's intent; :attr:`flock` that it was someone's
+    flock(2) on the whole file.
     """
 
     def __init__(self, filename: str, mode: Mode, lock: RangeLock, *, flock: bool = False) -> None:
         self.lock = lock
         self.flock = flock
         self.queued = read_waiting(lock.start) is not None
+        #: ... :attr:`claiming` that it was another claimer's intent.
+        self.claiming = lock.length == 1 and read_intent(lock.start) is not None
+        #: Neither: a holder (or a lock outside the protocol) was in the way.
+        self.held = not (self.queued or self.claiming)
         super().__init__(filename, f"cannot claim {mode.value}: held by another process")
 
 
@@ -389,6 +405,7 @@ def acquire(
     *,
     keep: Iterable[int] = (),
     had_flock: Mode | None = None,
+    announced: bool = False,
 ) -> Held:
     """Try once to claim the image open on *fd* in *mode*; on conflict hold nothing new and raise.
 
@@ -397,6 +414,8 @@ def acquire(
     it.  *keep* lists bytes this descriptor already holds (a mode change):
     they are neither taken again nor dropped on failure; *had_flock* says
     the mode of the flock layer it holds, which is then converted.
+    *announced* says that the intent byte is held already (:func:`announce`):
+    it is neither taken nor dropped here, win or lose (:func:`withdraw`).
 
     Raises :class:`ProtocolConflict` (a LockConflict) when another open file
     description is in the way, LockError when the system refuses the lock
@@ -417,8 +436,9 @@ def acquire(
             if lock is not None:
                 raise ProtocolConflict(filename, mode, lock)
         if Layer.IMGLOCK in layers:
-            intent = (intent_byte(mode, owner), 1)
-            _take(fd, filename, mode, *intent)
+            if not announced:
+                intent = (intent_byte(mode, owner), 1)
+                _take(fd, filename, mode, *intent)
             faults.point("acquire:own-byte")
             lock = _first_rival(fd, filename, mode, rival_ranges(mode, with_queue=place is None))
             if lock is not None:
@@ -450,6 +470,33 @@ def acquire(
     if intent is not None:
         fcntl_locks.unlock(fd, intent[0], intent[1], filename)
     return _held(mode, layers, owner, with_flock)
+
+
+def announce(fd: int, filename: str, mode: Mode, owner: Owner) -> None:
+    """Take the intent byte ahead of an attempt: step 1 of a claim, done early.
+
+    For a migration destination, from the start of the incoming migration
+    until the guest runs (imglock(7), MIGRATION): its attempt at the
+    switch-over is then the test and the holder byte alone
+    (``acquire(..., announced=True)``), and it stands out to every other
+    claimer meanwhile, as any claimer deciding does.  Raises
+    ProtocolConflict if a write lock covers the byte.
+    """
+    _take(fd, filename, mode, intent_byte(mode, owner), 1)
+
+
+def first_rival(fd: int, filename: str, mode: Mode) -> RangeLock | None:
+    """A look, taking nothing: the first lock in the way of a first attempt in *mode*.
+
+    The test of step 2 (holders, intents and waiters), made on its own: an
+    announced claimer sees whether anyone is there to let go before it tries.
+    """
+    return _first_rival(fd, filename, mode, rival_ranges(mode, with_queue=True))
+
+
+def withdraw(fd: int, filename: str, mode: Mode, owner: Owner) -> None:
+    """Drop the intent byte that :func:`announce` took (unlocking it when not held is harmless)."""
+    fcntl_locks.unlock(fd, intent_byte(mode, owner), 1, filename)
 
 
 def _take_flock(fd: int, filename: str, mode: Mode, layers: Layer, had: Mode | None = None) -> bool:

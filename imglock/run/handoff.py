@@ -10,12 +10,19 @@ side holds the claim (the idea of QEMU's old claim/release hooks):
   source afterwards, the claim is taken back, and the guest is stopped if
   that fails.
 * **destination** (``-incoming``): QEMU starts without a claim and with
-  ``-S``.  Once the incoming migration has completed, the claim is taken,
-  retrying until the handoff timeout, judging only the imglock layer (the
-  destination's own QEMU already holds QEMU's bytes by then), and only then
-  is the guest resumed with ``cont``, unless the user asked for ``-S``.
-  A destination that has taken over is then watched as a source, for the
-  next migration.
+  ``-S``.  Once the incoming migration has begun, the claim's intent bytes
+  are taken (announced), and while a holder (the source) stands in the
+  way the claim is tried for, until the source lets go: the claim is then
+  won before the destination's QEMU completes, and the switch-over has no
+  lock call left.  Otherwise, once the incoming migration has completed,
+  the claim is taken with the intents (a test and the holder bytes),
+  retrying until the handoff timeout.  Either judges only the imglock
+  layer (the destination's own QEMU holds QEMU's bytes by then), and only
+  once the claim is held is the guest resumed with ``cont``, unless the
+  user asked for ``-S``; the intents are withdrawn after.  A failed or
+  cancelled incoming migration gives up the intents, and a claim won
+  meanwhile, at once.  A destination that has taken over is then watched
+  as a source, for the next migration.
 
 The wrapper talks to QEMU through a QMP monitor of its own, on a socket in
 a private 0700 directory, added beside whatever monitors the user has.
@@ -25,11 +32,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import os
 import shutil
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -37,12 +45,17 @@ from imglock import faults
 from imglock.errors import ImglockError
 from imglock.qemu.cmdline import has_freeze_cpu, migration_incoming, with_extra_args
 from imglock.qemu.monitor import (
+    EVENT_MIGRATION,
     EVENT_RESUME,
+    MIGRATION_TERMINAL,
+    Event,
     MigrationOutcome,
+    MigrationStatus,
     Monitor,
     MonitorError,
     MonitorThread,
     RunStatus,
+    call_hook,
     watch_destination,
     watch_source,
 )
@@ -60,6 +73,10 @@ MIGRATION_EVENTS_ARGS: Final = ("-global", "migration.x-events=on")
 STOP_TIMEOUT: Final = 2.0
 #: While the source is letting go, retry the destination's claim this often at most.
 HANDOFF_BACKOFF_CAP: Final = 0.0005
+#: While the migration runs, the announced destination tries for the claim this often at
+#: most (a test per file while the source holds): it wins within this much of the source's
+#: release, well before its own QEMU has activated the images and completed.
+EARLY_POLL_CAP: Final = 0.02
 #: How long after the handoff a source removes its holder records.  Removed
 #: at once, they were file system traffic while the destination activates
 #: the images and takes the claim: on GlusterFS, 2.5 ms more guest downtime.
@@ -106,6 +123,8 @@ class Handoff:
     #: The guest was stopped with SIGSTOP (QMP did not answer): SIGCONT it to resume.
     _sigstopped: bool = False
     _closed: threading.Event = field(default_factory=threading.Event)
+    #: The incoming migration has ended (or the handoff closed): no more early attempts.
+    _arrival_over: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
     def for_command(
@@ -149,6 +168,7 @@ class Handoff:
         """Connect again, from the watcher, and watch the daemon as the wrapper did."""
         self.monitor = None
         self._closed = threading.Event()
+        self._arrival_over = threading.Event()
         # A destination that has claimed already is watched as a source.
         self.incoming = self.incoming and not session.held
         self.attach(session, pid)
@@ -217,6 +237,7 @@ class Handoff:
 
     def close(self) -> None:
         self._closed.set()
+        self._arrival_over.set()
         if self.monitor is not None:
             self.monitor.close()
 
@@ -233,6 +254,8 @@ class Handoff:
             if self.follower is not None:
                 self.monitor.start(self.follower.follow).add_done_callback(self._follower_ended)
             self.monitor.start(self._keep_paused_once_lost)
+            if self.incoming:
+                self.monitor.start(self._announce_arrival)
             watcher = self._destination_then_source if self.incoming else self._source
             self.monitor.start(watcher).result()
         except Exception as exc:  # a watcher thread must say why it stopped, not die silently
@@ -273,6 +296,52 @@ class Handoff:
         finally:
             monitor.unlisten(listener)
 
+    async def _announce_arrival(self, monitor: Monitor) -> None:
+        """Announce the claim when the incoming migration begins; withdraw it if that fails.
+
+        Its first MIGRATION event (``setup`` or ``active``) comes at the
+        start of the transfer, well before the switch-over; the intents
+        then stand for the length of the migration, and the claim is won
+        as soon as the source lets go (ClaimSession.claim_early).  One
+        missed (a migration begun before this monitor listened) only makes
+        the arrival a whole claim at the switch-over.
+        """
+        listener = monitor.listen({EVENT_MIGRATION})
+        announcing: threading.Thread | None = None
+        try:
+            while True:
+                status = Event.from_message(await listener.get()).migration_status
+                if status in MIGRATION_TERMINAL:
+                    self._arrival_over.set()
+                if status == MigrationStatus.COMPLETED:
+                    return  # the arrival's claim takes it from here
+                if status in MIGRATION_TERMINAL:
+                    if announcing is not None:
+                        abandon = functools.partial(self._abandon, announcing)
+                        self._in_background(abandon, "imglock-withdraw")
+                    return
+                if announcing is None:
+                    announcing = self._in_background(self._announce, "imglock-announce")
+        finally:
+            monitor.unlisten(listener)
+
+    @staticmethod
+    def _in_background(target: Callable[[], None], name: str) -> threading.Thread:
+        """Lock calls off the monitor's event loop, which goes on serving QEMU's events."""
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        return thread
+
+    def _announce(self) -> None:
+        assert self.session is not None
+        self.session.announce_arrival()
+        self.session.claim_early(self._arrival_over, EARLY_POLL_CAP)
+
+    def _abandon(self, announcing: threading.Thread) -> None:
+        assert self.session is not None
+        announcing.join()  # not withdrawn before it is taken
+        self.session.abandon_arrival()
+
     async def _source(self, monitor: Monitor) -> None:
         await watch_source(
             monitor, release=self._release, reclaim=self._reclaim, on_outcome=self._outcome
@@ -291,8 +360,8 @@ class Handoff:
 
     async def _destination_then_source(self, monitor: Monitor) -> None:
         await watch_destination(monitor, claim=self._claim, resume=self.resume_on_arrival)
-        # The guest runs: now the holder records, off the guest's downtime.
-        threading.Thread(target=self._record, name="imglock-records", daemon=True).start()
+        # The guest runs: now the intents and the holder records, off its downtime.
+        self._in_background(self._settle_arrival, "imglock-records")
         await self._source(monitor)
 
     def _release(self) -> None:
@@ -308,14 +377,20 @@ class Handoff:
         assert self.session is not None
         self.session.take_back()
 
-    def _claim(self) -> None:
+    async def _claim(self) -> None:
         assert self.session is not None
-        self.session.take_on_arrival(self.timeout, HANDOFF_BACKOFF_CAP)
+        if not self.session.held:  # else won during the migration: nothing left to take
+            await call_hook(self._take_on_arrival)
         faults.point("handoff:claimed")
         self._reporter.note("incoming migration completed: claim taken")
 
-    def _record(self) -> None:
+    def _take_on_arrival(self) -> None:
         assert self.session is not None
+        self.session.take_on_arrival(self.timeout, HANDOFF_BACKOFF_CAP)
+
+    def _settle_arrival(self) -> None:
+        assert self.session is not None
+        self.session.withdraw_arrival()
         self.session.write_deferred_records()
 
 

@@ -3,7 +3,10 @@
 A run's claim goes through a few states, and only this module moves it::
 
     planned --take--> held --hand_over--> handed-over --take_back--> held
-    planned --prepare_arrival--> prepared --take_on_arrival--> held   (migration destination)
+    planned --prepare_arrival--> prepared --take_on_arrival--> held   (migration destination;
+                                 its intents announced meanwhile, withdrawn once the guest runs;
+                       prepared --claim_early--> held  once the source has let go, and
+                       back --abandon_arrival--> prepared  if the incoming migration fails)
     held --(a lock check finds a lock gone)--> lost   (for good: migrating away and
                                                        back does not make it held)
     any --end / leave--> ended
@@ -57,6 +60,8 @@ class State(enum.Enum):
 
 #: Seconds between looks at a destination's claim while a manager's resume waits for it.
 RESUME_POLL: Final = 0.001
+#: The first pause between an announced arrival's attempts during the migration (it doubles).
+EARLY_FIRST: Final = 0.001
 
 _LAYER_WORDS: Final = (
     (Layer.IMGLOCK, "imglock layer"),
@@ -121,6 +126,8 @@ class ClaimSession:
     _records_due: bool = False
     #: Why a migration destination could not take its claim, once it could not.
     _arrival_refused: str | None = None
+    #: A migration destination won its claim before its incoming migration completed.
+    _won_early: bool = False
 
     def _move_to(self, state: State) -> None:
         """Go to *state*, unless the claim is lost: it stays lost (never checked again)."""
@@ -236,25 +243,105 @@ class ClaimSession:
                 raise
             self._move_to(State.HELD)
 
+    def announce_arrival(self) -> None:
+        """The incoming migration has begun: take the intent bytes now, off the switch-over.
+
+        Only while still prepared (an arrival that came first has claimed already).
+        """
+        with self._lock:
+            if self.state is State.PREPARED:
+                self.claim.announce()
+
+    def claim_early(self, finished: threading.Event, poll_cap: float) -> None:
+        """Win an announced arrival's claim during the migration, once the source has let go.
+
+        Only where a holder stands in the way to begin with (the source,
+        which lets go once its migration has completed: its QEMU no longer
+        writes): a look first, then attempts, every *poll_cap* seconds at
+        most, until one wins (prepared -> held), *finished* is set (the
+        switch-over claims then), or another claimer or a waiter stands in
+        line (the intents are withdrawn, and the switch-over claims as
+        anyone does).  The switch-over then has nothing left to take.
+        """
+        with self._lock:
+            if self.state is not State.PREPARED or not self.claim.announced:
+                return
+            try:
+                first = self.claim.first_rival()
+            except LockError:
+                return  # the switch-over claims, and says what went wrong
+            if first is not None and not first.held:
+                self.claim.withdraw()  # in line behind another: no early intent holds it up
+                return
+        if first is None:
+            return
+        delay = EARLY_FIRST
+        while not finished.wait(delay):
+            delay = min(delay * 2, poll_cap)
+            with self._lock:
+                if self.state is not State.PREPARED or not self.claim.announced:
+                    return
+                try:
+                    with self._records_deferred():
+                        lost = self.claim.try_arrival()
+                except LockError:
+                    return
+                if lost is None:
+                    self.state, self._won_early = State.HELD, True
+                    return
+                if not lost.conflict.held:
+                    self.claim.withdraw()
+                    return
+
+    def abandon_arrival(self) -> None:
+        """The incoming migration failed: drop the intents, and a claim won meanwhile (-> prepared).
+
+        The guest never ran here; the source keeps running with its own claim.
+        """
+        with self._lock:
+            if self._won_early and self.state is State.HELD:
+                self.claim.release(close=False)
+                self.state, self._won_early = State.PREPARED, False
+            self.claim.withdraw()
+
+    def withdraw_arrival(self) -> None:
+        """Drop the intent bytes of an arrival: the guest runs."""
+        with self._lock:
+            self.claim.withdraw()
+
+    @contextlib.contextmanager
+    def _records_deferred(self) -> Iterator[None]:
+        """An arrival claims without holder records: they are written once the guest runs."""
+        claim = self.claim
+        self._records_due, claim.record = claim.record, False
+        try:
+            yield
+        finally:
+            claim.record = self._records_due
+
     def take_on_arrival(self, wait: float, backoff_cap: float) -> None:
         """The incoming migration completed: take the claim (prepared -> held).
 
-        Only the locks are on the critical path: the holder records follow
-        with :meth:`write_deferred_records`, once the guest runs.
+        Only the locks are on the critical path (with the intents announced,
+        a test and the holder bytes; none once :meth:`claim_early` has won):
+        the intents are withdrawn and the holder records written once the
+        guest runs (:meth:`withdraw_arrival`, :meth:`write_deferred_records`).
         """
         claim = self.claim
         with self._lock:
+            if self.state is State.HELD:  # won during the migration
+                self._won_early = False
+                return
             claim.wait = wait
             claim.backoff_cap = backoff_cap
-            self._records_due, claim.record = claim.record, False
             try:
-                claim.acquire()
+                with self._records_deferred():
+                    claim.arrive()
             except ImglockError as exc:
+                claim.withdraw()
                 self.reporter.error(f"{exc}; the migrated guest stays paused")
                 self._arrival_refused = str(exc)
                 raise
-            finally:
-                claim.record = self._records_due
             self.state = State.HELD
 
     def admit_resume(self, timeout: float) -> str | None:

@@ -10,10 +10,11 @@ paths through the same table.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,26 @@ def test_a_claimer_that_does_not_wait_and_one_that_does() -> None:
     assert result.violations == [] and result.states > 1000
 
 
+# --- A live migration: the destination announces early -------------------------------
+
+
+@pytest.mark.parametrize("third", [None, *Mode], ids=lambda m: m.value if m else "alone")
+@pytest.mark.parametrize("mode", [Mode.EXCLUSIVE, Mode.SHARED], ids=lambda m: m.value)
+def test_a_migration_destination_beside_its_source_and_a_third_claimer(
+    mode: Mode, third: Mode | None
+) -> None:
+    """The source lets go and may claim again; the destination holds its intent from the
+    start of the migration and tests again while only the source is in the way; a third
+    claimer arrives at any moment.  Mutual exclusion, no phantom, no deadlock, and no
+    waiter overtaken by the destination's early intent."""
+    claimers = [Claimer(mode, holds_first=True, cycles=2), Claimer(mode, arrives=True)]
+    claimers += [Claimer(third)] if third is not None else []
+    result = explore(PROTOCOL, claimers)
+    print(f"\n{mode.value} + {third}: {result.states} states, {result.transitions} steps")
+    assert result.violations == []
+    assert result.max_overtaken <= len(claimers) - 1
+
+
 # --- Mutations: a protocol with one thing changed is caught ---------------------------
 
 #: Protocol v1: the holder byte taken first, then the test, then a rollback.
@@ -121,6 +142,17 @@ QUEUE_IGNORED = mutate(
     },
 )
 
+#: A migration destination that keeps its intent whatever is in the way.
+ARRIVAL_NEVER_YIELDS = mutate(
+    PROTOCOL,
+    "fast-test",
+    [
+        ("test-rivals", "qemu-test", "clear qemu"),
+        ("test-rivals", "take-holder", "clear plain"),
+        ("test-rivals", "lost", "blocked settled"),
+    ],
+)
+
 
 #: A mode change that drops the old holder range before it has won the new one.
 OLD_DROPPED_FIRST = mutate(
@@ -143,6 +175,15 @@ OLD_DROPPED_FIRST = mutate(
         (NO_INTENT, [Claimer(Mode.EXCLUSIVE)] * 2, "mutual exclusion"),
         (INTENT_DROPPED_EARLY, [Claimer(Mode.EXCLUSIVE), Claimer(Mode.SHARED)], "mutual exclusion"),
         (QUEUE_IGNORED, [Claimer(Mode.EXCLUSIVE)] * 3, "bypass"),
+        (
+            ARRIVAL_NEVER_YIELDS,
+            [
+                Claimer(Mode.EXCLUSIVE, holds_first=True),
+                Claimer(Mode.EXCLUSIVE, arrives=True),
+                Claimer(Mode.EXCLUSIVE),
+            ],
+            "deadlock",
+        ),
     ],
     ids=[
         "old-mode-dropped-first",
@@ -150,6 +191,7 @@ OLD_DROPPED_FIRST = mutate(
         "no-intent",
         "intent-dropped-early",
         "queue-ignored",
+        "arrival-never-yields",
     ],
 )
 def test_a_mutated_protocol_is_caught(mutant: Table, claimers: list[Claimer], caught: str) -> None:
@@ -241,6 +283,17 @@ def image(raw_image: Path) -> Iterator[Path]:
     yield raw_image
 
 
+@contextlib.contextmanager
+def beside(step: Callable[[], None]) -> Iterator[None]:
+    """*step* in a thread of its own while the block runs; joined at its end."""
+    helper = threading.Thread(target=step)
+    helper.start()
+    try:
+        yield
+    finally:
+        helper.join()
+
+
 def _claim(path: Path, mode: Mode, layers: Layer, wait: float = 0.0) -> Claim:
     return Claim([ClaimSpec(str(path), mode)], wait=wait, layers=layers, record=False)
 
@@ -304,12 +357,10 @@ def test_a_waiter_queues_defers_and_wins_as_modelled(
         threading.Event().wait(0.05)  # it goes on deferring to the waiter ahead meanwhile
         protocol.leave(ahead_fd, str(image), ahead)
 
-    helper = threading.Thread(target=step_aside)
-    helper.start()
     try:
-        claim.acquire()
+        with beside(step_aside):
+            claim.acquire()
     finally:
-        helper.join()
         os.close(ahead_fd)
     claim.release(close=False)
     steps = recorder.protocol_steps()
@@ -337,6 +388,74 @@ def test_a_mode_change_makes_the_modelled_steps(
         os.close(fd)
     steps = recorder.protocol_steps()
     assert accepts(PROTOCOL, Claimer(new, changes_from=old), steps), steps
+
+
+def test_an_announced_arrival_is_the_test_and_the_holder_byte_at_the_switch_over(
+    image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A migration destination: its intent taken when the migration begins, two lock
+    calls once the source lets go, the intent dropped once the guest runs; a path of
+    the model's arrival, polling while the source still holds."""
+    source = _claim(image, Mode.EXCLUSIVE, Layer.IMGLOCK).acquire()
+    claim = _claim(image, Mode.EXCLUSIVE, Layer.IMGLOCK, wait=30).open()
+    recorder = StepRecorder(monkeypatch, claim.fds[0])
+    assert claim.announce()
+    calls = _count_lock_calls(monkeypatch)
+
+    def let_go() -> None:
+        while "test-rivals" not in recorder.steps:  # it tests, and finds the source
+            threading.Event().wait(0.001)
+        source.release(close=False)
+        calls.clear()  # from here on, the switch-over's share
+
+    with beside(let_go):
+        claim.arrive()
+    at_switch_over = [fd for fd in calls if fd == claim.fds[0]]
+    claim.withdraw()
+    claim.release(close=False)
+    steps = recorder.protocol_steps()
+    claim.close()
+    source.close()
+    assert len(at_switch_over) <= 2
+    assert steps == ["take-intent", "test-rivals", "take-holder", "drop-intent", "drop-holder"]
+    assert accepts(PROTOCOL, Claimer(Mode.EXCLUSIVE, arrives=True), steps)
+
+
+def test_an_arrival_meeting_a_waiter_withdraws_and_queues_behind_it(
+    image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No priority for an early intent: a waiter ahead is served first."""
+    source = _claim(image, Mode.EXCLUSIVE, Layer.IMGLOCK).acquire()
+    waiter_fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    waiter = protocol.enqueue(waiter_fd, str(image), Mode.EXCLUSIVE, Owner.current(1))
+    claim = _claim(image, Mode.EXCLUSIVE, Layer.IMGLOCK, wait=30).open()
+    recorder = StepRecorder(monkeypatch, claim.fds[0])
+    intent = protocol.intent_byte(Mode.EXCLUSIVE, Owner.current())
+    intent_while_queued: list[object] = []
+
+    def let_go() -> None:
+        while "test-rivals" not in recorder.steps:
+            threading.Event().wait(0.001)
+        source.release(close=False)
+        while "take-place" not in recorder.steps:  # it withdrew, and queued behind the waiter
+            threading.Event().wait(0.001)
+        intent_while_queued.append(fcntl_locks.conflicting(waiter_fd, intent, 1, str(image)))
+        protocol.leave(waiter_fd, str(image), waiter)
+
+    try:
+        with beside(let_go):
+            assert claim.announce()
+            claim.arrive()
+    finally:
+        os.close(waiter_fd)
+    claim.withdraw()
+    claim.release(close=False)
+    steps = recorder.protocol_steps()
+    claim.close()
+    source.close()
+    assert intent_while_queued == [None]
+    assert steps[:5] == ["take-intent", "test-rivals", "drop-intent", "read-queue", "take-place"]
+    assert accepts(PROTOCOL, Claimer(Mode.EXCLUSIVE, arrives=True), steps), steps
 
 
 def test_accepts_refuses_steps_out_of_the_modelled_order() -> None:

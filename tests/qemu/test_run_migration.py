@@ -9,11 +9,13 @@ watches the image's holders from outside, as an operator's
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,12 @@ from qemu_vm import TINY_PC
 from wrapped_vm import TIMEOUT, Watcher, WrappedVM, WrappedVMs
 
 import imglock
+from imglock.api import Claim, ClaimSpec
+from imglock.lock import fcntl_locks, protocol
+from imglock.lock.identity import Owner
+from imglock.lock.protocol import Layer, Mode
+from imglock.run.reporter import Reporter
+from imglock.run.session import ClaimSession
 
 pytestmark = pytest.mark.qemu
 
@@ -72,6 +80,16 @@ class Lab:
             for h in imglock.holders(self.image)
             if h.layer == "imglock" and h.mode == "exclusive"
         )
+
+
+def intents(image: Path) -> list[fcntl_locks.RangeLock]:
+    """The exclusive intents held on *image*: claimers deciding, a destination announcing."""
+    fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        start = protocol.INTENT_BASE[protocol.Mode.EXCLUSIVE]
+        return fcntl_locks.all_conflicting(fd, start, protocol.SLOT_SIZE, str(image))
+    finally:
+        os.close(fd)
 
 
 @pytest.fixture
@@ -143,6 +161,30 @@ def test_the_source_removes_its_record_after_the_switch_over_never_naming_a_hold
     assert source.process.poll() is None
 
 
+def test_the_destination_announces_its_claim_while_the_migration_runs_and_names_no_one(
+    lab: Lab,
+) -> None:
+    # Its intent stands from the start of the migration, so that the
+    # switch-over holds only a test and its holder bytes; an intent is no
+    # holder, and it is gone once the guest runs.
+    source = lab.start("source")
+    lab.wait_for_claim(source, what="the source's claim")
+    source.qmp("migrate-set-parameters", {"max-bandwidth": 1 << 20})  # a migration that lasts
+    dest = lab.migrate(source, "dest")
+    wait_until(lambda: intents(lab.image) != [], what="the destination's intent", timeout=TIMEOUT)
+    assert source.migration() == "active"
+    assert lab.exclusive_holders() == [source.qemu_pid]
+    with pytest.raises(imglock.LockConflict) as refused:
+        imglock.claim(lab.image, qemu_locks=False)
+    assert [h.pid for h in refused.value.holders] == [source.qemu_pid]
+    source.qmp("migrate-set-parameters", {"max-bandwidth": 1 << 40})
+    wait_until(
+        lambda: dest.runstate() == RUNNING, what="the destination guest to run", timeout=TIMEOUT
+    )
+    lab.wait_for_claim(dest, what="the destination's claim")
+    wait_until(lambda: intents(lab.image) == [], what="the intent withdrawn", timeout=TIMEOUT)
+
+
 def test_destination_resumes_the_guest_only_once_it_holds_the_claim(lab: Lab) -> None:
     source = lab.start("source")
     lab.wait_for_claim(source, what="the source's claim")
@@ -173,6 +215,7 @@ def test_a_cancelled_migration_leaves_the_claim_with_the_source(lab: Lab) -> Non
     wait_until(lambda: source.migration() == "cancelled", what="the cancellation", timeout=TIMEOUT)
     assert dest.process.wait(timeout=20) != 0  # the destination QEMU gives up
     assert source.runstate() == RUNNING
+    assert intents(lab.image) == []  # the destination's announced claim went with it
     holds_for(  # while the source's watcher takes in the outcome
         lambda: lab.exclusive_holders() == [source.qemu_pid],
         0.3,
@@ -333,3 +376,94 @@ def test_a_snapshot_made_as_a_migration_keeps_the_claim(lab: Lab, save: object) 
     assert vm.runstate() == RUNNING
     assert lab.exclusive_holders() == [vm.qemu_pid]
     assert "claim released" not in vm.stderr()
+
+
+# --- The destination's claim during the migration, at the session's level ---------------
+
+
+def _destination(image: Path) -> ClaimSession:
+    """A migration destination's session on *image*, prepared and announced."""
+    claim = Claim([ClaimSpec(str(image), Mode.EXCLUSIVE)], layers=Layer.IMGLOCK)
+    session = ClaimSession(claim, Reporter(note=lambda _line: None))
+    session.open()
+    session.prepare_arrival()
+    session.announce_arrival()
+    assert intents(image) != []
+    return session
+
+
+@contextlib.contextmanager
+def _source_and_early_destination(image: Path) -> Iterator[tuple[imglock.Claim, ClaimSession]]:
+    """A source holding *image*, and a destination trying for it early, in a thread."""
+    source = imglock.claim(image, qemu_locks=False)
+    session = _destination(image)
+    finished = threading.Event()
+    early = threading.Thread(target=session.claim_early, args=(finished, 0.005))
+    early.start()
+    try:
+        yield source, session
+    finally:
+        finished.set()
+        early.join()
+        session.end()
+        source.release()
+
+
+def test_an_announced_destination_wins_the_claim_as_soon_as_the_source_lets_go(
+    tmp_path: Path,
+) -> None:
+    # So that the switch-over, once its QEMU has completed, has no lock call left.
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(4096))
+    with _source_and_early_destination(image) as (source, session):
+        holds_for(lambda: not session.held, 0.1, what="the destination waits for the source")
+        source.release()
+        wait_until(lambda: session.held, what="the destination's claim", timeout=TIMEOUT)
+        assert [h.pid for h in imglock.holders(image) if h.layer == "imglock"] == [os.getpid()]
+        session.take_on_arrival(wait=0, backoff_cap=0.001)  # nothing left to take
+        assert session.held
+        session.withdraw_arrival()
+        assert intents(image) == []
+
+
+def test_an_announced_destination_with_no_one_to_let_go_claims_only_at_the_switch_over(
+    tmp_path: Path,
+) -> None:
+    # No holder to begin with (a source outside imglock, still running): the
+    # claim waits for the switch-over, when the source's QEMU has let go.
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(4096))
+    session = _destination(image)
+    session.claim_early(threading.Event(), 0.005)
+    try:
+        assert not session.held and imglock.holders(image) == []
+    finally:
+        session.end()
+
+
+def test_a_failed_incoming_migration_gives_up_the_claim_won_meanwhile(tmp_path: Path) -> None:
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(4096))
+    with _source_and_early_destination(image) as (source, session):
+        source.release()
+        wait_until(lambda: session.held, what="the destination's claim", timeout=TIMEOUT)
+        session.abandon_arrival()
+        assert not session.held
+        assert imglock.holders(image) == [] and intents(image) == []
+
+
+def test_an_announced_destination_meeting_a_waiter_withdraws_at_once(tmp_path: Path) -> None:
+    # A waiter keeps its turn: the destination's early intent does not hold it up.
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(4096))
+    waiter_fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        protocol.enqueue(waiter_fd, str(image), Mode.EXCLUSIVE, Owner.current(1))
+        session = _destination(image)
+        try:
+            session.claim_early(threading.Event(), 0.005)
+            assert not session.held and intents(image) == []
+        finally:
+            session.end()
+    finally:
+        os.close(waiter_fd)

@@ -36,16 +36,21 @@ Lock = tuple[object, ...]
 
 #: Where each step leads: point -> [(step, next point, condition)].
 #: Conditions: "" always; "clear"/"blocked" the outcome of the step's test;
-#: "queued"/"unqueued" whether the claimer has a place; "wait"/"nowait"
-#: whether it may wait; "qemu"/"plain" whether it takes QEMU's layer.
+#: "yields" that the claimer backs off on that outcome (any claimer but an
+#: arrival, which keeps its intent and tests again while only holders are
+#: in the way); "settled" that it is no arrival; "queued"/"unqueued"
+#: whether the claimer has a place; "wait"/"nowait" whether it may wait;
+#: "qemu"/"plain" whether it takes QEMU's layer.
 Table = dict[str, list[tuple[str, str, str]]]
 
 PROTOCOL: Table = {
+    # A migration destination takes its intent here when its incoming
+    # migration begins, and tests only at the switch-over, however much later.
     "idle": [("take-intent", "fast-test", "")],
     "fast-test": [
         ("test-rivals", "qemu-test", "clear qemu"),
         ("test-rivals", "take-holder", "clear plain"),
-        ("test-rivals", "lost", "blocked"),
+        ("test-rivals", "lost", "blocked yields"),
     ],
     "lost": [
         ("drop-intent", "read-queue", "unqueued wait"),
@@ -113,6 +118,12 @@ class Claimer:
     cycles: int = 1
     #: A holder in this mode from the start, which changes to :attr:`mode`.
     changes_from: Mode | None = None
+    #: A holder from the start, which lets go (a migration source at the
+    #: switch-over) and, with cycles=2, claims again (the guest resumed there).
+    holds_first: bool = False
+    #: A migration destination: its first attempt keeps its intent and tests
+    #: again while only holders are in the way (the source letting go).
+    arrives: bool = False
 
 
 @dataclass(frozen=True)
@@ -166,14 +177,24 @@ def _key(lock: Lock) -> tuple[int, int, int]:
 # --- The steps' effects and tests -----------------------------------------------------
 
 
+def _rivals(me: int, proc: Proc, mode: Mode, locks: frozenset[Lock]) -> list[Lock]:
+    found = _others(locks, "H", me, mode) + _others(locks, "I", me, mode)
+    if proc.ticket is None:  # first attempt: every conflicting waiter is in the way
+        found += _others(locks, "Q", me, mode)
+    return found
+
+
+def _only_holders(step: str, me: int, proc: Proc, claimer: Claimer, locks: frozenset[Lock]) -> bool:
+    """Whether the test *step* finds holders in the way, and nothing else."""
+    found = _rivals(me, proc, claimer.mode, locks) if step == "test-rivals" else []
+    return bool(found) and all(lock[0] == "H" for lock in found)
+
+
 def _test(step: str, me: int, proc: Proc, claimer: Claimer, locks: frozenset[Lock]) -> bool:
     """Whether the test *step* finds nothing in the way."""
     mode = claimer.mode
     if step == "test-rivals":
-        found = _others(locks, "H", me, mode) + _others(locks, "I", me, mode)
-        if proc.ticket is None:  # first attempt: every conflicting waiter is in the way
-            found += _others(locks, "Q", me, mode)
-        return not found
+        return not _rivals(me, proc, mode, locks)
     if step == "test-ahead":
         mine = ("Q", me, mode, proc.ticket)
         return not [q for q in _others(locks, "Q", me, mode) if _key(q) < _key(mine)]
@@ -207,11 +228,15 @@ def _effect(
     return locks, proc
 
 
-def _holds(condition: str, proc: Proc, claimer: Claimer, clear: bool | None) -> bool:
+def _holds(
+    condition: str, proc: Proc, claimer: Claimer, clear: bool | None, only_holders: bool = False
+) -> bool:
     for word in condition.split():
         ok = {
             "clear": clear is True,
             "blocked": clear is False,
+            "yields": not (claimer.arrives and only_holders),
+            "settled": not claimer.arrives,
             "queued": proc.ticket is not None,
             "unqueued": proc.ticket is None,
             "wait": claimer.wait,
@@ -241,7 +266,8 @@ def successors(
             continue
         for step, to, condition in table[proc.point]:
             clear = _test(step, me, proc, claimer, state.locks) if step in TESTS else None
-            if not _holds(condition, proc, claimer, clear):
+            only_holders = _only_holders(step, me, proc, claimer, state.locks)
+            if not _holds(condition, proc, claimer, clear, only_holders):
                 continue
             if to == proc.point:
                 continue  # blocked: polling changes nothing
@@ -251,6 +277,16 @@ def successors(
                     me,
                     step,
                     _advance(state, me, replace(new, point=to), claimer, claimers, step, locks),
+                )
+            )
+        if proc.point == "fast-test" and claimer.arrives:
+            # An arrival whose time is up while the source still holds.
+            locks, new = _effect("drop-intent", me, proc, claimer, state.locks)
+            out.append(
+                (
+                    me,
+                    "give-up",
+                    _advance(state, me, replace(new, point="failed"), claimer, claimers, "", locks),
                 )
             )
         if proc.point in GIVE_UP_FROM:
@@ -335,6 +371,8 @@ def violations(
 
 
 def _first_point(claimer: Claimer) -> str:
+    if claimer.holds_first:
+        return "held"
     if claimer.changes_from is None:
         return "idle"
     return "downgrade" if claimer.changes_from is Mode.EXCLUSIVE else "change"
@@ -344,7 +382,11 @@ def explore(table: Table, claimers: Sequence[Claimer], limit: int = 2_000_000) -
     """Every state reachable by any interleaving; the properties checked in each."""
     start = State(
         tuple(Proc(_first_point(c)) for c in claimers),
-        frozenset(("H", i, c.changes_from) for i, c in enumerate(claimers) if c.changes_from),
+        frozenset(
+            ("H", i, c.mode if c.holds_first else c.changes_from)
+            for i, c in enumerate(claimers)
+            if c.changes_from or c.holds_first
+        ),
     )
     seen = {start}
     edges: dict[State, list[State]] = {}
@@ -430,8 +472,9 @@ def accepts(table: Table, claimer: Claimer, steps: Sequence[str]) -> bool:
             for label, to, condition in table.get(proc.point, []):
                 if label != step:
                     continue
-                for clear in (True, False) if label in TESTS else (None,):
-                    if _holds(condition, proc, claimer, clear):
+                outcomes = [(True, False), (False, True), (False, False)]
+                for clear, only_holders in outcomes if label in TESTS else [(None, False)]:
+                    if _holds(condition, proc, claimer, clear, only_holders):
                         ticket = (
                             0
                             if label == "read-queue"
