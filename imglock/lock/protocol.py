@@ -327,7 +327,7 @@ class ProtocolConflict(LockConflict):
         self.lock = lock
         self.flock = flock
         self.queued = read_waiting(lock.start) is not None
-        #: ... :attr:`claiming` that it was another claimer's intent.
+        #: Another claimer's intent (a claimer deciding) was in the way.
         self.claiming = lock.length == 1 and read_intent(lock.start) is not None
         #: Neither: a holder (or a lock outside the protocol) was in the way.
         self.held = not (self.queued or self.claiming)
