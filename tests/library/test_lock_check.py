@@ -118,15 +118,12 @@ def test_a_lock_outside_the_protocol_is_reported_and_is_no_loss(
 
 def test_a_replaced_image_is_a_loss(raw_image: Path) -> None:
     with imglock.claim(raw_image) as claim:
-        raw_image.rename(raw_image.with_suffix(".old"))
-        raw_image.write_bytes(b"\0" * 4096)
+        replace(raw_image)
         with pytest.raises(imglock.LockLost, match="image replaced: the path now leads to another"):
             claim.verify()
 
 
-def test_a_removed_lockspace_lock_file_is_a_loss(raw_image: Path, tmp_path: Path) -> None:
-    space = tmp_path / "space"
-    space.mkdir()
+def test_a_removed_lockspace_lock_file_is_a_loss(raw_image: Path, space: Path) -> None:
     with imglock.claim(raw_image, lockspace=str(space)) as claim:
         assert claim.verify() == []
         (lock_file,) = [p for p in space.iterdir() if p.is_file()]
@@ -207,14 +204,27 @@ def test_run_reports_a_lock_outside_the_protocol_once_and_does_not_pause(
 
 def test_status_says_an_image_replaced_while_held_is_replaced_not_free(raw_image: Path) -> None:
     with imglock.claim(raw_image):
-        raw_image.rename(raw_image.with_suffix(".old"))
-        raw_image.write_bytes(b"\0" * 4096)
+        replace(raw_image)
         proc = subprocess.run(
             [*IMGLOCK, "status", "--json", raw_image], capture_output=True, text=True, check=False
         )
     (report,) = json.loads(proc.stdout)
     assert report["replaced"] is True and report["holders"] == []
     assert proc.returncode == 1, "a replaced image must not read as free"
+
+
+@pytest.fixture
+def space(tmp_path: Path) -> Path:
+    """An empty lockspace directory."""
+    directory = tmp_path / "space"
+    directory.mkdir()
+    return directory
+
+
+def replace(image: Path) -> None:
+    """Put a new file at *image*'s path, as a restore does (``mv new.img vm.img``)."""
+    image.rename(image.with_suffix(".old"))
+    image.write_bytes(b"\0" * 4096)
 
 
 def status_in(space: Path, image: Path) -> tuple[int, dict[str, object]]:
@@ -229,24 +239,19 @@ def status_in(space: Path, image: Path) -> tuple[int, dict[str, object]]:
 
 
 def test_status_in_a_lockspace_says_an_image_replaced_while_held_is_replaced(
-    raw_image: Path, tmp_path: Path
+    raw_image: Path, space: Path
 ) -> None:
-    space = tmp_path / "space"
-    space.mkdir()
     with imglock.claim(raw_image, lockspace=str(space)):
         assert status_in(space, raw_image)[0] == 1  # held
-        raw_image.rename(raw_image.with_suffix(".old"))
-        raw_image.write_bytes(b"\0" * 4096)
+        replace(raw_image)
         code, report = status_in(space, raw_image)
     assert report["replaced"] is True and report["holders"] == []
     assert code == 1, "a replaced image must not read as free"
 
 
 def test_status_in_a_lockspace_says_an_image_whose_lock_file_was_removed_is_replaced(
-    raw_image: Path, tmp_path: Path
+    raw_image: Path, space: Path
 ) -> None:
-    space = tmp_path / "space"
-    space.mkdir()
     with imglock.claim(raw_image, lockspace=str(space)):
         (lock_file,) = [p for p in space.iterdir() if p.is_file()]
         lock_file.unlink()
@@ -256,13 +261,10 @@ def test_status_in_a_lockspace_says_an_image_whose_lock_file_was_removed_is_repl
 
 
 def test_status_in_a_lockspace_of_an_image_released_and_replaced_is_free(
-    raw_image: Path, tmp_path: Path
+    raw_image: Path, space: Path
 ) -> None:
-    space = tmp_path / "space"
-    space.mkdir()
     with imglock.claim(raw_image, lockspace=str(space)):
         pass
-    raw_image.rename(raw_image.with_suffix(".old"))
-    raw_image.write_bytes(b"\0" * 4096)
+    replace(raw_image)
     code, report = status_in(space, raw_image)
     assert (code, report["replaced"], report["stale-records"]) == (0, False, [])
