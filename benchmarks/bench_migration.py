@@ -14,6 +14,7 @@ Run: ``python -m benchmarks.bench_migration``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import statistics
@@ -150,9 +151,7 @@ def figures(quick: bool = False) -> list[Figure]:
                 "plain QEMU",
                 "≤ 5 ms",
                 3 if quick else 9,
-                lambda wrapped, options=options: one_migration(
-                    root, image, wrapped, options=options
-                ),
+                functools.partial(one_migration, root, image, options=options),
             )
             for variant, options in VARIANTS
         ]
@@ -179,8 +178,13 @@ def across_hosts(
                 "plain QEMU, A→B on the same mounts",
                 "≤ 5 ms",
                 5 if quick else 9,
-                lambda wrapped, options=options: one_migration(
-                    root, on_a / "mig.qcow2", wrapped, on_b / "mig.qcow2", hosts, options
+                functools.partial(
+                    one_migration,
+                    root,
+                    on_a / "mig.qcow2",
+                    dest_image=on_b / "mig.qcow2",
+                    hosts=hosts,
+                    options=options,
                 ),
             )
             for variant, options in VARIANTS

@@ -6,19 +6,21 @@ click'`` in the same venv: any click command pays at least that.  The
 package is installed as a user installs it (``pip install .``, not
 editable, bytecode compiled by pip), so that the figures do not depend on
 a development tree.  Commands run in turns, so that a change in the
-machine's load falls on all of them alike.
+machine's load falls on all of them alike, and each ratio is the median of
+the per-turn ratios (:func:`benchmarks.timing.paired_ratio`).
 Run: ``python -m benchmarks.bench_startup`` (part of ``python -m benchmarks``).
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.timing import Figure, Row, Unavailable, command_medians, print_table
+from benchmarks.timing import Figure, Row, Unavailable, command_turns, paired_ratio, print_table
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = "≤ 1.25x"
@@ -28,13 +30,20 @@ def venv_with_imglock(root: Path) -> Path:
     """A fresh venv under *root* with imglock installed from this tree; its bin directory."""
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", venv], check=True)
-    pip = [venv / "bin" / "python", "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    pip: list[str | Path] = [
+        venv / "bin" / "python",
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--disable-pip-version-check",
+    ]
     subprocess.run([*pip, REPO], check=True, capture_output=True, cwd=root, timeout=600)
     return venv / "bin"
 
 
 def figures(quick: bool = False) -> list[Row]:
-    runs = 10 if quick else 40
+    runs = 10 if quick else 60
     what = "start-up in a fresh venv (pip install .)"
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -56,19 +65,29 @@ def figures(quick: bool = False) -> list[Row]:
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
         os.chdir(root)
         try:
-            t = command_medians(commands, runs, env)
+            turns = command_turns(commands, runs, env)
         finally:
             os.chdir(REPO)
+    t = {name: statistics.median(times) for name, times in turns.items()}
     click = t["click"]
     rows: list[Row] = [
-        Figure("start-up (venv): python -c 'import click'", click, "python -c pass", t["pass"])
+        Figure(
+            "start-up (venv): python -c 'import click'",
+            click,
+            "python -c pass",
+            t["pass"],
+            paired=paired_ratio(turns["click"], turns["pass"]),
+        )
     ]
     for key, label in (
         ("version", "imglock --version"),
         ("info", "imglock info IMG"),
         ("status", "imglock status IMG"),
     ):
-        rows.append(Figure(f"start-up (venv): {label}", t[key], "import click", click, TARGET))
+        paired = paired_ratio(turns[key], turns["click"])
+        rows.append(
+            Figure(f"start-up (venv): {label}", t[key], "import click", click, TARGET, paired)
+        )
     return rows
 
 

@@ -19,9 +19,14 @@ class Figure:
     peer_name: str
     peer: float  # seconds
     target: str = ""
+    #: For two commands timed in turns: the median of their per-turn ratios
+    #: (see :func:`paired_ratio`), which the ratio column shows.
+    paired: float | None = None
 
     @property
     def ratio(self) -> float:
+        if self.paired is not None:
+            return self.paired
         return self.median / self.peer if self.peer else float("nan")
 
 
@@ -85,13 +90,14 @@ def bytecode_env(cache_dir: str) -> dict[str, str]:
     return env
 
 
-def command_medians(
+def command_turns(
     commands: Mapping[str, Sequence[str]],
     runs: int,
     env: Mapping[str, str] | None = None,
     warmup: int = 2,
-) -> dict[str, float]:
-    """Median wall time of each command run to completion, runs interleaved.
+) -> dict[str, list[float]]:
+    """Wall times of each command run to completion, in turns: the *i*-th
+    time of every command comes from the same turn.
 
     Taking turns, rather than running each command *runs* times in a row,
     spreads any change in the machine's load over all of them alike.
@@ -104,7 +110,29 @@ def command_medians(
             subprocess.run(argv, env=env, **quiet)  # type: ignore[call-overload]
             if turn >= warmup:
                 samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(times) for name, times in samples.items()}
+    return samples
+
+
+def command_medians(
+    commands: Mapping[str, Sequence[str]],
+    runs: int,
+    env: Mapping[str, str] | None = None,
+    warmup: int = 2,
+) -> dict[str, float]:
+    """Median wall time of each command run to completion, runs in turns (:func:`command_turns`)."""
+    turns = command_turns(commands, runs, env, warmup)
+    return {name: statistics.median(times) for name, times in turns.items()}
+
+
+def paired_ratio(times: Sequence[float], peer_times: Sequence[float]) -> float:
+    """The median of *times*[i] / *peer_times*[i], two commands timed in the same turns.
+
+    Each pair ran back to back, under the same load, so a burst of load
+    (another tenant of the machine, a daemon waking up) moves both and
+    leaves their ratio; the ratio of the two medians takes each median
+    from different turns, and moves with the bursts.
+    """
+    return statistics.median(t / p for t, p in zip(times, peer_times, strict=True))
 
 
 def command_median(argv: Sequence[str], runs: int, **kwargs: object) -> float:
