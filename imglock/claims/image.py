@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from imglock.errors import LockError, LockLost
@@ -23,27 +24,23 @@ if TYPE_CHECKING:
     from imglock.lock.discovery import Survey
 
 
+@dataclass(eq=False)
 class ClaimedImage(OpenImage):
     """An open image as a claim holds it: the file that carries its locks, and what it holds."""
 
-    def __init__(self, opened: OpenImage, target: LockTarget) -> None:
-        """*opened*, its descriptor taken over, with its locks on *target*."""
-        super().__init__(
-            opened.filename, opened.fd, opened.st, opened.driver, opened.header, opened.read_as
-        )
-        #: The image itself, or its lock file in a lockspace.
-        self.target = target
-        #: The locks held on the target for the claim, while it holds any.
-        self.held: Held | None = None
-        #: ``--flock auto`` as decided for this file (protocol.flock_layer_for_file),
-        #: once a claim has asked.
-        self.flock: Layer | None = None
-        #: A second open file description of the target, holding nothing:
-        #: where the lock check looks from (protocol.verify); -1 until it has.
-        self.observer = -1
-        #: (mode, owner) of the intent byte taken ahead of an attempt
-        #: (protocol.announce: a migration destination), while it is held.
-        self.intent: tuple[Mode, Owner] | None = None
+    #: The image itself, or its lock file in a lockspace.
+    target: LockTarget = field(kw_only=True, repr=False)
+    #: The locks held on the target for the claim, while it holds any.
+    held: Held | None = field(default=None, kw_only=True)
+    #: ``--flock auto`` as decided for this file (protocol.flock_layer_for_file),
+    #: once a claim has asked.
+    flock: Layer | None = field(default=None, kw_only=True, repr=False)
+    #: A second open file description of the target, holding nothing:
+    #: where the lock check looks from (protocol.verify); -1 until it has.
+    observer: int = field(default=-1, kw_only=True, repr=False)
+    #: (mode, owner) of the intent byte taken ahead of an attempt
+    #: (protocol.announce: a migration destination), while it is held.
+    intent: tuple[Mode, Owner] | None = field(default=None, kw_only=True, repr=False)
 
     @classmethod
     def open(cls, opened: OpenImage, lockspace: str | None) -> ClaimedImage:
@@ -54,7 +51,15 @@ class ClaimedImage(OpenImage):
         except BaseException:
             opened.close()
             raise
-        return cls(opened, target)
+        return cls(
+            opened.filename,
+            opened.fd,
+            opened.st,
+            opened.driver,
+            opened.header,
+            opened.read_as,
+            target=target,
+        )
 
     @property
     def lock_target(self) -> tuple[int, str]:

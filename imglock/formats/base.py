@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, NamedTuple
 
 ChildRole = Literal["backing", "data-file"]
@@ -31,35 +32,23 @@ class Child(NamedTuple):
     format: str | None = None
 
 
+@dataclass(eq=False)
 class OpenImage:
     """An image opened read-only for its header.
 
     A claim keeps the descriptor open for as long as it holds the image:
-    the OFD locks belong to it.  So this is a handle, like a file object,
-    not a value: it compares by identity and :meth:`close` changes it.
+    the OFD locks belong to it.
     """
 
-    def __init__(
-        self,
-        filename: str,
-        fd: int,
-        st: os.stat_result,
-        driver: FormatDriver,
-        header: Any = None,
-        read_as: str | None = None,
-    ) -> None:
-        self.filename = filename
-        self.fd = fd
-        self.st = st
-        self.driver = driver
-        #: The driver's parsed header (for qcow2 a ``Qcow2Header``); None for raw.
-        self.header = header
-        #: For a file in a format imglock cannot read (a vmdk, a vdi), opened
-        #: as plain data to look at its locks: that format's name.
-        self.read_as = read_as
-
-    def __repr__(self) -> str:
-        return f"<OpenImage {self.filename!r} {self.format} fd={self.fd}>"
+    filename: str
+    fd: int
+    st: os.stat_result
+    driver: FormatDriver
+    #: The driver's parsed header (for qcow2 a ``Qcow2Header``); None for raw.
+    header: Any = None
+    #: For a file in a format imglock cannot read (a vmdk, a vdi), opened
+    #: as plain data to look at its locks: that format's name.
+    read_as: str | None = field(default=None, repr=False)
 
     @property
     def format(self) -> str:

@@ -32,6 +32,7 @@ import functools
 import os
 import stat
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Final
 
 from imglock.errors import ImageError
@@ -48,33 +49,18 @@ _BY_UUID: Final = "/dev/disk/by-uuid"
 _BOOT_ID: Final = "/proc/sys/kernel/random/boot_id"
 
 
+@dataclass(eq=False)
 class LockTarget:
-    """An open file whose bytes carry an image's locks, and where its records go.
+    """An open file whose bytes carry an image's locks, and where its records go."""
 
-    A handle, like :class:`~imglock.formats.OpenImage`: it compares by
-    identity and :meth:`close` changes it.
-    """
-
-    def __init__(
-        self,
-        fd: int,
-        filename: str,
-        st: os.stat_result,
-        record_dir: str,
-        record_name: str,
-        lock_file: bool = False,
-    ) -> None:
-        self.fd = fd
-        self.filename = filename
-        self.st = st
-        self.record_dir = record_dir
-        self.record_name = record_name
-        #: Whether *fd* is a lock file of a lockspace, opened for this target
-        #: (and closed with it), rather than the image's own descriptor.
-        self.lock_file = lock_file
-
-    def __repr__(self) -> str:
-        return f"<LockTarget {self.filename!r} fd={self.fd}>"
+    fd: int
+    filename: str
+    st: os.stat_result
+    record_dir: str
+    record_name: str
+    #: Whether *fd* is a lock file of a lockspace, opened for this target
+    #: (and closed with it), rather than the image's own descriptor.
+    lock_file: bool = False
 
     def close(self) -> None:
         """Close the lock file, if the target opened one (the image's descriptor is not its own)."""
