@@ -127,6 +127,8 @@ class Scene:
     #: A host of the test's own whose client died, its session left open.
     dead: Host | None = None
     mds: str | None = None
+    #: When A's client was killed, if the fault killed it.
+    killed_at: float | None = None
 
     def heal(self) -> None:
         """Whatever a fault left broken, mended for the tests after this one."""
@@ -138,11 +140,11 @@ class Scene:
 
 
 def crash_client(scene: Scene) -> None:
-    scene.a.crash()
+    scene.killed_at = scene.a.crash()
 
 
 def crash_and_evict_client(scene: Scene) -> None:
-    scene.a.crash()
+    scene.killed_at = scene.a.crash()
     scene.store.release_crashed(scene.a)
 
 
@@ -303,7 +305,7 @@ def test_a_cephfs_fault_never_lets_two_hosts_write_and_never_goes_unreported(
 
     run = run_fault(holder, rival, sampler, cause, settled, scene.heal)
     samples, fault_at = run.samples, run.fault_at
-    writes = a_writes(samples, holder, case.probe)
+    writes = a_writes(samples, holder, case.probe, scene.killed_at)
     figures = measure(samples, writes, holder, rival, fault_at, run.fault_end)
     ended = ended_at(fault, holder, rival, samples, fault_at, figures)
     said = "B first wrote" if fault.outcome is Outcome.LOST else "A resumed"

@@ -301,6 +301,8 @@ class Scene:
     inside: int
     frozen: list[int] = field(default_factory=list)
     remounts: list[Remount] = field(default_factory=list)
+    #: When A's client was killed, if the fault killed it.
+    killed_at: float | None = None
 
     def heal(self) -> None:
         """Whatever a fault left broken, mended for the tests after this one."""
@@ -345,7 +347,7 @@ def resume_client(scene: Scene) -> None:
 
 
 def crash_client(scene: Scene) -> None:
-    scene.a.crash()
+    scene.killed_at = scene.a.crash()
 
 
 def glusterd(scene: Scene) -> None:
@@ -546,10 +548,20 @@ class Figures:
         )
 
 
-def a_writes(samples: Samples, holder: Holder, probed: bool) -> Steps:
+def a_writes(
+    samples: Samples, holder: Holder, probed: bool, killed_at: float | None = None
+) -> Steps:
     """When host A could write: its guest ran, its client carried writes, and
-    (where probed) its descriptors did."""
+    (where probed) its descriptors did.
+
+    A client killed at *killed_at* carries nothing from then on.  The
+    sampler goes on listing it while it exits, and until its next sample:
+    a server that has dropped its locks, and a rival that has written, may
+    come first.
+    """
     writes = both(holder.guest(samples), samples.usable("client-a"))
+    if killed_at is not None:
+        writes = both(writes, [(0.0, True), (killed_at, False)])
     if not probed:
         return writes
     assert isinstance(holder, VmHolder)
@@ -610,7 +622,7 @@ def test_a_storage_fault_never_lets_two_hosts_write_and_never_goes_unreported(
         holder, rival, sampler, cause, lambda: settle(fault.outcome, holder, rival, rig), scene.heal
     )
     samples, fault_at = run.samples, run.fault_at
-    writes = a_writes(samples, holder, case.probe)
+    writes = a_writes(samples, holder, case.probe, scene.killed_at)
     figures = measure(samples, writes, holder, rival, fault_at, run.fault_end)
     print(f"\n{case.id} strict-locks={'on' if strict else 'off'}: {figures}")
 

@@ -23,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,11 +149,18 @@ class Host:
         """The pid of the client process that serves this host's mount."""
         raise NotImplementedError(f"{type(self).__name__} names no client process")
 
-    def crash(self) -> None:
-        """The host dies, as the datastore sees it: its client process is killed."""
+    def crash(self) -> float:
+        """The host dies, as the datastore sees it: its client process is killed.
+
+        Returns when it was killed (``time.monotonic()``, once the signal is
+        sent): from then on the client carries nothing, though it takes a
+        while to exit.
+        """
         pid = self.client_pid()
         os.kill(pid, signal.SIGKILL)
+        killed_at = time.monotonic()
         wait_until(lambda: not os.path.exists(f"/proc/{pid}"), what="the client to die", timeout=10)
+        return killed_at
 
     def hang(self) -> None:
         """The host hangs: its client process stops, its locks stay with the server."""
