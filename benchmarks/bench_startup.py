@@ -14,13 +14,20 @@ Run: ``python -m benchmarks.bench_startup`` (part of ``python -m benchmarks``).
 from __future__ import annotations
 
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.timing import Figure, Row, Unavailable, command_turns, paired_ratio, print_table
+from benchmarks.timing import (
+    Figure,
+    Row,
+    Unavailable,
+    command_turns,
+    medians,
+    paired_ratio,
+    print_table,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = "≤ 1.25x"
@@ -68,7 +75,7 @@ def figures(quick: bool = False) -> list[Row]:
             turns = command_turns(commands, runs, env)
         finally:
             os.chdir(REPO)
-    t = {name: statistics.median(times) for name, times in turns.items()}
+    t = medians(turns)
     click = t["click"]
     rows: list[Row] = [
         Figure(

@@ -120,7 +120,11 @@ def command_medians(
     warmup: int = 2,
 ) -> dict[str, float]:
     """Median wall time of each command run to completion, runs in turns (:func:`command_turns`)."""
-    turns = command_turns(commands, runs, env, warmup)
+    return medians(command_turns(commands, runs, env, warmup))
+
+
+def medians(turns: Mapping[str, Sequence[float]]) -> dict[str, float]:
+    """The median of each command's times."""
     return {name: statistics.median(times) for name, times in turns.items()}
 
 

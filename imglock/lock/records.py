@@ -327,33 +327,36 @@ class RecordDirs:
         return by_path.get(os.path.abspath(path), [])
 
 
+def _record_files(dfd: int | None) -> list[tuple[str, str]]:
+    """(record's name, name of the file it speaks for) of every record in the
+    records directory open as *dfd*; none if it cannot be listed."""
+    try:
+        names = os.listdir(dfd) if dfd is not None else []
+    except OSError:
+        return []
+    return [
+        (name, name[:-_NAME_TAIL])
+        for name in names
+        if len(name) > _NAME_TAIL and name.endswith(RECORD_SUFFIX)
+    ]
+
+
 def _images_with_records(directory: str) -> frozenset[str]:
     with _record_dir(directory, create=False) as dfd:
-        try:
-            names = os.listdir(dfd) if dfd is not None else []
-        except OSError:
-            names = []
-    tails = (name for name in names if len(name) > _NAME_TAIL)
-    return frozenset(name[:-_NAME_TAIL] for name in tails if name.endswith(RECORD_SUFFIX))
+        return frozenset(file_name for _, file_name in _record_files(dfd))
 
 
 def _records_by_path(directory: str) -> dict[str, list[tuple[str, Record]]]:
     """Every well-formed record in *directory*, by the absolute path it names."""
     found: dict[str, list[tuple[str, Record]]] = {}
     with _record_dir(directory, create=False) as dfd:
-        try:
-            names = os.listdir(dfd) if dfd is not None else []
-        except OSError:
-            names = []
-        for name in names:
-            if len(name) <= _NAME_TAIL or not name.endswith(RECORD_SUFFIX):
-                continue
-            file_name = name[:-_NAME_TAIL]
+        for name, file_name in _record_files(dfd):
             try:
                 spoken_for = os.stat(os.path.join(directory, file_name))
             except OSError:
                 continue  # nothing to judge the record by: believe it not
-            record = _read_one(dfd, name, spoken_for) if dfd is not None else None
+            assert dfd is not None  # a record was listed through it
+            record = _read_one(dfd, name, spoken_for)
             if record is not None:
                 found.setdefault(os.path.abspath(record.image), []).append((file_name, record))
     return found
