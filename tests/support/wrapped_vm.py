@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from processes import alive, wait_until
+from processes import alive, state, wait_until
 from qemu_vm import NONE_MACHINE
 
-from imglock.qemu.monitor import MonitorThread
+from imglock.qemu.monitor import MonitorError, MonitorThread
 
 #: Seconds a QEMU under TCG on a busy machine gets to get somewhere.
 TIMEOUT = 20.0
@@ -51,6 +51,50 @@ def children(pid: int) -> list[int]:
 def process_tree(pid: int) -> list[int]:
     """*pid* and all its descendants, parents first."""
     return [pid, *[q for child in children(pid) for q in process_tree(child)]]
+
+
+#: How long one connection to the test's monitor may wait for QEMU's greeting,
+#: and how many connections are tried before QEMU is said not to have started.
+MONITOR_ATTEMPT_TIMEOUT = 10.0
+MONITOR_ATTEMPTS = 3
+
+
+def connect_test_monitor(qmp: Path, process: subprocess.Popen[Any]) -> MonitorThread:
+    """The test's monitor on *qmp*, through a new connection if one is never greeted.
+
+    One connection that QEMU accepts and never greets must not stand for a
+    QEMU that never started: each try is bounded, and the last one's error
+    is raised (with the process states, see :func:`describe_processes`).
+    """
+    attempt = 1
+    while True:
+        try:
+            return MonitorThread.connect(qmp, timeout=MONITOR_ATTEMPT_TIMEOUT, process=process)
+        except MonitorError:
+            if attempt == MONITOR_ATTEMPTS or process.poll() is not None:
+                raise
+            attempt += 1
+
+
+def describe_processes(pid: int) -> str:
+    """Each process under *pid* with its state and what it waits in: why a QEMU is silent."""
+
+    def read(path: str) -> str:
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:
+            return "?"
+
+    seen = []
+    for each in process_tree(pid):
+        threads = sorted(os.listdir(f"/proc/{each}/task")) if alive(each) else []
+        waits = ", ".join(
+            f"{tid} {state(int(tid))} {read(f'/proc/{each}/task/{tid}/wchan') or '-'}"
+            for tid in threads
+        )
+        seen.append(f"{each} {read(f'/proc/{each}/comm')} [{waits}]")
+    return "; ".join(seen)
 
 
 @dataclass
@@ -162,13 +206,17 @@ class WrappedVMs:
                 env={**os.environ, "PYTHONPATH": REPO, **(env or {})},
             )  # fmt: skip
         try:
-            monitor = MonitorThread.connect(qmp, timeout=30, process=process)
-        except BaseException:
+            monitor = connect_test_monitor(qmp, process)
+        except BaseException as exc:
+            seen = describe_processes(process.pid)
             for pid in reversed(process_tree(process.pid)):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             process.wait()
-            raise AssertionError(f"QEMU did not start: {log_path.read_text()}") from None
+            raise AssertionError(
+                f"QEMU did not start ({exc}); processes then: {seen}; "
+                f"the wrapper said: {log_path.read_text()}"
+            ) from None
         vm = WrappedVM(monitor, process, log_path)
         self.vms.append(vm)
         vm.qemu_pid  # noqa: B018 - remembered now, for ending it after a killed wrapper
