@@ -121,6 +121,11 @@ def imglock_holders(image: Path, lockspace: str | None = None) -> list[imglock.H
     return [h for h in imglock.holders(image, lockspace=lockspace) if h.layer == "imglock"]
 
 
+def waiting_pids(image: Path) -> list[int | None]:
+    """The pids in the image's queue, first come first (None: a waiter another host names)."""
+    return [w.pid for w in imglock.inspect(image).waiting]
+
+
 @dataclass
 class Rival:
     proc: subprocess.Popen[str]

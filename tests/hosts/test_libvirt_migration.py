@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import waiting_pids
 from gluster_hosts import mount_points
 from gluster_hosts import unavailable_reason as gluster_missing
 from libvirt_hosts import (
@@ -192,7 +193,7 @@ def test_a_migration_whose_destination_cannot_claim_leaves_no_guest_running_with
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        wait_until(lambda: waiting_on(top) == [waiter.pid], what="C to wait in the queue")
+        wait_until(lambda: waiting_pids(top) == [waiter.pid], what="C to wait in the queue")
         with Watcher(top, owners=True) as watcher:
             with pytest.raises(VirshError):
                 migrate(domain, b)
@@ -210,7 +211,3 @@ def test_a_migration_whose_destination_cannot_claim_leaves_no_guest_running_with
 
 def holder_pids(top: Path) -> list[int | None]:
     return [h.pid for h in imglock.holders(top) if h.layer == "imglock"]
-
-
-def waiting_on(top: Path) -> list[int | None]:
-    return [w.pid for w in imglock.inspect(top).waiting]

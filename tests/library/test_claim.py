@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CLAIMER, ENV, SpawnRival, imglock_holders
+from conftest import CLAIMER, ENV, SpawnRival, imglock_holders, waiting_pids
 from processes import holds_for, wait_until
 
 import imglock
@@ -84,20 +84,20 @@ def test_release_is_idempotent_and_closes_every_descriptor(raw_image: Path) -> N
     assert imglock.holders(raw_image) == []
 
 
-def test_wait_gets_the_image_once_the_holder_lets_go(raw_image: Path, rival: SpawnRival) -> None:
+@pytest.mark.parametrize("wait", ["20", "inf"])
+def test_a_waiter_gets_the_image_once_the_holder_lets_go(
+    raw_image: Path, rival: SpawnRival, wait: str
+) -> None:
     first = rival(raw_image)
     waiter = subprocess.Popen(
-        [sys.executable, CLAIMER, "--wait", "20", os.fspath(raw_image)],
+        [sys.executable, CLAIMER, "--wait", wait, os.fspath(raw_image)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
         env=ENV,
     )
     try:
-        wait_until(
-            lambda: waiter.pid in [w.pid for w in imglock.inspect(raw_image).waiting],
-            what="the waiter in the image's queue",
-        )
+        wait_until(lambda: waiter.pid in waiting_pids(raw_image), what="the waiter in the queue")
         holds_for(
             lambda: waiter.poll() is None,
             0.3,

@@ -23,10 +23,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import CLAIMER, ENV
+from conftest import CLAIMER, ENV, waiting_pids
 from processes import wait_until
-
-import imglock
 
 pytestmark = pytest.mark.slow
 
@@ -63,7 +61,7 @@ class Writer:
     def wait_queued(self, image: Path) -> None:
         """Until its place shows in the queue: from then on it has arrived."""
         wait_until(
-            lambda: self.proc.pid in _waiting_pids(image),
+            lambda: self.proc.pid in waiting_pids(image),
             what="the writer in the queue",
             timeout=30,
             interval=0.005,
@@ -100,10 +98,6 @@ def _claims(log: Path) -> list[dict[str, float]]:
     return [json.loads(line) for line in log.read_text().splitlines()]
 
 
-def _waiting_pids(image: Path) -> list[int | None]:
-    return [w.pid for w in imglock.inspect(image).waiting]
-
-
 def _flows(log: Path, *, after: float, rounds: int = 2) -> None:
     """Until every reader has held the image and let go *rounds* times since *after*
     (monotonic): the stream flows, its holds overlapping."""
@@ -119,7 +113,7 @@ def _readers_queued(image: Path, readers: list[subprocess.Popen[str]]) -> None:
     """Until every reader of the stream waits in the queue, behind the writers there."""
     pids = {proc.pid for proc in readers}
     wait_until(
-        lambda: pids.issubset(_waiting_pids(image)),
+        lambda: pids.issubset(waiting_pids(image)),
         what="every reader of the stream in the queue",
         timeout=30,
         interval=0.005,

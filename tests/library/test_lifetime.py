@@ -12,14 +12,13 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from conftest import ENV, ImglockCli, SpawnRival, imglock_holders
-from processes import TIMEOUT, alive, holds_for, state, wait_until
+from processes import alive, state, wait_until
 
 import imglock
 from imglock.errors import UsageError
@@ -181,35 +180,6 @@ def test_a_wait_that_is_not_a_number_of_seconds_is_a_usage_error(
     assert isinstance(info.value, ValueError)
     assert "wait must be a number of seconds" in str(info.value)
     assert imglock.holders(raw_image) == []
-
-
-def test_an_infinite_wait_waits_until_the_image_is_free(raw_image: Path, rival: SpawnRival) -> None:
-    holder = rival(raw_image)
-    assert holder.ok
-    waiter = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            f"import imglock, math; imglock.claim({str(raw_image)!r}, wait=math.inf)",
-        ],
-        env=ENV,
-    )
-    try:
-        wait_until(
-            lambda: waiter.pid in [w.pid for w in imglock.inspect(raw_image).waiting],
-            what="the waiter in the image's queue",
-        )
-        holds_for(
-            lambda: waiter.poll() is None,
-            0.5,
-            what="a waiter with an infinite wait waits on, and does not fail",
-        )
-        holder.stop()
-        assert waiter.wait(timeout=TIMEOUT) == 0
-    finally:
-        if waiter.poll() is None:
-            waiter.kill()
-            waiter.wait()
 
 
 # --- Signals from a terminal ---------------------------------------------------------

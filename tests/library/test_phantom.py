@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ENV, SpawnRival
+from conftest import ENV, SpawnRival, waiting_pids
 from processes import wait_until
 
 import imglock
@@ -29,10 +29,6 @@ SAMPLER = str(Path(__file__).parents[1] / "support" / "holder_sampler.py")
 ELSEWHERE = ["unshare", "--pid", "--mount-proc", "--fork", "--uts"]
 REMOTE_SAMPLES = 10_000
 LOCAL_SAMPLES = 400
-
-
-def _waiting_pids(image: Path) -> list[int]:
-    return [w.pid or -1 for w in imglock.inspect(image).waiting]
 
 
 def _sample(kind: str, count: int, image: Path, *, remote: bool) -> subprocess.Popen[str]:
@@ -65,11 +61,11 @@ def test_waiters_never_show_as_holders_in_ten_thousand_samples(
     started.extend(wrappers)
     # A wrapper claims for the command it is about to start: that pid waits.
     wait_until(
-        lambda: len(_waiting_pids(raw_image)) >= waiters,
+        lambda: len(waiting_pids(raw_image)) >= waiters,
         what=f"{waiters} waiters in the queue",
         timeout=30,
     )
-    queue = sorted(_waiting_pids(raw_image))
+    queue = sorted(pid or -1 for pid in waiting_pids(raw_image))
     assert len(set(queue)) == waiters and holder_pid not in queue
 
     samplers = {
