@@ -15,10 +15,9 @@ import pytest
 from conftest import ENV, ImglockCli
 from processes import wait_until
 from qemu_vm import TINY_PC
-from wrapped_vm import TIMEOUT
+from wrapped_vm import TIMEOUT, connect_test_monitor
 
 import imglock
-from imglock.qemu.monitor import MonitorThread
 from imglock.qemu.names import qemu_start
 from imglock.qemu.prefixes import PrefixError, command_start
 
@@ -125,7 +124,7 @@ def test_qemu_behind_wrappers_runs_claimed_and_keeps_its_own_lock_bytes(
             "-qmp", f"unix:{qmp},server=on,wait=off"]  # fmt: skip
     wrapper = subprocess.Popen(argv, env=ENV, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        monitor = MonitorThread.connect(qmp, timeout=TIMEOUT, process=wrapper)
+        monitor = connect_test_monitor(qmp, wrapper)
         try:
             assert monitor.query_status(timeout=10).status == "prelaunch"
             # QEMU opened its disk, so it took its own write byte (had imglock

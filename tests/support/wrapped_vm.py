@@ -59,7 +59,9 @@ MONITOR_ATTEMPT_TIMEOUT = 10.0
 MONITOR_ATTEMPTS = 3
 
 
-def connect_test_monitor(qmp: Path, process: subprocess.Popen[Any]) -> MonitorThread:
+def connect_test_monitor(
+    qmp: str | os.PathLike[str], process: subprocess.Popen[Any]
+) -> MonitorThread:
     """The test's monitor on *qmp*, through a new connection if one is never greeted.
 
     One connection that QEMU accepts and never greets must not stand for a
