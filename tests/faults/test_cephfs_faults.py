@@ -66,7 +66,7 @@ from cephfs_faults import (
 from cephfs_hosts import FAULT_FILESYSTEM, Datastore, Host, evict, unavailable_reason
 from conftest import REQUIRE_CEPHFS, QemuImg
 from fault_sampler import Sampler, Samples, first
-from processes import holds_for, state, wait_until
+from processes import holds_for, process_tree, state, wait_until
 from test_storage_faults import (
     CHECK_DEADLINE,
     CHECK_INTERVAL,
@@ -89,7 +89,7 @@ from test_storage_faults import (
     run_fault,
     settle,
 )
-from wrapped_vm import WrappedVMs, process_tree
+from wrapped_vm import WrappedVMs
 
 pytestmark = [pytest.mark.cephfs, pytest.mark.qemu]
 

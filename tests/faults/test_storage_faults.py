@@ -61,7 +61,7 @@ from fault_sampler import (
 )
 from gluster_hosts import Datastore, Host, unavailable_reason
 from lock_sampler import owner_names
-from processes import alive, holds_for, state, wait_until
+from processes import alive, holds_for, process_tree, state, wait_until
 from qemu_vm import TINY_PC
 from storage_faults import (
     RECONNECT_TIMEOUT,
@@ -71,7 +71,7 @@ from storage_faults import (
     restart_glusterd,
     wait_reachable,
 )
-from wrapped_vm import WrappedVM, WrappedVMs, process_tree
+from wrapped_vm import WrappedVM, WrappedVMs
 
 from imglock.lock import fcntl_locks
 from imglock.lock.identity import host_tag

@@ -24,10 +24,10 @@ from pathlib import Path
 import pytest
 from conftest import CLAIMER, QemuImg
 from lock_sampler import owner_names
-from processes import state, wait_until
+from processes import children, state, wait_until
 from qemu_vm import TINY_PC
 from shared_fs import HOST_NAMES, Datastore, Host
-from wrapped_vm import Watcher, WrappedVM, WrappedVMs, children
+from wrapped_vm import Watcher, WrappedVM, WrappedVMs
 
 from imglock.lock.identity import host_tag
 

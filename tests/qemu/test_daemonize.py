@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 from conftest import ENV, imglock_holders
-from processes import alive, wait_until
+from processes import alive, children, wait_until
 from qemu_vm import NONE_MACHINE, TINY_PC
-from wrapped_vm import TIMEOUT, MonitoredVM, WrappedVM, WrappedVMs, children
+from wrapped_vm import TIMEOUT, MonitoredVM, WrappedVM, WrappedVMs
 
 import imglock
 from imglock.lock.identity import Owner, hostname

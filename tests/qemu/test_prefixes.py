@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import ENV, ImglockCli
 from processes import wait_until
-from qemu_vm import TINY_PC
-from wrapped_vm import TIMEOUT, connect_test_monitor
+from qemu_vm import TINY_PC, connect_test_monitor
+from wrapped_vm import TIMEOUT
 
 import imglock
 from imglock.qemu.names import qemu_start

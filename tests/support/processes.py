@@ -1,7 +1,9 @@
-"""Real processes seen from a test: their state, a bounded wait for a condition, a hold of one."""
+"""Real processes seen from a test: their state and children, a bounded wait for a
+condition, a hold of one."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -79,3 +81,38 @@ def holds_for(
         if time.monotonic() >= deadline:
             return
         time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of *pid* (none once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(child) for child in f.read().split()]
+    except OSError:
+        return []
+
+
+def process_tree(pid: int) -> list[int]:
+    """*pid* and all its descendants, parents first."""
+    return [pid, *[q for child in children(pid) for q in process_tree(child)]]
+
+
+def describe_processes(pid: int) -> str:
+    """Each process under *pid* with its state and what it waits in: why a QEMU is silent."""
+
+    def read(path: str) -> str:
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:
+            return "?"
+
+    seen = []
+    for each in process_tree(pid):
+        threads = sorted(os.listdir(f"/proc/{each}/task")) if alive(each) else []
+        waits = ", ".join(
+            f"{tid} {state(int(tid))} {read(f'/proc/{each}/task/{tid}/wchan') or '-'}"
+            for tid in threads
+        )
+        seen.append(f"{each} {read(f'/proc/{each}/comm')} [{waits}]")
+    return "; ".join(seen)

@@ -28,9 +28,10 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from imglock.qemu.cmdline import with_extra_args
-from imglock.qemu.monitor import MonitorThread
+from imglock.qemu.monitor import MonitorError, MonitorThread
 
 #: A small, quick x86 PC: no default devices, no display, TCG so that it
 #: runs without /dev/kvm, 64 MiB so that a migration takes milliseconds.
@@ -43,6 +44,34 @@ NONE_MACHINE: tuple[str, ...] = ("-M", "none", "-nodefaults", "-display", "none"
 
 #: How long a VM gets to exit after SIGTERM before it is killed.
 TERMINATE_GRACE = 3.0
+
+
+#: How long one connection to a test's monitor may wait for QEMU's greeting,
+#: and how many connections are tried before QEMU is said not to answer.
+MONITOR_ATTEMPT_TIMEOUT = 10.0
+MONITOR_ATTEMPTS = 3
+
+
+def connect_test_monitor(
+    qmp: str | os.PathLike[str],
+    process: subprocess.Popen[Any],
+    attempt_timeout: float = MONITOR_ATTEMPT_TIMEOUT,
+) -> MonitorThread:
+    """A test's monitor on *qmp*, through a new connection if one is never greeted.
+
+    One connection that QEMU accepts and never greets must not stand for a
+    QEMU that does not answer: each try is bounded by *attempt_timeout*,
+    and the last one's error is raised (a caller that started the QEMU adds
+    :func:`processes.describe_processes`).
+    """
+    attempt = 1
+    while True:
+        try:
+            return MonitorThread.connect(qmp, timeout=attempt_timeout, process=process)
+        except MonitorError:
+            if attempt == MONITOR_ATTEMPTS or process.poll() is not None:
+                raise
+            attempt += 1
 
 
 @dataclass
@@ -65,7 +94,7 @@ class QemuVM:
 
     def connect(self, timeout: float = 10.0) -> MonitorThread:
         """A synchronous monitor on the VM's private QMP socket (closed at teardown)."""
-        monitor = MonitorThread.connect(self.qmp_path, timeout=timeout, process=self.process)
+        monitor = connect_test_monitor(self.qmp_path, self.process, timeout)
         self.monitors.append(monitor)
         return monitor
 

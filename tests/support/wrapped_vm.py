@@ -28,75 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from processes import alive, state, wait_until
-from qemu_vm import NONE_MACHINE
+from processes import alive, children, describe_processes, process_tree, wait_until
+from qemu_vm import NONE_MACHINE, connect_test_monitor
 
-from imglock.qemu.monitor import MonitorError, MonitorThread
+from imglock.qemu.monitor import MonitorThread
 
 #: Seconds a QEMU under TCG on a busy machine gets to get somewhere.
 TIMEOUT = 20.0
 
 REPO = str(Path(__file__).parents[2])
-
-
-def children(pid: int) -> list[int]:
-    """The child processes of *pid* (none once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(child) for child in f.read().split()]
-    except OSError:
-        return []
-
-
-def process_tree(pid: int) -> list[int]:
-    """*pid* and all its descendants, parents first."""
-    return [pid, *[q for child in children(pid) for q in process_tree(child)]]
-
-
-#: How long one connection to the test's monitor may wait for QEMU's greeting,
-#: and how many connections are tried before QEMU is said not to have started.
-MONITOR_ATTEMPT_TIMEOUT = 10.0
-MONITOR_ATTEMPTS = 3
-
-
-def connect_test_monitor(
-    qmp: str | os.PathLike[str], process: subprocess.Popen[Any]
-) -> MonitorThread:
-    """The test's monitor on *qmp*, through a new connection if one is never greeted.
-
-    One connection that QEMU accepts and never greets must not stand for a
-    QEMU that never started: each try is bounded, and the last one's error
-    is raised (with the process states, see :func:`describe_processes`).
-    """
-    attempt = 1
-    while True:
-        try:
-            return MonitorThread.connect(qmp, timeout=MONITOR_ATTEMPT_TIMEOUT, process=process)
-        except MonitorError:
-            if attempt == MONITOR_ATTEMPTS or process.poll() is not None:
-                raise
-            attempt += 1
-
-
-def describe_processes(pid: int) -> str:
-    """Each process under *pid* with its state and what it waits in: why a QEMU is silent."""
-
-    def read(path: str) -> str:
-        try:
-            with open(path) as f:
-                return f.read().strip()
-        except OSError:
-            return "?"
-
-    seen = []
-    for each in process_tree(pid):
-        threads = sorted(os.listdir(f"/proc/{each}/task")) if alive(each) else []
-        waits = ", ".join(
-            f"{tid} {state(int(tid))} {read(f'/proc/{each}/task/{tid}/wchan') or '-'}"
-            for tid in threads
-        )
-        seen.append(f"{each} {read(f'/proc/{each}/comm')} [{waits}]")
-    return "; ".join(seen)
 
 
 @dataclass
