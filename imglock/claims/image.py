@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 from imglock.errors import LockError, LockLost
@@ -51,15 +51,9 @@ class ClaimedImage(OpenImage):
         except BaseException:
             opened.close()
             raise
-        return cls(
-            opened.filename,
-            opened.fd,
-            opened.st,
-            opened.driver,
-            opened.header,
-            opened.read_as,
-            target=target,
-        )
+        # Every field of the open image, so that one added there is not lost here.
+        taken_over = {f.name: getattr(opened, f.name) for f in fields(OpenImage)}
+        return cls(**taken_over, target=target)
 
     @property
     def lock_target(self) -> tuple[int, str]:
