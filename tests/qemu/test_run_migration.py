@@ -394,15 +394,31 @@ def _destination(image: Path) -> ClaimSession:
     return session
 
 
+class _MigrationEnd(threading.Event):
+    """The migration's end, as :meth:`ClaimSession.claim_early` waits on it between
+    attempts; :attr:`polling` is set at its first wait, when its first look is done."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.polling = threading.Event()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.polling.set()
+        return super().wait(timeout)
+
+
 @contextlib.contextmanager
 def _source_and_early_destination(image: Path) -> Iterator[tuple[imglock.Claim, ClaimSession]]:
-    """A source holding *image*, and a destination trying for it early, in a thread."""
+    """A source holding *image*, and a destination trying for it early, in a thread
+    that has looked once and found the source in its way (a source that let go
+    before that first look would leave nothing to win early)."""
     source = imglock.claim(image, qemu_locks=False)
     session = _destination(image)
-    finished = threading.Event()
+    finished = _MigrationEnd()
     early = threading.Thread(target=session.claim_early, args=(finished, 0.005))
     early.start()
     try:
+        wait_until(finished.polling.is_set, what="the destination's first look", timeout=TIMEOUT)
         yield source, session
     finally:
         finished.set()
