@@ -52,6 +52,7 @@ from imglock.qemu.monitor import (
     MigrationOutcome,
     MigrationStatus,
     Monitor,
+    MonitorClosed,
     MonitorError,
     MonitorThread,
     RunStatus,
@@ -258,6 +259,8 @@ class Handoff:
                 self.monitor.start(self._announce_arrival)
             watcher = self._destination_then_source if self.incoming else self._source
             self.monitor.start(watcher).result()
+        except MonitorClosed:
+            return  # QEMU exited (it closes its monitor only then): the runner says how
         except Exception as exc:  # a watcher thread must say why it stopped, not die silently
             if not self._closed.is_set() and _alive(self.pid):
                 text = str(exc) if isinstance(exc, ImglockError) else repr(exc)
@@ -302,15 +305,18 @@ class Handoff:
         Its first MIGRATION event (``setup`` or ``active``) comes at the
         start of the transfer, well before the switch-over; the intents
         then stand for the length of the migration, and the claim is won
-        as soon as the source lets go (ClaimSession.claim_early).  One
-        missed (a migration begun before this monitor listened) only makes
-        the arrival a whole claim at the switch-over.
+        as soon as the source lets go (ClaimSession.claim_early).  A
+        manager often starts the migration as soon as the destination
+        listens, before this monitor does: so, events on and listened for,
+        the migration's status is asked once, and one already under way is
+        announced at once rather than at its switch-over.
         """
         listener = monitor.listen({EVENT_MIGRATION})
         announcing: threading.Thread | None = None
         try:
+            await monitor.enable_migration_events()
+            status: str | None = await monitor.migration_status()
             while True:
-                status = Event.from_message(await listener.get()).migration_status
                 if status in MIGRATION_TERMINAL:
                     self._arrival_over.set()
                 if status == MigrationStatus.COMPLETED:
@@ -320,8 +326,9 @@ class Handoff:
                         abandon = functools.partial(self._abandon, announcing)
                         self._in_background(abandon, "imglock-withdraw")
                     return
-                if announcing is None:
+                if announcing is None and status not in (None, MigrationStatus.NONE):
                     announcing = self._in_background(self._announce, "imglock-announce")
+                status = Event.from_message(await listener.get()).migration_status
         finally:
             monitor.unlisten(listener)
 
