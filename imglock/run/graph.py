@@ -43,6 +43,7 @@ import asyncio
 import contextlib
 import json
 import os
+import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, NamedTuple
@@ -72,15 +73,36 @@ GRAPH_EVENTS: Final = frozenset(
     }
 )
 
-#: ``query-named-block-nodes`` crashes QEMU (SIGSEGV in Debian 12's QEMU 7.2)
-#: once a ``block-stream`` job has concluded and waits for its manager to
-#: dismiss it (libvirt's ``virsh blockpull`` leaves it so): a node it leaves
-#: behind is dereferenced.  A running stream may conclude between two
-#: commands of ours, so the nodes are not read at all while a stream job
-#: exists, nor while any job has concluded; they are read once it is gone
-#: (JOB_STATUS_CHANGE).  Until then the claim stays what it was.
-UNSAFE_JOB_TYPES: Final = frozenset({"stream"})
+#: ``query-named-block-nodes`` reads every node's image information, and
+#: Debian 12's QEMU 7.2 crashes when a node is not in a state to give it:
+#:
+#: * once a ``block-stream`` job has concluded and waits for its manager to
+#:   dismiss it (libvirt's ``virsh blockpull`` leaves it so), a node it left
+#:   behind is dereferenced (SIGSEGV);
+#: * while ``blockdev-create`` makes a qcow2 image, the job opens it on a
+#:   node of its own whose header is not read yet, and
+#:   ``qcow2_get_specific_info`` aborts on its version 0 (``Assertion
+#:   `false' failed``).  libvirt makes every external snapshot's overlay
+#:   so (``virsh snapshot-create-as --disk-only``).
+#:
+#: A running stream may conclude between two commands of ours, so the nodes
+#: are not read at all while a stream or create job exists, nor while any
+#: job has concluded; they are read once it is gone (JOB_STATUS_CHANGE).
+#: Until then the claim stays what it was.
+UNSAFE_JOB_TYPES: Final = frozenset({"stream", "create"})
 UNSAFE_JOB_STATUSES: Final = frozenset({"concluded"})
+
+#: A create job may also start between our ``query-jobs`` and our
+#: ``query-named-block-nodes``: another monitor's command can run between
+#: two of ours.  It always writes through a node that was added just before
+#: (``blockdev-add``) and that nothing uses yet, since a node in use does
+#: not let it write.  So the nodes are not read while the graph has a node
+#: with no parent that appeared less than this many seconds ago: far longer
+#: than a manager takes from its ``blockdev-add`` to its ``blockdev-create``
+#: (milliseconds for libvirt), and short enough to delay following the
+#: graph by about a second at most.  A node left unused for longer (a
+#: ``-blockdev`` no device uses) no longer holds the reading back.
+NEW_UNUSED_NODE_SECONDS: Final = 1.0
 
 #: One reading of QEMU's block graph: ``x-debug-query-block-graph``'s graph
 #: and ``query-named-block-nodes``' nodes.
@@ -206,33 +228,58 @@ def open_files(graph: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]]) -> 
     return list(found.values())
 
 
-async def query_open_files(
-    monitor: Monitor, known: GraphReading | None = None
-) -> tuple[list[OpenFile] | None, GraphReading | None]:
-    """Ask QEMU which files its block graph holds (see :func:`open_files`).
+@dataclass
+class GraphReader:
+    """Asks a QEMU which files its block graph holds (see :func:`open_files`).
 
     ``query-named-block-nodes`` makes QEMU stat every image in its main
     loop, where a hung network filesystem would stop its monitor (and so
     the guest's management) from answering; ``x-debug-query-block-graph``
     does no I/O.  So the nodes are asked for only when the graph differs
-    from *known*, the (graph, nodes) of the last reading, which is
-    returned for the next one.
+    from the last reading's.
 
-    Nor are they asked for while a job makes that query unsafe
-    (:data:`UNSAFE_JOB_TYPES`): then the files are None, and *known* is
-    returned unchanged.
+    Nor are they asked for when the query could crash QEMU
+    (:data:`UNSAFE_JOB_TYPES`, :data:`NEW_UNUSED_NODE_SECONDS`): then
+    :meth:`read` returns None, and a later reading asks again.
     """
-    graph = await monitor.block_graph()
-    if known is not None and known[0] == graph:
-        nodes = known[1]
-    elif any(
-        kind in UNSAFE_JOB_TYPES or status in UNSAFE_JOB_STATUSES
-        for kind, status in await monitor.jobs()
-    ):
-        return None, known
-    else:
+
+    #: The (graph, nodes) of the last reading.
+    known: GraphReading | None = None
+    #: Each node that no parent uses, with when (time.monotonic) it was first seen so.
+    unused_since: dict[str, float] = field(default_factory=dict)
+
+    async def read(self, monitor: Monitor) -> list[OpenFile] | None:
+        """The files QEMU holds now, or None if its nodes cannot be asked for now."""
+        graph = await monitor.block_graph()
+        if self.known is not None and self.known[0] == graph:
+            return open_files(graph, self.known[1])
+        if self._has_new_unused_node(graph) or any(
+            kind in UNSAFE_JOB_TYPES or status in UNSAFE_JOB_STATUSES
+            for kind, status in await monitor.jobs()
+        ):
+            return None
         nodes = await monitor.named_block_nodes()
-    return open_files(graph, nodes), (graph, nodes)
+        self.known = (graph, nodes)
+        return open_files(graph, nodes)
+
+    def _has_new_unused_node(self, graph: Mapping[str, Any]) -> bool:
+        now = time.monotonic()
+        unused = unused_nodes(graph)
+        self.unused_since = {name: self.unused_since.get(name, now) for name in unused}
+        return any(now - since < NEW_UNUSED_NODE_SECONDS for since in self.unused_since.values())
+
+
+def unused_nodes(graph: Mapping[str, Any]) -> set[str]:
+    """The names of the block nodes of *graph* (``x-debug-query-block-graph``) no parent uses."""
+    children = {edge.get("child") for edge in graph.get("edges", ()) if isinstance(edge, dict)}
+    return {
+        node["name"]
+        for node in graph.get("nodes", ())
+        if isinstance(node, dict)
+        and node.get("type") == "block-driver"
+        and isinstance(node.get("name"), str)
+        and node.get("id") not in children
+    }
 
 
 @dataclass
@@ -279,12 +326,12 @@ class GraphFollower:
         Returns when QEMU closes its monitor.
         """
         listener = monitor.listen(self.events)
-        known = None
+        reader = GraphReader()
         try:
             while True:
                 try:
                     before = await monitor.query_status()
-                    files, known = await query_open_files(monitor, known)
+                    files = await reader.read(monitor)
                     after = await monitor.query_status()
                 except MonitorClosed:
                     return

@@ -22,6 +22,7 @@ import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import ENV, SpawnRival
@@ -31,7 +32,7 @@ from wrapped_vm import TIMEOUT, WrappedVM, WrappedVMs
 
 import imglock
 from imglock.lock.protocol import Mode
-from imglock.run.graph import open_files
+from imglock.run.graph import open_files, unused_nodes
 
 pytestmark = pytest.mark.qemu
 
@@ -192,35 +193,37 @@ def job_gone(vm: WrappedVM, job: str) -> bool:
 # Reading the graph
 
 
+#: What QEMU 7.2 answered for a qcow2 disk with a backing file, and a raw
+#: drive with no device, as x-debug-query-block-graph (abridged).
+DISK_AND_DRIVE_GRAPH: dict[str, list[dict[str, Any]]] = {
+    "nodes": [
+        {"id": 1, "type": "block-backend", "name": "sh"},
+        {"id": 2, "type": "block-driver", "name": "#block380"},
+        {"id": 3, "type": "block-driver", "name": "f0"},
+        {"id": 4, "type": "block-driver", "name": "d0"},
+        {"id": 5, "type": "block-driver", "name": "#block145"},
+        {"id": 6, "type": "block-driver", "name": "#block056"},
+        {"id": 7, "type": "block-driver", "name": "#block291"},
+        {"id": 8, "type": "block-driver", "name": "idle"},
+    ],
+    "edges": [
+        {"parent": 1, "child": 2, "name": "root", "perm": ["consistent-read"],
+         "shared-perm": ["resize", "write-unchanged", "write", "consistent-read"]},
+        {"parent": 2, "child": 7, "name": "file", "perm": ["consistent-read"],
+         "shared-perm": ["resize", "write-unchanged", "write", "consistent-read"]},
+        {"parent": 4, "child": 3, "name": "file",
+         "perm": ["resize", "write", "consistent-read"],
+         "shared-perm": ["write-unchanged", "consistent-read"]},
+        {"parent": 4, "child": 5, "name": "backing", "perm": [],
+         "shared-perm": ["resize", "write-unchanged", "write", "consistent-read"]},
+        {"parent": 5, "child": 6, "name": "file", "perm": ["consistent-read"],
+         "shared-perm": ["write-unchanged", "consistent-read"]},
+    ],
+}  # fmt: skip
+
+
 def test_modes_come_from_the_permissions_on_each_file() -> None:
-    # What QEMU 7.2 answered for a qcow2 disk with a backing file, and a raw
-    # drive with no device, as x-debug-query-block-graph and
-    # query-named-block-nodes (abridged).
-    graph = {
-        "nodes": [
-            {"id": 1, "type": "block-backend", "name": "sh"},
-            {"id": 2, "type": "block-driver", "name": "#block380"},
-            {"id": 3, "type": "block-driver", "name": "f0"},
-            {"id": 4, "type": "block-driver", "name": "d0"},
-            {"id": 5, "type": "block-driver", "name": "#block145"},
-            {"id": 6, "type": "block-driver", "name": "#block056"},
-            {"id": 7, "type": "block-driver", "name": "#block291"},
-            {"id": 8, "type": "block-driver", "name": "idle"},
-        ],
-        "edges": [
-            {"parent": 1, "child": 2, "name": "root", "perm": ["consistent-read"],
-             "shared-perm": ["resize", "write-unchanged", "write", "consistent-read"]},
-            {"parent": 2, "child": 7, "name": "file", "perm": ["consistent-read"],
-             "shared-perm": ["resize", "write-unchanged", "write", "consistent-read"]},
-            {"parent": 4, "child": 3, "name": "file",
-             "perm": ["resize", "write", "consistent-read"],
-             "shared-perm": ["write-unchanged", "consistent-read"]},
-            {"parent": 4, "child": 5, "name": "backing", "perm": [],
-             "shared-perm": ["resize", "write-unchanged", "write", "consistent-read"]},
-            {"parent": 5, "child": 6, "name": "file", "perm": ["consistent-read"],
-             "shared-perm": ["write-unchanged", "consistent-read"]},
-        ],
-    }  # fmt: skip
+    # What query-named-block-nodes answered for the VM of DISK_AND_DRIVE_GRAPH (abridged).
     nodes = [
         {"node-name": "#block380", "drv": "raw", "file": "/vm/shared.raw"},
         {"node-name": "#block291", "drv": "file", "file": "/vm/shared.raw"},
@@ -230,12 +233,17 @@ def test_modes_come_from_the_permissions_on_each_file() -> None:
         {"node-name": "f0", "drv": "file", "file": "/vm/top.qcow2"},
         {"node-name": "idle", "drv": "file", "file": "/vm/opened-unused.raw"},
     ]
-    found = {f.filename: f.mode for f in open_files(graph, nodes)}
+    found = {f.filename: f.mode for f in open_files(DISK_AND_DRIVE_GRAPH, nodes)}
     assert found == {
         "/vm/shared.raw": Mode.SHARED_WRITE,  # read by a drive with no device, which shares
         "/vm/top.qcow2": Mode.EXCLUSIVE,
         "/vm/base.qcow2": Mode.SHARED,
     }
+
+
+def test_the_nodes_no_parent_uses_are_those_a_create_job_could_write() -> None:
+    # d0 here stands for a format node blockdev-add made and no device uses yet.
+    assert unused_nodes(DISK_AND_DRIVE_GRAPH) == {"d0", "idle"}
 
 
 def test_a_file_whose_writers_share_writes_is_shared_write() -> None:
@@ -354,6 +362,45 @@ def test_blockdev_snapshot(lab: Lab) -> None:
     add_qcow2(vm, overlay, "overlay", backing=None)
     vm.qmp("blockdev-snapshot", {"node": "top", "overlay": "overlay"})
     lab.expect(vm, {overlay: EXCLUSIVE, top: SHARED})
+    assert vm.quit() == 0
+
+
+def snapshot_as_libvirt_does(vm: WrappedVM, overlay: Path, node: str, name: str) -> None:
+    """An external snapshot the way libvirt 9.0 makes one: the overlay made by blockdev-create."""
+    overlay.touch()
+    file_node = {"driver": "file", "filename": str(overlay), "node-name": f"{name}-file"}
+    vm.qmp("blockdev-add", file_node)
+    vm.qmp("blockdev-create", {"job-id": f"create-{name}", "options": {
+        "driver": "qcow2", "file": f"{name}-file", "size": 1 << 20}})  # fmt: skip
+    concluded = {"id": f"create-{name}", "type": "create", "status": "concluded"}
+    wait_until(
+        lambda: any({k: j[k] for k in concluded} == concluded for j in vm.qmp("query-jobs")),
+        what=f"blockdev-create of {overlay.name} to conclude",
+        timeout=TIMEOUT,
+    )
+    vm.qmp("job-dismiss", {"id": f"create-{name}"})
+    vm.qmp("blockdev-add", {"driver": "qcow2", "file": f"{name}-file", "node-name": name,
+                            "backing": None})  # fmt: skip
+    vm.qmp("blockdev-snapshot", {"node": node, "overlay": name})
+
+
+def test_snapshots_made_with_blockdev_create_never_crash_qemu(lab: Lab) -> None:
+    """QEMU 7.2 aborts if asked for its named nodes while blockdev-create opens a qcow2.
+
+    libvirt makes every external snapshot's overlay so (``virsh
+    snapshot-create-as --disk-only``); the wrapper's reading of the graph
+    must never land inside that job.
+    """
+    top = lab.image("top.qcow2")
+    vm = lab.start(*drive(top))
+    lab.expect(vm, {top: EXCLUSIVE})
+    overlays = [lab.dir / f"overlay{i}.qcow2" for i in range(8)]
+    below = "top"
+    for i, overlay in enumerate(overlays):
+        snapshot_as_libvirt_does(vm, overlay, below, f"overlay{i}")
+        below = f"overlay{i}"
+    *backing, active = overlays
+    lab.expect(vm, {active: EXCLUSIVE, top: SHARED, **dict.fromkeys(backing, SHARED)})
     assert vm.quit() == 0
 
 
