@@ -23,7 +23,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,7 @@ class MonitoredVM:
         """Connect to the QMP socket at *path* (of a QEMU not started here, such as a daemon)."""
         return cls(MonitorThread.connect(path, timeout=timeout))
 
-    def qmp(self, command: str, arguments: dict[str, object] | None = None) -> Any:
+    def qmp(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
         """Run a QMP command on the test's own monitor."""
         return self.monitor.call(self.monitor.monitor.execute(command, arguments), timeout=30)
 
