@@ -31,7 +31,7 @@ from typing import Any
 from processes import alive, children, describe_processes, process_tree, wait_until
 from qemu_vm import NONE_MACHINE, connect_test_monitor
 
-from imglock.qemu.monitor import MonitorThread
+from imglock.qemu.monitor import MonitorClosed, MonitorThread
 
 #: Seconds a QEMU under TCG on a busy machine gets to get somewhere.
 TIMEOUT = 20.0
@@ -95,6 +95,13 @@ class WrappedVM(MonitoredVM):
 
     def stderr(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def qmp(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
+        """Run a QMP command on the test's own monitor; a QEMU gone says why, from its stderr."""
+        try:
+            return super().qmp(command, arguments)
+        except MonitorClosed as exc:
+            raise AssertionError(f"{exc}\nwhat the run said:\n{self.stderr()}") from None
 
     def quit(self) -> int:
         """Ask QEMU to quit; return the wrapper's exit status."""
