@@ -189,6 +189,12 @@ def job_gone(vm: WrappedVM, job: str) -> bool:
     return not any(j["device"] == job for j in vm.qmp("query-block-jobs"))
 
 
+def job_concluded(vm: WrappedVM, job: str, kind: str) -> bool:
+    """Whether job *job* of type *kind* has concluded and waits to be dismissed."""
+    concluded = {"id": job, "type": kind, "status": "concluded"}
+    return any({k: j[k] for k in concluded} == concluded for j in vm.qmp("query-jobs"))
+
+
 # --------------------------------------------------------------------------
 # Reading the graph
 
@@ -372,9 +378,8 @@ def snapshot_as_libvirt_does(vm: WrappedVM, overlay: Path, node: str, name: str)
     vm.qmp("blockdev-add", file_node)
     vm.qmp("blockdev-create", {"job-id": f"create-{name}", "options": {
         "driver": "qcow2", "file": f"{name}-file", "size": 1 << 20}})  # fmt: skip
-    concluded = {"id": f"create-{name}", "type": "create", "status": "concluded"}
     wait_until(
-        lambda: any({k: j[k] for k in concluded} == concluded for j in vm.qmp("query-jobs")),
+        lambda: job_concluded(vm, f"create-{name}", "create"),
         what=f"blockdev-create of {overlay.name} to conclude",
         timeout=TIMEOUT,
     )
@@ -524,13 +529,8 @@ def test_a_stream_left_for_its_manager_to_dismiss_never_crashes_qemu(lab: Lab) -
     """QEMU 7.2 crashes if asked for its named nodes while the stream waits to be dismissed."""
     vm, (base, mid, top) = running_chain(lab)
     vm.qmp("block-stream", {"job-id": "s", "device": "drive0", "auto-dismiss": False})
-    concluded = [{"id": "s", "type": "stream", "status": "concluded"}]
     wait_until(
-        lambda: (
-            [{k: j[k] for k in ("id", "type", "status")} for j in vm.qmp("query-jobs")] == concluded
-        ),
-        what="the stream to conclude",
-        timeout=TIMEOUT,
+        lambda: job_concluded(vm, "s", "stream"), what="the stream to conclude", timeout=TIMEOUT
     )
     # The wrapper reads the graph at once on the job's event, and every half second.
     holds_for(lambda: alive(vm.qemu_pid), 2.0, what="QEMU to keep running")
