@@ -36,12 +36,15 @@ __all__ = [
 #: Every format imglock reads, in probing order: its driver's module and
 #: class, and the magic its files start with.  A driver scores 0 for a file
 #: without its magic, so probing imports a driver only for a file that
-#: carries its magic (raw, with none, takes anything): reading a raw image
-#: never loads the qcow2 parser, a good part of a command's start-up.
+#: carries its magic, and the fallback (raw, with no magic) only for a file
+#: that carries none: reading a raw image never loads the qcow2 parser, nor
+#: reading a qcow2 image the raw driver.
 _REGISTRY: Final = {
     "qcow2": ("imglock.formats.qcow2", "Qcow2Driver", b"QFI\xfb"),
     "raw": ("imglock.formats.raw", "RawDriver", b""),
 }
+#: The format of a file that no driver's magic matches (QEMU's raw: it scores 1).
+_FALLBACK: Final = "raw"
 FORMAT_NAMES: Final = tuple(_REGISTRY)
 
 if TYPE_CHECKING:
@@ -124,12 +127,18 @@ def probe(head: bytes, filename: str) -> FormatDriver:
     treating it as raw; :func:`open_claimable` then opens one of
     :data:`DATA_FORMATS` as plain data.
     """
-    # A driver scores only files with its magic: the others are not even imported.
-    candidates = []
+    # A driver scores only files with its magic: the others are not even
+    # imported, and the fallback only when none of them scores the file.
+    best: FormatDriver | None = None
+    best_score = 0
     for name, (_module, _cls, magic) in _REGISTRY.items():
-        if head.startswith(magic):
-            candidates.append(_driver(name))
-    best = max(candidates, key=lambda driver: driver.probe(head, filename))
+        if magic and head.startswith(magic):
+            driver = _driver(name)
+            score = driver.probe(head, filename)
+            if score > best_score:
+                best, best_score = driver, score
+    if best is None:
+        best = _driver(_FALLBACK)
     if best.name == "raw":
         for offset, signature, foreign in _FOREIGN_SIGNATURES:
             if head[offset : offset + len(signature)] == signature:

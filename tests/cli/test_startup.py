@@ -107,6 +107,12 @@ def test_info_of_a_qcow2_image_loads_its_parser_and_nothing_more(tmp_path: Path)
     assert (unwanted | {"json", "imglock.lock.discovery"}) & modules == set()
 
 
+def test_a_qcow2_image_never_loads_the_fallback_driver(tmp_path: Path) -> None:
+    image = write_qcow2(tmp_path / "disk.qcow2")
+    for command in ("info", "status"):
+        assert "imglock.formats.raw" not in imglock(command, image)
+
+
 def test_a_named_format_loads_only_its_driver(tmp_path: Path) -> None:
     image = write_qcow2(tmp_path / "disk.qcow2")
     assert imglock("info", "--format", "qcow2", image) >= QCOW2
