@@ -1,7 +1,7 @@
 """The ``imglock`` program: the installed command and ``python -m imglock``.
 
-Start-up is designed here, in one place, for the two costs that dominate a
-short command beyond loading click:
+Start-up and exit are designed here, in one place, for the costs that
+dominate a short command beyond loading click:
 
 * **A kernel wait, started first.**  ``status`` looks every image up in
   /proc/locks, and the first read of it in a while waits for an RCU grace
@@ -18,6 +18,14 @@ short command beyond loading click:
   more at exit.  So it is off while :func:`main` loads them, and
   :func:`gc.freeze` sets them aside before it is on again: a long
   ``imglock run`` still collects what it makes itself.
+* **The teardown.**  A command that only reads and reports
+  (:data:`REPORTS`: ``status``, ``info``) has nothing to finalize once
+  its answer is written: it holds no lock and registers no exit hook, and
+  the kernel closes its descriptors.  So its process ends there
+  (:func:`end_now`, once stdout and stderr are flushed), rather than
+  freeing every module and object one by one while a script waits for its
+  exit status.  ``run`` and ``doctor``, which release claims and remove
+  files on the way out, end the ordinary way.
 
 The rest is what a command imports, and that is decided by the import
 graph, not here: a command's module is loaded only when it is named
@@ -32,6 +40,7 @@ All of it is measured by ``python -m benchmarks.bench_startup`` against
 from __future__ import annotations
 
 import gc
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Final
@@ -45,6 +54,10 @@ GROUP_FLAGS: Final = frozenset({"-v", "--verbose", "-q", "--quiet"})
 HEAD_STARTS: Final[dict[str, Callable[[], object]]] = {
     "status": lambda: FlockTable(background=True),
 }
+
+
+#: Commands that only read and report: their process ends when the answer is written.
+REPORTS: Final = frozenset({"status", "info"})
 
 
 def command_of(args: Sequence[str]) -> str | None:
@@ -61,8 +74,27 @@ def head_start(args: Sequence[str]) -> object | None:
     return start() if start is not None else None
 
 
+def end_now(status: object) -> None:
+    """End the process with *status*, as :class:`SystemExit` would, without the teardown.
+
+    Returns (and leaves the exit to SystemExit) for a status that is a
+    message to print rather than a number, or when stdout or stderr cannot
+    be flushed: Python's own exit then reports it as usual.
+    """
+    if status is not None and not isinstance(status, int):
+        return
+    try:
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+    except (OSError, ValueError):
+        return
+    os._exit(status or 0)
+
+
 def main() -> Any:
     args = sys.argv[1:]
+    command = command_of(args)
     gc.disable()
     try:
         started = head_start(args)
@@ -72,11 +104,16 @@ def main() -> Any:
         from imglock.cli import load_command
         from imglock.cli import main as command_line
 
-        load_command(command_of(args) or "")
+        load_command(command or "")
     finally:
         gc.freeze()
         gc.enable()
-    return command_line(obj=started)
+    try:
+        return command_line(obj=started)
+    except SystemExit as exc:
+        if command in REPORTS:
+            end_now(exc.code)
+        raise
 
 
 if __name__ == "__main__":

@@ -185,3 +185,52 @@ def test_the_program_sets_the_command_lines_objects_aside_from_the_collector() -
     )
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert int(proc.stdout.split()[-1]) > 10_000, proc.stdout
+
+
+def python_v_stderr(*args: str | os.PathLike[str]) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-v", "-m", "imglock", *(os.fspath(a) for a in args)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO,
+    )
+    return proc.stderr
+
+
+def test_a_report_ends_once_written_without_tearing_the_interpreter_down(
+    raw_image: Path,
+) -> None:
+    """``python -v`` reports the teardown ("# cleanup..."): a report has none, a run has one."""
+    for command in ("status", "info"):
+        assert "# cleanup" not in python_v_stderr(command, raw_image), command
+    run = ("run", "--flock", "off", "--image", raw_image, "--", "true")
+    assert "# cleanup" in python_v_stderr(*run)
+
+
+def end_now(code: str) -> subprocess.CompletedProcess[str]:
+    """Run *code* with :func:`imglock.__main__.end_now` in scope, its output piped."""
+    return subprocess.run(
+        [sys.executable, "-c", f"import sys\nfrom imglock.__main__ import end_now\n{code}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_ending_now_flushes_what_was_written_and_keeps_the_status() -> None:
+    proc = end_now("sys.stdout.write('answer'); sys.stderr.write('note'); end_now(3)")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (3, "answer", "note")
+    assert end_now("end_now(None)").returncode == 0
+
+
+def test_a_status_that_is_a_message_is_left_to_python_to_print() -> None:
+    proc = end_now("end_now('no such thing'); sys.exit('no such thing')")
+    assert (proc.returncode, proc.stderr.strip()) == (1, "no such thing")
+
+
+def test_output_that_cannot_be_flushed_is_left_to_python_to_report() -> None:
+    proc = end_now(
+        "sys.stdout.close(); end_now(0); print('ended the ordinary way', file=sys.stderr)"
+    )
+    assert proc.stderr.strip() == "ended the ordinary way"
