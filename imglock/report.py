@@ -4,8 +4,6 @@ Apart from :mod:`imglock.claims` so that ``status``, which takes no claim,
 does not load the claim machinery.
 """
 
-from __future__ import annotations
-
 import os
 from typing import Any, NamedTuple
 

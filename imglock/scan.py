@@ -30,8 +30,6 @@ release the GIL while they wait), and still reports them, and what it
 skipped, in the order of a walk one file at a time.
 """
 
-from __future__ import annotations
-
 import functools
 import itertools
 import os

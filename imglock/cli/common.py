@@ -18,8 +18,6 @@ of :mod:`imglock.cli.params`, so that every command rejects a bad value
 the same way, before anything runs.
 """
 
-from __future__ import annotations
-
 import contextlib
 import sys
 from collections.abc import Callable, Iterator
@@ -93,7 +91,7 @@ class Voice(NamedTuple):
     level: int = NORMAL
 
     @classmethod
-    def current(cls) -> Voice:
+    def current(cls) -> "Voice":
         return cls(current_level())
 
     def error(self, message: str) -> None:

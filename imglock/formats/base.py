@@ -9,8 +9,6 @@ format is one new module with one subclass, listed with its magic in the
 registry of :mod:`imglock.formats`.
 """
 
-from __future__ import annotations
-
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -43,7 +41,7 @@ class OpenImage:
     filename: str
     fd: int
     st: os.stat_result
-    driver: FormatDriver
+    driver: "FormatDriver"
     #: The driver's parsed header (for qcow2 a ``Qcow2Header``); None for raw.
     header: Any = None
     #: For a file in a format imglock cannot read (a vmdk, a vdi), opened

@@ -11,8 +11,6 @@ as far as the header, its extensions and the backing file name reach.
 Like QEMU, bytes past the end of a short file read as zeros.
 """
 
-from __future__ import annotations
-
 import os
 import struct
 from collections.abc import Callable

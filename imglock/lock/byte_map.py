@@ -15,8 +15,6 @@ What every reader of an image's locks needs, apart from how a claim is won
 them (and their flock layer) are loaded by claimers only.
 """
 
-from __future__ import annotations
-
 import enum
 from typing import Final, NamedTuple
 

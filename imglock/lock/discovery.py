@@ -15,8 +15,6 @@ On the holder's own host, /proc attributes every lock to its processes;
 holder records add the host name, command and start time for the rest.
 """
 
-from __future__ import annotations
-
 import os
 import time
 from collections import defaultdict
@@ -72,7 +70,7 @@ class LocalLocks:
             self._flocks = FlockTable()
         return self._flocks.has(st)
 
-    def on(self, st: os.stat_result) -> list[procfs.LocalLock]:
+    def on(self, st: os.stat_result) -> "list[procfs.LocalLock]":
         if self._index is None:
             from imglock.lock import procfs
 
@@ -299,7 +297,7 @@ def _qemu_holder(
     )
 
 
-def _flock_holders(flocks: list[procfs.LocalLock], names: _Attributor) -> list[Holder]:
+def _flock_holders(flocks: "list[procfs.LocalLock]", names: _Attributor) -> list[Holder]:
     """One holder per process holding a flock(2) lock (fdinfo lists it under each)."""
     seen: dict[int, bool] = {}
     for ll in flocks:
@@ -322,7 +320,7 @@ def _flock_holders(flocks: list[procfs.LocalLock], names: _Attributor) -> list[H
 
 
 def _foreign(
-    seen: list[RangeLock], local_locks: list[procfs.LocalLock], names: _Attributor
+    seen: list[RangeLock], local_locks: "list[procfs.LocalLock]", names: _Attributor
 ) -> list[Holder]:
     out: list[Holder] = []
     done: set[tuple[int, int, int | None]] = set()

@@ -13,8 +13,6 @@ read-only can hold them; conflicts are found by testing with F_WRLCK, which
 reports any lock held through another open file description.
 """
 
-from __future__ import annotations
-
 import errno
 import fcntl
 import os

@@ -4,8 +4,6 @@ Plain data; the error classes name it through a protocol
 (:class:`imglock.errors.Holder`), without importing the lock layer.
 """
 
-from __future__ import annotations
-
 from typing import Any, Literal, NamedTuple
 
 HolderLayer = Literal["imglock", "qemu", "flock", "foreign"]

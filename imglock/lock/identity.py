@@ -8,8 +8,6 @@ two ids still conflicts, because conflicts are decided by the lock test,
 never by comparing ids.
 """
 
-from __future__ import annotations
-
 import functools
 import os
 from typing import Final, NamedTuple
@@ -51,11 +49,11 @@ class Owner(NamedTuple):
         return (self.host_tag << PID_BITS) | self.pid
 
     @classmethod
-    def from_id(cls, owner_id: int) -> Owner:
+    def from_id(cls, owner_id: int) -> "Owner":
         return cls((owner_id >> PID_BITS) & HOST_TAG_MASK, owner_id & PID_MASK)
 
     @classmethod
-    def current(cls, pid: int | None = None) -> Owner:
+    def current(cls, pid: int | None = None) -> "Owner":
         """This host, and *pid* (default: this process)."""
         return cls(host_tag(hostname()), os.getpid() if pid is None else pid)
 

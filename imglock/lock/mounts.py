@@ -6,8 +6,6 @@ from (a name every host shares, for a lockspace), and with which options
 (whether its locks reach other hosts at all).  The answers come from here.
 """
 
-from __future__ import annotations
-
 import os
 from collections.abc import Iterable
 from typing import Final, NamedTuple

@@ -8,8 +8,6 @@ the caller may read is read: other users' processes are skipped quietly
 where /proc hides them (hidepid), as lslocks(8) does.
 """
 
-from __future__ import annotations
-
 import os
 import re
 from collections import defaultdict

@@ -77,8 +77,6 @@ intact is held outside the protocol (a claimer that follows it would
 have seen the claim): it is reported, and is no loss.
 """
 
-from __future__ import annotations
-
 import contextlib
 import enum
 import time

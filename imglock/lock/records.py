@@ -17,8 +17,6 @@ read it; and a record whose owner or mode would let in anyone the image
 keeps out is not believed, since it may say anything.
 """
 
-from __future__ import annotations
-
 import contextlib
 import errno
 import os

@@ -16,8 +16,6 @@ to tell, both here:
   other hosts.
 """
 
-from __future__ import annotations
-
 import enum
 import os
 import stat

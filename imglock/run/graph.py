@@ -37,8 +37,6 @@ wrapper's descriptors only (QEMU did not inherit them): if the wrapper is
 killed, their imglock claim ends with it, while QEMU's own bytes remain.
 """
 
-from __future__ import annotations
-
 import asyncio
 import contextlib
 import json
@@ -311,7 +309,7 @@ class GraphFollower:
     #: The names QEMU keeps our descriptors under, by file.
     passed: dict[tuple[int, int], str] = field(default_factory=dict)
 
-    def following(self, session: ClaimSession, pid: int, guest: GuestControl) -> GraphFollower:
+    def following(self, session: ClaimSession, pid: int, guest: GuestControl) -> "GraphFollower":
         """This follower, what it has done so far kept, for *session* and QEMU's *pid*."""
         return replace(self, session=session, pid=pid, guest=guest)
 

@@ -272,3 +272,33 @@ def test_no_module_shadows_a_name_of_the_package() -> None:
     """A submodule named like a public name (``imglock.claim``) would replace it once imported."""
     submodules = {name.split(".")[1] for name in MODULES if name.count(".") >= 1}
     assert submodules.isdisjoint(imglock.__all__), submodules & set(imglock.__all__)
+
+
+def defines_a_named_tuple(tree: ast.Module) -> bool:
+    return any(
+        isinstance(node, ast.ClassDef)
+        and any(isinstance(base, ast.Name) and base.id == "NamedTuple" for base in node.bases)
+        for node in ast.walk(tree)
+    )
+
+
+def postpones_annotations(tree: ast.Module) -> bool:
+    return any(
+        isinstance(node, ast.ImportFrom)
+        and node.module == "__future__"
+        and any(alias.name == "annotations" for alias in node.names)
+        for node in tree.body
+    )
+
+
+def test_a_module_that_defines_records_as_named_tuples_evaluates_their_annotations() -> None:
+    """typing.NamedTuple compiles each string annotation of its fields: those are not strings."""
+    trees = {name: ast.parse(path.read_text(encoding="utf-8")) for name, path in MODULES.items()}
+    postponing = sorted(
+        name
+        for name, tree in trees.items()
+        if defines_a_named_tuple(tree) and postpones_annotations(tree)
+    )
+    assert postponing == [], "drop `from __future__ import annotations` (README, Architecture)"
+    assert defines_a_named_tuple(trees["imglock.lock.holder"])  # the reader sees records
+    assert postpones_annotations(trees["imglock.api"])  # ... and the import

@@ -19,8 +19,6 @@ VMM's adapter subclasses it and overrides what differs; it is found through
 ``imglock.hypervisors`` group).
 """
 
-from __future__ import annotations
-
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
@@ -45,7 +43,7 @@ class Command:
     problem: str | None = None
 
     @classmethod
-    def of(cls, argv: Sequence[str]) -> Command:
+    def of(cls, argv: Sequence[str]) -> "Command":
         try:
             start = command_start(argv)
         except PrefixError as exc:
