@@ -27,7 +27,6 @@ is compared; ACLs on the image are not read.
 from __future__ import annotations
 
 import functools
-import grp
 import os
 import pwd
 import stat
@@ -46,17 +45,20 @@ def _grants(mode: int, shift: int) -> bool:
 
 @functools.cache
 def _member(uid: int, gid: int) -> bool:
-    """Whether user *uid* is in group *gid* (as its primary group, or listed in it)."""
+    """Whether user *uid* is in group *gid*, as its primary group or a supplementary one.
+
+    The groups are those a login of the user gets (getgrouplist(3), through
+    every NSS source), which a group's member list alone may not show: a
+    directory service need not enumerate the members of its groups.
+    """
     try:
         user = pwd.getpwuid(uid)
     except KeyError:
         return False
-    if user.pw_gid == gid:
-        return True
     try:
-        return user.pw_name in grp.getgrgid(gid).gr_mem
-    except KeyError:
-        return False
+        return gid in os.getgrouplist(user.pw_name, user.pw_gid)
+    except OSError:
+        return user.pw_gid == gid
 
 
 def may_use(uid: int, image: os.stat_result) -> bool:

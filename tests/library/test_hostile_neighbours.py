@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import grp
 import json
 import os
 import pickle
@@ -39,6 +40,7 @@ from wrapped_vm import TIMEOUT, WrappedVMs
 
 import imglock
 from imglock.errors import EX_NOINPUT
+from imglock.lock import ownership
 from imglock.lock.identity import Owner
 from imglock.lock.lockspace import lock_file_name
 from imglock.lock.protocol import HOLDER_BASE, Mode
@@ -126,6 +128,20 @@ def neighbour_user() -> tuple[int, int]:
         assert made.returncode in (0, 9), made.stderr  # 9: made meanwhile
         user = pwd.getpwnam(NEIGHBOUR)
     return user.pw_uid, user.pw_gid
+
+
+#: A group the neighbour is in as a supplementary member only.
+READERS = "imglock-readers"
+
+
+@pytest.fixture(scope="session")
+def readers_group(neighbour_user: tuple[int, int]) -> int:
+    """The gid of READERS, made with groupadd unless it is there, the neighbour added."""
+    made = subprocess.run(["groupadd", "--system", READERS], capture_output=True, text=True)
+    assert made.returncode in (0, 9), made.stderr  # 9: there already
+    added = subprocess.run(["usermod", "-a", "-G", READERS, NEIGHBOUR], capture_output=True)
+    assert added.returncode == 0, added.stderr
+    return grp.getgrnam(READERS).gr_gid
 
 
 @pytest.fixture
@@ -262,6 +278,20 @@ def test_a_record_a_neighbour_forges_is_not_believed(
 
 def owner_host() -> str:
     return os.uname().nodename
+
+
+def test_a_member_of_the_images_group_through_a_supplementary_group_may_use_it(
+    tmp_path: Path, neighbour_user: tuple[int, int], readers_group: int
+) -> None:
+    uid, own_group = neighbour_user
+    image = tmp_path / "disk.raw"
+    image.write_bytes(b"")
+    image.chmod(0o640)
+    for gid, member in ((readers_group, True), (own_group, True), (0, False)):
+        os.chown(image, 0, gid)
+        assert ownership.may_use(uid, image.stat()) is member, gid
+    image.chmod(0o600)  # the group class may not: membership is no longer enough
+    assert not ownership.may_use(uid, image.stat())
 
 
 def test_the_lock_file_of_an_image_made_private_since_is_made_private_too(
