@@ -8,15 +8,24 @@ editable, bytecode compiled by pip), so that the figures do not depend on
 a development tree.  Commands run in turns, so that a change in the
 machine's load falls on all of them alike, and each ratio is the median of
 the per-turn ratios (:func:`benchmarks.timing.paired_ratio`).
+
+Wall time on a shared machine still moves by several percent from run to
+run, so the instructions each command executes in user space are counted
+too, once, by valgrind's callgrind: a count that does not move, to tell a
+change of a percent or two (it leaves out the kernel's part: mapping
+files and extension modules, the process's exit).
 Run: ``python -m benchmarks.bench_startup`` (part of ``python -m benchmarks``).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from benchmarks.timing import (
@@ -49,6 +58,36 @@ def venv_with_imglock(root: Path) -> Path:
     return venv / "bin"
 
 
+def instructions(argv: Sequence[str], env: Mapping[str, str]) -> int | None:
+    """The instructions *argv* executes in user space (callgrind's count); None if not counted."""
+    proc = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    found = re.search(r"Collected : (\d+)", proc.stderr)
+    return int(found.group(1)) if found else None
+
+
+def instruction_rows(commands: Mapping[str, Sequence[str]], env: Mapping[str, str]) -> list[Row]:
+    """Each imglock command's instructions beside ``import click``'s."""
+    what = "instructions (callgrind)"
+    if shutil.which("valgrind") is None:
+        return [Unavailable(what, "not measured: no valgrind")]
+    counts = {name: instructions(commands[name], env) for name in ("click", "info", "status")}
+    click = counts["click"]
+    rows: list[Row] = []
+    for key, label in (("info", "imglock info IMG"), ("status", "imglock status IMG")):
+        count = counts[key]
+        if click is None or count is None:
+            rows.append(Unavailable(f"{what}: {label}", "not measured: valgrind failed"))
+            continue
+        rows.append(Figure(f"{what}: {label}", count, "import click", click, unit="instructions"))
+    return rows
+
+
 def figures(quick: bool = False) -> list[Row]:
     runs = 10 if quick else 60
     what = "start-up in a fresh venv (pip install .)"
@@ -73,6 +112,7 @@ def figures(quick: bool = False) -> list[Row]:
         os.chdir(root)
         try:
             turns = command_turns(commands, runs, env)
+            counted = instruction_rows(commands, env)
         finally:
             os.chdir(REPO)
     t = medians(turns)
@@ -95,7 +135,7 @@ def figures(quick: bool = False) -> list[Row]:
         rows.append(
             Figure(f"start-up (venv): {label}", t[key], "import click", click, TARGET, paired)
         )
-    return rows
+    return rows + counted
 
 
 def main() -> None:

@@ -22,6 +22,8 @@ class Figure:
     #: For two commands timed in turns: the median of their per-turn ratios
     #: (see :func:`paired_ratio`), which the ratio column shows.
     paired: float | None = None
+    #: What median and peer are: seconds, or a count of "instructions".
+    unit: str = "s"
 
     @property
     def ratio(self) -> float:
@@ -150,7 +152,10 @@ def command_median(argv: Sequence[str], runs: int, **kwargs: object) -> float:
     return median_of(once, runs, warmup=2)
 
 
-def _unit(seconds: float) -> str:
+def _unit(value: float, unit: str = "s") -> str:
+    if unit == "instructions":
+        return f"{value / 1e6:.1f} M instr."
+    seconds = value
     if seconds < 1e-3:
         return f"{seconds * 1e6:.1f} µs"
     if seconds < 1:
@@ -169,7 +174,8 @@ def table_lines(rows: Sequence[Row]) -> list[str]:
             lines.append(f"| {row.what} | n/a | {row.why} | | | |")
             continue
         lines.append(
-            f"| {row.what} | {_unit(row.median)} | {row.peer_name} | {_unit(row.peer)} "
+            f"| {row.what} | {_unit(row.median, row.unit)} | {row.peer_name} "
+            f"| {_unit(row.peer, row.unit)} "
             f"| {row.ratio:.2f}x | {row.target} |"
         )
     return lines

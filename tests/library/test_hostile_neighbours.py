@@ -222,7 +222,11 @@ def test_a_neighbour_who_cannot_open_an_image_locks_no_file_imglock_makes_for_it
     assert neighbour.lock_a_byte(image) == str(errno.EACCES)
 
     wrapper = imglock_run(started, image, *options)
-    (holder,) = wait_until(lambda: imglock_holders(image, lockspace), what="root's claim")
+    # Until its record is in place, the claim may be writing it under a temporary name.
+    (holder,) = wait_until(
+        lambda: [h for h in imglock_holders(image, lockspace) if h.command is not None],
+        what="root's claim and its record",
+    )
     made = files_imglock_made(store, space, image=image)
     assert made, "the claim made no file to try"
     if lockspace:

@@ -177,9 +177,24 @@ def run_in_background(
     (holder,) = wait_until(
         lambda: imglock_holders(image, lockspace), what="the wrapper claims the image"
     )
-    # The claim is taken before the gate opens: wait for the command itself.
+    # The claim is taken before the gate opens: wait for the command itself,
+    # past its start-up (the dynamic loader opens libraries as it starts).
     wait_until(lambda: _argv(holder.pid)[: len(HOLD)] == HOLD, what="the command runs")
+    wait_until(lambda: _reads_stdin(holder.pid), what="the command waits for its input")
     return proc, holder
+
+
+#: read(2)'s number, as /proc/PID/syscall gives it, on the machines the tests run on.
+READ_SYSCALL = {"x86_64": "0", "aarch64": "63"}
+
+
+def _reads_stdin(pid: int | None) -> bool:
+    """Whether *pid* is blocked in read(2) on its descriptor 0 (/proc/PID/syscall)."""
+    try:
+        syscall = Path(f"/proc/{pid}/syscall").read_text().split()
+    except OSError:
+        return False
+    return syscall[:2] == [READ_SYSCALL[os.uname().machine], "0x0"]
 
 
 def _argv(pid: int | None) -> list[str]:
