@@ -19,13 +19,15 @@ the same way, before anything runs.
 """
 
 import contextlib
+import errno
+import os
 import sys
 from collections.abc import Callable, Iterator
 from typing import Final, NamedTuple, TypeVar
 
 import click
 
-from imglock.errors import ImglockError
+from imglock.errors import EX_IOERR, ImglockError
 from imglock.text import visible
 
 QUIET: Final = -1
@@ -78,6 +80,26 @@ def current_level() -> int:
 def echo_error(line: str) -> None:
     """Write one line to stderr, every control character and undecodable byte escaped."""
     click.echo(visible(line), err=True)
+
+
+def write_output(text: str) -> None:
+    """Write a command's answer, *text* and a newline, to stdout as UTF-8.
+
+    A stdout that cannot take it (a full disk, an I/O error) ends the
+    command with one line and EX_IOERR, and what is left of the answer is
+    dropped rather than written again at exit.  A reader that has gone
+    (EPIPE) is click's to handle: it ends the command quietly.
+    """
+    try:
+        click.echo(text.encode("utf-8"))
+    except OSError as exc:
+        if exc.errno == errno.EPIPE:
+            raise
+        echo_error(f"{PREFIX}: cannot write the output: {exc.strerror or exc}")
+        null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+        sys.exit(EX_IOERR)
 
 
 class Voice(NamedTuple):

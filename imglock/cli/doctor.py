@@ -8,7 +8,7 @@ from typing import Any, Final
 
 import click
 
-from imglock.cli.common import Voice, reported_errors, verbosity_options
+from imglock.cli.common import Voice, reported_errors, verbosity_options, write_output
 from imglock.cli.params import seconds_option
 from imglock.lock import datastore, sharing
 from imglock.lock.datastore import Setting
@@ -77,8 +77,7 @@ def doctor(as_json: bool, probe: bool, wait: float, check_deadline: float, direc
         report = to_json(directory, assessment, result, shared)
         report["settings"] = [setting_json(setting) for setting in settings]
         report["silent-loss"] = silent
-        json.dump(report, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        write_output(json.dumps(report, indent=2))
     else:
         lines = describe(directory, assessment, result)
         lines[1:1] = [describe_setting(directory, setting) for setting in settings]
@@ -88,7 +87,7 @@ def doctor(as_json: bool, probe: bool, wait: float, check_deadline: float, direc
                 "here; apply the fixes above"
             )
         for line in lines:
-            click.echo(visible(line).encode("utf-8"))
+            write_output(visible(line))
     sys.exit(EX_CONFIG if silent else EX_SHARED if shared else EX_NOT_SHOWN)
 
 

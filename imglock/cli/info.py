@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from imglock.chain import open_chain
-from imglock.cli.common import Voice, reported_errors, verbosity_options
+from imglock.cli.common import Voice, reported_errors, verbosity_options, write_output
 from imglock.formats import FORMAT_NAMES, open_image
 from imglock.text import visible_lines
 
@@ -130,4 +130,4 @@ def info(as_json: bool, image_format: str, backing_chain: bool, image: str) -> N
     else:
         text = format_text(output)
     # Escaped (format_text), so valid UTF-8 whatever the locale.
-    click.echo(text.encode("utf-8"))
+    write_output(text)

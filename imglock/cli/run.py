@@ -9,7 +9,7 @@ from typing import Any, Final, TypeVar
 
 import click
 
-from imglock.cli.common import Voice, reported_errors, verbosity_options
+from imglock.cli.common import Voice, reported_errors, verbosity_options, write_output
 from imglock.cli.params import SignalNumber, seconds_option
 from imglock.cli.table import cell, render
 from imglock.errors import EX_NOTFOUND, EX_TEMPFAIL
@@ -192,7 +192,7 @@ def _print_dry_run(report: dict[str, Any], as_json: bool) -> int:
         # Deliberately lazy: json only for --json (start-up of every run).
         import json
 
-        click.echo(json.dumps(report, indent=2))
+        write_output(json.dumps(report, indent=2))
         return int(report["status"])
     lockspace = report["lockspace"]
     problems = any(entry["problem"] for entry in report["images"])
@@ -212,9 +212,9 @@ def _print_dry_run(report: dict[str, Any], as_json: bool) -> int:
     if problems:
         header.append("PROBLEM")
     if rows:
-        click.echo(render(header, rows))
+        write_output(render(header, rows))
     layers = ", ".join(report["layers"])
     if not any(entry["claimed"] for entry in report["images"]):
-        click.echo("nothing local to claim")
-    click.echo(f"lock layers: {layers}")
+        write_output("nothing local to claim")
+    write_output(f"lock layers: {layers}")
     return int(report["status"])

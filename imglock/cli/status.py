@@ -8,7 +8,7 @@ from typing import Any, Final
 
 import click
 
-from imglock.cli.common import Voice, verbosity_options
+from imglock.cli.common import Voice, verbosity_options, write_output
 from imglock.cli.table import cell, render
 from imglock.errors import EX_HELD, EX_OK, ImglockError
 from imglock.formats import OpenImage
@@ -121,11 +121,11 @@ def status(as_json: bool, lockspace: str | None, paths: tuple[str, ...]) -> None
 
         listed = [report_json(r) for r in reports]
         text = json.dumps(utf8_clean(listed), indent=2, ensure_ascii=False)
-        click.echo(json_visible(text).encode("utf-8"))
+        write_output(json_visible(text))
     elif reports:
         # Every cell is escaped (cell()): the table is valid UTF-8 throughout.
         text = render(HEADER, [row for r in reports for row in table_rows(r)])
-        click.echo(text.encode("utf-8"))
+        write_output(text)
     sys.exit(exit_status(reports, errors))
 
 

@@ -27,7 +27,7 @@ from imglock.__main__ import command_of, head_start
 from imglock.cli import COMMANDS, cli
 from imglock.cli.common import Voice, verbosity_options
 from imglock.cli.params import Seconds
-from imglock.errors import EX_NOINPUT, EX_OK, EX_USAGE
+from imglock.errors import EX_IOERR, EX_NOINPUT, EX_OK, EX_USAGE
 from imglock.lock.proclocks import FlockTable
 
 # --------------------------------------------------------------------------
@@ -292,3 +292,40 @@ def test_version(imglock_cli: ImglockCli) -> None:
     for flag in ("-V", "--version"):
         proc = imglock_cli(flag)
         assert (proc.returncode, proc.stdout) == (EX_OK, f"imglock, version {__version__}\n")
+
+
+# --------------------------------------------------------------------------
+# An answer that cannot be written
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["status", "{image}"],
+        ["status", "--json", "{image}"],
+        ["info", "{image}"],
+        ["info", "--json", "{image}"],
+        ["run", "--dry-run", "--image", "{image}", "--", "true"],
+        ["run", "--dry-run", "--json", "--image", "{image}", "--", "true"],
+        ["doctor", "{directory}"],
+        ["doctor", "--json", "{directory}"],
+    ],
+)
+def test_an_answer_that_cannot_be_written_is_one_line_and_exit_74(
+    raw_image: Path, args: list[str]
+) -> None:
+    """Output to a full disk (/dev/full): no traceback, nothing written twice at exit."""
+    argv = [arg.format(image=raw_image, directory=raw_image.parent) for arg in args]
+    with open(os.devnull, "rb") as stdin, open("/dev/full", "wb") as full:
+        proc = subprocess.run(
+            [sys.executable, "-m", "imglock", *argv],
+            stdin=stdin,
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    assert (proc.returncode, proc.stderr) == (
+        EX_IOERR,
+        "imglock: cannot write the output: No space left on device\n",
+    )
