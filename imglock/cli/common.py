@@ -23,7 +23,7 @@ import errno
 import os
 import sys
 from collections.abc import Callable, Iterator
-from typing import Final, NamedTuple, TypeVar
+from typing import Final, NamedTuple, TextIO, TypeVar
 
 import click
 
@@ -78,8 +78,31 @@ def current_level() -> int:
 
 
 def echo_error(line: str) -> None:
-    """Write one line to stderr, every control character and undecodable byte escaped."""
-    click.echo(visible(line), err=True)
+    """Write one line to stderr, every control character and undecodable byte escaped.
+
+    A stderr that cannot take it (a full disk) loses the line, and nothing
+    more is tried there: the exit status still says what went wrong.
+    """
+    try:
+        click.echo(visible(line), err=True)
+    except OSError:
+        _discard(sys.stderr)
+
+
+def _discard(stream: TextIO | None) -> None:
+    """Point *stream*'s descriptor at /dev/null, so that what it still holds
+    is not written again, and fails again, at exit."""
+    try:
+        fd = stream.fileno() if stream is not None else -1
+    except (OSError, ValueError):
+        return
+    if fd < 0:
+        return
+    null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.dup2(null, fd)
+    finally:
+        os.close(null)
 
 
 def write_output(text: str) -> None:
@@ -96,9 +119,7 @@ def write_output(text: str) -> None:
         if exc.errno == errno.EPIPE:
             raise
         echo_error(f"{PREFIX}: cannot write the output: {exc.strerror or exc}")
-        null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
-        os.dup2(null, sys.stdout.fileno())
-        os.close(null)
+        _discard(sys.stdout)
         sys.exit(EX_IOERR)
 
 

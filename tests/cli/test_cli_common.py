@@ -329,3 +329,27 @@ def test_an_answer_that_cannot_be_written_is_one_line_and_exit_74(
         EX_IOERR,
         "imglock: cannot write the output: No space left on device\n",
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "status"),
+    [
+        (["status", "{missing}"], EX_NOINPUT),
+        (["info", "{missing}"], EX_NOINPUT),
+        (["run", "--image", "{missing}", "--", "true"], EX_NOINPUT),
+        (["status", "{image}"], EX_IOERR),  # stdout is full as well
+    ],
+)
+def test_an_error_line_that_cannot_be_written_leaves_the_exit_status_to_say_it(
+    raw_image: Path, args: list[str], status: int
+) -> None:
+    argv = [arg.format(image=raw_image, missing=raw_image.parent / "missing") for arg in args]
+    with open("/dev/full", "wb") as full:
+        proc = subprocess.run(
+            [sys.executable, "-m", "imglock", *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=full,
+            stderr=full,
+            timeout=60,
+        )
+    assert proc.returncode == status
