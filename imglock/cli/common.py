@@ -92,11 +92,11 @@ def echo_error(line: str) -> None:
 def _discard(stream: TextIO | None) -> None:
     """Point *stream*'s descriptor at /dev/null, so that what it still holds
     is not written again, and fails again, at exit."""
-    try:
-        fd = stream.fileno() if stream is not None else -1
-    except (OSError, ValueError):
+    if stream is None:
         return
-    if fd < 0:
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError):  # closed, or not a file
         return
     null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
     try:

@@ -298,6 +298,19 @@ def test_version(imglock_cli: ImglockCli) -> None:
 # An answer that cannot be written
 
 
+def onto_a_full_disk(argv: list[str], *, stderr_too: bool) -> subprocess.CompletedProcess[str]:
+    """``imglock ARGV`` with stdout on /dev/full (every write: ENOSPC), and stderr too if asked."""
+    with open("/dev/full", "wb") as full:
+        return subprocess.run(
+            [sys.executable, "-m", "imglock", *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=full,
+            stderr=full if stderr_too else subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -316,15 +329,7 @@ def test_an_answer_that_cannot_be_written_is_one_line_and_exit_74(
 ) -> None:
     """Output to a full disk (/dev/full): no traceback, nothing written twice at exit."""
     argv = [arg.format(image=raw_image, directory=raw_image.parent) for arg in args]
-    with open(os.devnull, "rb") as stdin, open("/dev/full", "wb") as full:
-        proc = subprocess.run(
-            [sys.executable, "-m", "imglock", *argv],
-            stdin=stdin,
-            stdout=full,
-            stderr=subprocess.PIPE,
-            text=True,
-            timeout=60,
-        )
+    proc = onto_a_full_disk(argv, stderr_too=False)
     assert (proc.returncode, proc.stderr) == (
         EX_IOERR,
         "imglock: cannot write the output: No space left on device\n",
@@ -344,12 +349,4 @@ def test_an_error_line_that_cannot_be_written_leaves_the_exit_status_to_say_it(
     raw_image: Path, args: list[str], status: int
 ) -> None:
     argv = [arg.format(image=raw_image, missing=raw_image.parent / "missing") for arg in args]
-    with open("/dev/full", "wb") as full:
-        proc = subprocess.run(
-            [sys.executable, "-m", "imglock", *argv],
-            stdin=subprocess.DEVNULL,
-            stdout=full,
-            stderr=full,
-            timeout=60,
-        )
-    assert proc.returncode == status
+    assert onto_a_full_disk(argv, stderr_too=True).returncode == status

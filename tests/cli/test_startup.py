@@ -55,9 +55,11 @@ QCOW2 = {"imglock.formats.qcow2"}
 QEMU_CMDLINE = {"imglock.qemu.cmdline"}
 
 
-def imported(*argv: str | os.PathLike[str], env: dict[str, str] | None = None) -> set[str]:
-    """Every module that ``python ARGV`` imports."""
-    proc = subprocess.run(
+def python_v(
+    *argv: str | os.PathLike[str], env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -v ARGV``, its stderr (where -v reports) captured."""
+    return subprocess.run(
         [sys.executable, "-v", *(os.fspath(arg) for arg in argv)],
         capture_output=True,
         text=True,
@@ -65,6 +67,11 @@ def imported(*argv: str | os.PathLike[str], env: dict[str, str] | None = None) -
         cwd=REPO,
         env=env,
     )
+
+
+def imported(*argv: str | os.PathLike[str], env: dict[str, str] | None = None) -> set[str]:
+    """Every module that ``python ARGV`` imports."""
+    proc = python_v(*argv, env=env)
     lines = proc.stderr.splitlines()
     # -v says "import 'NAME' # <loader>" for every module as it is loaded,
     # and much more on lines that start with "#".
@@ -187,25 +194,14 @@ def test_the_program_sets_the_command_lines_objects_aside_from_the_collector() -
     assert int(proc.stdout.split()[-1]) > 10_000, proc.stdout
 
 
-def python_v_stderr(*args: str | os.PathLike[str]) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-v", "-m", "imglock", *(os.fspath(a) for a in args)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=REPO,
-    )
-    return proc.stderr
-
-
 def test_a_report_ends_once_written_without_tearing_the_interpreter_down(
     raw_image: Path,
 ) -> None:
     """``python -v`` reports the teardown ("# cleanup..."): a report has none, a run has one."""
     for command in ("status", "info"):
-        assert "# cleanup" not in python_v_stderr(command, raw_image), command
+        assert "# cleanup" not in python_v("-m", "imglock", command, raw_image).stderr, command
     run = ("run", "--flock", "off", "--image", raw_image, "--", "true")
-    assert "# cleanup" in python_v_stderr(*run)
+    assert "# cleanup" in python_v("-m", "imglock", *run).stderr
 
 
 def end_now(code: str) -> subprocess.CompletedProcess[str]:
